@@ -1,0 +1,43 @@
+# longctx: `make demo` and `make test` are the two commands a fresh machine needs.
+# `make setup` builds .venv; on a machine without an NVIDIA GPU it installs the CPU build of torch
+# first, so pip never pulls a multi-GB CUDA build. Set TORCH_INDEX to a wheel index
+# (e.g. https://download.pytorch.org/whl/cpu) where PyPI's default torch is a CUDA build.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "GPU found: installing the default (CUDA) torch build"; \
+	else \
+		echo "No GPU: installing the CPU build of torch ($(TORCH_SPEC))"; \
+		$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
+	fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/longctx train --config configs/tiny.yaml train.steps=300 train.run_dir=runs/demo
+
+bench: setup
+	$(VENV)/bin/longctx bench comm
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

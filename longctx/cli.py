@@ -1,0 +1,70 @@
+"""The `longctx` command line (also `python -m longctx`, so `torchrun -m longctx train ...` works).
+
+longctx train --config configs/tiny.yaml train.steps=30 train.run_dir=runs/x
+longctx tokenizer train --config configs/tiny.yaml --out runs/tok.model
+"""
+
+import argparse
+import sys
+
+from longctx.config import ConfigError, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config file (configs/*.yaml); defaults if omitted")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+
+def cmd_train(args) -> int:
+    from longctx.train.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return 0
+
+
+def cmd_tokenizer_train(args) -> int:
+    from longctx.data import iter_documents
+    from longctx.tokenizer import Tokenizer, train_tokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    path = train_tokenizer(iter_documents(cfg.data.source), cfg.model.vocab_size, args.out)
+    tok = Tokenizer(path)
+    print(f"wrote {path} ({tok.vocab_size} tokens); use it with data.tokenizer={path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longctx", description="Long-context LM training runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train or continue-train a model")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
+    p = tok.add_parser("train", help="train a SentencePiece tokenizer on data.source")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="where to write the .model file")
+    p.set_defaults(func=cmd_tokenizer_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"longctx: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("longctx: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,459 @@
+"""Run configuration: one dataclass per section, loaded from YAML plus `key.sub=value` overrides.
+
+    cfg = load_config("configs/tiny.yaml", ["model.layers=DSNL", "train.steps=30"])
+
+Every key is checked: an unknown key names the nearest valid one, a wrong type names the expected
+type, and each section validates its values in `__post_init__`. `save_config` writes the resolved
+config that a run directory keeps.
+"""
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+MIXER_LETTERS = "DSNL"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says which key and how to fix it."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class RopeScalingConfig:
+    type: Literal["none", "linear", "ntk", "yarn"] = "none"
+    factor: float = 1.0
+    # Context length the model was trained at before scaling (used by `yarn`).
+    original_max_len: int = 2048
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+
+    def __post_init__(self):
+        _require(self.factor >= 1.0, "model.rope.scaling.factor", f"must be >= 1, got {self.factor}")
+        _require(self.original_max_len > 0, "model.rope.scaling.original_max_len", "must be positive")
+        _require(
+            self.beta_fast > self.beta_slow > 0,
+            "model.rope.scaling.beta_fast",
+            f"need beta_fast > beta_slow > 0, got {self.beta_fast} and {self.beta_slow}",
+        )
+
+
+@dataclass
+class RopeConfig:
+    theta: float = 10000.0
+    scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+
+    def __post_init__(self):
+        _require(self.theta > 1.0, "model.rope.theta", f"must be > 1, got {self.theta}")
+
+
+@dataclass
+class S2Config:
+    block_size: int = 64
+    local_blocks: int = 8
+    vert_stride: int = 16
+    dense_heads: int = 0
+
+    def __post_init__(self):
+        for name in ("block_size", "local_blocks", "vert_stride"):
+            _require(getattr(self, name) >= 1, f"model.s2.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _require(self.dense_heads >= 0, "model.s2.dense_heads", f"must be >= 0, got {self.dense_heads}")
+
+
+@dataclass
+class NSAConfig:
+    cmp_block: int = 32
+    cmp_stride: int = 16
+    slc_block: int = 64
+    slc_top: int = 16
+    window: int = 512
+
+    def __post_init__(self):
+        _require(self.cmp_stride >= 1, "model.nsa.cmp_stride", f"must be >= 1, got {self.cmp_stride}")
+        _require(
+            self.cmp_block >= self.cmp_stride and self.cmp_block % self.cmp_stride == 0,
+            "model.nsa.cmp_block",
+            f"must be a multiple of cmp_stride ({self.cmp_stride}), got {self.cmp_block}",
+        )
+        _require(
+            self.slc_block % self.cmp_stride == 0,
+            "model.nsa.slc_block",
+            f"must be a multiple of cmp_stride ({self.cmp_stride}), got {self.slc_block}",
+        )
+        _require(
+            self.slc_top >= 3,
+            "model.nsa.slc_top",
+            f"must be >= 3 (block 0 and the two local blocks are always selected), got {self.slc_top}",
+        )
+        _require(self.window >= 1, "model.nsa.window", f"must be >= 1, got {self.window}")
+
+
+@dataclass
+class LinearConfig:
+    # g_t = logsigmoid(x w_g) / gate_temp: a larger temperature keeps decays closer to 1.
+    gate_temp: float = 16.0
+
+    def __post_init__(self):
+        _require(self.gate_temp > 0, "model.linear.gate_temp", f"must be > 0, got {self.gate_temp}")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    dim: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    # None: as many kv heads as query heads.
+    n_kv_heads: int | None = None
+    # Mixer letters tiled to n_layers: D dense, S S2 sparse, N native sparse, L gated linear.
+    layers: str = "D"
+    mlp_ratio: float = 8 / 3
+    # Overrides mlp_ratio when set (imported checkpoints give it exactly).
+    mlp_hidden: int | None = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    init_std: float = 0.02
+    # Sliding window of D layers (None: full causal).
+    dense_window: int | None = None
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    s2: S2Config = field(default_factory=S2Config)
+    nsa: NSAConfig = field(default_factory=NSAConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads"):
+            _require(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _require(
+            self.dim % self.n_heads == 0,
+            "model.dim",
+            f"{self.dim} does not divide into n_heads={self.n_heads}; pick a multiple of {self.n_heads}",
+        )
+        _require(self.head_dim % 2 == 0, "model.dim", f"head dim {self.head_dim} must be even for RoPE")
+        _require(
+            self.n_heads % self.kv_heads == 0,
+            "model.n_kv_heads",
+            f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}",
+        )
+        _require(len(self.layers) > 0, "model.layers", f"must be a non-empty string over {MIXER_LETTERS}")
+        for letter in self.layers:
+            _require(
+                letter in MIXER_LETTERS,
+                "model.layers",
+                f"unknown mixer letter {letter!r} in {self.layers!r}; use D (dense), S (S2 sparse), "
+                "N (native sparse) or L (gated linear)",
+            )
+        _require(
+            self.s2.dense_heads <= self.n_heads,
+            "model.s2.dense_heads",
+            f"{self.s2.dense_heads} exceeds n_heads={self.n_heads}",
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def pattern(self) -> str:
+        """The layer letters tiled to n_layers ("LLLS" with 8 layers gives "LLLSLLLS")."""
+        return (self.layers * self.n_layers)[: self.n_layers]
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        return -(-int(self.mlp_ratio * self.dim) // 32) * 32
+
+    def block_multiple(self) -> int:
+        """Tokens every context-parallel chunk must be a multiple of (the largest block used)."""
+        used = set(self.pattern)
+        sizes = [1]
+        if "S" in used:
+            sizes.append(self.s2.block_size)
+        if "N" in used:
+            sizes.append(self.nsa.slc_block)
+        out = 1
+        for s in sizes:
+            out = out * s // _gcd(out, s)
+        return out
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+@dataclass
+class DataConfig:
+    # builtin | a local file or folder (txt, json, jsonl, parquet) | hf:NAME[:SPLIT]
+    source: str = "builtin"
+    # Path of a sentencepiece .model; empty: train one on the corpus (cached).
+    tokenizer: str = ""
+    seq_len: int = 512
+    passkey_fraction: float = 0.0
+    cache_dir: str = ".cache/longctx"
+    text_field: str = "text"
+    val_fraction: float = 0.05
+
+    def __post_init__(self):
+        _require(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
+        _require(
+            0.0 <= self.passkey_fraction <= 1.0,
+            "data.passkey_fraction",
+            f"must be in [0, 1], got {self.passkey_fraction}",
+        )
+        _require(
+            0.0 <= self.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {self.val_fraction}"
+        )
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    # Sequences per step on each data-parallel rank.
+    batch_size: int = 8
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    run_dir: str = "runs/default"
+    log_every: int = 1
+    eval_every: int = 0
+    eval_batches: int = 4
+    ckpt_every: int = 0
+    keep_last: int = 2
+    # auto: the latest complete checkpoint of run_dir if any | none | a checkpoint path
+    resume: str = "auto"
+    # Load weights only (continue-training) from this checkpoint.
+    init_from: str = ""
+    activation_checkpointing: bool = False
+    wandb: bool = True
+    wandb_mode: Literal["offline", "online"] = "offline"
+    wandb_project: str = "longctx"
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "log_every", "eval_batches"):
+            _require(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "eval_every", "ckpt_every", "keep_last"):
+            _require(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _require(
+            0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"
+        )
+        _require(
+            self.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 turns it off), got {self.grad_clip}"
+        )
+
+
+@dataclass
+class ParallelConfig:
+    cp: int = 1
+    cp_comm: Literal["ring", "ulysses", "allgather"] = "allgather"
+    engine: Literal["torch", "deepspeed"] = "torch"
+    zero_stage: int = 1
+    fsdp: bool = False
+    # A user's own DeepSpeed JSON; empty: generated from this config.
+    deepspeed_config: str = ""
+
+    def __post_init__(self):
+        _require(self.cp >= 1, "parallel.cp", f"must be >= 1, got {self.cp}")
+        _require(
+            self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0-3, got {self.zero_stage}"
+        )
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 1
+    lengths: list[int] = field(default_factory=lambda: [512])
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    samples: int = 10
+
+    def __post_init__(self):
+        _require(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(
+            all(0.0 <= d <= 1.0 for d in self.depths), "eval.depths", f"must lie in [0, 1], got {self.depths}"
+        )
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        multiple = 2 * self.parallel.cp * self.model.block_multiple()
+        # One process runs any length; sharding needs whole blocks in each of the 2 * cp chunks.
+        if self.parallel.cp > 1 and self.data.seq_len % multiple:
+            working = [multiple * n for n in range(1, 5)]
+            near = max(multiple, self.data.seq_len // multiple * multiple)
+            raise ConfigError(
+                f"data.seq_len: {self.data.seq_len} does not split into {2 * self.parallel.cp} zigzag "
+                f"chunks of whole {self.model.block_multiple()}-token blocks (parallel.cp="
+                f"{self.parallel.cp}, layers {self.model.pattern!r}); it must be a multiple of "
+                f"{multiple}, e.g. {near} or one of {working}"
+            )
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, key: str):
+    """Check (and gently convert) `value` to type `tp`; raise ConfigError naming `key` if it can't."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            (inner,) = typing.get_args(tp)
+            return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls, data, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            candidates = {f"{prefix}{n}": n for n in names}
+            near = difflib.get_close_matches(full, list(candidates), n=1, cutoff=0.5)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys here: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from e
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, object]]:
+    pairs = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value (e.g. train.steps=30)")
+        key, raw = item.split("=", 1)
+        pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    return pairs
+
+
+def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
+    tree = dict(data or {})
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    return _build(Config, tree, "")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults when `path` is None) and apply overrides."""
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found; the ones shipped are in configs/")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+    return config_from_dict(data, overrides)
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
