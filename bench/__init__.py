@@ -1,0 +1,1 @@
+"""Benchmarks of longctx's kernels, training and communication; results in bench/results/*.json."""
