@@ -52,7 +52,9 @@ def do_bench(fn, warmup: int = 25, rep: int = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
-def attention_flops(batch: int, heads: int, t_q: int, t_k: int, head_dim: int, causal: bool, mode: str) -> float:
+def attention_flops(
+    batch: int, heads: int, t_q: int, t_k: int, head_dim: int, causal: bool, mode: str
+) -> float:
     """FLOPs of softmax attention (two matmuls forward, five backward), halved when causal."""
     fwd = 4 * batch * heads * t_q * t_k * head_dim
     if causal:
@@ -68,7 +70,9 @@ def require_cuda(bench: str) -> bool:
     return False
 
 
-def write_results(bench: str, records: list[dict], path: Path | None = None, command: str | None = None) -> Path:
+def write_results(
+    bench: str, records: list[dict], path: Path | None = None, command: str | None = None
+) -> Path:
     """Add (or replace) `bench`'s records in the results file of this device and date."""
     path = Path(path) if path else results_path()
     path.parent.mkdir(parents=True, exist_ok=True)
