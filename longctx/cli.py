@@ -8,11 +8,14 @@ import argparse
 import sys
 
 from longctx.config import ConfigError, load_config
+from longctx.train.distributed import DistributedSetupError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML config file (configs/*.yaml); defaults if omitted")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    # Launchers that still pass it (deepspeed); the rank comes from the LOCAL_RANK variable.
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
 
 
 def cmd_train(args) -> int:
@@ -55,10 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come before or after options (launchers append their own arguments).
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, DistributedSetupError) as e:
         print(f"longctx: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

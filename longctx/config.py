@@ -274,11 +274,21 @@ class ParallelConfig:
     fsdp: bool = False
     # A user's own DeepSpeed JSON; empty: generated from this config.
     deepspeed_config: str = ""
+    # Process-group backend: auto picks nccl with CUDA, gloo without.
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # How long ranks wait for each other (rendezvous, collectives) before failing.
+    timeout_s: int = 600
 
     def __post_init__(self):
         _require(self.cp >= 1, "parallel.cp", f"must be >= 1, got {self.cp}")
         _require(
             self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0-3, got {self.zero_stage}"
+        )
+        _require(self.timeout_s >= 1, "parallel.timeout_s", f"must be >= 1, got {self.timeout_s}")
+        _require(
+            not (self.fsdp and self.engine == "deepspeed"),
+            "parallel.fsdp",
+            "FSDP2 belongs to the torch engine; with parallel.engine=deepspeed use parallel.zero_stage=3",
         )
 
 

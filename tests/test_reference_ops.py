@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+
 from longctx.kernels.flash_attn.naive import attention_ref, merge_partials_ref
 from longctx.kernels.gla.naive import gla_chunk_ref, gla_recurrent_ref, gla_step_ref
 from longctx.kernels.nsa.naive import (
@@ -15,7 +16,6 @@ from longctx.kernels.nsa.naive import (
     select_blocks_ref,
 )
 from longctx.kernels.s2_attn.naive import s2_attn_ref, s2_block_mask
-
 from tests.conftest import rel_err
 
 

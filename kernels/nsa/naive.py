@@ -12,6 +12,7 @@ The window branch is `flash_attn(window=...)`.
 
 import torch
 import torch.nn.functional as F
+
 from longctx.kernels.flash_attn.naive import attention_ref
 
 

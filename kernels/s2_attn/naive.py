@@ -7,6 +7,7 @@ and `i - j < local_blocks` or `(j + 1 + h * head_step) % vert_stride == 0`, with
 """
 
 import torch
+
 from longctx.kernels.flash_attn.naive import attention_ref
 
 

@@ -1,8 +1,12 @@
-"""The training loop: data -> model -> loss -> AdamW, with metrics, progress and a loss curve.
+"""The training loop: data -> model -> loss -> optimizer, in one process or many.
 
-trainer = Trainer(load_config("configs/tiny.yaml", ["train.steps=30"]))
-trainer.train()
-trainer.close()
+    trainer = Trainer(load_config("configs/tiny.yaml", ["train.steps=30"]))
+    trainer.train()
+    trainer.close()
+
+Under torchrun every process runs this same loop. Each data-parallel rank draws its own batch; the
+`parallel.cp` ranks of a context-parallel group share one batch and each keeps its zigzag shard of
+every sequence. The loss is the mean over every token of the DP x CP group.
 """
 
 import random
@@ -16,9 +20,17 @@ import torch.nn.functional as F
 from longctx.config import Config, save_config
 from longctx.data import build_sampler, iter_documents
 from longctx.model import build_model
+from longctx.parallel import SeqLayout, comm_stats, parallelize_model, reset_comm_stats, zigzag_shard
 from longctx.tokenizer import copy_tokenizer, load_or_train_tokenizer
+from longctx.train.distributed import (
+    all_reduce_sum,
+    check_same_config,
+    first_then_rest,
+    init_distributed,
+    shutdown,
+)
+from longctx.train.engine import build_engine
 from longctx.train.metrics import MetricsLogger, plot_loss
-from longctx.train.optim import build_optimizer, build_scheduler
 
 
 def seed_everything(seed: int) -> None:
@@ -36,56 +48,75 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, 
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.dist = init_distributed(cfg)
+        check_same_config(cfg, self.dist)
+        self.device = self.dist.device
         self.run_dir = Path(cfg.train.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
         seed_everything(cfg.train.seed)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-        self.tokenizer = load_or_train_tokenizer(
-            cfg.data.tokenizer,
-            cfg.model.vocab_size,
-            lambda: iter_documents(cfg.data.source),
-            cfg.data.cache_dir,
-            cache_key=cfg.data.source,
+        self.tokenizer = first_then_rest(
+            self.dist,
+            lambda: load_or_train_tokenizer(
+                cfg.data.tokenizer,
+                cfg.model.vocab_size,
+                lambda: iter_documents(cfg.data.source),
+                cfg.data.cache_dir,
+                cache_key=cfg.data.source,
+            ),
         )
-        copy_tokenizer(self.tokenizer, self.run_dir)
-        self.sampler = build_sampler(cfg, self.tokenizer)
+        if self.dist.is_main:
+            copy_tokenizer(self.tokenizer, self.run_dir)
+        self.sampler = build_sampler(cfg, self.tokenizer, self.dist.dp_rank, self.dist.dp_size)
 
-        self.model = build_model(cfg.model, self.device)
-        self.model.activation_checkpointing = cfg.train.activation_checkpointing
-        self.optimizer = build_optimizer(self.model, cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        model = build_model(cfg.model, self.device)
+        model.activation_checkpointing = cfg.train.activation_checkpointing
+        if self.dist.cp_size > 1:
+            parallelize_model(model, self.dist.cp_group, cfg.parallel.cp_comm)
+        self.model = model
+        self.engine = build_engine(model, cfg, self.dist)
         self.step = 0
         self.tokens = 0
-        self.metrics = MetricsLogger(self.run_dir, cfg, cfg.train.steps, start_step=self.step)
+        self.metrics = MetricsLogger(self.run_dir, cfg, cfg.train.steps, self.step, enabled=self.dist.is_main)
         self.metrics.write(
-            f"model: {self.model.num_params() / 1e6:.2f}M parameters, layers {cfg.model.pattern}, "
-            f"seq_len {cfg.data.seq_len}, {self.sampler.num_samples} samples"
+            f"model: {model.num_params() / 1e6:.2f}M parameters, layers {cfg.model.pattern}, "
+            f"seq_len {cfg.data.seq_len}, {self.sampler.num_samples} samples; "
+            f"{self.dist.world_size} process(es): dp {self.dist.dp_size} x cp {self.dist.cp_size}, "
+            f"engine {cfg.parallel.engine}, device {self.device}"
         )
 
     def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        # bf16 compute with fp32 master weights on GPU; plain fp32 on CPU.
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
-    def train_step(self, batch: torch.Tensor) -> tuple[float, float]:
-        """One optimizer step on `batch` `[B, seq_len + 1]`; returns (mean loss, grad norm)."""
-        batch = batch.to(self.device)
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+    def shard(self, tokens: torch.Tensor):
+        """This rank's inputs, targets and layout from full sequences `[B, seq_len + 1]`."""
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        info = self.dist
+        if info.cp_size == 1:
+            return inputs, targets, SeqLayout.full(inputs.shape[1])
+        layout = SeqLayout.zigzag(inputs.shape[1], info.cp_rank, info.cp_size)
+        return (
+            zigzag_shard(inputs, info.cp_rank, info.cp_size),
+            zigzag_shard(targets, info.cp_rank, info.cp_size),
+            layout,
+        )
+
+    def train_step(self, batch: torch.Tensor) -> dict:
+        """One optimizer step; returns the global mean loss, grad norm, tokens and bytes sent."""
+        inputs, targets, layout = self.shard(batch.to(self.device))
+        reset_comm_stats()
         with self.autocast():
-            logits = self.model(inputs)
+            logits = self.engine(inputs, layout)
         loss_sum, count = lm_loss(logits, targets)
-        loss = loss_sum / count
-        loss.backward()
-        clip = self.cfg.train.grad_clip
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.tokens += count
-        return loss.item(), grad_norm.item()
+        # The local mean: engines average gradients over DP x CP ranks, whose token counts are equal.
+        self.engine.backward(loss_sum / count)
+        comm = comm_stats()["bytes_sent"]
+        grad_norm = self.engine.step()
+        total, n_tokens = all_reduce_sum([loss_sum.item(), float(count)], self.dist)
+        return {"loss": total / n_tokens, "grad_norm": grad_norm, "tokens": int(n_tokens), "comm_bytes": comm}
 
     def train(self) -> None:
         cfg = self.cfg.train
@@ -93,9 +124,10 @@ class Trainer:
         start = time.perf_counter()
         window_t, window_tokens = start, self.tokens
         while self.step < cfg.steps:
-            lr = self.optimizer.param_groups[0]["lr"]
-            loss, grad_norm = self.train_step(self.sampler.next_batch())
+            lr = self.engine.lr
+            out = self.train_step(self.sampler.next_batch())
             self.step += 1
+            self.tokens += out["tokens"]
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 now = time.perf_counter()
                 tokens_per_s = (self.tokens - window_tokens) / max(now - window_t, 1e-9)
@@ -103,17 +135,19 @@ class Trainer:
                 self.metrics.log(
                     {
                         "step": self.step,
-                        "loss": loss,
+                        "loss": out["loss"],
                         "lr": lr,
-                        "grad_norm": grad_norm,
+                        "grad_norm": out["grad_norm"],
                         "tokens": self.tokens,
                         "tokens_per_s": tokens_per_s,
-                        "comm_bytes": 0,
+                        "comm_bytes": out["comm_bytes"],
                         "elapsed_s": now - start,
                     }
                 )
-                self.metrics.progress(self.step, loss, tokens_per_s)
+                self.metrics.progress(self.step, out["loss"], tokens_per_s)
 
     def close(self) -> None:
         self.metrics.close()
-        plot_loss(self.run_dir)
+        if self.dist.is_main:
+            plot_loss(self.run_dir)
+        shutdown()

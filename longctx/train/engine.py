@@ -1,0 +1,143 @@
+"""Training engines: the same model, data and losses under torch (DDP or FSDP2) or DeepSpeed ZeRO.
+
+    engine = build_engine(model, cfg, info)
+    loss = loss_fn(engine(tokens, layout)); engine.backward(loss); grad_norm = engine.step()
+
+`parallel.engine=torch`: one process trains the model as it is; with several, DDP averages gradients
+over the data x context group, or FSDP2 (`parallel.fsdp=true`) shards parameters, gradients and
+optimizer state over it. `parallel.engine=deepspeed`: `deepspeed.initialize` with ZeRO stage
+`parallel.zero_stage`, megatron's parallel_state as `mpu`, and our AdamW and LR schedule, so both
+engines take identical steps.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from longctx.config import Config
+from longctx.train.distributed import DistInfo, MegatronMPU
+from longctx.train.optim import build_optimizer, build_scheduler
+
+
+class TorchEngine:
+    def __init__(self, model: nn.Module, cfg: Config, info: DistInfo):
+        self.module = model
+        self.cfg = cfg
+        if cfg.parallel.fsdp:
+            self.wrapped = _fully_shard(model, info)
+        elif info.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [info.device.index] if info.device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(model, device_ids=ids, process_group=info.grad_group)
+        else:
+            self.wrapped = model
+        self.optimizer = build_optimizer(model, cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+
+    def __call__(self, *args, **kwargs):
+        return self.wrapped(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        clip = self.cfg.train.grad_clip
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+def _fully_shard(model: nn.Module, info: DistInfo) -> nn.Module:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not info.enabled:
+        raise ValueError("parallel.fsdp=true shards over several processes; launch with torchrun")
+    mesh = DeviceMesh.from_group(info.grad_group, info.device.type)
+    policy = MixedPrecisionPolicy()
+    if info.device.type == "cuda":
+        # bf16 compute and all-gathers, fp32 gradient reduction and master weights.
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def deepspeed_config(cfg: Config, info: DistInfo) -> dict:
+    """The DeepSpeed JSON: the user's file if given, else generated from our config."""
+    path = cfg.parallel.deepspeed_config
+    if path:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"parallel.deepspeed_config {path!r} not found")
+        try:
+            ds = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"parallel.deepspeed_config {path!r} is not valid JSON: {e}") from e
+        if "optimizer" in ds or "scheduler" in ds:
+            raise ValueError(
+                f"{path}: remove the 'optimizer'/'scheduler' sections; longctx passes its own AdamW and LR "
+                "schedule (train.lr, train.warmup, ...) so both engines train alike"
+            )
+        ds.setdefault("train_micro_batch_size_per_gpu", cfg.train.batch_size)
+        return ds
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": info.device.type == "cuda"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    def __init__(self, model: nn.Module, cfg: Config, info: DistInfo):
+        try:
+            import deepspeed
+        except ImportError as e:
+            raise ImportError("parallel.engine=deepspeed needs DeepSpeed: pip install deepspeed") from e
+        self.module = model
+        optimizer = build_optimizer(model, cfg.train)
+        scheduler = build_scheduler(optimizer, cfg.train)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, info),
+            mpu=MegatronMPU(),
+        )
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+
+def build_engine(model: nn.Module, cfg: Config, info: DistInfo):
+    if cfg.parallel.engine == "deepspeed":
+        return DeepSpeedEngine(model, cfg, info)
+    return TorchEngine(model, cfg, info)

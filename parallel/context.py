@@ -1,0 +1,50 @@
+"""Make a model context-parallel: swap each mixer's core for one that exchanges what it needs.
+
+    parallelize_model(model, cp_group, cp_comm="allgather")
+
+The model code stays single-device: a mixer computes its per-token projections and hands them to its
+core with the `SeqLayout` of the local tokens; the cores installed here run on a zigzag shard and
+talk to the other ranks of `cp_group`.
+"""
+
+from torch import nn
+
+from longctx.parallel.dense import AllGatherDenseCore
+
+DENSE_SCHEMES = ("allgather",)
+
+
+def _dense_core(core, group, cp_comm: str):
+    if cp_comm not in DENSE_SCHEMES:
+        raise ValueError(
+            f"parallel.cp_comm={cp_comm!r} is not available for D layers; "
+            f"use one of {', '.join(DENSE_SCHEMES)}"
+        )
+    return AllGatherDenseCore(core.window, group)
+
+
+def _unsupported(letter: str, name: str, issue: int):
+    def build(core, group, cp_comm):
+        raise ValueError(
+            f"{name} layers ({letter}) do not run context-parallel yet (issue #{issue}); use parallel.cp=1 "
+            f"or a model.layers pattern without {letter}"
+        )
+
+    return build
+
+
+CP_CORES = {
+    "D": _dense_core,
+    "S": _unsupported("S", "S2 sparse attention", 10),
+    "N": _unsupported("N", "native sparse attention", 10),
+    "L": _unsupported("L", "gated linear attention", 10),
+}
+
+
+def parallelize_model(model: nn.Module, group, cp_comm: str) -> nn.Module:
+    """Replace every mixer core of `model` with its context-parallel version over `group` (in place)."""
+    for module in list(model.modules()):
+        core = getattr(module, "core", None)
+        if isinstance(core, nn.Module) and getattr(core, "letter", None) in CP_CORES:
+            module.core = CP_CORES[core.letter](core, group, cp_comm)
+    return model

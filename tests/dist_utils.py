@@ -1,0 +1,92 @@
+"""Run a function in several gloo processes and collect what each returns; run the CLI under torchrun.
+
+    results = spawn(worker, world_size=2, args=(x,))   # worker(rank, world_size, *args) -> picklable
+
+Workers set up the default process group themselves through `init_worker`. Results come back
+through files, so they can hold tensors.
+"""
+
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world_size, port, out_dir, fn, args):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        error = None
+    except Exception:
+        result, error = None, traceback.format_exc()
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+    with open(Path(out_dir) / f"{rank}.pkl", "wb") as f:
+        pickle.dump((result, error), f)
+
+
+def spawn(fn, world_size: int, args: tuple = ()) -> list:
+    """Run `fn(rank, world_size, *args)` in `world_size` gloo processes; return their results by rank."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(
+            _entry, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size, start_method="spawn"
+        )
+        results = []
+        for rank in range(world_size):
+            with open(Path(out_dir) / f"{rank}.pkl", "rb") as f:
+                result, error = pickle.load(f)
+            if error:
+                raise AssertionError(f"rank {rank} failed:\n{error}")
+            results.append(result)
+    return results
+
+
+def run_cli(args: list[str], nproc: int = 1, torchrun_args: list[str] = (), timeout: int = 600, env=None):
+    """Run `longctx ...` (under torchrun when nproc > 1); return the CompletedProcess."""
+    if nproc > 1 or torchrun_args:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            *(torchrun_args or ["--master-port", str(free_port())]),
+            "-m",
+            "longctx",
+            *args,
+        ]
+    else:
+        cmd = [sys.executable, "-m", "longctx", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def losses(run_dir) -> list[float]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

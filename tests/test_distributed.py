@@ -1,0 +1,211 @@
+"""The distributed runtime on CPU/gloo: process groups, zigzag sharding, the all-gather dense core,
+communication accounting, both engines, multi-node launch and its errors. Every parallel run is
+compared with one process."""
+
+import pytest
+import torch
+
+from longctx.config import load_config
+from longctx.kernels.flash_attn.naive import attention_ref
+from longctx.parallel import SeqLayout, comm_stats, reset_comm_stats, zigzag_shard, zigzag_unshard
+from tests.dist_utils import free_port, losses, run_cli, spawn
+
+
+def test_zigzag_layout_and_shard_round_trip():
+    x = torch.arange(16)[None]
+    shards = [zigzag_shard(x, r, 2) for r in range(2)]
+    assert shards[0].tolist() == [[0, 1, 2, 3, 12, 13, 14, 15]]
+    assert shards[1].tolist() == [[4, 5, 6, 7, 8, 9, 10, 11]]
+    assert torch.equal(zigzag_unshard(shards), x)
+    layout = SeqLayout.zigzag(16, 1, 2)
+    assert layout.segments == ((4, 4), (8, 4)) and layout.positions().tolist() == list(range(4, 12))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        zigzag_shard(torch.arange(12)[None], 0, 4)
+
+
+def _comm_worker(rank, world):
+    from longctx.parallel.comm import all_gather, all_to_all
+
+    reset_comm_stats()
+    x = torch.full((3, 5), float(rank), requires_grad=True)
+    gathered = all_gather(x, None)  # [P, 3, 5]
+    (gathered * torch.arange(world).view(-1, 1, 1)).sum().backward()
+    after_gather = comm_stats()
+    y = torch.arange(world * 2, dtype=torch.float32) + 100 * rank
+    swapped = all_to_all(y.view(world, 2), None)
+    return gathered.detach(), x.grad, after_gather, comm_stats(), swapped
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_collectives_are_exact_and_counted(world):
+    for rank, (gathered, grad, stats, stats2, swapped) in enumerate(spawn(_comm_worker, world)):
+        assert torch.equal(gathered[:, 0, 0], torch.arange(world, dtype=torch.float32))
+        # Rank r's shard was scaled by r on every one of the `world` ranks: its gradient is world * r.
+        assert torch.all(grad == world * rank)
+        shard_bytes = 3 * 5 * 4
+        assert stats["all_gather"] == (world - 1) * shard_bytes
+        assert stats["reduce_scatter"] == (world - 1) * shard_bytes
+        assert stats["bytes_sent"] == 2 * (world - 1) * shard_bytes
+        assert stats2["all_to_all"] == (world - 1) * 2 * 4
+        assert swapped[:, 0].tolist() == [100.0 * j + 2 * rank for j in range(world)]
+
+
+def _allgather_core_worker(rank, world, q, k, v, do, window):
+    from longctx.parallel.dense import AllGatherDenseCore
+
+    layout = SeqLayout.zigzag(q.shape[1], rank, world)
+    local = [zigzag_shard(t, rank, world).clone().requires_grad_() for t in (q, k, v)]
+    core = AllGatherDenseCore(window, None)
+    reset_comm_stats()
+    o = core(*local, layout)
+    o.backward(zigzag_shard(do, rank, world))
+    return o.detach(), [t.grad for t in local], comm_stats()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("window", [None, 24], ids=["causal", "window24"])
+def test_allgather_dense_core_matches_one_process(world, window):
+    t = 8 * world * 6  # 96 / 192 tokens, not a power of two
+    q = torch.randn(2, t, 4, 16, dtype=torch.float64)
+    k, v = torch.randn(2, t, 2, 16, dtype=torch.float64), torch.randn(2, t, 2, 16, dtype=torch.float64)
+    do = torch.randn(2, t, 4, 16, dtype=torch.float64)
+    ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = attention_ref(*ref_in, causal=True, window=window)
+    ref.backward(do)
+    results = spawn(_allgather_core_worker, world, (q, k, v, do, window))
+    o = zigzag_unshard([r[0] for r in results])
+    assert torch.allclose(o, ref.detach(), atol=1e-12)
+    for i in range(3):
+        grad = zigzag_unshard([r[1][i] for r in results])
+        assert torch.allclose(grad, ref_in[i].grad, atol=1e-12)
+    kv_bytes = 2 * (t // world) * 2 * 2 * 16 * 8  # k and v shards, fp64
+    assert all(r[2]["all_gather"] == (world - 1) * kv_bytes for r in results)
+
+
+def _mismatch_worker(rank, world):
+    from longctx.train.distributed import DistInfo, check_same_config
+
+    cfg = load_config("configs/tiny.yaml", [f"train.lr={1e-3 if rank == 0 else 2e-3}"])
+    try:
+        check_same_config(cfg, DistInfo(rank=rank, world_size=world))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_ranks_with_different_configs_fail_naming_the_key():
+    messages = spawn(_mismatch_worker, 2)
+    assert all(m and "train.lr is 0.001 on rank 0 but 0.002 on rank 1" in m for m in messages)
+
+
+COMMON = ["--config", "configs/tiny.yaml", "model.layers=D", "train.wandb=false", "train.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
+def train(tmp_path, name, cache, *overrides, nproc=1, torchrun_args=()):
+    run_dir = tmp_path / name
+    proc = run_cli(
+        ["train", *COMMON, f"data.cache_dir={cache}", f"train.run_dir={run_dir}", *overrides],
+        nproc=nproc,
+        torchrun_args=list(torchrun_args),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return losses(run_dir)
+
+
+def assert_close(a, b, rel=1e-4):
+    assert len(a) == len(b) and all(abs(x - y) <= rel * abs(y) for x, y in zip(a, b)), (a, b)
+
+
+@pytest.mark.slow
+def test_cp2_equals_one_process(tmp_path, cache):
+    single = train(tmp_path, "single", cache, "train.steps=5")
+    cp2 = train(tmp_path, "cp2", cache, "train.steps=5", "parallel.cp=2", nproc=2)
+    assert_close(cp2, single)
+    assert single[0] - single[-1] > 0.2
+
+
+@pytest.mark.slow
+def test_dp2_engines_equal_one_process_with_twice_the_batch(tmp_path, cache):
+    single = train(tmp_path, "single", cache, "train.steps=3", "train.batch_size=4")
+    torch_dp = train(tmp_path, "ddp", cache, "train.steps=3", nproc=2)
+    deepspeed = train(
+        tmp_path, "ds", cache, "train.steps=3", "parallel.engine=deepspeed", "parallel.zero_stage=2", nproc=2
+    )
+    fsdp = train(tmp_path, "fsdp", cache, "train.steps=3", "parallel.fsdp=true", nproc=2)
+    for run in (torch_dp, deepspeed, fsdp):
+        assert_close(run, single)
+
+
+@pytest.mark.slow
+def test_dp2_cp2_zero3_on_four_processes(tmp_path, cache):
+    single = train(tmp_path, "single", cache, "train.steps=3", "train.batch_size=4")
+    four = train(
+        tmp_path,
+        "dp2cp2",
+        cache,
+        "train.steps=3",
+        "parallel.cp=2",
+        "parallel.engine=deepspeed",
+        "parallel.zero_stage=3",
+        nproc=4,
+    )
+    assert_close(four, single)
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_on_loopback_train_together(tmp_path, cache):
+    import subprocess
+    import sys
+
+    port = free_port()
+    run_dir = tmp_path / "twonode"
+    procs = []
+    for node in (0, 1):
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(node),
+            "--nproc-per-node",
+            "1",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{port}",
+            "-m",
+            "longctx",
+            "train",
+            *COMMON,
+            f"data.cache_dir={cache}",
+            f"train.run_dir={run_dir}",
+            "train.steps=3",
+            "parallel.cp=2",
+        ]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    single = train(tmp_path, "single", cache, "train.steps=3")
+    assert_close(losses(run_dir), single)
+
+
+def test_launch_errors_are_clear(tmp_path):
+    base = ["train", *COMMON, f"train.run_dir={tmp_path}", "train.steps=1"]
+    proc = run_cli([*base, "parallel.backend=nccl"])
+    assert proc.returncode != 0 and "parallel.backend=nccl needs CUDA GPUs" in proc.stderr
+    proc = run_cli([*base, "parallel.cp=2"])
+    assert proc.returncode != 0 and "torchrun --nproc-per-node 2" in proc.stderr
+    proc = run_cli([*base, "parallel.cp=2"], env={"WORLD_SIZE": "3", "RANK": "0"})
+    assert proc.returncode != 0 and "does not divide the world size 3" in proc.stderr
+    port = free_port()
+    env = {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    proc = run_cli([*base, "parallel.timeout_s=2"], env=env)
+    assert proc.returncode != 0 and f"could not join the process group at 127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr
