@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from longctx.config import Config, save_config
-from longctx.data import build_sampler, iter_documents
+from longctx.data import build_samplers, load_tokenizer, prepare_dataset
 from longctx.model import build_model
-from longctx.tokenizer import copy_tokenizer, load_or_train_tokenizer
+from longctx.tokenizer import copy_tokenizer
 from longctx.train.metrics import MetricsLogger, plot_loss
 from longctx.train.optim import build_optimizer, build_scheduler
 
@@ -42,15 +42,16 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-        self.tokenizer = load_or_train_tokenizer(
-            cfg.data.tokenizer,
-            cfg.model.vocab_size,
-            lambda: iter_documents(cfg.data.source),
-            cfg.data.cache_dir,
-            cache_key=cfg.data.source,
-        )
+        self.tokenizer = load_tokenizer(cfg)
         copy_tokenizer(self.tokenizer, self.run_dir)
-        self.sampler = build_sampler(cfg, self.tokenizer)
+        self.data = prepare_dataset(cfg, self.tokenizer, progress=cfg.train.progress)
+        self.sampler, self.val_sampler = build_samplers(cfg, self.data, self.tokenizer)
+        if cfg.train.eval_every and self.val_sampler is None:
+            raise ValueError(
+                f"train.eval_every={cfg.train.eval_every} needs validation data, but the validation split of "
+                f"{cfg.data.source!r} is empty ({self.data.val.num_docs} documents); raise data.val_fraction "
+                "or set train.eval_every=0"
+            )
 
         self.model = build_model(cfg.model, self.device)
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
@@ -61,7 +62,8 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, cfg, cfg.train.steps, start_step=self.step)
         self.metrics.write(
             f"model: {self.model.num_params() / 1e6:.2f}M parameters, layers {cfg.model.pattern}, "
-            f"seq_len {cfg.data.seq_len}, {self.sampler.num_samples} samples"
+            f"seq_len {cfg.data.seq_len}, {self.data.train.num_tokens:,} training tokens in "
+            f"{self.data.train.num_docs:,} documents, {self.data.val.num_tokens:,} validation tokens"
         )
 
     def autocast(self):
@@ -87,6 +89,21 @@ class Trainer:
         self.tokens += count
         return loss.item(), grad_norm.item()
 
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss over the first `train.eval_batches` validation batches (the same batches
+        every time, so values at different steps compare)."""
+        self.model.eval()
+        loss_sum, count = 0.0, 0
+        for index in range(self.cfg.train.eval_batches):
+            batch = self.val_sampler.get_batch(index).tokens.to(self.device)
+            with self.autocast():
+                logits = self.model(batch[:, :-1])
+            batch_loss, batch_count = lm_loss(logits, batch[:, 1:])
+            loss_sum, count = loss_sum + batch_loss.item(), count + batch_count
+        self.model.train()
+        return loss_sum / count
+
     def train(self) -> None:
         cfg = self.cfg.train
         self.model.train()
@@ -94,15 +111,16 @@ class Trainer:
         window_t, window_tokens = start, self.tokens
         while self.step < cfg.steps:
             lr = self.optimizer.param_groups[0]["lr"]
-            loss, grad_norm = self.train_step(self.sampler.next_batch())
+            loss, grad_norm = self.train_step(self.sampler.next_batch().tokens)
             self.step += 1
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            record = {"step": self.step}
+            logging = self.step % cfg.log_every == 0 or self.step == cfg.steps
+            if logging:
                 now = time.perf_counter()
                 tokens_per_s = (self.tokens - window_tokens) / max(now - window_t, 1e-9)
                 window_t, window_tokens = now, self.tokens
-                self.metrics.log(
+                record.update(
                     {
-                        "step": self.step,
                         "loss": loss,
                         "lr": lr,
                         "grad_norm": grad_norm,
@@ -112,6 +130,14 @@ class Trainer:
                         "elapsed_s": now - start,
                     }
                 )
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                eval_start = time.perf_counter()
+                record["val_loss"] = self.evaluate()
+                # Evaluation time is not training time.
+                window_t += time.perf_counter() - eval_start
+            if len(record) > 1:
+                self.metrics.log(record)
+            if logging:
                 self.metrics.progress(self.step, loss, tokens_per_s)
 
     def close(self) -> None:
