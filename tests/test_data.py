@@ -6,8 +6,10 @@ import json
 import os
 import random
 import re
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,9 @@ from longctx.data import (
     prepare_dataset,
     read_haystack,
 )
-from longctx.data.indexed import _megatron_indexed
+from longctx.data.corpus import Corpus
+from longctx.data.indexed import IndexedWriter, _megatron_indexed
+from longctx.data.prepare import cache_entry
 from longctx.tokenizer import Tokenizer, train_tokenizer
 
 VAL_FRACTION = 0.1
@@ -189,6 +193,57 @@ def test_megatron_prefix_is_used_in_place(tmp_path, tokenizer):
     assert no_entries(tmp_path / "cache")
     batch = build_samplers(cfg, data, tokenizer)[0].next_batch()
     assert batch.tokens.shape == (cfg.train.batch_size, cfg.data.seq_len + 1)
+
+
+def test_only_the_writer_prepares_and_the_others_wait(tmp_path, tokenizer):
+    source = write_jsonl(tmp_path / "c.jsonl", make_documents(50))
+    cfg = config(tmp_path, source, tokenizer)
+    barrier = threading.Barrier(2)
+    results = {}
+
+    def rank(r):
+        results[r] = prepare_dataset(cfg, tokenizer, is_writer=r == 0, wait_fn=barrier.wait, progress=False)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (1, 0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0].built and not results[1].built and results[0].path == results[1].path
+    assert np.array_equal(results[0].train.tokens, results[1].train.tokens)
+
+    lonely = config(tmp_path / "other", source, tokenizer)
+    with pytest.raises(ValueError, match="does not exist after the writer finished"):
+        prepare_dataset(lonely, tokenizer, is_writer=False, wait_fn=lambda: None)
+
+
+def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path, tokenizer, monkeypatch):
+    source = write_jsonl(tmp_path / "c.jsonl", make_documents(50))
+    cfg = config(tmp_path, source, tokenizer)
+    add = IndexedWriter.add
+
+    def add_then_die(self, ids):
+        if self.num_docs == 20:
+            raise KeyboardInterrupt
+        add(self, ids)
+
+    monkeypatch.setattr(IndexedWriter, "add", add_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(cfg, tokenizer, progress=False)
+    assert not [p.name for p in (tmp_path / "cache").iterdir() if p.name != "hf"]  # hf: datasets' cache
+    monkeypatch.setattr(IndexedWriter, "add", add)
+
+    # A process killed outright leaves its temporary behind: never read, removed by the next build.
+    entry = cache_entry(cfg, tokenizer, Corpus(str(source), "text", tmp_path / "cache"))
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = entry.with_name(f"{entry.name}.tmp-{socket.gethostname()}-{int(dead.stdout)}")
+    stale.mkdir()
+    (stale / "train.bin").write_bytes(b"half")
+    data = prepare_dataset(cfg, tokenizer, progress=False)
+    assert data.path == entry and data.train.num_docs + data.val.num_docs == 50
+    assert not stale.exists()
 
 
 # ---- errors -------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
     tok = load_tokenizer(cfg)                     # data.tokenizer, or trained on the corpus (cached)
     data = prepare_dataset(cfg, tok)              # data.train, data.val: TokenDocuments
-    # under torchrun: prepare_dataset(cfg, tok, is_writer=rank == 0, wait_fn=dist.barrier)
+    # under torchrun, rank 0 writes while the others wait:
+    #   tok = load_tokenizer(cfg, is_writer=rank == 0, wait_fn=dist.barrier)
+    #   data = prepare_dataset(cfg, tok, is_writer=rank == 0, wait_fn=dist.barrier)
 
 Every document is tokenized (sentencepiece's own threads, `data.num_workers`), followed by EOS,
 and written with megatron-core's `IndexedDatasetBuilder` to `train.bin/.idx` or `val.bin/.idx`:
@@ -43,8 +45,11 @@ class PreparedData:
     built: bool = False  # this call tokenized the corpus (it was not cached)
 
 
-def load_tokenizer(cfg):
-    """`data.tokenizer`, or a tokenizer trained on `data.source` once and cached in `data.cache_dir`."""
+def load_tokenizer(cfg, is_writer: bool = True, wait_fn=None):
+    """`data.tokenizer`, or a tokenizer trained on `data.source` once and cached in `data.cache_dir`.
+
+    Under torchrun, the writer (rank 0) trains it while the others wait in `wait_fn`, then load it.
+    """
     from longctx.tokenizer import load_or_train_tokenizer
 
     prefix = megatron_prefix(cfg.data.source)
@@ -53,16 +58,25 @@ def load_tokenizer(cfg):
             f"data.source {cfg.data.source!r} is an already tokenized Megatron dataset, so no tokenizer can "
             "be trained on it; set data.tokenizer to the SentencePiece .model it was made with"
         )
-    if prefix is not None:
-        return load_or_train_tokenizer(cfg.data.tokenizer, cfg.model.vocab_size, None, cfg.data.cache_dir, "")
-    corpus = Corpus(cfg.data.source, cfg.data.text_field, cfg.data.cache_dir)
-    return load_or_train_tokenizer(
-        cfg.data.tokenizer,
-        cfg.model.vocab_size,
-        lambda: corpus.documents(max_chars=TOKENIZER_MAX_CHARS),
-        cfg.data.cache_dir,
-        cache_key=corpus.identity(),
-    )
+
+    def load():
+        if prefix is not None:
+            return load_or_train_tokenizer(
+                cfg.data.tokenizer, cfg.model.vocab_size, None, cfg.data.cache_dir, ""
+            )
+        corpus = Corpus(cfg.data.source, cfg.data.text_field, cfg.data.cache_dir)
+        return load_or_train_tokenizer(
+            cfg.data.tokenizer,
+            cfg.model.vocab_size,
+            lambda: corpus.documents(max_chars=TOKENIZER_MAX_CHARS),
+            cfg.data.cache_dir,
+            cache_key=corpus.identity(),
+        )
+
+    tokenizer = load() if is_writer else None
+    if wait_fn is not None:
+        wait_fn()
+    return tokenizer or load()
 
 
 def is_validation(index: np.ndarray | int, fraction: float):
