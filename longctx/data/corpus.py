@@ -167,7 +167,7 @@ class Corpus:
             raise ValueError(_offline_message(name, str(e))) from e
         except Exception as e:
             raise ValueError(f"cannot load Hugging Face dataset {name!r} (split {split!r}): {e}") from e
-        for row, record in enumerate(rows):
+        for row, record in enumerate(_reraise_connection_errors(rows, name)):
             text = record.get(self.text_field)
             if not isinstance(text, str):
                 raise ValueError(
@@ -175,6 +175,13 @@ class Corpus:
                     f"{self.text_field!r} (fields: {', '.join(record)}); set data.text_field"
                 )
             yield text
+
+
+def _reraise_connection_errors(rows, name: str) -> Iterator[dict]:
+    try:
+        yield from rows
+    except (ConnectionError, TimeoutError) as e:
+        raise ValueError(f"lost the connection while streaming Hugging Face dataset {name!r}: {e}") from e
 
 
 def _num_rows(table) -> int:
