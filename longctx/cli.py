@@ -2,6 +2,7 @@
 
 longctx train --config configs/tiny.yaml train.steps=30 train.run_dir=runs/x
 longctx tokenizer train --config configs/tiny.yaml --out runs/tok.model
+longctx data prepare --config configs/tiny.yaml data.source=corpus/ data.cache_dir=.cache/longctx
 """
 
 import argparse
@@ -35,9 +36,34 @@ def cmd_tokenizer_train(args) -> int:
     from longctx.tokenizer import Tokenizer, train_tokenizer
 
     cfg = load_config(args.config, args.overrides)
-    path = train_tokenizer(iter_documents(cfg.data.source), cfg.model.vocab_size, args.out)
+    docs = iter_documents(cfg.data.source, cfg.data.text_field, cfg.data.cache_dir)
+    path = train_tokenizer(docs, cfg.model.vocab_size, args.out)
     tok = Tokenizer(path)
     print(f"wrote {path} ({tok.vocab_size} tokens); use it with data.tokenizer={path}")
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    import time
+
+    from longctx.data import load_tokenizer, prepare_dataset
+
+    cfg = load_config(args.config, args.overrides)
+    start = time.perf_counter()
+    tok = load_tokenizer(cfg)
+    data = prepare_dataset(cfg, tok, progress=True)
+    seconds = time.perf_counter() - start
+    for name, docs in (("train", data.train), ("val", data.val)):
+        print(f"{name}: {docs.num_docs:,} documents, {docs.num_tokens:,} tokens  ({docs.prefix}.bin/.idx)")
+    if data.built:
+        tokens = data.train.num_tokens + data.val.num_tokens
+        built = data.meta["seconds"]
+        print(
+            f"prepared {data.path} in {built:.1f}s ({tokens / max(built, 1e-9) * 60:,.0f} tokens/minute; "
+            f"{seconds:.1f}s in all, tokenizer {tok.path})"
+        )
+    else:
+        print(f"already prepared: {data.path} (tokenizer {tok.path}); nothing to do")
     return 0
 
 
@@ -54,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", required=True, help="where to write the .model file")
     p.set_defaults(func=cmd_tokenizer_train)
+
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="action", required=True)
+    p = data.add_parser("prepare", help="tokenize data.source into a cached Megatron indexed dataset")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_data_prepare)
     return parser
 
 

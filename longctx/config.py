@@ -209,6 +209,10 @@ class DataConfig:
     cache_dir: str = ".cache/longctx"
     text_field: str = "text"
     val_fraction: float = 0.05
+    # Digits of the passkey in passkey samples (one token each).
+    passkey_digits: int = 5
+    # Tokenizer threads for `data prepare`; 0: every core this process may use.
+    num_workers: int = 0
 
     def __post_init__(self):
         _require(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
@@ -219,6 +223,17 @@ class DataConfig:
         )
         _require(
             0.0 <= self.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {self.val_fraction}"
+        )
+        _require(
+            1 <= self.passkey_digits <= 18,
+            "data.passkey_digits",
+            f"must be in [1, 18] (the key is a 64-bit integer), got {self.passkey_digits}",
+        )
+        _require(
+            self.num_workers >= 0, "data.num_workers", f"must be >= 0 (0: all cores), got {self.num_workers}"
+        )
+        _require(
+            self.text_field != "", "data.text_field", "must name the JSON/Parquet field that holds the text"
         )
 
 

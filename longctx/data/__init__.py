@@ -1,23 +1,53 @@
-"""Training data: documents -> tokens -> packed, shuffled, resumable samples."""
+"""Training data: corpus -> sentencepiece -> Megatron indexed dataset -> packed, resumable samples.
 
-import torch
+tok = load_tokenizer(cfg)
+data = prepare_dataset(cfg, tok)                      # cached in data.cache_dir
+train, val = build_samplers(cfg, data, tok, dp_rank, dp_size)
+batch = train.next_batch()                            # PackedBatch
+"""
 
-from longctx.data.corpus import builtin_documents, iter_documents
-from longctx.data.sampler import PackedSampler
-
-
-def tokenize_corpus(source: str, tokenizer) -> torch.Tensor:
-    """All documents of `source`, each followed by EOS, as one int32 token stream."""
-    ids = []
-    for doc_ids in tokenizer.encode_batch(list(iter_documents(source))):
-        ids.extend(doc_ids)
-        ids.append(tokenizer.eos_id)
-    return torch.tensor(ids, dtype=torch.int32)
+from longctx.data.corpus import Corpus, builtin_documents, iter_documents, megatron_prefix
+from longctx.data.indexed import TokenDocuments
+from longctx.data.passkey import PasskeySample, make_passkey_sample, read_haystack
+from longctx.data.prepare import PreparedData, load_tokenizer, prepare_dataset
+from longctx.data.sampler import PackedBatch, PackedSampler, PasskeyMixture
 
 
-def build_sampler(cfg, tokenizer, dp_rank: int = 0, dp_size: int = 1) -> PackedSampler:
-    tokens = tokenize_corpus(cfg.data.source, tokenizer)
-    return PackedSampler(tokens, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed, dp_rank, dp_size)
+def build_samplers(
+    cfg, data: PreparedData, tokenizer, dp_rank: int = 0, dp_size: int = 1
+) -> tuple[PackedSampler, PackedSampler | None]:
+    """The training sampler (with the passkey mixture) and the validation sampler (corpus text only;
+    None when the validation split is empty)."""
+    passkey = None
+    if cfg.data.passkey_fraction > 0:
+        passkey = PasskeyMixture(cfg.data.passkey_fraction, tokenizer, cfg.data.passkey_digits)
+    common = dict(
+        seq_len=cfg.data.seq_len,
+        batch_size=cfg.train.batch_size,
+        seed=cfg.train.seed,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        vocab_size=cfg.model.vocab_size,
+    )
+    train = PackedSampler(data.train, passkey=passkey, **common)
+    val = PackedSampler(data.val, **common) if data.val.num_tokens else None
+    return train, val
 
 
-__all__ = ["PackedSampler", "build_sampler", "builtin_documents", "iter_documents", "tokenize_corpus"]
+__all__ = [
+    "Corpus",
+    "PackedBatch",
+    "PackedSampler",
+    "PasskeyMixture",
+    "PasskeySample",
+    "PreparedData",
+    "TokenDocuments",
+    "build_samplers",
+    "builtin_documents",
+    "iter_documents",
+    "load_tokenizer",
+    "make_passkey_sample",
+    "megatron_prefix",
+    "prepare_dataset",
+    "read_haystack",
+]

@@ -1,74 +1,200 @@
-"""Packed, shuffled, resumable training samples.
+"""Packed, shuffled, resumable training samples, sharded over data-parallel ranks.
 
-The token stream (documents joined with EOS) is cut into samples of `seq_len + 1` tokens
-(consecutive samples share one boundary token, so every token is a target once). Samples are visited
-in a seeded random order per epoch; global batch `n` takes the next `batch_size * dp_size` samples
-and data-parallel rank `r` the `r`-th slice of it. The order is a pure function of
-(seed, epoch), so the state is just the number of batches consumed.
+    sampler = PackedSampler(docs, seq_len=512, batch_size=8, seed=0, dp_rank=r, dp_size=n)
+    batch = sampler.next_batch()     # PackedBatch: tokens [8, 513], doc_starts, answer_mask, sample_ids
+    state = sampler.state_dict()     # later: sampler.load_state_dict(state) continues exactly here
+
+How samples are made, all pure functions of (seed, index), so any sample can be recomputed alone:
+- The stream. Epoch `e` is every document of the split once, in a seeded random order; the stream is
+  epoch 0, then epoch 1, ... back to back (each document ends with EOS). Corpus sample `k` is
+  `stream[k * seq_len : k * seq_len + seq_len + 1]`: consecutive samples share one boundary token, so
+  every token is a target exactly once per epoch, and nothing is dropped at an epoch's end (the last
+  sample of an epoch runs on into the next).
+- The order. Corpus samples are visited in blocks of `samples_per_epoch` (= tokens // seq_len), each
+  block in a seeded random order, so each block sees each of its samples once.
+- The mixture. With `passkey_fraction` f, position `q` of the visiting order is a passkey sample when
+  `floor((q + 1) f) > floor(q f)` (exactly f of the positions, evenly spread); the others take the
+  corpus samples in turn, so passkey samples are added, never substituted for corpus text.
+- The batches. Global batch `b` is positions `[b G, (b + 1) G)`, `G = batch_size * dp_size`, and rank
+  `r` takes the `r`-th `batch_size` of them. The state is the number of positions consumed, so a run
+  resumed at another data-parallel degree continues at the same place in the stream.
 """
 
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
 import torch
+
+from longctx.data.indexed import TokenDocuments
+from longctx.data.passkey import make_passkey_sample, read_haystack
+
+# Fractions are kept as integers over this denominator so the mixture rule has no rounding drift.
+_FRACTION_SCALE = 1_000_000
+_DOC_ORDER, _SAMPLE_ORDER, _PASSKEY = 0, 1, 2
+
+
+@dataclass
+class PackedBatch:
+    tokens: torch.Tensor  # [B, seq_len + 1] int64
+    doc_starts: torch.Tensor  # [B, seq_len + 1] bool: a document begins at this position
+    answer_mask: torch.Tensor  # [B, seq_len + 1] bool: the answer digits of a passkey sample
+    sample_ids: torch.Tensor  # [B] int64: positions in the global visiting order
+
+
+@dataclass
+class PasskeyMixture:
+    fraction: float
+    tokenizer: object
+    n_digits: int = 5
 
 
 class PackedSampler:
     def __init__(
         self,
-        tokens: torch.Tensor,
+        docs: TokenDocuments,
         seq_len: int,
         batch_size: int,
         seed: int,
         dp_rank: int = 0,
         dp_size: int = 1,
+        passkey: PasskeyMixture | None = None,
+        vocab_size: int | None = None,
     ):
-        self.tokens = tokens
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank must lie in [0, {dp_size}), got {dp_rank}")
+        # Empty documents add nothing to the stream; leaving them out keeps every lookup productive.
+        self.docs = docs.subset(np.flatnonzero(docs.lengths > 0))
+        if self.docs.num_tokens == 0:
+            raise ValueError(
+                f"the dataset {docs.prefix!r} has no tokens in this split ({docs.num_docs} documents); "
+                "use a larger corpus (or, for validation, a larger data.val_fraction)"
+            )
         self.seq_len, self.batch_size = seq_len, batch_size
         self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
-        self.num_samples = (len(tokens) - 1) // seq_len
-        per_step = batch_size * dp_size
-        if self.num_samples < per_step:
+        self.vocab_size = vocab_size
+        self.samples_per_epoch = max(1, self.docs.num_tokens // seq_len)
+        self.passkey = passkey
+        self.passkey_scale = round(passkey.fraction * _FRACTION_SCALE) if passkey else 0
+        self.position = 0
+        self._doc_orders: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._sample_orders: OrderedDict[int, np.ndarray] = OrderedDict()
+        if self.passkey_scale:
+            # Fail now, not mid-run, if a passkey sample cannot fit in seq_len + 1 tokens.
+            self._passkey_sample(0)
+
+    def _rng(self, *key: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed & (2**64 - 1), *key])
+
+    def document_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The documents of `epoch` in stream order, and the cumulative token count after each."""
+        if epoch not in self._doc_orders:
+            order = self._rng(_DOC_ORDER, epoch).permutation(self.docs.num_docs)
+            self._doc_orders[epoch] = (order, np.cumsum(self.docs.lengths[order]))
+            if len(self._doc_orders) > 2:
+                self._doc_orders.popitem(last=False)
+        return self._doc_orders[epoch]
+
+    def corpus_sample(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens and document-start mask of corpus sample `k` (stream tokens from k * seq_len)."""
+        total = self.docs.num_tokens
+        start, need = k * self.seq_len, self.seq_len + 1
+        tokens, starts = [], []
+        while need:
+            epoch, offset = divmod(start, total)
+            order, ends = self.document_order(epoch)
+            t, s = self.docs.read(offset, need, order, ends)
+            tokens.append(t)
+            starts.append(s)
+            start, need = start + len(t), need - len(t)
+        return np.concatenate(tokens), np.concatenate(starts)
+
+    def is_passkey(self, q: int) -> bool:
+        return (q + 1) * self.passkey_scale // _FRACTION_SCALE > q * self.passkey_scale // _FRACTION_SCALE
+
+    def corpus_index(self, q: int) -> int:
+        """Which corpus sample position `q` of the visiting order takes (q must not be a passkey one)."""
+        c = q - q * self.passkey_scale // _FRACTION_SCALE
+        block, within = divmod(c, self.samples_per_epoch)
+        if block not in self._sample_orders:
+            self._sample_orders[block] = self._rng(_SAMPLE_ORDER, block).permutation(self.samples_per_epoch)
+            if len(self._sample_orders) > 2:
+                self._sample_orders.popitem(last=False)
+        return block * self.samples_per_epoch + int(self._sample_orders[block][within])
+
+    def _passkey_sample(self, q: int):
+        rng = self._rng(_PASSKEY, q)
+        tok = self.passkey.tokenizer
+        hay = read_haystack(
+            self.docs, self.seq_len + 1, rng, drop_ids=[i for i in (tok.eos_id, tok.bos_id) if i >= 0]
+        )
+        return make_passkey_sample(
+            tok, hay, self.seq_len + 1, float(rng.random()), rng, self.passkey.n_digits
+        )
+
+    def sample(self, q: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Tokens, document starts and answer mask of position `q` of the visiting order."""
+        answer = np.zeros(self.seq_len + 1, dtype=bool)
+        if self.passkey_scale and self.is_passkey(q):
+            s = self._passkey_sample(q)
+            answer[s.answer_start : s.answer_start + s.answer_len] = True
+            starts = np.zeros(self.seq_len + 1, dtype=bool)
+            starts[0] = True
+            return s.tokens, starts, answer
+        tokens, starts = self.corpus_sample(self.corpus_index(q))
+        return tokens, starts, answer
+
+    def batch_at(self, position: int) -> PackedBatch:
+        """This rank's share of the global batch that starts at visiting-order position `position`."""
+        first = position + self.dp_rank * self.batch_size
+        ids = list(range(first, first + self.batch_size))
+        tokens, starts, answers = zip(*(self.sample(q) for q in ids))
+        batch = PackedBatch(
+            tokens=torch.from_numpy(np.stack(tokens)),
+            doc_starts=torch.from_numpy(np.stack(starts)),
+            answer_mask=torch.from_numpy(np.stack(answers)),
+            sample_ids=torch.tensor(ids, dtype=torch.int64),
+        )
+        if self.vocab_size is not None and int(batch.tokens.max()) >= self.vocab_size:
             raise ValueError(
-                f"the corpus has {len(tokens)} tokens: {self.num_samples} samples of {seq_len + 1} tokens, "
-                f"fewer than one global batch ({batch_size} x {dp_size} ranks); use a larger corpus, a "
-                "shorter data.seq_len or a smaller train.batch_size"
+                f"{self.docs.prefix!r} holds token id {int(batch.tokens.max())}, but model.vocab_size is "
+                f"{self.vocab_size}: the dataset was made with a bigger tokenizer; set data.tokenizer to "
+                "the one it was made with and model.vocab_size to at least its size"
             )
-        self.batches_per_epoch = self.num_samples // per_step
-        self.consumed = 0
-        self._order_epoch, self._order = -1, None
+        return batch
 
-    def _epoch_order(self, epoch: int) -> torch.Tensor:
-        if epoch != self._order_epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._order = torch.randperm(self.num_samples, generator=gen)
-            self._order_epoch = epoch
-        return self._order
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.dp_size
 
-    def sample_ids(self, batch_index: int) -> torch.Tensor:
-        epoch, within = divmod(batch_index, self.batches_per_epoch)
-        per_step = self.batch_size * self.dp_size
-        start = within * per_step + self.dp_rank * self.batch_size
-        return self._epoch_order(epoch)[start : start + self.batch_size]
+    def get_batch(self, index: int) -> PackedBatch:
+        """Global batch `index` (this rank's share), independent of the sampler's position."""
+        return self.batch_at(index * self.global_batch)
 
-    def get_batch(self, batch_index: int) -> torch.Tensor:
-        """`[batch_size, seq_len + 1]` int64 tokens of global batch `batch_index` for this rank."""
-        rows = [
-            self.tokens[i * self.seq_len : i * self.seq_len + self.seq_len + 1]
-            for i in self.sample_ids(batch_index)
-        ]
-        return torch.stack(rows).long()
-
-    def next_batch(self) -> torch.Tensor:
-        batch = self.get_batch(self.consumed)
-        self.consumed += 1
+    def next_batch(self) -> PackedBatch:
+        batch = self.batch_at(self.position)
+        self.position += self.global_batch
         return batch
 
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "seed": self.seed, "num_samples": self.num_samples}
+        return {
+            "position": self.position,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "num_tokens": self.docs.num_tokens,
+            "num_docs": self.docs.num_docs,
+            "passkey_scale": self.passkey_scale,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        if state["num_samples"] != self.num_samples or state["seed"] != self.seed:
+        mine = self.state_dict()
+        differ = [k for k in mine if k != "position" and state.get(k) != mine[k]]
+        if differ:
+            saved = ", ".join(f"{k}={state.get(k)}" for k in differ)
+            now = ", ".join(f"{k}={mine[k]}" for k in differ)
             raise ValueError(
-                f"the data loader state was saved for {state['num_samples']} samples with seed "
-                f"{state['seed']}, but this run has {self.num_samples} with seed {self.seed}; resume with "
-                "the same data and data.seq_len, or start fresh with train.resume=none"
+                f"the data loader state was saved with {saved}, but this run has {now}; resume with the "
+                "same data, data.seq_len, train.seed and data.passkey_fraction, or start fresh with "
+                "train.resume=none"
             )
-        self.consumed = int(state["consumed"])
+        self.position = int(state["position"])

@@ -138,17 +138,6 @@ def init_distributed(cfg: Config) -> DistInfo:
     )
 
 
-def first_then_rest(info: DistInfo, fn):
-    """Run `fn` on each node's local rank 0, then (after a barrier) on the other ranks.
-
-    For work that fills a cache (a tokenizer, a prepared dataset): one process per node does it,
-    the others find it done.
-    """
-    result = fn() if info.local_rank == 0 else None
-    info.barrier()
-    return fn() if info.local_rank != 0 else result
-
-
 def _flatten(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():

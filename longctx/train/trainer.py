@@ -18,14 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from longctx.config import Config, save_config
-from longctx.data import build_sampler, iter_documents
+from longctx.data import build_samplers, load_tokenizer, prepare_dataset
 from longctx.model import build_model
 from longctx.parallel import SeqLayout, comm_stats, parallelize_model, reset_comm_stats, zigzag_shard
-from longctx.tokenizer import copy_tokenizer, load_or_train_tokenizer
+from longctx.tokenizer import copy_tokenizer
 from longctx.train.distributed import (
     all_reduce_sum,
     check_same_config,
-    first_then_rest,
     init_distributed,
     shutdown,
 )
@@ -57,19 +56,23 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         seed_everything(cfg.train.seed)
 
-        self.tokenizer = first_then_rest(
-            self.dist,
-            lambda: load_or_train_tokenizer(
-                cfg.data.tokenizer,
-                cfg.model.vocab_size,
-                lambda: iter_documents(cfg.data.source),
-                cfg.data.cache_dir,
-                cache_key=cfg.data.source,
-            ),
-        )
+        # One process per node fills the tokenizer and dataset caches; the others wait, then read.
+        writer, wait = self.dist.local_rank == 0, self.dist.barrier
+        self.tokenizer = load_tokenizer(cfg, is_writer=writer, wait_fn=wait)
         if self.dist.is_main:
             copy_tokenizer(self.tokenizer, self.run_dir)
-        self.sampler = build_sampler(cfg, self.tokenizer, self.dist.dp_rank, self.dist.dp_size)
+        self.data = prepare_dataset(
+            cfg, self.tokenizer, is_writer=writer, wait_fn=wait, progress=cfg.train.progress and writer
+        )
+        self.sampler, self.val_sampler = build_samplers(
+            cfg, self.data, self.tokenizer, self.dist.dp_rank, self.dist.dp_size
+        )
+        if cfg.train.eval_every and self.val_sampler is None:
+            raise ValueError(
+                f"train.eval_every={cfg.train.eval_every} needs validation data, but the validation split of "
+                f"{cfg.data.source!r} is empty ({self.data.val.num_docs} documents); raise data.val_fraction "
+                "or set train.eval_every=0"
+            )
 
         model = build_model(cfg.model, self.device)
         model.activation_checkpointing = cfg.train.activation_checkpointing
@@ -82,7 +85,8 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, cfg, cfg.train.steps, self.step, enabled=self.dist.is_main)
         self.metrics.write(
             f"model: {model.num_params() / 1e6:.2f}M parameters, layers {cfg.model.pattern}, "
-            f"seq_len {cfg.data.seq_len}, {self.sampler.num_samples} samples; "
+            f"seq_len {cfg.data.seq_len}, {self.data.train.num_tokens:,} training tokens in "
+            f"{self.data.train.num_docs:,} documents, {self.data.val.num_tokens:,} validation tokens; "
             f"{self.dist.world_size} process(es): dp {self.dist.dp_size} x cp {self.dist.cp_size}, "
             f"engine {cfg.parallel.engine}, device {self.device}"
         )
@@ -118,6 +122,23 @@ class Trainer:
         total, n_tokens = all_reduce_sum([loss_sum.item(), float(count)], self.dist)
         return {"loss": total / n_tokens, "grad_norm": grad_norm, "tokens": int(n_tokens), "comm_bytes": comm}
 
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss over the first `train.eval_batches` validation batches of every
+        data-parallel rank (the same batches every time, so values at different steps compare)."""
+        self.model.eval()
+        loss_sum, count = 0.0, 0
+        for index in range(self.cfg.train.eval_batches):
+            batch = self.val_sampler.get_batch(index).tokens.to(self.device)
+            inputs, targets, layout = self.shard(batch)
+            with self.autocast():
+                logits = self.engine(inputs, layout)
+            batch_loss, batch_count = lm_loss(logits, targets)
+            loss_sum, count = loss_sum + batch_loss.item(), count + batch_count
+        self.model.train()
+        total, n_tokens = all_reduce_sum([loss_sum, float(count)], self.dist)
+        return total / n_tokens
+
     def train(self) -> None:
         cfg = self.cfg.train
         self.model.train()
@@ -125,16 +146,17 @@ class Trainer:
         window_t, window_tokens = start, self.tokens
         while self.step < cfg.steps:
             lr = self.engine.lr
-            out = self.train_step(self.sampler.next_batch())
+            out = self.train_step(self.sampler.next_batch().tokens)
             self.step += 1
             self.tokens += out["tokens"]
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            record = {"step": self.step}
+            logging = self.step % cfg.log_every == 0 or self.step == cfg.steps
+            if logging:
                 now = time.perf_counter()
                 tokens_per_s = (self.tokens - window_tokens) / max(now - window_t, 1e-9)
                 window_t, window_tokens = now, self.tokens
-                self.metrics.log(
+                record.update(
                     {
-                        "step": self.step,
                         "loss": out["loss"],
                         "lr": lr,
                         "grad_norm": out["grad_norm"],
@@ -144,6 +166,14 @@ class Trainer:
                         "elapsed_s": now - start,
                     }
                 )
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                eval_start = time.perf_counter()
+                record["val_loss"] = self.evaluate()
+                # Evaluation time is not training time.
+                window_t += time.perf_counter() - eval_start
+            if len(record) > 1:
+                self.metrics.log(record)
+            if logging:
                 self.metrics.progress(self.step, out["loss"], tokens_per_s)
 
     def close(self) -> None:

@@ -1,0 +1,274 @@
+"""`longctx data prepare`: a corpus tokenized once into Megatron indexed datasets, cached.
+
+    tok = load_tokenizer(cfg)                     # data.tokenizer, or trained on the corpus (cached)
+    data = prepare_dataset(cfg, tok)              # data.train, data.val: TokenDocuments
+    # under torchrun, rank 0 writes while the others wait:
+    #   tok = load_tokenizer(cfg, is_writer=rank == 0, wait_fn=dist.barrier)
+    #   data = prepare_dataset(cfg, tok, is_writer=rank == 0, wait_fn=dist.barrier)
+
+Every document is tokenized (sentencepiece's own threads, `data.num_workers`), followed by EOS,
+and written with megatron-core's `IndexedDatasetBuilder` to `train.bin/.idx` or `val.bin/.idx`:
+document `i` (in corpus order) goes to validation when `floor((i + 1) f) > floor(i f)`,
+`f = data.val_fraction`, so exactly `floor(n f)` documents, evenly spread, and the split does not move
+when the corpus grows at the end. The entry `cache_dir/data-<hash>/` is keyed by the corpus's identity
+(paths, sizes, mtimes), the tokenizer file's hash and the settings; it is written under a temporary
+name and renamed when complete, so an entry that exists is whole. `data.source` may also name an
+existing Megatron dataset prefix: it is used in place, split by the same rule at load time.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from longctx.data.corpus import Corpus, megatron_prefix
+from longctx.data.indexed import IndexedWriter, TokenDocuments, token_dtype
+
+FORMAT_VERSION = "longctx-indexed-v1"
+# Tokenizer training reads at most this much text: SentencePiece samples sentences from it anyway.
+TOKENIZER_MAX_CHARS = 200_000_000
+_FRACTION_SCALE = 1_000_000
+
+
+@dataclass
+class PreparedData:
+    train: TokenDocuments
+    val: TokenDocuments
+    path: Path  # the cache entry, or the Megatron prefix used in place
+    meta: dict
+    built: bool = False  # this call tokenized the corpus (it was not cached)
+
+
+def load_tokenizer(cfg, is_writer: bool = True, wait_fn=None):
+    """`data.tokenizer`, or a tokenizer trained on `data.source` once and cached in `data.cache_dir`.
+
+    Under torchrun, the writer (rank 0) trains it while the others wait in `wait_fn`, then load it.
+    """
+    from longctx.tokenizer import load_or_train_tokenizer
+
+    prefix = megatron_prefix(cfg.data.source)
+    if prefix is not None and not cfg.data.tokenizer:
+        raise ValueError(
+            f"data.source {cfg.data.source!r} is an already tokenized Megatron dataset, so no tokenizer can "
+            "be trained on it; set data.tokenizer to the SentencePiece .model it was made with"
+        )
+
+    def load():
+        if prefix is not None:
+            return load_or_train_tokenizer(
+                cfg.data.tokenizer, cfg.model.vocab_size, None, cfg.data.cache_dir, ""
+            )
+        corpus = Corpus(cfg.data.source, cfg.data.text_field, cfg.data.cache_dir)
+        return load_or_train_tokenizer(
+            cfg.data.tokenizer,
+            cfg.model.vocab_size,
+            lambda: corpus.documents(max_chars=TOKENIZER_MAX_CHARS),
+            cfg.data.cache_dir,
+            cache_key=corpus.identity(),
+        )
+
+    tokenizer = load() if is_writer else None
+    if wait_fn is not None:
+        wait_fn()
+    return tokenizer or load()
+
+
+def is_validation(index: np.ndarray | int, fraction: float):
+    """Whether document `index` (corpus order) belongs to the validation split."""
+    scale = round(fraction * _FRACTION_SCALE)
+    return (index + 1) * scale // _FRACTION_SCALE > index * scale // _FRACTION_SCALE
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_entry(cfg, tokenizer, corpus: Corpus) -> Path:
+    key = {
+        "format": FORMAT_VERSION,
+        "corpus": corpus.identity(),
+        "tokenizer": file_sha256(tokenizer.path),
+        "text_field": cfg.data.text_field,
+        "val_fraction": cfg.data.val_fraction,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cfg.data.cache_dir) / f"data-{digest}"
+
+
+def prepare_dataset(
+    cfg, tokenizer, is_writer: bool = True, wait_fn=None, progress: bool = True
+) -> PreparedData:
+    """The prepared train/validation datasets of `cfg.data`, building them first if not cached.
+
+    Args:
+        cfg: the run `Config` (uses `data.*`).
+        tokenizer: `longctx.tokenizer.Tokenizer` (from `load_tokenizer`).
+        is_writer: this process may build the cache entry (rank 0, or local rank 0 per node
+            without a shared file system).
+        wait_fn: called by every process after the writer is done, before reading (a barrier).
+        progress: show a progress bar while building.
+    """
+    prefix = megatron_prefix(cfg.data.source)
+    if prefix is not None:
+        if wait_fn is not None:
+            wait_fn()
+        return _open_megatron(prefix, cfg.data.val_fraction)
+    corpus = Corpus(cfg.data.source, cfg.data.text_field, cfg.data.cache_dir)
+    entry = cache_entry(cfg, tokenizer, corpus)
+    built = is_writer and not entry.is_dir()
+    if built:
+        build_entry(corpus, tokenizer, entry, cfg.data.val_fraction, cfg.data.num_workers, progress)
+    if wait_fn is not None:
+        wait_fn()
+    if not entry.is_dir():
+        raise ValueError(
+            f"the prepared data {str(entry)!r} does not exist after the writer finished; on several nodes "
+            "without a shared file system, data.cache_dir must be local and each node's rank 0 the writer"
+        )
+    data = open_entry(entry)
+    data.built = built
+    return data
+
+
+def _rebuild_hint(entry: Path) -> str:
+    return (
+        f"delete {str(entry)!r} and rerun `longctx data prepare --config ...` (or the training run) "
+        "to rebuild it"
+    )
+
+
+def open_entry(entry: Path) -> PreparedData:
+    hint = _rebuild_hint(entry)
+    meta_path = entry / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{str(meta_path)!r} is missing or corrupt ({e}); {hint}") from e
+    splits = {}
+    for split in ("train", "val"):
+        docs = TokenDocuments.open(entry / split, hint)
+        want = meta["splits"][split]
+        if (docs.num_docs, docs.num_tokens) != (want["num_docs"], want["num_tokens"]):
+            raise ValueError(
+                f"{str(entry / split)!r}.bin/.idx hold {docs.num_docs} documents, {docs.num_tokens} "
+                f"tokens but {str(meta_path)!r} records {want['num_docs']}, {want['num_tokens']}; {hint}"
+            )
+        splits[split] = docs
+    return PreparedData(splits["train"], splits["val"], entry, meta)
+
+
+def _open_megatron(prefix: str, val_fraction: float) -> PreparedData:
+    hint = (
+        "rebuild it with Megatron-LM's tools/preprocess_data.py, or point data.source at the original corpus"
+    )
+    docs = TokenDocuments.open(prefix, hint)
+    val = is_validation(np.arange(docs.num_docs), val_fraction)
+    meta = {"source": prefix, "splits": {}}
+    splits = {"train": docs.subset(np.flatnonzero(~val)), "val": docs.subset(np.flatnonzero(val))}
+    for name, split in splits.items():
+        meta["splits"][name] = {"num_docs": split.num_docs, "num_tokens": split.num_tokens}
+    return PreparedData(splits["train"], splits["val"], Path(prefix), meta)
+
+
+def build_entry(
+    corpus: Corpus, tokenizer, entry: Path, val_fraction: float, num_workers: int = 0, progress: bool = True
+) -> dict:
+    """Tokenize `corpus` into `entry/{train,val}.{bin,idx}` + `meta.json`, atomically."""
+    from tqdm import tqdm
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(entry)
+    tmp = entry.with_name(f"{entry.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    threads = num_workers or len(os.sched_getaffinity(0))
+    dtype = token_dtype(tokenizer.vocab_size)
+    bar = None
+    try:
+        writers = {"train": IndexedWriter(tmp / "train", dtype), "val": IndexedWriter(tmp / "val", dtype)}
+        start = time.perf_counter()
+        bar = tqdm(
+            total=corpus.num_documents(), desc="prepare", unit="doc", disable=not progress, dynamic_ncols=True
+        )
+        index = 0
+        for texts in _batches(corpus.documents()):
+            for ids in tokenizer.sp.encode(texts, num_threads=threads):
+                ids.append(tokenizer.eos_id)
+                writers["val" if is_validation(index, val_fraction) else "train"].add(np.array(ids, dtype))
+                index += 1
+            bar.update(len(texts))
+            bar.set_postfix(tokens=f"{sum(w.num_tokens for w in writers.values()):,}", refresh=False)
+        if index == 0:
+            raise ValueError(f"data.source {corpus.source!r} is an empty corpus: it holds no documents")
+        if all(w.num_tokens == w.num_docs for w in writers.values()):
+            raise ValueError(
+                f"data.source {corpus.source!r} is an empty corpus: all {index} documents are empty"
+            )
+        for w in writers.values():
+            w.finish()
+        meta = {
+            "format": FORMAT_VERSION,
+            "source": corpus.source,
+            "corpus_identity": corpus.identity(),
+            "tokenizer": str(tokenizer.path),
+            "tokenizer_sha256": file_sha256(tokenizer.path),
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "dtype": np.dtype(dtype).name,
+            "val_fraction": val_fraction,
+            "splits": {k: {"num_docs": w.num_docs, "num_tokens": w.num_tokens} for k, w in writers.items()},
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            # Another process completed the same entry first; its copy is identical.
+            if not entry.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return meta
+
+
+def _batches(texts, max_chars: int = 4_000_000, max_docs: int = 4096):
+    """Groups of documents small enough to keep memory flat and big enough to keep threads busy."""
+    batch, size = [], 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= max_chars or len(batch) >= max_docs:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _remove_stale_temporaries(entry: Path) -> None:
+    """Delete half-written temporaries of `entry` left by processes of this host that died."""
+    host = socket.gethostname()
+    for tmp in entry.parent.glob(f"{entry.name}.tmp-{host}-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass
