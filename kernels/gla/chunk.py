@@ -23,26 +23,38 @@ chunk, ending at `dH_0` = d(initial state). Given `dS_n = dH_{n+1}` per chunk:
     dk_s = exp(B_n - b_s) v_s dS_n^T + scale * sum_{t >= s} exp(b_t - b_s) (do_t . v_s) q_t
     dv_s = exp(B_n - b_s) k_s dS_n   + scale * sum_{t >= s} exp(b_t - b_s) (q_t . k_s) do_t
 
-For `dg`, write every decay with the global prefix sum `G_t = g_0 + ... + g_t` (same function, only
-an analysis device): `G_t` enters each term where `t` is the query as `+G_t`, where `t` is the key as
-`-G_t`, and the final state through `G_{T-1}`. Differentiating the exponentials gives
-`dG_t = q_t . dq_t - k_t . dk_t` (plus `sum(dS_T * S_T)` at the last token), and since `G_t` sums
-`g_u` for `u <= t`, `dg_t = sum_{u >= t} dG_u`: a reverse cumulative sum over the whole sequence.
+dg. A pair (query i, key j <= i) carries the decay exp(g_{j+1} + ... + g_i), so dL/dg_t is the sum of
+the pair terms `M_ij = scale exp(...) (q_i . k_j)(do_i . v_j)` over the pairs whose span covers t,
+`j < t <= i` (the final state counts as a query after the last token, the initial state as a key
+before the first). The textbook shortcut `dg = reverse_cumsum(q . dq - k . dk)` gets the same number
+by adding every pair at its query and subtracting it at its key, so the diagonal pairs (i = j, the
+largest terms, spanning no decay) and every pair after t cancel in floating point: with a strong
+decay the true dg is ~exp(-20) while the cancelled terms are ~1, leaving nothing but rounding. This
+kernel sums only pairs that span t, sorted by where j and i lie relative to t's chunk n:
+    i in the chunk at or after t, j before the chunk:  sum_{u >= t} q_u . dq_inter_u
+    i after the chunk, j in the chunk before t:        sum_{s < t}  k_s . dk_inter_s
+    i after, j before the chunk (spans it all):        exp(B_n) sum(H_n * dS_n)
+    both in the chunk, diagonal left out:              sum_{u >= t} (q_u . dq_intra_u - k_u . dk_intra_u)
+The last line still cancels pairs lying after t, but only within one chunk, where a strong decay
+also makes those pairs small. dg is thus chunk-local: no pass over the whole sequence.
+
+Precision. `b` is kept in fp64: after a strong decay it reaches the -1000s, where one fp32 step is
+1e-4, and `b_t - b_s` would carry that error into every exponential. Differences are rounded to fp32
+once formed, so decays are as exact as the fp32 recurrence's `exp(g_t)`.
 
 Kernels (grids in brackets; BH = batch * heads, NT = chunks, NK/NV = tiles of Dk/Dv):
-    forward   chunk_local_cumsum [NT, BH]     g -> b, the within-chunk prefix sums (fp32)
+    forward   chunk_local_cumsum [NT, BH]     g -> b, the within-chunk prefix sums (fp64)
               chunk_fwd_h        [NK, NV, BH] the one sequential pass: walks the chunks, stores H_n
               chunk_fwd_o        [NV, NT, BH] inter-chunk q H_n plus the masked intra-chunk product
     backward  chunk_bwd_dh       [NK, NV, BH] reverse walk, stores dS_n, returns d(initial state)
               chunk_bwd_dv       [NV, NT, BH]
-              chunk_bwd_dqk      [NK, NT, BH] dq, dk and the per-token dG
-              reverse_cumsum     [BH]         dg = reverse cumsum of dG, plus the final-state term
+              chunk_bwd_dqk      [NK, NT, BH] dq, dk and dg (one partial per K tile)
 Everything quadratic (the BT x BT decay-masked products and the q H / k dS products) runs parallel
-over chunks; only the state passes are sequential, and each of their steps is a single
+over chunks; only the two state passes are sequential, and each of their steps is a single
 (BK x BT) @ (BT x BV) product. A two-pass alternative (per-chunk local states in parallel, then an
 elementwise scan) would write and re-read an fp32 `[NT, Dk, Dv]` buffer twice more per head; the
 per-chunk states `H_n` are instead stored once, in the input dtype (bf16 in training, as
-flash-linear-attention does) and kept for the backward pass rather than recomputed.
+flash-linear-attention does), and kept for the backward pass rather than recomputed.
 """
 
 import math
@@ -67,9 +79,7 @@ def _configs(tiles: dict[str, list[int]]) -> list[triton.Config]:
     out = [triton.Config({})]
     for name, sizes in tiles.items():
         out = [triton.Config({**c.kwargs, name: s}) for c in out for s in sizes]
-    return [
-        triton.Config(c.kwargs, num_warps=w, num_stages=s) for c in out for w in (2, 4, 8) for s in (2, 3, 4)
-    ]
+    return [triton.Config(c.kwargs, num_warps=w, num_stages=s) for c in out for w in (4, 8) for s in (2, 3)]
 
 
 @triton.jit
@@ -83,7 +93,7 @@ def _tile(base, r0, c0, R, C, stride_r, stride_c, BR: tl.constexpr, BC: tl.const
 
 @triton.jit
 def _exp(x):
-    # b is fp64 (see chunk_local_cumsum_kernel); exponents are rounded to fp32 only once formed.
+    # b is fp64 (module docstring, "Precision"); an exponent is rounded to fp32 only once formed.
     return tl.exp(x.to(tl.float32))
 
 
@@ -105,8 +115,7 @@ def chunk_local_cumsum_kernel(g, b, T, H: tl.constexpr, BT: tl.constexpr):
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
     o_g = i_b.to(tl.int64) * T * H + o_t * H + i_h
-    # fp64, because after a strong decay b is in the -1000s, where one fp32 step is 1e-4: an fp32 b_t - b_s
-    # would carry that error into exp(b_t - b_s). Only the small differences are rounded to fp32.
+    # fp64: see "Precision" in the module docstring.
     b_g = tl.load(g + o_g, mask=m_t, other=0.0).to(tl.float64)
     tl.store(b + o_g, tl.cumsum(b_g, axis=0), mask=m_t)
 
@@ -389,7 +398,7 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state, chunk_size: int):
 
     q, k `[B, T, H, K]`, v `[B, T, H, V]` (one dtype), g `[B, T, H]` fp32, initial_state
     `[B, H, K, V]` fp32 or None; all contiguous. Returns `o [B, T, H, V]` in v's dtype, the per-chunk
-    entering states `h [B, H, NT, K, V]` in q's dtype, the within-chunk prefix sums `b [B, T, H]` fp32
+    entering states `h [B, H, NT, K, V]` in q's dtype, the within-chunk prefix sums `b [B, T, H]` fp64
     and the final state `[B, H, K, V]` fp32.
     """
     B, T, H, K = q.shape
@@ -482,8 +491,8 @@ def chunk_gated_linear_attn(
     q, k, v, g, scale=None, initial_state=None, output_final_state=False, chunk_size=64
 ):
     """The Triton path of `longctx.kernels.gated_linear_attn` (see there); `chunk_size` is the chunk
-    length BT, a power of two from 16 to 128. Inputs are made contiguous, k and v take q's dtype, g and
-    the initial state are computed with in fp32."""
+    length BT, a power of two from 16 to 128. Inputs are made contiguous, k and v take q's dtype, and g
+    and the initial state are used in fp32."""
     if chunk_size not in (16, 32, 64, 128):
         raise ValueError(f"chunk_size must be 16, 32, 64 or 128 (a tl.dot tile), got {chunk_size}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
