@@ -14,10 +14,10 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-
-from longctx.config import load_config  # noqa: E402
 from longctx.kernels import backend, gated_linear_attn, gated_linear_attn_step  # noqa: E402
 from longctx.kernels.gla.naive import gla_recurrent_ref  # noqa: E402
+
+from longctx.config import load_config  # noqa: E402
 from longctx.model import build_model  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
 
