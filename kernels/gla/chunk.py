@@ -337,6 +337,7 @@ def chunk_bwd_dqk_kernel(
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_hdh = tl.zeros([BK], dtype=tl.float32)
+    b_dsd = tl.zeros([BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         p_v, m_v = _tile(v + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
         p_do, m_do = _tile(do + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
@@ -351,34 +352,36 @@ def chunk_bwd_dqk_kernel(
         b_dq += tl.dot(b_do, b_h, input_precision=PRECISION)
         b_dk += tl.dot(b_v, b_dh, input_precision=PRECISION)
         b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=0)
+        b_dsd += tl.sum(b_do.to(tl.float32) * b_v.to(tl.float32), axis=1)
     o_t, m_t, b_b, b_last = _chunk_decays(b, i_b, i_t, i_h, T, H, BT)
     o_i = tl.arange(0, BT)
-    # ds[t, s] = scale * exp(b_t - b_s) do_t . v_s for s <= t (t a real token); its diagonal is split
-    # off because a token paired with itself spans no decay and must not enter dg.
-    m_s = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]
+    # ds[t, s] = scale * exp(b_t - b_s) do_t . v_s for s < t (t a real token). The diagonal, a token
+    # paired with itself (no decay, spans no g), is kept apart as scale * do_t . v_t: it must not
+    # enter dg, where it would only cancel.
+    m_s = (o_t[:, None] > o_t[None, :]) & m_t[:, None]
     b_ds = b_ds * _exp(tl.where(m_s, b_b[:, None] - b_b[None, :], float("-inf"))) * scale
-    m_diag = o_i[:, None] == o_i[None, :]
-    b_ds_diag = tl.sum(tl.where(m_diag, b_ds, 0.0), axis=1)
-    b_ds = tl.where(m_diag, 0.0, b_ds)
     p_q, m_q = _tile(q + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
     p_k, m_k = _tile(k + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
     b_q = tl.load(p_q, mask=m_q, other=0.0)
     b_k = tl.load(p_k, mask=m_k, other=0.0)
-    b_dq_inter = b_dq * (scale * _exp(b_b))[:, None]
-    b_dk_inter = b_dk * _exp(b_last - b_b)[:, None]
-    b_dq_intra = tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+    # dg_t sums the pairs (query i, key j) whose decay spans t (j < t <= i), by where they lie
+    # relative to this chunk (module docstring): b_c, keys here paired with later chunks, counts for
+    # every later t; b_r, queries here paired with earlier chunks and with earlier keys here (minus
+    # keys here paired with later queries here), for every t up to the query; exp(B) sum(H * dS),
+    # pairs from before the chunk to after it, for every t.
+    b_dq = b_dq * (scale * _exp(b_b))[:, None]
+    b_dk = b_dk * _exp(b_last - b_b)[:, None]
+    b_c = tl.sum(b_k.to(tl.float32) * b_dk, axis=1)
+    b_dq = tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=PRECISION)
+    b_r = tl.sum(b_q.to(tl.float32) * b_dq, axis=1)
     b_dk_intra = tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q, input_precision=PRECISION)
-    b_qf, b_kf = b_q.to(tl.float32), b_k.to(tl.float32)
-    # dg_t, from pairs (query i, key j) whose decay spans t (j < t <= i): queries in this chunk at or
-    # after t paired with earlier chunks, plus in-chunk pairs (rows minus columns, reverse-summed);
-    # keys before t paired with later chunks; pairs from before the chunk to after it.
-    b_r = tl.sum(b_qf * (b_dq_inter + b_dq_intra) - b_kf * b_dk_intra, axis=1)
-    b_c = tl.sum(b_kf * b_dk_inter, axis=1)
-    b_dg = tl.sum(tl.where(o_i[:, None] <= o_i[None, :], b_r[None, :], 0.0), axis=1)
+    b_r -= tl.sum(b_k.to(tl.float32) * b_dk_intra, axis=1)
+    b_dk += b_dk_intra
+    b_dg = tl.cumsum(b_r, axis=0, reverse=True)
     b_dg += tl.sum(tl.where(o_i[:, None] > o_i[None, :], b_c[None, :], 0.0), axis=1)
     b_dg += _exp(b_last) * tl.sum(b_hdh, axis=0)
-    b_dq = b_dq_inter + b_dq_intra + b_ds_diag[:, None] * b_kf
-    b_dk = b_dk_inter + b_dk_intra + b_ds_diag[:, None] * b_qf
+    b_dq += (scale * b_dsd)[:, None] * b_k.to(tl.float32)
+    b_dk += (scale * b_dsd)[:, None] * b_q.to(tl.float32)
     p_dq, m_dq = _tile(dq + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
     p_dk, m_dk = _tile(dk + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
     tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), mask=m_dq)
