@@ -1,25 +1,20 @@
 """Gated linear attention: the chunked Triton kernels against an fp64 step recurrence.
 
-Without CUDA the kernels run under the Triton interpreter (`TRITON_INTERPRET=1`, set before the kernel
-module is imported; `longctx.kernels.gla` imports it on first use), in fp32; on a GPU machine the same
-tests run the compiled kernels. Every kernel-allocated buffer is filled with NaN first, so a skipped
-write fails. Run: `.venv/bin/python -m pytest tests/test_gla.py`.
+Without CUDA the kernels run under the Triton interpreter (`TRITON_INTERPRET=1`, set by a fixture for
+this module only, before the kernel module is imported: `longctx.kernels.gla` imports it on first
+use), in fp32; on a GPU machine the same tests run the compiled kernels. Every kernel-allocated
+buffer is filled with NaN first, so a skipped write fails.
+Run: `.venv/bin/python -m pytest tests/test_gla.py`.
 """
 
-import os
-
+import pytest
 import torch
+from longctx.kernels import backend, gated_linear_attn, gated_linear_attn_step
+from longctx.kernels.gla.naive import gla_recurrent_ref
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-from longctx.kernels import backend, gated_linear_attn, gated_linear_attn_step  # noqa: E402
-from longctx.kernels.gla.naive import gla_recurrent_ref  # noqa: E402
-
-from longctx.config import load_config  # noqa: E402
-from longctx.model import build_model  # noqa: E402
-from tests.conftest import rel_err  # noqa: E402
+from longctx.config import load_config
+from longctx.model import build_model
+from tests.conftest import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The acceptance bound (fp32 kernel vs fp64 recurrence); the fp32 recurrence itself lands at 1e-7 to
@@ -28,6 +23,18 @@ TOL = 1e-4
 # Besides the absolute bound: the kernel's error must stay within this multiple of the fp32
 # recurrence's own error (floored at fp32 resolution, for outputs where that error is ~0).
 REF_MULTIPLE = 10
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_interpreter():
+    """Without CUDA, run the kernels under the Triton interpreter for this module only: other test
+    modules keep the reference path (set for the whole session, it would slow every model test)."""
+    if torch.cuda.is_available():
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        yield
 
 
 @pytest.fixture(autouse=True)
