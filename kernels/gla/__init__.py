@@ -1,27 +1,78 @@
-"""Gated linear attention with state in and out (the L mixer)."""
+"""Gated linear attention with state in and out (the L mixer).
 
+`gated_linear_attn` runs the chunked Triton kernels (`chunk.py`) on CUDA or under `TRITON_INTERPRET=1`
+and the PyTorch reference (`naive.py`) elsewhere; `gated_linear_attn_step` is the one-token
+recurrence for decoding. The Triton module is imported on first use, so that `TRITON_INTERPRET` set
+after `longctx.kernels` was imported still takes effect.
+"""
+
+import torch
+from longctx.kernels.common import use_triton
 from longctx.kernels.gla.naive import gla_chunk_ref, gla_recurrent_ref, gla_step_ref
 
 
-def gated_linear_attn(q, k, v, g, scale=None, initial_state=None, output_final_state=False):
-    """Chunked gated linear attention.
+def _check_shapes(q, k, v, g, initial_state):
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be [B, T, H, Dk]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"v must be [B, T, H, Dv] with q's B, T, H {tuple(q.shape[:3])}; got {tuple(v.shape)}"
+        )
+    if g.shape != q.shape[:3]:
+        raise ValueError(f"g must be [B, T, H] = {tuple(q.shape[:3])}; got {tuple(g.shape)}")
+    expected = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+    if initial_state is not None and tuple(initial_state.shape) != expected:
+        raise ValueError(
+            f"initial_state must be [B, H, Dk, Dv] = {expected}; got {tuple(initial_state.shape)}"
+        )
+
+
+def gated_linear_attn(q, k, v, g, scale=None, initial_state=None, output_final_state=False, chunk_size=64):
+    """Chunked gated linear attention: `S_t = exp(g_t) S_{t-1} + k_t^T v_t`, `o_t = scale q_t S_t`.
 
     Args:
-        q, k: `[B, T, H, Dk]`; v: `[B, T, H, Dv]`; g: `[B, T, H]` log-decay, `<= 0`.
-        scale: `Dk ** -0.5` when None.
-        initial_state: `[B, H, Dk, Dv]` fp32 state carried in, or None for zeros.
-        output_final_state: also return the state after the last token.
+        q, k: `[B, T, H, Dk]` queries and keys (fp16, bf16 or fp32; k is cast to q's dtype).
+        v: `[B, T, H, Dv]` values; `Dv` may differ from `Dk`.
+        g: `[B, T, H]` log-decay per token and head, `<= 0` (e.g. `logsigmoid(x w_g)`); used in fp32.
+        scale: query scale, `Dk ** -0.5` when None.
+        initial_state: `[B, H, Dk, Dv]` state carried in (fp32), or None for zeros. Differentiable.
+        output_final_state: also return the state after the last token (differentiable: a loss on it
+            sends gradients to q, k, v, g and the initial state).
+        chunk_size: tokens per chunk of the Triton kernel (16, 32, 64 or 128); the result does not
+            depend on it beyond rounding.
     Returns:
-        `(o [B, T, H, Dv], final_state [B, H, Dk, Dv] fp32 or None)`.
+        `(o [B, T, H, Dv] in v's dtype, final_state [B, H, Dk, Dv] fp32 or None)`.
     """
+    _check_shapes(q, k, v, g, initial_state)
+    if use_triton(q, k, v, g) and q.dtype != torch.float64:
+        from longctx.kernels.gla.chunk import chunk_gated_linear_attn
+
+        return chunk_gated_linear_attn(
+            q, k, v, g, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, chunk_size=chunk_size,
+        )  # fmt: skip
     return gla_chunk_ref(
-        q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state
-    )
+        q, k, v, g, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, chunk_size=chunk_size,
+    )  # fmt: skip
 
 
 def gated_linear_attn_step(q_t, k_t, v_t, g_t, state, scale=None):
-    """One recurrent decoding step; shapes `[B, H, D]`, `g_t` `[B, H]`, state `[B, H, Dk, Dv]` fp32."""
-    return gla_step_ref(q_t, k_t, v_t, g_t, state, scale=scale)
+    """One recurrent decoding step, the chunked op's token-by-token form.
+
+    Args:
+        q_t, k_t: `[B, H, Dk]`; v_t: `[B, H, Dv]`; g_t: `[B, H]` log-decay `<= 0`.
+        state: `[B, H, Dk, Dv]` fp32 state before this token (the chunked op's final state), or None
+            for zeros.
+        scale: query scale, `Dk ** -0.5` when None.
+    Returns:
+        `(o_t [B, H, Dv] in v_t's dtype, new_state [B, H, Dk, Dv] fp32)`.
+    """
+    if state is None:
+        state = q_t.new_zeros(*q_t.shape, v_t.shape[-1], dtype=torch.float32)
+    work = torch.float64 if state.dtype == torch.float64 else torch.float32
+    o_t, state = gla_step_ref(q_t, k_t, v_t, g_t, state.to(work), scale=scale)
+    return o_t.to(v_t.dtype), state
 
 
 __all__ = [
