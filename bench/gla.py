@@ -18,6 +18,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+
 from longctx.bench.common import do_bench, require_cuda, write_results
 from longctx.kernels import flash_attn, gated_linear_attn
 

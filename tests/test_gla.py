@@ -9,10 +9,10 @@ Run: `.venv/bin/python -m pytest tests/test_gla.py`.
 
 import pytest
 import torch
-from longctx.kernels import backend, gated_linear_attn, gated_linear_attn_step
-from longctx.kernels.gla.naive import gla_recurrent_ref
 
 from longctx.config import load_config
+from longctx.kernels import backend, gated_linear_attn, gated_linear_attn_step
+from longctx.kernels.gla.naive import gla_recurrent_ref
 from longctx.model import build_model
 from tests.conftest import rel_err
 

@@ -7,6 +7,7 @@ after `longctx.kernels` was imported still takes effect.
 """
 
 import torch
+
 from longctx.kernels.common import use_triton
 from longctx.kernels.gla.naive import gla_chunk_ref, gla_recurrent_ref, gla_step_ref
 

@@ -62,6 +62,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+
 from longctx.kernels.common.backend import interpreting
 
 # Outputs and workspaces are allocated here; tests replace it with a NaN-filling allocator so that a
