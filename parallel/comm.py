@@ -21,6 +21,10 @@ import torch.distributed as dist
 
 _stats: Counter = Counter()
 
+# torch 2.13 renamed the single-tensor collectives; older releases (e.g. 2.11) have the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def comm_stats() -> dict:
     """Bytes this rank has sent in context-parallel communication since the last reset, by kind."""
@@ -44,7 +48,7 @@ def all_gather_tensor(x: torch.Tensor, group) -> torch.Tensor:
     size = dist.get_world_size(group)
     flat = x.contiguous().view(-1)
     out = flat.new_empty(size * flat.numel())
-    dist.all_gather_into_tensor(out, flat, group=group)
+    _all_gather_single(out, flat, group=group)
     record("all_gather", (size - 1) * _nbytes(x))
     return out.view(size, *x.shape)
 
@@ -53,7 +57,7 @@ def reduce_scatter_tensor(x: torch.Tensor, group) -> torch.Tensor:
     """Sum `x` `[P, ...]` over ranks and keep this rank's slice `[...]` (no autograd)."""
     size = dist.get_world_size(group)
     out = x.new_empty(x[0].numel())
-    dist.reduce_scatter_tensor(out, x.contiguous().view(-1), group=group)
+    _reduce_scatter_single(out, x.contiguous().view(-1), group=group)
     record("reduce_scatter", (size - 1) * _nbytes(out))
     return out.view(x.shape[1:])
 

@@ -10,6 +10,7 @@ talk to the other ranks of `cp_group`.
 from torch import nn
 
 from longctx.parallel.dense import AllGatherDenseCore
+from longctx.parallel.linear import StatePassingLinearCore
 
 DENSE_SCHEMES = ("allgather",)
 
@@ -37,7 +38,7 @@ CP_CORES = {
     "D": _dense_core,
     "S": _unsupported("S", "S2 sparse attention", 10),
     "N": _unsupported("N", "native sparse attention", 10),
-    "L": _unsupported("L", "gated linear attention", 10),
+    "L": lambda core, group, cp_comm: StatePassingLinearCore(group),
 }
 
 

@@ -1,0 +1,86 @@
+"""Context-parallel gated linear attention (L layers): pass states, not keys and values.
+
+The sequence is `2P` chunks in zigzag order; rank `r` holds chunks `r` and `2P-1-r`. Each rank runs
+the chunked kernel on its chunks from a zero state, getting per chunk `c` the output `o_c^0`, the
+final state `S_c` and the total log-decay `a_c = sum_{t in c} g_t`. One all-gather shares every
+chunk's `(S_c, a_c)`; then the state entering chunk `c` is
+
+    H_c = sum_{c' < c} exp(a_{c'+1} + ... + a_{c-1}) S_{c'}        (H_0 = 0)
+
+and, because the recurrence is linear in its state, the true output is the zero-state output plus
+the decayed contribution of `H_c`:
+
+    o_t = o_t^0 + scale * exp(b_t) q_t H_c,    b_t = sum of g from the chunk's first token to t.
+
+Every exponent is a sum of log-decays (<= 0). The backward is autograd through the same steps: the
+all-gather's backward reduce-scatters the gradients of the gathered states back to their owners, and
+the kernel carries them from `S_c` into that chunk's q, k, v, g. Communication per layer is
+`P x 2 x B x H x Dk x Dv` floats forward (and the same backward), independent of the sequence length.
+"""
+
+import torch
+from torch import nn
+
+from longctx.kernels import gated_linear_attn
+from longctx.parallel.comm import all_gather
+from longctx.parallel.dense import check_zigzag
+
+
+def zigzag_chunk_ids(rank: int, size: int) -> tuple[int, int]:
+    return rank, 2 * size - 1 - rank
+
+
+def entering_states(states: torch.Tensor, decays: torch.Tensor) -> torch.Tensor:
+    """States entering each chunk, in global chunk order.
+
+    Args:
+        states: `[C, B, H, Dk, Dv]` each chunk's final state from a zero start (fp32).
+        decays: `[C, B, H]` each chunk's total log-decay.
+    Returns:
+        `[C, B, H, Dk, Dv]`, `H_0 = 0`, `H_{c+1} = exp(a_c) H_c + S_c`.
+    """
+    entering = [torch.zeros_like(states[0])]
+    for c in range(states.shape[0] - 1):
+        entering.append(torch.exp(decays[c])[..., None, None] * entering[-1] + states[c])
+    return torch.stack(entering)
+
+
+class StatePassingLinearCore(nn.Module):
+    letter = "L"
+
+    def __init__(self, group):
+        super().__init__()
+        self.group = group
+
+    def forward(self, q, k, v, g, layout):
+        rank, size = check_zigzag(layout, self.group)
+        b, _, h, dk = q.shape
+        dv = v.shape[-1]
+        # States are fp32 (fp64 when the inputs are): the carry must not lose what the kernel kept.
+        work = torch.promote_types(q.dtype, torch.float32)
+        outs, packed, segments = [], [], []
+        start = 0
+        for _, n in layout.segments:
+            seg = slice(start, start + n)
+            start += n
+            o, state = gated_linear_attn(q[:, seg], k[:, seg], v[:, seg], g[:, seg], output_final_state=True)
+            outs.append(o)
+            segments.append(seg)
+            decay = g[:, seg].to(work).sum(dim=1)  # [B, H]
+            packed.append(torch.cat([state.to(work).flatten(2), decay[..., None]], dim=-1))
+        # One all-gather of both chunks' (state, decay): [P, 2, B, H, Dk * Dv + 1].
+        gathered = all_gather(torch.stack(packed), self.group)
+        by_chunk = [None] * (2 * size)
+        for p in range(size):
+            for slot, c in enumerate(zigzag_chunk_ids(p, size)):
+                by_chunk[c] = gathered[p, slot]
+        chunks = torch.stack(by_chunk)
+        entering = entering_states(chunks[..., :-1].view(2 * size, b, h, dk, dv), chunks[..., -1])
+        scale = dk**-0.5
+        result = []
+        for slot, (o, seg) in enumerate(zip(outs, segments)):
+            h_in = entering[zigzag_chunk_ids(rank, size)[slot]]  # [B, H, Dk, Dv]
+            cum = torch.cumsum(g[:, seg].to(work), dim=1)  # [B, n, H]
+            carry = torch.einsum("bthk,bhkv->bthv", q[:, seg].to(work) * torch.exp(cum)[..., None], h_in)
+            result.append((o.to(work) + scale * carry).to(o.dtype))
+        return torch.cat(result, dim=1)
