@@ -7,7 +7,9 @@ attention is built from, and the lse merge of partial results.
 
 Each op runs the Triton kernels (`triton.py`) on CUDA or under `TRITON_INTERPRET=1`, and the plain
 PyTorch reference (`naive.py`) elsewhere; `longctx.kernels.backend("naive" | "triton")` forces one.
-fp64 inputs always take the reference (the kernels compute in fp32). The kernel module is imported
+On the reference, `flash_attn` and `flash_attn_chunk` differentiate `attention_ref` by autograd and
+`flash_attn_chunk_bwd` runs the explicit `attention_bwd_ref` (no autograd graph, as ring attention
+needs). fp64 inputs always take the reference (the kernels compute in fp32). The kernel module is imported
 on first use, so that it is built for the mode (compiled or interpreted) the process runs in.
 """
 
@@ -73,14 +75,13 @@ def _backward(do, q, k, v, o, lse, q_offset, k_offset, causal, scale, window, dl
 
 
 class FlashAttnFunction(torch.autograd.Function):
-    """`(o, lse)` of a query chunk against a key chunk, differentiable in both outputs."""
+    """The kernels' `(o, lse)` of a query chunk against a key chunk, differentiable in both outputs."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_offset, k_offset, causal, scale, window, kernel):
-        o, lse = _forward(q, k, v, q_offset, k_offset, causal, scale, window, kernel)
+    def forward(ctx, q, k, v, q_offset, k_offset, causal, scale, window):
+        o, lse = _forward(q, k, v, q_offset, k_offset, causal, scale, window, kernel=True)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.args = (q_offset, k_offset, causal, scale, window)
-        ctx.kernel = kernel
         # An unused output's gradient arrives as None instead of a tensor of zeros.
         ctx.set_materialize_grads(False)
         return o, lse
@@ -89,8 +90,18 @@ class FlashAttnFunction(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         do = torch.zeros_like(o) if do is None else do
-        dq, dk, dv = _backward(do, q, k, v, o, lse, *ctx.args, dlse=dlse, kernel=ctx.kernel)
-        return dq, dk, dv, None, None, None, None, None, None
+        dq, dk, dv = _backward(do, q, k, v, o, lse, *ctx.args, dlse=dlse, kernel=True)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _attention(q, k, v, q_offset, k_offset, causal, scale, window, return_lse):
+    _validate(q, k, v, window)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if _kernel(q, k, v):
+        o, lse = FlashAttnFunction.apply(q, k, v, int(q_offset), int(k_offset), causal, scale, window)
+        return (o, lse) if return_lse else o
+    # The reference under autograd: on CPU this beats the explicit backward, which recomputes the scores.
+    return attention_ref(q, k, v, causal, scale, window, return_lse, int(q_offset), int(k_offset))
 
 
 def flash_attn_chunk(q, k, v, q_offset, k_offset, causal=True, scale=None, window=None):
@@ -108,10 +119,7 @@ def flash_attn_chunk(q, k, v, q_offset, k_offset, causal=True, scale=None, windo
         `(o, lse)`: `o` `[B, Tq, H, D]` in q's dtype, `lse` `[B, H, Tq]` fp32 (`-inf` for rows that see
         no key, whose `o` is 0). Merge chunks over disjoint keys with `merge_partials`.
     """
-    _validate(q, k, v, window)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    kernel = _kernel(q, k, v)
-    return FlashAttnFunction.apply(q, k, v, int(q_offset), int(k_offset), causal, scale, window, kernel)
+    return _attention(q, k, v, q_offset, k_offset, causal, scale, window, return_lse=True)
 
 
 def flash_attn(q, k, v, causal=True, scale=None, window=None, return_lse=False):
@@ -128,8 +136,7 @@ def flash_attn(q, k, v, causal=True, scale=None, window=None, return_lse=False):
     Returns:
         `o` `[B, T, H, D]` in `q.dtype`, or `(o, lse)`. Rows that see no key give `o = 0`, `lse = -inf`.
     """
-    o, lse = flash_attn_chunk(q, k, v, 0, 0, causal=causal, scale=scale, window=window)
-    return (o, lse) if return_lse else o
+    return _attention(q, k, v, 0, 0, causal, scale, window, return_lse)
 
 
 def flash_attn_chunk_fwd(q, k, v, q_offset, k_offset, causal=True, scale=None, window=None):

@@ -7,31 +7,37 @@ key chunk) pair of a context-parallel ring. Query row `i` sits at position `q_of
     j < Tk  and  (not CAUSAL or j <= i + off)  and  (window is None or j > i + off - window).
 
 Forward (`_attn_fwd_kernel`, one program per `BM` queries of one head): online softmax over key
-blocks with fp32 accumulators, in the base-2 domain (`scale * log2(e)` is folded into one multiply
-and `exp2` used throughout). From the query block's first and last rows the program works out which
-key blocks it can see at all (causal and window block skipping, so a chunk pair that sees nothing
-costs only the launch) and which of those are visible to every row; it walks them in three loops:
-the masked blocks at the window's left edge, the unmasked middle (no mask arithmetic, no bounds
-checks on keys), and the masked blocks on the causal diagonal and the key tail. The output is
-normalised once at the end; rows that see no key get `o = 0`, `lse = -inf`.
+blocks with fp32 accumulators, in base 2 (`scale * log2(e)` folded into one multiply, `exp2`
+throughout). From its first and last rows a program works out the key blocks `[lo, hi)` it can see at
+all (causal and window block skipping: a chunk pair that sees nothing costs only the launch, and the
+host skips even that), and the sub-range `[a, b)` every one of its rows sees in full. Only blocks
+outside `[a, b)` (the causal diagonal, the window's left edge, the key tail) build a mask; the test is
+one uniform branch per block. Three separate loops (masked / unmasked / masked) do the same work,
+but compiled for sm_90 each loop is software-pipelined on its own and the kernel needs more registers:
+the forward at head dim 128 (128x64 tile, 8 warps) takes 214 registers instead of 176, and dK/dV
+spills where the single loop does not. The output is normalised once at the end; rows that see no
+key get `o = 0`, `lse = -inf`.
 
 Backward, in three launches:
-1. `_attn_bwd_pre_kernel`: `delta = rowsum(dO * O) - dlse` and `lse2 = lse * log2(e)` with `-inf`
-   (empty rows) turned into `+inf`, so `P = exp2(S * scale * log2(e) - lse2)` is 0 there without a test.
-   `O` and `lse` may be the final merged output of the whole row (ring attention's backward).
-2. `_attn_bwd_dkdv_kernel`: one program per `BN` keys of one kv head holds K, V and the fp32 dK, dV
-   accumulators, and loops over the query heads of its GQA group and over the query blocks that can
-   see those keys (the same three-loop split, mirrored), recomputing `P^T` from `lse2`. dK and dV
-   are summed over the group in registers: no atomics, deterministic, stored once in the kv shape.
-3. `_attn_bwd_dq_kernel`: one program per `BM` queries of one head loops over the visible key blocks
-   and accumulates dQ. Recomputing `S` and `dP` here costs two extra matmuls over an atomic-add dQ
-   (7 instead of 5), and buys deterministic results, no fp32 dQ buffer and no atomic traffic, which
-   Triton handles poorly.
+1. `_attn_bwd_pre_kernel`: `delta = rowsum(dO * O) - dlse` and `lse2 = lse * log2(e)`, with `-inf`
+   turned into `+inf` so that `P = exp2(S * scale * log2(e) - lse2)` is 0 for rows whose lse is -inf
+   (never NaN, even if the lse passed in says a row is empty where its keys are visible). `O` and `lse`
+   may be the final merged output and lse of the whole row (ring attention's backward).
+2. `_attn_bwd_dkdv_kernel`: one program per `BN` keys of one kv head keeps K, V (in shared memory)
+   and the fp32 dK, dV accumulators, and loops over the query heads of its GQA group and the query
+   blocks that can see those keys, recomputing `P^T` from `lse2`. dK and dV are summed over the group
+   in registers: no atomics, deterministic, stored once in the kv-head shape.
+3. `_attn_bwd_dq_kernel`: one program per `BM` queries of one head loops over its visible key blocks
+   and accumulates dQ. Recomputing `S` and `dP` here costs two matmuls more than adding dQ with
+   atomics from the dK/dV kernel (7 instead of 5), and buys deterministic results, no fp32 dQ buffer
+   and no atomic traffic.
 
-Every kernel is autotuned over a few block/warp/stage configs, keyed on the head dim, causality and
-the window flag. Under the interpreter (`TRITON_INTERPRET=1`, how the CPU tests run them) one small
-fixed config is used instead, so nothing is benchmarked. `tl.dot` accumulates in fp32; fp32 inputs
-use IEEE products (no TF32). Head dims are padded to a power of two >= 16 with masked loads.
+Every kernel is autotuned over a few block/warp/stage configs keyed on the head dim, causality and the
+window flag (and, by Triton, the dtypes). Under the interpreter (`TRITON_INTERPRET=1`, how the CPU
+tests run them) one fixed config is used, so nothing is benchmarked. `tl.dot` accumulates in fp32;
+fp32 inputs use IEEE products (no TF32). Head dims are padded to a power of two >= 16 with masked
+loads. Pointer tiles are rebuilt each step from a 64-bit row offset (no pointer tiles live across
+iterations; Triton 3.9 has no block pointers).
 """
 
 import math
@@ -54,18 +60,29 @@ def _configs(gpu: list[tuple[int, int, int, int]], interp: tuple[int, int]) -> l
 
 
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW"]
-# Queries per program BM > keys per step BN in the forward and dQ (the diagonal spans a few key
-# blocks); the reverse for dK/dV. The interpreter configs keep BM != BN for the same reason, small.
+# Candidates chosen by compiling for sm_90 (Triton 3.9 with its ptxas, no GPU) and keeping those that
+# need no register spills at head dim 128 (e.g. forward 128x64 with 8 warps: 176 registers), plus a few
+# that only suit head dim <= 64 and small ones for head dims up to 256. Forward and dQ take BM queries
+# against BN keys per step (BM > BN: the causal diagonal spans a few key blocks); dK/dV the reverse.
+# The interpreter configs keep BM != BN for the same reason, and are large to keep the interpreter fast.
 _FWD_CONFIGS = _configs(
-    [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2)],
+    [
+        (128, 64, 8, 3),
+        (128, 64, 8, 4),
+        (128, 128, 8, 2),
+        (128, 128, 8, 3),
+        (128, 64, 4, 3),
+        (64, 64, 4, 3),
+        (64, 32, 4, 2),
+    ],
     interp=(64, 32),
 )
 _DKDV_CONFIGS = _configs(
-    [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (16, 64, 4, 2)],
+    [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 2), (16, 64, 4, 3)],
     interp=(32, 64),
 )
 _DQ_CONFIGS = _configs(
-    [(128, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3), (64, 16, 4, 2)],
+    [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
     interp=(64, 32),
 )
 _PRE_BLOCK = 64
@@ -115,13 +132,23 @@ def _store(p, b_x, start, n_rows, HEAD_DIM: tl.constexpr, BR: tl.constexpr, BD: 
 
 
 @triton.jit
-def _visible(o_q, o_k, n_q, n_k, off, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Whether query `o_q` may see key `o_k` (broadcast index tensors, chunk-local indices)."""
-    m_x = (o_q < n_q) & (o_k < n_k)
+def _visible(
+    o_q, o_k, n_k, off, window, CHECK_K: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr
+):
+    """Whether query `o_q` may see key `o_k` (broadcast chunk-local index tensors), by position and,
+    if CHECK_K, by the key count. Needs at least one of CHECK_K, CAUSAL, HAS_WINDOW."""
     if CAUSAL:
-        m_x = m_x & (o_k <= o_q + off)
-    if HAS_WINDOW:
-        m_x = m_x & (o_k > o_q + off - window)
+        m_x = o_k <= o_q + off
+        if HAS_WINDOW:
+            m_x = m_x & (o_k > o_q + off - window)
+        if CHECK_K:
+            m_x = m_x & (o_k < n_k)
+    elif HAS_WINDOW:
+        m_x = o_k > o_q + off - window
+        if CHECK_K:
+            m_x = m_x & (o_k < n_k)
+    else:
+        m_x = o_k < n_k
     return m_x
 
 
@@ -199,10 +226,11 @@ def _attn_fwd_inner(
     v_base,
     stride_kt,
     stride_vt,
-    start,
-    end,
+    lo,
+    a,
+    b,
+    hi,
     o_m,
-    n_q,
     n_k,
     off,
     window,
@@ -210,32 +238,26 @@ def _attn_fwd_inner(
     HEAD_DIM: tl.constexpr,
     BD: tl.constexpr,
     BN: tl.constexpr,
-    MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     EVEN_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    for start_n in range(start, end, BN):
+    for start_n in range(lo, hi, BN):
         b_k = _load(
-            _rows_ptr(k_base, start_n, stride_kt, BN, BD), start_n, n_k, HEAD_DIM, BN, BD, MASKED, EVEN_D
+            _rows_ptr(k_base, start_n, stride_kt, BN, BD), start_n, n_k, HEAD_DIM, BN, BD, True, EVEN_D
         )
         b_v = _load(
-            _rows_ptr(v_base, start_n, stride_vt, BN, BD), start_n, n_k, HEAD_DIM, BN, BD, MASKED, EVEN_D
+            _rows_ptr(v_base, start_n, stride_vt, BN, BD), start_n, n_k, HEAD_DIM, BN, BD, True, EVEN_D
         )
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BM, BN]
-        if MASKED:
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN]
+        if (start_n < a) | (start_n >= b):
             o_n = start_n + tl.arange(0, BN)
-            m_s = _visible(o_m[:, None], o_n[None, :], n_q, n_k, off, window, CAUSAL, HAS_WINDOW)
-            b_s = tl.where(m_s, b_s * qk_scale, float("-inf"))
-            b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-            # A row with nothing visible yet keeps max -inf; subtract 0 instead (exp2(-inf) = 0, no NaN).
-            b_m_use = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-            b_p = tl.math.exp2(b_s - b_m_use[:, None])
-        else:
-            b_m_new = tl.maximum(b_m, tl.max(b_s, 1) * qk_scale)
-            b_m_use = b_m_new
-            b_p = tl.math.exp2(b_s * qk_scale - b_m_use[:, None])
+            m_s = _visible(o_m[:, None], o_n[None, :], n_k, off, window, True, CAUSAL, HAS_WINDOW)
+            b_s = tl.where(m_s, b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        b_m_use = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_p = tl.math.exp2(b_s - b_m_use[:, None])
         b_alpha = tl.math.exp2(b_m - b_m_use)
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
@@ -308,60 +330,9 @@ def _attn_fwd_kernel(
         stride_vt,
         lo,
         a,
-        o_m,
-        n_q,
-        n_k,
-        off,
-        window,
-        qk_scale,
-        HEAD_DIM,
-        BD,
-        BN,
-        True,
-        CAUSAL,
-        HAS_WINDOW,
-        EVEN_D,
-        PRECISION,
-    )
-    b_acc, b_l, b_m = _attn_fwd_inner(
-        b_acc,
-        b_l,
-        b_m,
-        b_q,
-        k_base,
-        v_base,
-        stride_kt,
-        stride_vt,
-        a,
-        b,
-        o_m,
-        n_q,
-        n_k,
-        off,
-        window,
-        qk_scale,
-        HEAD_DIM,
-        BD,
-        BN,
-        False,
-        CAUSAL,
-        HAS_WINDOW,
-        EVEN_D,
-        PRECISION,
-    )
-    b_acc, b_l, b_m = _attn_fwd_inner(
-        b_acc,
-        b_l,
-        b_m,
-        b_q,
-        k_base,
-        v_base,
-        stride_kt,
-        stride_vt,
         b,
         hi,
         o_m,
-        n_q,
         n_k,
         off,
         window,
@@ -369,7 +340,6 @@ def _attn_fwd_kernel(
         HEAD_DIM,
         BD,
         BN,
-        True,
         CAUSAL,
         HAS_WINDOW,
         EVEN_D,
@@ -439,8 +409,10 @@ def _attn_bwd_dkdv_inner(
     delta_base,
     stride_qt,
     stride_dot,
-    start,
-    end,
+    lo,
+    a,
+    b,
+    hi,
     o_n,
     n_q,
     n_k,
@@ -450,31 +422,27 @@ def _attn_bwd_dkdv_inner(
     HEAD_DIM: tl.constexpr,
     BD: tl.constexpr,
     BM: tl.constexpr,
-    MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     EVEN_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    for start_m in range(start, end, BM):
+    for start_m in range(lo, hi, BM):
         o_m = start_m + tl.arange(0, BM)
         b_q = _load(
-            _rows_ptr(q_base, start_m, stride_qt, BM, BD), start_m, n_q, HEAD_DIM, BM, BD, MASKED, EVEN_D
+            _rows_ptr(q_base, start_m, stride_qt, BM, BD), start_m, n_q, HEAD_DIM, BM, BD, True, EVEN_D
         )
         b_do = _load(
-            _rows_ptr(do_base, start_m, stride_dot, BM, BD), start_m, n_q, HEAD_DIM, BM, BD, MASKED, EVEN_D
+            _rows_ptr(do_base, start_m, stride_dot, BM, BD), start_m, n_q, HEAD_DIM, BM, BD, True, EVEN_D
         )
-        if MASKED:
-            b_lse2 = tl.load(lse2_base + o_m, mask=o_m < n_q, other=float("inf"))
-            b_delta = tl.load(delta_base + o_m, mask=o_m < n_q, other=0.0)
-        else:
-            b_lse2 = tl.load(lse2_base + o_m)
-            b_delta = tl.load(delta_base + o_m)
+        b_lse2 = tl.load(lse2_base + o_m, mask=o_m < n_q, other=float("inf"))
+        b_delta = tl.load(delta_base + o_m, mask=o_m < n_q, other=0.0)
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION)  # [BN, BM]
         b_pt = tl.math.exp2(b_st * qk_scale - b_lse2[None, :])
-        if MASKED:
-            m_s = _visible(o_m[None, :], o_n[:, None], n_q, n_k, off, window, CAUSAL, HAS_WINDOW)
-            b_pt = tl.where(m_s, b_pt, 0.0)
+        if CAUSAL or HAS_WINDOW:
+            if (start_m < a) | (start_m >= b):
+                m_s = _visible(o_m[None, :], o_n[:, None], n_k, off, window, False, CAUSAL, HAS_WINDOW)
+                b_pt = tl.where(m_s, b_pt, 0.0)
         b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
         b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, BM]
         b_dst = b_pt * (b_dpt - b_delta[None, :])
@@ -563,60 +531,6 @@ def _attn_bwd_dkdv_kernel(
             stride_dot,
             lo,
             a,
-            o_n,
-            n_q,
-            n_k,
-            off,
-            window,
-            qk_scale,
-            HEAD_DIM,
-            BD,
-            BM,
-            True,
-            CAUSAL,
-            HAS_WINDOW,
-            EVEN_D,
-            PRECISION,
-        )
-        b_dk, b_dv = _attn_bwd_dkdv_inner(
-            b_dk,
-            b_dv,
-            b_k,
-            b_v,
-            q_base,
-            do_base,
-            lse2_base,
-            delta_base,
-            stride_qt,
-            stride_dot,
-            a,
-            b,
-            o_n,
-            n_q,
-            n_k,
-            off,
-            window,
-            qk_scale,
-            HEAD_DIM,
-            BD,
-            BM,
-            False,
-            CAUSAL,
-            HAS_WINDOW,
-            EVEN_D,
-            PRECISION,
-        )
-        b_dk, b_dv = _attn_bwd_dkdv_inner(
-            b_dk,
-            b_dv,
-            b_k,
-            b_v,
-            q_base,
-            do_base,
-            lse2_base,
-            delta_base,
-            stride_qt,
-            stride_dot,
             b,
             hi,
             o_n,
@@ -628,7 +542,6 @@ def _attn_bwd_dkdv_kernel(
             HEAD_DIM,
             BD,
             BM,
-            True,
             CAUSAL,
             HAS_WINDOW,
             EVEN_D,
@@ -652,10 +565,11 @@ def _attn_bwd_dq_inner(
     v_base,
     stride_kt,
     stride_vt,
-    start,
-    end,
+    lo,
+    a,
+    b,
+    hi,
     o_m,
-    n_q,
     n_k,
     off,
     window,
@@ -663,24 +577,23 @@ def _attn_bwd_dq_inner(
     HEAD_DIM: tl.constexpr,
     BD: tl.constexpr,
     BN: tl.constexpr,
-    MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     EVEN_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    for start_n in range(start, end, BN):
+    for start_n in range(lo, hi, BN):
         b_k = _load(
-            _rows_ptr(k_base, start_n, stride_kt, BN, BD), start_n, n_k, HEAD_DIM, BN, BD, MASKED, EVEN_D
+            _rows_ptr(k_base, start_n, stride_kt, BN, BD), start_n, n_k, HEAD_DIM, BN, BD, True, EVEN_D
         )
         b_v = _load(
-            _rows_ptr(v_base, start_n, stride_vt, BN, BD), start_n, n_k, HEAD_DIM, BN, BD, MASKED, EVEN_D
+            _rows_ptr(v_base, start_n, stride_vt, BN, BD), start_n, n_k, HEAD_DIM, BN, BD, True, EVEN_D
         )
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BM, BN]
         b_p = tl.math.exp2(b_s * qk_scale - b_lse2[:, None])
-        if MASKED:
+        if (start_n < a) | (start_n >= b):
             o_n = start_n + tl.arange(0, BN)
-            m_s = _visible(o_m[:, None], o_n[None, :], n_q, n_k, off, window, CAUSAL, HAS_WINDOW)
+            m_s = _visible(o_m[:, None], o_n[None, :], n_k, off, window, True, CAUSAL, HAS_WINDOW)
             b_p = tl.where(m_s, b_p, 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -763,62 +676,9 @@ def _attn_bwd_dq_kernel(
         stride_vt,
         lo,
         a,
-        o_m,
-        n_q,
-        n_k,
-        off,
-        window,
-        qk_scale,
-        HEAD_DIM,
-        BD,
-        BN,
-        True,
-        CAUSAL,
-        HAS_WINDOW,
-        EVEN_D,
-        PRECISION,
-    )
-    b_dq = _attn_bwd_dq_inner(
-        b_dq,
-        b_q,
-        b_do,
-        b_lse2,
-        b_delta,
-        k_base,
-        v_base,
-        stride_kt,
-        stride_vt,
-        a,
-        b,
-        o_m,
-        n_q,
-        n_k,
-        off,
-        window,
-        qk_scale,
-        HEAD_DIM,
-        BD,
-        BN,
-        False,
-        CAUSAL,
-        HAS_WINDOW,
-        EVEN_D,
-        PRECISION,
-    )
-    b_dq = _attn_bwd_dq_inner(
-        b_dq,
-        b_q,
-        b_do,
-        b_lse2,
-        b_delta,
-        k_base,
-        v_base,
-        stride_kt,
-        stride_vt,
         b,
         hi,
         o_m,
-        n_q,
         n_k,
         off,
         window,
@@ -826,7 +686,6 @@ def _attn_bwd_dq_kernel(
         HEAD_DIM,
         BD,
         BN,
-        True,
         CAUSAL,
         HAS_WINDOW,
         EVEN_D,
