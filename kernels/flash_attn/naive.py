@@ -3,7 +3,8 @@
 Positions are global: query row `i` sits at `q_offset + i`, key column `j` at `k_offset + j`, so the
 same function computes a whole sequence or one (query chunk, key chunk) pair of a context-parallel
 ring. Computes in fp32 (fp64 when given fp64) and returns the input dtype; `lse` is fp32/fp64.
-Holds one `[B, H, Tq, Tk]` score tensor at a time.
+Holds one `[B, H, Tq, Tk]` score tensor at a time. `attention_bwd_ref` is the explicit backward
+(FlashAttention-2's formulas, no autograd), which ring attention's CPU path runs per chunk pair.
 """
 
 import torch

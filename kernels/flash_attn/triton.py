@@ -767,7 +767,8 @@ def attn_bwd(do, q, k, v, o, lse, off: int, causal: bool, scale: float, window: 
     Returns `(dq, dk, dv)` in the dtypes and shapes of `q`, `k`, `v`.
     """
     _check(q, k, v)
-    q, k, v, o, do = (_rowmajor(x) for x in (q, k, v, o, do))
+    # The matmuls take dO in the inputs' dtype (it may arrive in fp32, e.g. from an fp32 merge).
+    q, k, v, o, do = (_rowmajor(x) for x in (q, k, v, o, do.to(q.dtype)))
     b, t_q, n_heads, d = q.shape
     t_k, n_kv_heads = k.shape[1], k.shape[2]
     meta, n_group = _common(q, k, window)
@@ -775,7 +776,8 @@ def attn_bwd(do, q, k, v, o, lse, off: int, causal: bool, scale: float, window: 
     delta = torch.empty_like(lse)
     lse2 = torch.empty_like(lse)
     has_dlse = dlse is not None
-    _attn_bwd_pre_kernel[(triton.cdiv(t_q, _PRE_BLOCK), b * n_heads)](
+    pre_block = _PRE_BLOCK if meta["BD"] <= 128 else _PRE_BLOCK // 2
+    _attn_bwd_pre_kernel[(triton.cdiv(t_q, pre_block), b * n_heads)](
         o,
         do,
         lse,
@@ -788,7 +790,7 @@ def attn_bwd(do, q, k, v, o, lse, off: int, causal: bool, scale: float, window: 
         HEAD_DIM=d,
         BD=meta["BD"],
         HAS_DLSE=has_dlse,
-        BM=_PRE_BLOCK,
+        BM=pre_block,
     )
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
