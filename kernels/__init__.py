@@ -4,7 +4,13 @@ elsewhere; `longctx.kernels.backend("naive" | "triton")` forces one.
 """
 
 from longctx.kernels.common import backend, get_backend, set_backend, use_triton
-from longctx.kernels.flash_attn import flash_attn
+from longctx.kernels.flash_attn import (
+    flash_attn,
+    flash_attn_chunk,
+    flash_attn_chunk_bwd,
+    flash_attn_chunk_fwd,
+    merge_partials,
+)
 from longctx.kernels.gla import gated_linear_attn, gated_linear_attn_step
 from longctx.kernels.nsa import nsa_cmp_attn, nsa_compress, nsa_select_attn, nsa_select_blocks
 from longctx.kernels.s2_attn import s2_attn
@@ -15,6 +21,10 @@ __all__ = [
     "set_backend",
     "use_triton",
     "flash_attn",
+    "flash_attn_chunk",
+    "flash_attn_chunk_fwd",
+    "flash_attn_chunk_bwd",
+    "merge_partials",
     "s2_attn",
     "gated_linear_attn",
     "gated_linear_attn_step",

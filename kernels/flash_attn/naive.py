@@ -3,7 +3,8 @@
 Positions are global: query row `i` sits at `q_offset + i`, key column `j` at `k_offset + j`, so the
 same function computes a whole sequence or one (query chunk, key chunk) pair of a context-parallel
 ring. Computes in fp32 (fp64 when given fp64) and returns the input dtype; `lse` is fp32/fp64.
-Holds one `[B, H, Tq, Tk]` score tensor at a time.
+Holds one `[B, H, Tq, Tk]` score tensor at a time. `attention_bwd_ref` is the explicit backward
+(FlashAttention-2's formulas, no autograd), which ring attention's CPU path runs per chunk pair.
 """
 
 import torch
@@ -105,3 +106,65 @@ def merge_partials_ref(outs: list[torch.Tensor], lses: list[torch.Tensor]):
         torch.exp(l_c - safe).transpose(1, 2)[..., None] * o_c.to(work) for o_c, l_c in zip(outs, stacked)
     )
     return o.to(outs[0].dtype), lse
+
+
+def attention_bwd_ref(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    q_offset: int = 0,
+    k_offset: int = 0,
+    causal: bool = True,
+    scale: float | None = None,
+    window: int | None = None,
+    dlse: torch.Tensor | None = None,
+):
+    """Gradients of `attention_ref` from the FlashAttention-2 formulas, without autograd.
+
+    `o` and `lse` may belong to a larger key set than `k`, `v` (the merged output and log-sum-exp of a
+    whole row, as ring attention passes them): then `P = exp(S - lse)` is this chunk's share of the row's
+    softmax and the result is this chunk's part of the gradient.
+
+        P = exp(S - lse),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ = scale dS K,
+        dK = scale dS^T Q,  delta = rowsum(dO * O) - dlse
+
+    Args:
+        do: `[B, Tq, H, D]` gradient of the output.
+        q: `[B, Tq, H, D]`; k, v: `[B, Tk, H_kv, D]`; o: `[B, Tq, H, D]`; lse: `[B, H, Tq]`.
+        q_offset, k_offset, causal, scale, window: as `attention_ref`.
+        dlse: optional `[B, H, Tq]` gradient of `lse`.
+    Returns:
+        `(dq, dk, dv)` in the dtypes and shapes of `q`, `k`, `v` (dk, dv summed over each kv group).
+    """
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    b, t_q, n_heads, d = q.shape
+    t_k, n_kv = k.shape[1], k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    qf = q.to(work).transpose(1, 2)  # [B, H, Tq, D]
+    kf = expand_kv(k.to(work), n_heads).transpose(1, 2)  # [B, H, Tk, D]
+    vf = expand_kv(v.to(work), n_heads).transpose(1, 2)
+    dof = do.to(work).transpose(1, 2)
+    lse = lse.to(work)[..., None]  # [B, H, Tq, 1]
+    # Rows that see no key (lse = -inf) have P = 0; keep exp() away from +inf.
+    empty = torch.isneginf(lse)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, H, Tq, Tk]
+    probs = torch.exp(scores - lse.masked_fill(empty, 0.0)).masked_fill(empty, 0.0)
+    allowed = position_mask(t_q, t_k, q_offset, k_offset, causal, window, q.device)
+    if allowed is not None:
+        probs = probs.masked_fill(~allowed, 0.0)
+    delta = (dof * o.to(work).transpose(1, 2)).sum(-1, keepdim=True)  # [B, H, Tq, 1]
+    if dlse is not None:
+        delta = delta - dlse.to(work)[..., None]
+    dp = torch.matmul(dof, vf.transpose(-1, -2))
+    ds = probs * (dp - delta)
+    dq = torch.matmul(ds, kf) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), qf) * scale  # [B, H, Tk, D]
+    dv = torch.matmul(probs.transpose(-1, -2), dof)
+
+    def to_kv_heads(x):
+        return x.view(b, n_kv, n_heads // n_kv, t_k, d).sum(2).transpose(1, 2)
+
+    return dq.transpose(1, 2).to(q.dtype), to_kv_heads(dk).to(k.dtype), to_kv_heads(dv).to(v.dtype)

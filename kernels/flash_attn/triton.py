@@ -1,0 +1,828 @@
+"""Dense flash attention in Triton: forward, and backward recomputed from the log-sum-exp.
+
+The scheme is FlashAttention-2's, with global positions so one launch can compute any (query chunk,
+key chunk) pair of a context-parallel ring. Query row `i` sits at position `q_offset + i`, key `j` at
+`k_offset + j`; the kernels only see `off = q_offset - k_offset`, and row `i` sees key `j` iff
+
+    j < Tk  and  (not CAUSAL or j <= i + off)  and  (window is None or j > i + off - window).
+
+Forward (`_attn_fwd_kernel`, one program per `BM` queries of one head): online softmax over key
+blocks with fp32 accumulators, in base 2 (`scale * log2(e)` folded into one multiply, `exp2`
+throughout). From its first and last rows a program works out the key blocks `[lo, hi)` it can see at
+all (causal and window block skipping: a chunk pair that sees nothing costs only the launch, and the
+host skips even that), and the sub-range `[a, b)` every one of its rows sees in full. Only blocks
+outside `[a, b)` (the causal diagonal, the window's left edge, the key tail) build a mask; the test is
+one uniform branch per block. Three separate loops (masked / unmasked / masked) do the same work,
+but compiled for sm_90 each loop is software-pipelined on its own and the kernel needs more registers:
+the forward at head dim 128 (128x64 tile, 8 warps) takes 214 registers instead of 176, and dK/dV
+spills where the single loop does not. The output is normalised once at the end; rows that see no
+key get `o = 0`, `lse = -inf`.
+
+Backward, in three launches:
+1. `_attn_bwd_pre_kernel`: `delta = rowsum(dO * O) - dlse` and `lse2 = lse * log2(e)`, with `-inf`
+   turned into `+inf` so that `P = exp2(S * scale * log2(e) - lse2)` is 0 for rows whose lse is -inf
+   (never NaN, even if the lse passed in says a row is empty where its keys are visible). `O` and `lse`
+   may be the final merged output and lse of the whole row (ring attention's backward).
+2. `_attn_bwd_dkdv_kernel`: one program per `BN` keys of one kv head keeps K, V (in shared memory)
+   and the fp32 dK, dV accumulators, and loops over the query heads of its GQA group and the query
+   blocks that can see those keys, recomputing `P^T` from `lse2`. dK and dV are summed over the group
+   in registers: no atomics, deterministic, stored once in the kv-head shape.
+3. `_attn_bwd_dq_kernel`: one program per `BM` queries of one head loops over its visible key blocks
+   and accumulates dQ. Recomputing `S` and `dP` here costs two matmuls more than adding dQ with
+   atomics from the dK/dV kernel (7 instead of 5), and buys deterministic results, no fp32 dQ buffer
+   and no atomic traffic.
+
+Every kernel is autotuned over a few block/warp/stage configs keyed on the head dim, causality and the
+window flag (and, by Triton, the dtypes). Under the interpreter (`TRITON_INTERPRET=1`, how the CPU
+tests run them) one fixed config is used, so nothing is benchmarked. `tl.dot` accumulates in fp32;
+fp32 inputs use IEEE products (no TF32). Head dims are padded to a power of two >= 16 with masked
+loads. Pointer tiles are rebuilt each step from a 64-bit row offset (no pointer tiles live across
+iterations; Triton 3.9 has no block pointers).
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from longctx.kernels.common.backend import interpreting
+
+LOG2E = math.log2(math.e)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _configs(gpu: list[tuple[int, int, int, int]], interp: tuple[int, int]) -> list[triton.Config]:
+    """Autotune candidates `(BM, BN, num_warps, num_stages)`, or the one fixed interpreter config."""
+    if interpreting():
+        return [triton.Config({"BM": interp[0], "BN": interp[1]}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu]
+
+
+_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW"]
+# Candidates chosen by compiling for sm_90 (Triton 3.9 with its ptxas, no GPU) and keeping those that
+# need no register spills at head dim 128 (e.g. forward 128x64 with 8 warps: 176 registers), plus a few
+# that only suit head dim <= 64 and small ones for head dims up to 256. Forward and dQ take BM queries
+# against BN keys per step (BM > BN: the causal diagonal spans a few key blocks); dK/dV the reverse.
+# The interpreter configs keep BM != BN for the same reason, and are large to keep the interpreter fast.
+_FWD_CONFIGS = _configs(
+    [
+        (128, 64, 8, 3),
+        (128, 64, 8, 4),
+        (128, 128, 8, 2),
+        (128, 128, 8, 3),
+        (128, 64, 4, 3),
+        (64, 64, 4, 3),
+        (64, 32, 4, 2),
+    ],
+    interp=(64, 32),
+)
+_DKDV_CONFIGS = _configs(
+    [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 2), (16, 64, 4, 3)],
+    interp=(32, 64),
+)
+_DQ_CONFIGS = _configs(
+    [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
+    interp=(64, 32),
+)
+_PRE_BLOCK = 64
+
+
+@triton.jit
+def _rows_ptr(base, start, stride_t, BR: tl.constexpr, BD: tl.constexpr):
+    """Pointers to rows `[start, start + BR)` x head dims `[0, BD)` of one (batch, head) slice. The row
+    offset is a 64-bit scalar and the tile part a small int32, so loops carry no pointer tiles."""
+    o_r = tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    return base + tl.cast(start, tl.int64) * stride_t + (o_r[:, None] * stride_t + o_d[None, :])
+
+
+@triton.jit
+def _load(
+    p,
+    start,
+    n_rows,
+    HEAD_DIM: tl.constexpr,
+    BR: tl.constexpr,
+    BD: tl.constexpr,
+    CHECK_ROWS: tl.constexpr,
+    EVEN_D: tl.constexpr,
+):
+    """Load a `[BR, BD]` tile, zero past row `n_rows` (if CHECK_ROWS) and in padded head dims."""
+    o_r = start + tl.arange(0, BR)
+    m_d = tl.arange(0, BD) < HEAD_DIM
+    if CHECK_ROWS:
+        if EVEN_D:
+            b_x = tl.load(p, mask=(o_r < n_rows)[:, None], other=0.0)
+        else:
+            b_x = tl.load(p, mask=(o_r < n_rows)[:, None] & m_d[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            b_x = tl.load(p)
+        else:
+            b_x = tl.load(p, mask=m_d[None, :], other=0.0)
+    return b_x
+
+
+@triton.jit
+def _store(p, b_x, start, n_rows, HEAD_DIM: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    o_r = start + tl.arange(0, BR)
+    m_x = (o_r < n_rows)[:, None] & (tl.arange(0, BD) < HEAD_DIM)[None, :]
+    tl.store(p, b_x.to(p.dtype.element_ty), mask=m_x)
+
+
+@triton.jit
+def _visible(
+    o_q, o_k, n_k, off, window, CHECK_K: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr
+):
+    """Whether query `o_q` may see key `o_k` (broadcast chunk-local index tensors), by position and,
+    if CHECK_K, by the key count. Needs at least one of CHECK_K, CAUSAL, HAS_WINDOW."""
+    if CAUSAL:
+        m_x = o_k <= o_q + off
+        if HAS_WINDOW:
+            m_x = m_x & (o_k > o_q + off - window)
+        if CHECK_K:
+            m_x = m_x & (o_k < n_k)
+    elif HAS_WINDOW:
+        m_x = o_k > o_q + off - window
+        if CHECK_K:
+            m_x = m_x & (o_k < n_k)
+    else:
+        m_x = o_k < n_k
+    return m_x
+
+
+@triton.jit
+def _key_range(
+    m0,
+    n_q,
+    n_k,
+    off,
+    window,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+):
+    """Key loop bounds for queries `[m0, m0 + BM)`: `[lo, a)` masked, `[a, b)` seen by every row
+    (unmasked), `[b, hi)` masked. `lo`, `a`, `b` are multiples of BN (or `a = b = hi`); together they
+    cover every visible key. Values are clamped at 0 before dividing (integer division of negative
+    numbers rounds differently on the GPU and in the interpreter)."""
+    m_last = tl.minimum(m0 + BM, n_q) - 1
+    hi = n_k
+    full_hi = n_k
+    if CAUSAL:
+        hi = tl.minimum(hi, tl.maximum(m_last + off + 1, 0))
+        full_hi = tl.minimum(full_hi, tl.maximum(m0 + off + 1, 0))
+    lo = 0
+    full_lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(m0 + off - window + 1, 0)
+        full_lo = tl.maximum(m_last + off - window + 1, 0)
+    lo = (lo // BN) * BN
+    a = tl.minimum(tl.cdiv(full_lo, BN) * BN, hi)
+    b = tl.maximum((full_hi // BN) * BN, a)
+    return lo, a, b, hi
+
+
+@triton.jit
+def _query_range(
+    n0,
+    n_q,
+    n_k,
+    off,
+    window,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+):
+    """Query loop bounds for keys `[n0, n0 + BN)`, split like `_key_range`: `[lo, a)` masked (the causal
+    diagonal), `[a, b)` unmasked, `[b, hi)` masked (window edge and the query tail)."""
+    n_last = tl.minimum(n0 + BN, n_k) - 1
+    lo = 0
+    full_lo = 0
+    if CAUSAL:
+        lo = tl.maximum(n0 - off, 0)
+        full_lo = tl.maximum(n_last - off, 0)
+    hi = n_q
+    full_hi = n_q
+    if HAS_WINDOW:
+        hi = tl.minimum(hi, tl.maximum(n_last - off + window, 0))
+        full_hi = tl.minimum(full_hi, tl.maximum(n0 - off + window, 0))
+    lo = (lo // BM) * BM
+    a = tl.minimum(tl.cdiv(full_lo, BM) * BM, hi)
+    b = tl.maximum((full_hi // BM) * BM, a)
+    return lo, a, b, hi
+
+
+@triton.jit
+def _attn_fwd_inner(
+    b_acc,
+    b_l,
+    b_m,
+    b_q,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    lo,
+    a,
+    b,
+    hi,
+    o_m,
+    n_k,
+    off,
+    window,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BD: tl.constexpr,
+    BN: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    for start_n in range(lo, hi, BN):
+        b_k = _load(
+            _rows_ptr(k_base, start_n, stride_kt, BN, BD), start_n, n_k, HEAD_DIM, BN, BD, True, EVEN_D
+        )
+        b_v = _load(
+            _rows_ptr(v_base, start_n, stride_vt, BN, BD), start_n, n_k, HEAD_DIM, BN, BD, True, EVEN_D
+        )
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN]
+        if (start_n < a) | (start_n >= b):
+            o_n = start_n + tl.arange(0, BN)
+            m_s = _visible(o_m[:, None], o_n[None, :], n_k, off, window, True, CAUSAL, HAS_WINDOW)
+            b_s = tl.where(m_s, b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        b_m_use = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_p = tl.math.exp2(b_s - b_m_use[:, None])
+        b_alpha = tl.math.exp2(b_m - b_m_use)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+        b_m = b_m_new
+    return b_acc, b_l, b_m
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _attn_fwd_kernel(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    n_q,
+    n_k,
+    n_heads,
+    n_group,
+    off,
+    window,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BD: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
+    # Causal programs with the most keys start first, so the short ones fill the tail of the grid.
+    i_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // n_heads
+    i_h = i_bh % n_heads
+    i_hk = i_h // n_group
+    EVEN_D: tl.constexpr = HEAD_DIM == BD
+    m0 = i_m * BM
+    o_m = m0 + tl.arange(0, BM)
+
+    q_base = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    k_base = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    v_base = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    b_q = _load(_rows_ptr(q_base, m0, stride_qt, BM, BD), m0, n_q, HEAD_DIM, BM, BD, True, EVEN_D)
+
+    b_acc = tl.zeros([BM, BD], dtype=tl.float32)
+    b_l = tl.zeros([BM], dtype=tl.float32)
+    b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    lo, a, b, hi = _key_range(m0, n_q, n_k, off, window, BM, BN, CAUSAL, HAS_WINDOW)
+    b_acc, b_l, b_m = _attn_fwd_inner(
+        b_acc,
+        b_l,
+        b_m,
+        b_q,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        lo,
+        a,
+        b,
+        hi,
+        o_m,
+        n_k,
+        off,
+        window,
+        qk_scale,
+        HEAD_DIM,
+        BD,
+        BN,
+        CAUSAL,
+        HAS_WINDOW,
+        EVEN_D,
+        PRECISION,
+    )
+
+    empty = b_l == 0.0
+    b_l = tl.where(empty, 1.0, b_l)
+    b_o = b_acc / b_l[:, None]
+    # Natural-log lse from the base-2 running max and sum.
+    b_lse = tl.where(empty, float("-inf"), (b_m + tl.math.log2(b_l)) * 0.6931471805599453)
+    o_base = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    _store(_rows_ptr(o_base, m0, stride_ot, BM, BD), b_o, m0, n_q, HEAD_DIM, BM, BD)
+    tl.store(LSE + i_bh.to(tl.int64) * n_q + o_m, b_lse, mask=o_m < n_q)
+
+
+@triton.jit
+def _attn_bwd_pre_kernel(
+    O,
+    DO,
+    LSE,
+    DLSE,
+    DELTA,
+    LSE2,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    n_q,
+    n_heads,
+    HEAD_DIM: tl.constexpr,
+    BD: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+    BM: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // n_heads
+    i_h = i_bh % n_heads
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_base = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    do_base = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+    m0 = i_m * BM
+    b_o = _load(_rows_ptr(o_base, m0, stride_ot, BM, BD), m0, n_q, HEAD_DIM, BM, BD, True, False)
+    b_do = _load(_rows_ptr(do_base, m0, stride_dot, BM, BD), m0, n_q, HEAD_DIM, BM, BD, True, False)
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
+    o_row = i_bh.to(tl.int64) * n_q + o_m
+    if HAS_DLSE:
+        b_delta -= tl.load(DLSE + o_row, mask=o_m < n_q, other=0.0)
+    b_lse = tl.load(LSE + o_row, mask=o_m < n_q, other=0.0)
+    b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
+    tl.store(DELTA + o_row, b_delta, mask=o_m < n_q)
+    tl.store(LSE2 + o_row, b_lse2, mask=o_m < n_q)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    b_dk,
+    b_dv,
+    b_k,
+    b_v,
+    q_base,
+    do_base,
+    lse2_base,
+    delta_base,
+    stride_qt,
+    stride_dot,
+    lo,
+    a,
+    b,
+    hi,
+    o_n,
+    n_q,
+    n_k,
+    off,
+    window,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BD: tl.constexpr,
+    BM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    for start_m in range(lo, hi, BM):
+        o_m = start_m + tl.arange(0, BM)
+        b_q = _load(
+            _rows_ptr(q_base, start_m, stride_qt, BM, BD), start_m, n_q, HEAD_DIM, BM, BD, True, EVEN_D
+        )
+        b_do = _load(
+            _rows_ptr(do_base, start_m, stride_dot, BM, BD), start_m, n_q, HEAD_DIM, BM, BD, True, EVEN_D
+        )
+        b_lse2 = tl.load(lse2_base + o_m, mask=o_m < n_q, other=float("inf"))
+        b_delta = tl.load(delta_base + o_m, mask=o_m < n_q, other=0.0)
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION)  # [BN, BM]
+        b_pt = tl.math.exp2(b_st * qk_scale - b_lse2[None, :])
+        if CAUSAL or HAS_WINDOW:
+            if (start_m < a) | (start_m >= b):
+                m_s = _visible(o_m[None, :], o_n[:, None], n_k, off, window, False, CAUSAL, HAS_WINDOW)
+                b_pt = tl.where(m_s, b_pt, 0.0)
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, BM]
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION)
+    return b_dk, b_dv
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE2,
+    DELTA,
+    DK,
+    DV,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    stride_dkb,
+    stride_dkt,
+    stride_dkh,
+    stride_dvb,
+    stride_dvt,
+    stride_dvh,
+    n_q,
+    n_k,
+    n_heads,
+    n_group,
+    off,
+    window,
+    qk_scale,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BD: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    i_bhk = tl.program_id(1)
+    n_kv_heads = n_heads // n_group
+    i_b = i_bhk // n_kv_heads
+    i_hk = i_bhk % n_kv_heads
+    EVEN_D: tl.constexpr = HEAD_DIM == BD
+    n0 = i_n * BN
+    o_n = n0 + tl.arange(0, BN)
+
+    k_base = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    v_base = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    b_k = _load(_rows_ptr(k_base, n0, stride_kt, BN, BD), n0, n_k, HEAD_DIM, BN, BD, True, EVEN_D)
+    b_v = _load(_rows_ptr(v_base, n0, stride_vt, BN, BD), n0, n_k, HEAD_DIM, BN, BD, True, EVEN_D)
+    b_dk = tl.zeros([BN, BD], dtype=tl.float32)
+    b_dv = tl.zeros([BN, BD], dtype=tl.float32)
+    lo, a, b, hi = _query_range(n0, n_q, n_k, off, window, BM, BN, CAUSAL, HAS_WINDOW)
+    # The query heads of this kv head's group all add into the same dK, dV.
+    for g in range(0, n_group):
+        i_h = i_hk * n_group + g
+        q_base = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+        do_base = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+        lse2_base = LSE2 + (i_b * n_heads + i_h).to(tl.int64) * n_q
+        delta_base = DELTA + (i_b * n_heads + i_h).to(tl.int64) * n_q
+        b_dk, b_dv = _attn_bwd_dkdv_inner(
+            b_dk,
+            b_dv,
+            b_k,
+            b_v,
+            q_base,
+            do_base,
+            lse2_base,
+            delta_base,
+            stride_qt,
+            stride_dot,
+            lo,
+            a,
+            b,
+            hi,
+            o_n,
+            n_q,
+            n_k,
+            off,
+            window,
+            qk_scale,
+            HEAD_DIM,
+            BD,
+            BM,
+            CAUSAL,
+            HAS_WINDOW,
+            EVEN_D,
+            PRECISION,
+        )
+
+    dk_base = DK + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
+    dv_base = DV + i_b.to(tl.int64) * stride_dvb + i_hk.to(tl.int64) * stride_dvh
+    _store(_rows_ptr(dk_base, n0, stride_dkt, BN, BD), b_dk * scale, n0, n_k, HEAD_DIM, BN, BD)
+    _store(_rows_ptr(dv_base, n0, stride_dvt, BN, BD), b_dv, n0, n_k, HEAD_DIM, BN, BD)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    b_dq,
+    b_q,
+    b_do,
+    b_lse2,
+    b_delta,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    lo,
+    a,
+    b,
+    hi,
+    o_m,
+    n_k,
+    off,
+    window,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BD: tl.constexpr,
+    BN: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    for start_n in range(lo, hi, BN):
+        b_k = _load(
+            _rows_ptr(k_base, start_n, stride_kt, BN, BD), start_n, n_k, HEAD_DIM, BN, BD, True, EVEN_D
+        )
+        b_v = _load(
+            _rows_ptr(v_base, start_n, stride_vt, BN, BD), start_n, n_k, HEAD_DIM, BN, BD, True, EVEN_D
+        )
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BM, BN]
+        b_p = tl.math.exp2(b_s * qk_scale - b_lse2[:, None])
+        if (start_n < a) | (start_n >= b):
+            o_n = start_n + tl.arange(0, BN)
+            m_s = _visible(o_m[:, None], o_n[None, :], n_k, off, window, True, CAUSAL, HAS_WINDOW)
+            b_p = tl.where(m_s, b_p, 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+    return b_dq
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE2,
+    DELTA,
+    DQ,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    stride_dqb,
+    stride_dqt,
+    stride_dqh,
+    n_q,
+    n_k,
+    n_heads,
+    n_group,
+    off,
+    window,
+    qk_scale,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BD: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
+    i_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // n_heads
+    i_h = i_bh % n_heads
+    i_hk = i_h // n_group
+    EVEN_D: tl.constexpr = HEAD_DIM == BD
+    m0 = i_m * BM
+    o_m = m0 + tl.arange(0, BM)
+
+    q_base = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    do_base = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+    b_q = _load(_rows_ptr(q_base, m0, stride_qt, BM, BD), m0, n_q, HEAD_DIM, BM, BD, True, EVEN_D)
+    b_do = _load(_rows_ptr(do_base, m0, stride_dot, BM, BD), m0, n_q, HEAD_DIM, BM, BD, True, EVEN_D)
+    o_row = i_bh.to(tl.int64) * n_q + o_m
+    # Padded rows get lse2 = +inf, so P = 0 there.
+    b_lse2 = tl.load(LSE2 + o_row, mask=o_m < n_q, other=float("inf"))
+    b_delta = tl.load(DELTA + o_row, mask=o_m < n_q, other=0.0)
+    k_base = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    v_base = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+
+    b_dq = tl.zeros([BM, BD], dtype=tl.float32)
+    lo, a, b, hi = _key_range(m0, n_q, n_k, off, window, BM, BN, CAUSAL, HAS_WINDOW)
+    b_dq = _attn_bwd_dq_inner(
+        b_dq,
+        b_q,
+        b_do,
+        b_lse2,
+        b_delta,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        lo,
+        a,
+        b,
+        hi,
+        o_m,
+        n_k,
+        off,
+        window,
+        qk_scale,
+        HEAD_DIM,
+        BD,
+        BN,
+        CAUSAL,
+        HAS_WINDOW,
+        EVEN_D,
+        PRECISION,
+    )
+
+    dq_base = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
+    _store(_rows_ptr(dq_base, m0, stride_dqt, BM, BD), b_dq * scale, m0, n_q, HEAD_DIM, BM, BD)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"the flash-attention kernel takes q, k, v of one dtype among {SUPPORTED_DTYPES}, "
+            f"got {q.dtype}, {k.dtype}, {v.dtype}; cast them first"
+        )
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(
+            f"the flash-attention kernel supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}"
+        )
+
+
+def _rowmajor(x: torch.Tensor) -> torch.Tensor:
+    """Kernels index the head dim with unit stride; other strides are passed through."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _common(q: torch.Tensor, k: torch.Tensor, window: int | None):
+    d = q.shape[-1]
+    return dict(
+        HEAD_DIM=d,
+        BD=max(16, triton.next_power_of_2(d)),
+        HAS_WINDOW=window is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    ), q.shape[2] // k.shape[2]
+
+
+def _strides(*tensors: torch.Tensor) -> list[int]:
+    """Batch, token and head strides of `[B, T, H, D]` tensors, in order."""
+    return [x for t in tensors for x in (t.stride(0), t.stride(1), t.stride(2))]
+
+
+def attn_fwd(q, k, v, off: int, causal: bool, scale: float, window: int | None):
+    """Launch the forward. `off = q_offset - k_offset`.
+
+    Returns `o` `[B, Tq, H, D]` in q's dtype and `lse` `[B, H, Tq]` fp32.
+    """
+    _check(q, k, v)
+    q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
+    b, t_q, n_heads, _ = q.shape
+    t_k = k.shape[1]
+    o = torch.empty_like(q)
+    lse = torch.empty(b, n_heads, t_q, dtype=torch.float32, device=q.device)
+    meta, n_group = _common(q, k, window)
+    grid = lambda META: (triton.cdiv(t_q, META["BM"]), b * n_heads)
+    _attn_fwd_kernel[grid](
+        q,
+        k,
+        v,
+        o,
+        lse,
+        *_strides(q, k, v, o),
+        t_q,
+        t_k,
+        n_heads,
+        n_group,
+        off,
+        window or 0,
+        scale * LOG2E,
+        CAUSAL=causal,
+        **meta,
+    )
+    return o, lse
+
+
+def attn_bwd(do, q, k, v, o, lse, off: int, causal: bool, scale: float, window: int | None, dlse=None):
+    """Launch the backward. `o`, `lse` may be the merged output and lse of a larger key set.
+
+    Returns `(dq, dk, dv)` in the dtypes and shapes of `q`, `k`, `v`.
+    """
+    _check(q, k, v)
+    # The matmuls take dO in the inputs' dtype (it may arrive in fp32, e.g. from an fp32 merge).
+    q, k, v, o, do = (_rowmajor(x) for x in (q, k, v, o, do.to(q.dtype)))
+    b, t_q, n_heads, d = q.shape
+    t_k, n_kv_heads = k.shape[1], k.shape[2]
+    meta, n_group = _common(q, k, window)
+    lse = lse.float().contiguous()
+    delta = torch.empty_like(lse)
+    lse2 = torch.empty_like(lse)
+    has_dlse = dlse is not None
+    pre_block = _PRE_BLOCK if meta["BD"] <= 128 else _PRE_BLOCK // 2
+    _attn_bwd_pre_kernel[(triton.cdiv(t_q, pre_block), b * n_heads)](
+        o,
+        do,
+        lse,
+        dlse.float().contiguous() if has_dlse else lse,
+        delta,
+        lse2,
+        *_strides(o, do),
+        t_q,
+        n_heads,
+        HEAD_DIM=d,
+        BD=meta["BD"],
+        HAS_DLSE=has_dlse,
+        BM=pre_block,
+    )
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    args = (t_q, t_k, n_heads, n_group, off, window or 0, scale * LOG2E, scale)
+    grid = lambda META: (triton.cdiv(t_k, META["BN"]), b * n_kv_heads)
+    _attn_bwd_dkdv_kernel[grid](
+        q,
+        k,
+        v,
+        do,
+        lse2,
+        delta,
+        dk,
+        dv,
+        *_strides(q, k, v, do, dk, dv),
+        *args,
+        CAUSAL=causal,
+        **meta,
+    )
+    grid = lambda META: (triton.cdiv(t_q, META["BM"]), b * n_heads)
+    _attn_bwd_dq_kernel[grid](
+        q,
+        k,
+        v,
+        do,
+        lse2,
+        delta,
+        dq,
+        *_strides(q, k, v, do, dq),
+        *args,
+        CAUSAL=causal,
+        **meta,
+    )
+    return dq, dk, dv
