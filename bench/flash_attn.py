@@ -15,6 +15,7 @@ import argparse
 import sys
 
 import torch
+
 from longctx.bench.common import attention_flops, do_bench, require_cuda, write_results
 
 BENCH = "flash_attn"
@@ -33,8 +34,9 @@ def _timers(attend, q, k, v, do):
 
 
 def bench_shape(t: int, head_dim: int, dtype=torch.bfloat16, device: str = "cuda") -> list[dict]:
-    from longctx.kernels import flash_attn
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from longctx.kernels import flash_attn
 
     b, h = 1, max(1, PAIRS_PER_ROW // t)
     shape = dict(

@@ -15,6 +15,7 @@ import os
 
 import pytest
 import torch
+
 from longctx.kernels import backend
 from longctx.kernels.flash_attn import (
     attention_bwd_ref,
@@ -27,7 +28,6 @@ from longctx.kernels.flash_attn import (
     merge_partials_ref,
 )
 from longctx.kernels.flash_attn.naive import position_mask
-
 from tests.conftest import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -14,6 +14,7 @@ on first use, so that it is built for the mode (compiled or interpreted) the pro
 """
 
 import torch
+
 from longctx.kernels.common import use_triton
 from longctx.kernels.flash_attn.naive import attention_bwd_ref, attention_ref
 

@@ -45,6 +45,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+
 from longctx.kernels.common.backend import interpreting
 
 LOG2E = math.log2(math.e)
