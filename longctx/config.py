@@ -283,7 +283,8 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     cp: int = 1
-    cp_comm: Literal["ring", "ulysses", "allgather"] = "allgather"
+    # How D layers exchange keys/values (S, N and L layers have their own schemes).
+    cp_comm: Literal["ring", "ulysses", "allgather"] = "ring"
     engine: Literal["torch", "deepspeed"] = "torch"
     zero_stage: int = 1
     fsdp: bool = False

@@ -86,8 +86,10 @@ def all_to_all_tensor(x: torch.Tensor, group) -> torch.Tensor:
         raise ValueError(
             f"all_to_all input needs a leading dim of {size} (one slice per rank), got {x.shape}"
         )
-    out = torch.empty_like(x)
-    dist.all_to_all_single(out, x.contiguous(), group=group)
+    x = x.contiguous()
+    # empty_like of a permuted view would keep its strides; the collective writes densely.
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dist.all_to_all_single(out, x, group=group)
     record("all_to_all", (size - 1) * _nbytes(x) // size)
     return out
 

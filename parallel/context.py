@@ -11,8 +11,10 @@ from torch import nn
 
 from longctx.parallel.dense import AllGatherDenseCore
 from longctx.parallel.linear import StatePassingLinearCore
+from longctx.parallel.ring import RingDenseCore
+from longctx.parallel.ulysses import UlyssesDenseCore
 
-DENSE_SCHEMES = ("allgather",)
+DENSE_SCHEMES = {"ring": RingDenseCore, "ulysses": UlyssesDenseCore, "allgather": AllGatherDenseCore}
 
 
 def _dense_core(core, group, cp_comm: str):
@@ -21,7 +23,7 @@ def _dense_core(core, group, cp_comm: str):
             f"parallel.cp_comm={cp_comm!r} is not available for D layers; "
             f"use one of {', '.join(DENSE_SCHEMES)}"
         )
-    return AllGatherDenseCore(core.window, group)
+    return DENSE_SCHEMES[cp_comm](core.window, group)
 
 
 def _unsupported(letter: str, name: str, issue: int):

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from longctx.kernels.flash_attn.naive import attention_ref
+from longctx.kernels.flash_attn import flash_attn_chunk
 from longctx.parallel.comm import all_gather
 from longctx.parallel.layout import SeqLayout, zigzag_unshard
 
@@ -45,16 +45,9 @@ class AllGatherDenseCore(nn.Module):
         for start, n in layout.segments:
             end = start + n
             # Causal: keys after this chunk are never seen, so they are not attended at all.
-            outs.append(
-                attention_ref(
-                    q[:, start_q : start_q + n],
-                    k_all[:, :end],
-                    v_all[:, :end],
-                    causal=True,
-                    window=self.window,
-                    q_offset=start,
-                    k_offset=0,
-                )
+            o, _ = flash_attn_chunk(
+                q[:, start_q : start_q + n], k_all[:, :end], v_all[:, :end], start, 0, window=self.window
             )
+            outs.append(o)
             start_q += n
         return torch.cat(outs, dim=1)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from longctx.config import load_config
-from longctx.kernels.flash_attn.naive import attention_ref
 from longctx.parallel import SeqLayout, comm_stats, reset_comm_stats, zigzag_shard, zigzag_unshard
 from tests.dist_utils import free_port, losses, run_cli, spawn
 
@@ -50,38 +49,6 @@ def test_collectives_are_exact_and_counted(world):
         assert swapped[:, 0].tolist() == [100.0 * j + 2 * rank for j in range(world)]
 
 
-def _allgather_core_worker(rank, world, q, k, v, do, window):
-    from longctx.parallel.dense import AllGatherDenseCore
-
-    layout = SeqLayout.zigzag(q.shape[1], rank, world)
-    local = [zigzag_shard(t, rank, world).clone().requires_grad_() for t in (q, k, v)]
-    core = AllGatherDenseCore(window, None)
-    reset_comm_stats()
-    o = core(*local, layout)
-    o.backward(zigzag_shard(do, rank, world))
-    return o.detach(), [t.grad for t in local], comm_stats()
-
-
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("window", [None, 24], ids=["causal", "window24"])
-def test_allgather_dense_core_matches_one_process(world, window):
-    t = 8 * world * 6  # 96 / 192 tokens, not a power of two
-    q = torch.randn(2, t, 4, 16, dtype=torch.float64)
-    k, v = torch.randn(2, t, 2, 16, dtype=torch.float64), torch.randn(2, t, 2, 16, dtype=torch.float64)
-    do = torch.randn(2, t, 4, 16, dtype=torch.float64)
-    ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
-    ref = attention_ref(*ref_in, causal=True, window=window)
-    ref.backward(do)
-    results = spawn(_allgather_core_worker, world, (q, k, v, do, window))
-    o = zigzag_unshard([r[0] for r in results])
-    assert torch.allclose(o, ref.detach(), atol=1e-12)
-    for i in range(3):
-        grad = zigzag_unshard([r[1][i] for r in results])
-        assert torch.allclose(grad, ref_in[i].grad, atol=1e-12)
-    kv_bytes = 2 * (t // world) * 2 * 2 * 16 * 8  # k and v shards, fp64
-    assert all(r[2]["all_gather"] == (world - 1) * kv_bytes for r in results)
-
-
 def _mismatch_worker(rank, world):
     from longctx.train.distributed import DistInfo, check_same_config
 
@@ -121,12 +88,20 @@ def assert_close(a, b, rel=1e-4):
     assert len(a) == len(b) and all(abs(x - y) <= rel * abs(y) for x, y in zip(a, b)), (a, b)
 
 
+@pytest.fixture(scope="module")
+def single_5_steps(tmp_path_factory, cache):
+    return train(tmp_path_factory.mktemp("single"), "single", cache, "train.steps=5")
+
+
 @pytest.mark.slow
-def test_cp2_equals_one_process(tmp_path, cache):
-    single = train(tmp_path, "single", cache, "train.steps=5")
-    cp2 = train(tmp_path, "cp2", cache, "train.steps=5", "parallel.cp=2", nproc=2)
-    assert_close(cp2, single)
-    assert single[0] - single[-1] > 0.2
+@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("scheme", ["ring", "ulysses", "allgather"])
+def test_context_parallel_dense_equals_one_process(tmp_path, cache, single_5_steps, scheme, cp):
+    run = train(
+        tmp_path, scheme, cache, "train.steps=5", f"parallel.cp={cp}", f"parallel.cp_comm={scheme}", nproc=cp
+    )
+    assert_close(run, single_5_steps)
+    assert single_5_steps[0] - single_5_steps[-1] > 0.2
 
 
 @pytest.mark.slow

@@ -1,0 +1,141 @@
+"""Zigzag ring attention for D layers (`parallel.cp_comm=ring`, the default).
+
+Rank `r` of `P` holds query and key/value chunks `r` and `2P-1-r` of the `2P`-chunk sequence. The
+key/value chunks travel around the ring: at step `s` rank `r` holds those of rank `r - s`, while the
+next pair is already on its way (`batch_isend_irecv` posted before the step's compute, waited after
+it). Each step the rank attends its two query chunks to the two key chunks it holds, at their global
+offsets: a key chunk after a query chunk is skipped, the same chunk is causal, an earlier one is full.
+With the zigzag layout every step costs every rank the same two chunk-pairs of work.
+
+Partial results merge by log-sum-exp in fp32, whatever the activation dtype, so the error does not
+grow with `P` (the bf16 drift of accumulating in the activation dtype does not happen here).
+
+Backward: the key/values make the same trip; each pair's gradients come from `flash_attn_chunk_bwd`
+with the final merged `o` and `lse` (its exact share of the full gradient). dq accumulates locally;
+the dK, dV of the visiting chunk accumulate in an fp32 buffer that travels with it and, after the
+last step, one more hop brings it home. Bytes sent per layer: forward `(P - 1)` K, V shards
+(`(P - 1) / P` of all K, V); backward `(P - 1)` K, V shards plus `P` fp32 dK, dV shards.
+"""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from longctx.kernels.flash_attn import flash_attn_chunk_bwd, flash_attn_chunk_fwd, merge_partials
+from longctx.parallel.comm import send_recv
+from longctx.parallel.dense import check_zigzag
+
+
+def _wait(requests) -> None:
+    for req in requests:
+        req.wait()
+
+
+class _Ring:
+    """The ring geometry of one rank: neighbours and the chunk ids held at each step."""
+
+    def __init__(self, group, layout):
+        self.rank, self.size = check_zigzag(layout, group)
+        self.group = group
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.size))
+        self.next = ranks[(self.rank + 1) % self.size]
+        self.prev = ranks[(self.rank - 1) % self.size]
+        self.chunk = layout.segments[0][1]
+
+    def chunk_ids(self, owner: int) -> tuple[int, int]:
+        return owner, 2 * self.size - 1 - owner
+
+    def pairs(self, step: int):
+        """(query slot, key slot, query offset, key offset) of every pair worth computing at `step`."""
+        owner = (self.rank - step) % self.size
+        for qi, q_id in enumerate(self.chunk_ids(self.rank)):
+            for ki, k_id in enumerate(self.chunk_ids(owner)):
+                if k_id <= q_id:
+                    yield qi, ki, q_id * self.chunk, k_id * self.chunk
+
+    def shift(self, tensor: torch.Tensor):
+        """Send `tensor` to the next rank and receive the previous rank's into a new buffer."""
+        incoming = torch.empty_like(tensor)
+        return incoming, send_recv([(tensor, self.next)], [(incoming, self.prev)], self.group)
+
+
+class RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, window, group):
+        ring = _Ring(group, layout)
+        c = ring.chunk
+        n_kv = k.shape[2]
+        kv = torch.cat([k, v], dim=2).contiguous()  # [B, 2 chunks, 2 * Hkv, D] travels as one message
+        # Partials merge in fp32 (fp64 for fp64 inputs), whatever the activation dtype.
+        work = torch.promote_types(q.dtype, torch.float32)
+        outs = [None, None]
+        lses = [None, None]
+        for step in range(ring.size):
+            pending = ring.shift(kv) if step < ring.size - 1 else (None, [])
+            for qi, ki, q_off, k_off in ring.pairs(step):
+                k_c = kv[:, ki * c : (ki + 1) * c, :n_kv]
+                v_c = kv[:, ki * c : (ki + 1) * c, n_kv:]
+                o, lse = flash_attn_chunk_fwd(
+                    q[:, qi * c : (qi + 1) * c], k_c, v_c, q_off, k_off, window=window
+                )
+                if outs[qi] is None:
+                    outs[qi], lses[qi] = o.to(work), lse
+                else:
+                    outs[qi], lses[qi] = merge_partials([outs[qi], o.to(work)], [lses[qi], lse])
+            _wait(pending[1])
+            if pending[0] is not None:
+                kv = pending[0]
+        o = torch.cat(outs, dim=1)
+        lse = torch.cat(lses, dim=2)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.layout, ctx.window, ctx.group = layout, window, group
+        return o.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        # The kernels take o in the activation dtype (it only enters rowsum(dO * O)).
+        o = o.to(q.dtype)
+        ring = _Ring(ctx.group, ctx.layout)
+        c = ring.chunk
+        n_kv = k.shape[2]
+        kv = torch.cat([k, v], dim=2).contiguous()
+        work = torch.promote_types(q.dtype, torch.float32)
+        dq = torch.zeros_like(q, dtype=work)
+        dkv = None
+        dkv_pending = (None, [])
+        for step in range(ring.size):
+            pending = ring.shift(kv) if step < ring.size - 1 else (None, [])
+            contrib = torch.zeros_like(kv, dtype=work)
+            for qi, ki, q_off, k_off in ring.pairs(step):
+                rows = slice(qi * c, (qi + 1) * c)
+                cols = slice(ki * c, (ki + 1) * c)
+                dq_p, dk_p, dv_p = flash_attn_chunk_bwd(
+                    do[:, rows], q[:, rows], kv[:, cols, :n_kv], kv[:, cols, n_kv:], o[:, rows],
+                    lse[:, :, rows], q_off, k_off, window=ctx.window,
+                )  # fmt: skip
+                dq[:, rows] += dq_p
+                contrib[:, cols, :n_kv] += dk_p
+                contrib[:, cols, n_kv:] += dv_p
+            # The visiting chunk's dK, dV buffer arrives while this step computes.
+            _wait(dkv_pending[1])
+            dkv = contrib if dkv_pending[0] is None else dkv_pending[0] + contrib
+            dkv_pending = ring.shift(dkv)
+            _wait(pending[1])
+            if pending[0] is not None:
+                kv = pending[0]
+        # The last hop brings every rank its own chunk's dK, dV.
+        _wait(dkv_pending[1])
+        dkv = dkv_pending[0]
+        return dq.to(q.dtype), dkv[:, :, :n_kv].to(k.dtype), dkv[:, :, n_kv:].to(v.dtype), None, None, None
+
+
+class RingDenseCore(nn.Module):
+    letter = "D"
+
+    def __init__(self, window: int | None, group):
+        super().__init__()
+        self.window, self.group = window, group
+
+    def forward(self, q, k, v, layout):
+        return RingAttention.apply(q, k, v, layout, self.window, self.group)
