@@ -3,12 +3,15 @@
 longctx train --config configs/tiny.yaml train.steps=30 train.run_dir=runs/x
 longctx tokenizer train --config configs/tiny.yaml --out runs/tok.model
 longctx data prepare --config configs/tiny.yaml data.source=corpus/ data.cache_dir=.cache/longctx
+longctx eval niah --run runs/x --lengths 512,1024 --depths 0,0.5,1 --samples 20
+longctx eval ppl --run runs/x --seq-len 1024
 """
 
 import argparse
 import sys
 
 from longctx.config import ConfigError, load_config
+from longctx.eval.cli import add_eval_parsers
 from longctx.train.distributed import DistributedSetupError
 
 
@@ -85,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("prepare", help="tokenize data.source into a cached Megatron indexed dataset")
     _add_config_args(p)
     p.set_defaults(func=cmd_data_prepare)
+
+    add_eval_parsers(sub)
     return parser
 
 

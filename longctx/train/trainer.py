@@ -44,6 +44,25 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, 
     return loss, targets.numel()
 
 
+def answer_weighted_loss(
+    logits: torch.Tensor, targets: torch.Tensor, answers: torch.Tensor, weight: float
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """The training objective when passkey answer digits weigh `weight` times an ordinary token.
+
+    Returns the weighted summed loss (what is back-propagated, divided by the token count), the
+    plain summed loss (what is reported; exactly `lm_loss`), and `[answer loss sum, answer tokens,
+    answers right]` for the log. `answers` `[B, T]` bool marks target positions that are answer digits.
+    """
+    plain, _ = lm_loss(logits, targets)
+    picked = answers.flatten().nonzero().squeeze(1)
+    answer_logits = logits.flatten(0, 1)[picked].float()  # [n_answers, vocab]
+    answer_targets = targets.flatten()[picked]
+    answer_sum = F.cross_entropy(answer_logits, answer_targets, reduction="sum")
+    weighted = plain if weight == 1.0 else plain + (weight - 1.0) * answer_sum
+    right = (answer_logits.argmax(-1) == answer_targets).sum()
+    return weighted, plain, [answer_sum.item(), float(len(picked)), right.item()]
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -108,19 +127,32 @@ class Trainer:
             layout,
         )
 
-    def train_step(self, batch: torch.Tensor) -> dict:
-        """One optimizer step; returns the global mean loss, grad norm, tokens and bytes sent."""
+    def train_step(self, batch: torch.Tensor, answer_mask: torch.Tensor | None = None) -> dict:
+        """One optimizer step; returns the global mean loss, grad norm, tokens and bytes sent, and
+        the loss and accuracy on passkey answer digits when `answer_mask` `[B, seq_len + 1]` has any."""
         inputs, targets, layout = self.shard(batch.to(self.device))
+        if answer_mask is None:
+            answer_mask = torch.zeros_like(batch, dtype=torch.bool)
+        # The mask marks answer tokens of the full sequence: their targets, sharded like the targets.
+        _, answers, _ = self.shard(answer_mask.to(self.device))
         reset_comm_stats()
         with self.autocast():
             logits = self.engine(inputs, layout)
-        loss_sum, count = lm_loss(logits, targets)
+        count = targets.numel()
+        weighted, loss_sum, answer_stats = answer_weighted_loss(
+            logits, targets, answers, self.cfg.train.answer_loss_weight
+        )
         # The local mean: engines average gradients over DP x CP ranks, whose token counts are equal.
-        self.engine.backward(loss_sum / count)
+        self.engine.backward(weighted / count)
         comm = comm_stats()["bytes_sent"]
         grad_norm = self.engine.step()
-        total, n_tokens = all_reduce_sum([loss_sum.item(), float(count)], self.dist)
-        return {"loss": total / n_tokens, "grad_norm": grad_norm, "tokens": int(n_tokens), "comm_bytes": comm}
+        total, n_tokens, answer_loss, n_answers, right = all_reduce_sum(
+            [loss_sum.item(), float(count), *answer_stats], self.dist
+        )
+        out = {"loss": total / n_tokens, "grad_norm": grad_norm, "tokens": int(n_tokens), "comm_bytes": comm}
+        if n_answers:
+            out.update(answer_loss=answer_loss / n_answers, answer_acc=right / n_answers)
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -146,7 +178,8 @@ class Trainer:
         window_t, window_tokens = start, self.tokens
         while self.step < cfg.steps:
             lr = self.engine.lr
-            out = self.train_step(self.sampler.next_batch().tokens)
+            batch = self.sampler.next_batch()
+            out = self.train_step(batch.tokens, batch.answer_mask)
             self.step += 1
             self.tokens += out["tokens"]
             record = {"step": self.step}
@@ -166,6 +199,7 @@ class Trainer:
                         "elapsed_s": now - start,
                     }
                 )
+                record.update({k: out[k] for k in ("answer_loss", "answer_acc") if k in out})
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 eval_start = time.perf_counter()
                 record["val_loss"] = self.evaluate()
