@@ -225,7 +225,7 @@ def test_checkpoint_loading_checks_names_shapes_and_format(tmp_path, tokenizer):
 
     with pytest.raises(ValueError, match="missing"):
         load_checkpoint_weights(small_model(layers="DSNLD"), run / "model.safetensors")
-    with pytest.raises(ValueError, match="parameter '.*' has shape \(32,\) in the file but \(64,\)"):
+    with pytest.raises(ValueError, match=r"parameter '.*' has shape \(32,\) in the file but \(64,\)"):
         load_checkpoint_weights(small_model(dim=64), run / "model.safetensors")
     (tmp_path / "dcp").mkdir()
     with pytest.raises(ValueError, match="longctx export"):
