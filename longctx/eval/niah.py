@@ -168,7 +168,10 @@ def plot_heatmap(results: dict, path: str | Path) -> Path:
     ax.set_title(f"passkey retrieval, exact match ({results['samples']} samples/cell)")
     for i in range(len(lengths)):
         for j in range(len(depths)):
-            ax.text(j, i, f"{acc[i, j]:.2f}\n({digit[i, j]:.2f})", ha="center", va="center", fontsize=8)
+            # The colormap is dark at both ends: light text there, dark in the middle.
+            color = "white" if acc[i, j] < 0.2 or acc[i, j] > 0.85 else "black"
+            text = f"{acc[i, j]:.2f}\n({digit[i, j]:.2f})"
+            ax.text(j, i, text, ha="center", va="center", fontsize=9, color=color)
     fig.colorbar(image, ax=ax, label="exact match")
     fig.tight_layout()
     path = Path(path)
