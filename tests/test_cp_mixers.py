@@ -48,3 +48,53 @@ def test_linear_state_passing_matches_one_process(world, decay):
     # One all-gather of 2 chunks x (state + decay) forward, one reduce-scatter back: independent of T.
     per_rank = 2 * b * h * (d * d + 1) * 8  # fp64 in this test
     assert all(r[2]["bytes_sent"] == 2 * (world - 1) * per_rank for r in results)
+
+
+def _exchange_worker(rank, world, full, need_by_rank, grad_full, block_size):
+    from longctx.parallel.blocks import exchange_blocks
+
+    layout = SeqLayout.zigzag(full.shape[1], rank, world)
+    local = zigzag_shard(full, rank, world).clone().requires_grad_()
+    reset_comm_stats()
+    out, table = exchange_blocks(local, need_by_rank[rank], layout, block_size, None)
+    # The gradient of the gathered blocks: the same slices of a full-sequence gradient.
+    grad = torch.zeros_like(out)
+    for g in range(table.shape[0]):
+        for m, j in enumerate(table[g].tolist()):
+            if j >= 0:
+                grad[:, m * block_size : (m + 1) * block_size, g] = grad_full[
+                    :, j * block_size : (j + 1) * block_size, g
+                ]
+    out.backward(grad)
+    return out.detach(), table, local.grad, comm_stats()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_block_exchange_fetches_exactly_the_needed_blocks(world):
+    bs, n_kv = 4, 3
+    t = 2 * world * 3 * bs  # 3 blocks per zigzag chunk
+    n_blocks = t // bs
+    full = torch.randn(2, t, n_kv, 5, dtype=torch.float64)
+    need = [torch.rand(n_kv, n_blocks) < 0.4 for _ in range(world)]
+    grad_full = torch.randn_like(full)
+    results = spawn(_exchange_worker, world, (full, need, grad_full, bs))
+    expected_grad = torch.zeros_like(full)
+    for rank, (out, table, _, _) in enumerate(results):
+        for g in range(n_kv):
+            ids = torch.nonzero(need[rank][g]).flatten()
+            assert table[g, : len(ids)].tolist() == ids.tolist() and torch.all(table[g, len(ids) :] == -1)
+            for m, j in enumerate(ids.tolist()):
+                assert torch.equal(out[:, m * bs : (m + 1) * bs, g], full[:, j * bs : (j + 1) * bs, g])
+                expected_grad[:, j * bs : (j + 1) * bs, g] += grad_full[:, j * bs : (j + 1) * bs, g]
+    from longctx.parallel.blocks import ZigzagBlocks
+
+    owner = ZigzagBlocks(t, world, bs).owner
+    block_bytes = 2 * bs * 5 * 8
+    for rank, (*_, stats) in enumerate(results):
+        # Forward: the blocks I own that others need; backward: the gradients of the blocks I fetched.
+        served = sum(int((need[p] & (owner == rank)).sum()) for p in range(world) if p != rank)
+        fetched = int((need[rank] & (owner != rank)).sum())
+        masks = (world - 1) * n_kv * n_blocks  # the all-gathered uint8 need masks
+        assert stats["bytes_sent"] == (served + fetched) * block_bytes + masks
+    grads = zigzag_unshard([r[2] for r in results])
+    assert torch.allclose(grads, expected_grad)
