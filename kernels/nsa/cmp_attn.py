@@ -13,7 +13,7 @@ Use it through `longctx.kernels.nsa_cmp_attn`.
 import torch
 import triton
 import triton.language as tl
-from longctx.kernels.nsa.tiles import LOG2E, pow2_at_least_16, row_tile, warps_for
+from longctx.kernels.nsa.tiles import LOG2E, dot_precision, pow2_at_least_16, row_tile, warps_for
 
 
 @triton.jit
@@ -37,6 +37,7 @@ def _cmp_fwd_kernel(
     BT: tl.constexpr,
     BC: tl.constexpr,
     BD: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     i_tt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
@@ -70,7 +71,7 @@ def _cmp_fwd_kernel(
         m_cd = m_c[:, None] & m_d[None, :]
         b_k = tl.load(k + o_tile + o_cd, mask=m_cd, other=0.0)
         b_v = tl.load(v + o_tile + o_cd, mask=m_cd, other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * scale_log2
         m_vis = m_c[None, :] & (o_c[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= b_pos[:, None])
         b_s = tl.where(m_vis, b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
@@ -78,7 +79,7 @@ def _cmp_fwd_kernel(
         b_p = tl.exp2(b_s - b_shift[:, None])
         b_alpha = tl.exp2(b_m - b_shift)
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT)
         b_m = b_m_new
     b_seen = b_l > 0
     b_o = b_acc / tl.where(b_seen, b_l, 1.0)[:, None]
@@ -112,6 +113,7 @@ def _cmp_bwd_dq_kernel(
     BT: tl.constexpr,
     BC: tl.constexpr,
     BD: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     i_tt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
@@ -146,12 +148,12 @@ def _cmp_bwd_dq_kernel(
         m_cd = m_c[:, None] & m_d[None, :]
         b_k = tl.load(k + o_tile + o_cd, mask=m_cd, other=0.0)
         b_v = tl.load(v + o_tile + o_cd, mask=m_cd, other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * scale_log2
         m_vis = m_r[:, None] & m_c[None, :] & (o_c[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= b_pos[:, None])
         b_p = tl.where(m_vis, tl.exp2(b_s - b_lse2[:, None]), 0.0)
-        b_dp = tl.dot(b_do, tl.trans(b_v))
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT)
         b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT)
     tl.store(dq + o_row[:, None] + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_rd)
 
 
@@ -180,6 +182,7 @@ def _cmp_bwd_dkdv_kernel(
     BT: tl.constexpr,
     BC: tl.constexpr,
     BD: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
@@ -209,17 +212,17 @@ def _cmp_bwd_dkdv_kernel(
         o_lse = (i_b * H + i_h * G + o_g).to(tl.int64) * T + o_t
         b_lse2 = tl.load(lse + o_lse, mask=m_r, other=0.0) * 1.4426950408889634
         b_delta = tl.load(delta + o_lse, mask=m_r, other=0.0)
-        b_st = tl.dot(b_k, tl.trans(b_q)) * scale_log2  # [BC, BT * GP]
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT) * scale_log2  # [BC, BT * GP]
         m_vis = (
             m_c[:, None]
             & m_r[None, :]
             & (o_c[:, None] * CMP_STRIDE + CMP_BLOCK - 1 <= o_t[None, :] + q_offset)
         )
         b_pt = tl.where(m_vis, tl.exp2(b_st - b_lse2[None, :]), 0.0)
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
-        b_dpt = tl.dot(b_v, tl.trans(b_do))
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT)
         b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q)
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT)
     tl.store(dk + o_kv[:, None] + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=m_cd)
     tl.store(dv + o_kv[:, None] + o_d[None, :], b_dv.to(dv.dtype.element_ty), mask=m_cd)
 
@@ -236,7 +239,7 @@ def cmp_attn_fwd(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, q_offset):
     _cmp_fwd_kernel[(triton.cdiv(t, bt), b * h_kv)](
         q, k_cmp, v_cmp, o, lse, scale * LOG2E, t, t_c, q_offset,
         H=h, HKV=h_kv, G=h // h_kv, GP=gp, D=d, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
-        BT=bt, BC=64, BD=bd, num_warps=warps_for(bd),
+        BT=bt, BC=64, BD=bd, DOT=dot_precision(q.dtype), num_warps=warps_for(bd), num_stages=2,
     )  # fmt: skip
     return o, lse
 
@@ -252,18 +255,21 @@ def cmp_attn_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, cmp_block, cmp_stride, scale
     if t_c == 0:
         return torch.zeros_like(q), torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
     bd = pow2_at_least_16(d)
-    common = dict(H=h, HKV=h_kv, G=g, D=d, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride, BD=bd)
+    common = dict(
+        H=h, HKV=h_kv, G=g, D=d, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride, BD=bd, DOT=dot_precision(q.dtype)
+    )
     dq = torch.empty_like(q)
     gp, bt = row_tile(g, 128)
+    # fp32 tiles are twice the bytes: a narrower compressed tile keeps the stages in shared memory.
     _cmp_bwd_dq_kernel[(triton.cdiv(t, bt), b * h_kv)](
         q, k_cmp, v_cmp, do, lse, delta, dq, scale, scale * LOG2E, t, t_c, q_offset,
-        GP=gp, BT=bt, BC=64, num_warps=warps_for(bd), **common,
+        GP=gp, BT=bt, BC=64 if q.element_size() <= 2 else 32, num_warps=warps_for(bd), num_stages=2, **common,
     )  # fmt: skip
     dk, dv = torch.empty_like(k_cmp), torch.empty_like(v_cmp)
     gp, bt = row_tile(g, 64)
     _cmp_bwd_dkdv_kernel[(triton.cdiv(t_c, 64), b * h_kv)](
         q, k_cmp, v_cmp, do, lse, delta, dk, dv, scale, scale * LOG2E, t, t_c, q_offset,
-        GP=gp, BT=bt, BC=64, num_warps=warps_for(bd), **common,
+        GP=gp, BT=bt, BC=64, num_warps=warps_for(bd), num_stages=2, **common,
     )  # fmt: skip
     return dq, dk, dv
 

@@ -20,7 +20,7 @@ Use it through `longctx.kernels.nsa_select_attn`.
 import torch
 import triton
 import triton.language as tl
-from longctx.kernels.nsa.tiles import LOG2E, pow2_at_least_16, row_tile, warps_for
+from longctx.kernels.nsa.tiles import LOG2E, dot_precision, pow2_at_least_16, row_tile, warps_for
 
 
 @triton.jit
@@ -47,6 +47,7 @@ def _select_fwd_kernel(
     BSP: tl.constexpr,
     BT: tl.constexpr,
     BD: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     i_tt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
@@ -90,7 +91,7 @@ def _select_fwd_kernel(
         b_k = tl.load(k + o_blk + o_kd, mask=m_kd, other=0.0)
         b_v = tl.load(v + o_blk + o_kd, mask=m_kd, other=0.0)
         m_s = (m_listed & m_r)[:, None] & m_k[None, :] & (o_k[None, :] + k_offset <= b_pos[:, None])
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2  # [BT * GP, BSP], log2 units
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * scale_log2  # [BT * GP, BSP], log2 units
         b_s = tl.where(m_s, b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         # A row that has seen no key keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
@@ -98,7 +99,7 @@ def _select_fwd_kernel(
         b_p = tl.exp2(b_s - b_shift[:, None])
         b_alpha = tl.exp2(b_m - b_shift)
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT)
         b_m = b_m_new
         # The next block of the union: the smallest listed block above this one.
         i_blk = tl.min(tl.where(b_idx > i_blk, b_idx, 0x7FFFFFFF))
@@ -137,6 +138,7 @@ def _select_bwd_dq_kernel(
     BSP: tl.constexpr,
     BT: tl.constexpr,
     BD: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     i_tt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
@@ -178,11 +180,11 @@ def _select_bwd_dq_kernel(
         b_k = tl.load(k + o_blk + o_kd, mask=m_kd, other=0.0)
         b_v = tl.load(v + o_blk + o_kd, mask=m_kd, other=0.0)
         m_s = (m_listed & m_r)[:, None] & m_k[None, :] & (o_k[None, :] + k_offset <= b_pos[:, None])
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * scale_log2
         b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.0)
-        b_dp = tl.dot(b_do, tl.trans(b_v))
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT)
         b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT)
         # The next block of the union: the smallest listed block above this one.
         i_blk = tl.min(tl.where(b_idx > i_blk, b_idx, 0x7FFFFFFF))
     tl.store(dq + o_row[:, None] + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_rd)
@@ -221,6 +223,7 @@ def _select_bwd_dkdv_kernel(
     BD: tl.constexpr,
     BT: tl.constexpr,
     CHUNK: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     i_item = tl.program_id(0)
     i_g = tl.load(item_group + i_item)
@@ -260,13 +263,13 @@ def _select_bwd_dkdv_kernel(
             o_lse = (i_b * H + i_h * G + o_rg).to(tl.int64) * T + b_t
             b_lse2 = tl.load(lse + o_lse, mask=m_r, other=0.0) * 1.4426950408889634
             b_delta = tl.load(delta + o_lse, mask=m_r, other=0.0)
-            b_st = tl.dot(b_k, tl.trans(b_q)) * scale_log2  # [BSP, BT * GP]
+            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT) * scale_log2  # [BSP, BT * GP]
             m_st = m_k[:, None] & m_r[None, :] & (o_k[:, None] + k_offset <= b_t[None, :] + q_offset)
             b_pt = tl.where(m_st, tl.exp2(b_st - b_lse2[None, :]), 0.0)
-            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
-            b_dpt = tl.dot(b_v, tl.trans(b_do))
+            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT)
+            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT)
             b_dst = b_pt * (b_dpt - b_delta[None, :])
-            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q)
+            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT)
         tl.atomic_add(dk + o_kv[:, None] + o_d[None, :], b_dk * scale, mask=m_kd)
         tl.atomic_add(dv + o_kv[:, None] + o_d[None, :], b_dv, mask=m_kd)
 
@@ -309,7 +312,8 @@ def select_attn_fwd(q, k, v, block_idx, block_size, scale, q_offset, k_offset):
     _select_fwd_kernel[(triton.cdiv(t, bt), b * h_kv)](
         q, k, v, block_idx, o, lse, scale * LOG2E, t, t_k, q_offset, k_offset,
         H=h, HKV=h_kv, G=g, GP=gp, D=d, N_SEL=n_sel, NSP=triton.next_power_of_2(n_sel),
-        BS=block_size, BSP=pow2_at_least_16(block_size), BT=bt, BD=bd, num_warps=warps_for(bd, bt * gp),
+        BS=block_size, BSP=pow2_at_least_16(block_size), BT=bt, BD=bd, DOT=dot_precision(q.dtype),
+        num_warps=warps_for(bd, bt * gp), num_stages=2,
     )  # fmt: skip
     return o, lse
 
@@ -364,7 +368,8 @@ def select_attn_bwd(q, k, v, block_idx, o, lse, do, dlse, block_size, scale, q_o
     _select_bwd_dq_kernel[(triton.cdiv(t, bt), b * h_kv)](
         q, k, v, block_idx, do, lse, delta, dq, scale, scale * LOG2E, t, t_k, q_offset, k_offset,
         H=h, HKV=h_kv, G=g, GP=gp, D=d, N_SEL=n_sel, NSP=triton.next_power_of_2(n_sel),
-        BS=block_size, BSP=bsp, BT=bt, BD=bd, num_warps=warps_for(bd, bt * gp),
+        BS=block_size, BSP=bsp, BT=bt, BD=bd, DOT=dot_precision(q.dtype),
+        num_warps=warps_for(bd, bt * gp), num_stages=2,
     )  # fmt: skip
 
     n_kblk = (k_offset + t_k + block_size - 1) // block_size
@@ -380,7 +385,7 @@ def select_attn_bwd(q, k, v, block_idx, o, lse, do, dlse, block_size, scale, q_o
         q, k, v, do, lse, delta, dk, dv, tokens, starts, counts, item_group, item_chunk,
         scale, scale * LOG2E, t, t_k, q_offset, k_offset, n_groups, n_kblk,
         H=h, HKV=h_kv, G=g, GP=gp, D=d, BS=block_size, BSP=bsp, BD=bd, BT=bt, CHUNK=chunk,
-        num_warps=warps_for(bd, bt * gp),
+        DOT=dot_precision(q.dtype), num_warps=warps_for(bd, bt * gp), num_stages=2,
     )  # fmt: skip
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 

@@ -30,7 +30,7 @@ Use it through `longctx.kernels.nsa_select_blocks`.
 import torch
 import triton
 import triton.language as tl
-from longctx.kernels.nsa.tiles import LOG2E, pow2_at_least_16, row_tile, warps_for
+from longctx.kernels.nsa.tiles import LOG2E, dot_precision, pow2_at_least_16, row_tile, warps_for
 
 
 @triton.jit
@@ -55,6 +55,7 @@ def _select_blocks_kernel(
     NJ: tl.constexpr,
     BT: tl.constexpr,
     BD: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
     HALO: tl.constexpr = CMP_BLOCK // CMP_STRIDE - 1
@@ -89,10 +90,8 @@ def _select_blocks_kernel(
     for j0 in range(0, last_blk + 1, NJ):
         o_c = j0 * R + o_cb
         m_c = o_c < TC
-        b_k = tl.load(
-            k + k_base + j0 * (R * HKV * D) + o_cd, mask=m_c[:, None] & m_d[None, :], other=0.0
-        )
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2  # [BT * GP, BC]
+        b_k = tl.load(k + k_base + j0 * (R * HKV * D) + o_cd, mask=m_c[:, None] & m_d[None, :], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * scale_log2  # [BT * GP, BC]
         m_vis = m_r[:, None] & m_c[None, :] & (o_c[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= b_pos[:, None])
         b_p = tl.where(m_vis, tl.exp2(b_s - b_lse2[:, None]), 0.0)
         b_p = tl.sum(tl.reshape(b_p, [BT, GP, BC]), 1)  # [BT, BC], summed over the group's heads
@@ -153,6 +152,7 @@ def select_blocks(q, k_cmp, lse_cmp, cmp_block, cmp_stride, slc_block, slc_top, 
     _select_blocks_kernel[(triton.cdiv(t, bt), b * h_kv)](
         q, k_cmp, lse_cmp, out, scale * LOG2E, t, t_c, q_offset,
         H=h, HKV=h_kv, G=g, GP=gp, D=d, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
-        SLC_BLOCK=slc_block, TOP=slc_top, NJ=nj, BT=bt, BD=bd, num_warps=warps_for(bd, 32),
+        SLC_BLOCK=slc_block, TOP=slc_top, NJ=nj, BT=bt, BD=bd, DOT=dot_precision(q.dtype),
+        num_warps=warps_for(bd, 32), num_stages=2,
     )  # fmt: skip
     return out

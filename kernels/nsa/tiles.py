@@ -4,6 +4,7 @@ The NSA kernels lay a program's rows out as query tokens x the query heads of on
 (row `r` = token `r // GP`, head `r % GP`), so every K/V tile a program loads serves the whole group.
 """
 
+import torch
 import triton
 
 LOG2E = 1.4426950408889634
@@ -23,5 +24,13 @@ def row_tile(n_heads_group: int, rows: int) -> tuple[int, int]:
 
 def warps_for(head_dim_tile: int, rows: int = 128) -> int:
     """Warps for the attention tiles: with 128-wide heads and 64+ rows, 8 warps keep the tiles in
-    registers without spills on sm_90 (checked with ptxas -v); smaller tiles fit in 4."""
+    registers without spills on sm_90 (checked with ptxas -v, 2 pipeline stages, bf16); smaller
+    tiles fit in 4."""
     return 8 if head_dim_tile > 64 and rows > 32 else 4
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot` input precision: exact ("ieee") for fp32 inputs, so fp32 on a GPU matches the fp32
+    reference (the block choice compares importances); the default tf32 otherwise, where it only
+    names the default (bf16 / fp16 operands are multiplied exactly)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
