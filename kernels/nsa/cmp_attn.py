@@ -13,7 +13,14 @@ Use it through `longctx.kernels.nsa_cmp_attn`.
 import torch
 import triton
 import triton.language as tl
-from longctx.kernels.nsa.tiles import LOG2E, dot_precision, pow2_at_least_16, row_tile, warps_for
+from longctx.kernels.nsa.common import (
+    LOG2E,
+    dot_precision,
+    pow2_at_least_16,
+    row_tile,
+    softmax_delta,
+    warps_for,
+)
 
 
 @triton.jit
@@ -248,10 +255,7 @@ def cmp_attn_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, cmp_block, cmp_stride, scale
     b, t, h, d = q.shape
     t_c, h_kv = k_cmp.shape[1], k_cmp.shape[2]
     g = h // h_kv
-    delta = (do.float() * o.float()).sum(-1).transpose(1, 2)  # [B, H, T]
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
+    delta = softmax_delta(o, do, dlse)  # [B, H, T]
     if t_c == 0:
         return torch.zeros_like(q), torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
     bd = pow2_at_least_16(d)

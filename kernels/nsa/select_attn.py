@@ -20,7 +20,14 @@ Use it through `longctx.kernels.nsa_select_attn`.
 import torch
 import triton
 import triton.language as tl
-from longctx.kernels.nsa.tiles import LOG2E, dot_precision, pow2_at_least_16, row_tile, warps_for
+from longctx.kernels.nsa.common import (
+    LOG2E,
+    dot_precision,
+    pow2_at_least_16,
+    row_tile,
+    softmax_delta,
+    warps_for,
+)
 
 
 @triton.jit
@@ -326,8 +333,8 @@ def transpose_block_idx(block_idx: torch.Tensor, n_kblk: int, t_k: int, chunk: i
     n_groups = b * h_kv * n_kblk
     dev = block_idx.device
     idx = block_idx.permute(0, 2, 1, 3)  # [B, H_kv, T, n]
-    bh = torch.arange(b * h_kv, device=dev, dtype=torch.int64).view(b, h_kv, 1, 1)
-    group = torch.where(idx >= 0, bh * n_kblk + idx.long(), n_groups).flatten()
+    bh = torch.arange(b * h_kv, device=dev, dtype=torch.int32).view(b, h_kv, 1, 1)
+    group = torch.where(idx >= 0, bh * n_kblk + idx, n_groups).flatten()  # int32: a cheaper radix sort
     # A stable sort keeps tokens ascending inside each group (they are ascending in the input).
     group_sorted, order = torch.sort(group, stable=True)
     tokens = (order // n % t).to(torch.int32)
@@ -356,11 +363,7 @@ def select_attn_bwd(q, k, v, block_idx, o, lse, do, dlse, block_size, scale, q_o
     b, t, h, d = q.shape
     t_k, h_kv = k.shape[1], k.shape[2]
     g = h // h_kv
-    # delta = rowsum(dO * O) - dlse: the softmax backward's row term, with the lse gradient folded in.
-    delta = (do.float() * o.float()).sum(-1).transpose(1, 2)  # [B, H, T]
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
+    delta = softmax_delta(o, do, dlse)  # [B, H, T]
     bd, bsp = pow2_at_least_16(d), pow2_at_least_16(block_size)
     n_sel = block_idx.shape[-1]
     gp, bt = row_tile(g, SELECT_ROWS)

@@ -30,7 +30,7 @@ Use it through `longctx.kernels.nsa_select_blocks`.
 import torch
 import triton
 import triton.language as tl
-from longctx.kernels.nsa.tiles import LOG2E, dot_precision, pow2_at_least_16, row_tile, warps_for
+from longctx.kernels.nsa.common import LOG2E, dot_precision, pow2_at_least_16, row_tile, warps_for
 
 
 @triton.jit
