@@ -94,7 +94,8 @@ def nsa_select_blocks(
     if use_triton(q, k_cmp, lse_cmp):
         from longctx.kernels.nsa import select_blocks as kernel
 
-        if kernel.supported(cmp_block, cmp_stride, slc_block):
+        # With no compressed token yet (T < cmp_block) every importance is 0: nothing to compute.
+        if kernel.supported(cmp_block, cmp_stride, slc_block) and k_cmp.shape[1] > 0:
             with torch.no_grad():
                 return kernel.select_blocks(
                     q, k_cmp, lse_cmp, cmp_block, cmp_stride, slc_block, slc_top, scale, q_offset

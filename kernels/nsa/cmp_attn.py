@@ -255,9 +255,9 @@ def cmp_attn_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, cmp_block, cmp_stride, scale
     b, t, h, d = q.shape
     t_c, h_kv = k_cmp.shape[1], k_cmp.shape[2]
     g = h // h_kv
-    delta = softmax_delta(o, do, dlse)  # [B, H, T]
     if t_c == 0:
         return torch.zeros_like(q), torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
+    delta = softmax_delta(o, do, dlse)  # [B, H, T]
     bd = pow2_at_least_16(d)
     common = dict(
         H=h, HKV=h_kv, G=g, D=d, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride, BD=bd, DOT=dot_precision(q.dtype)

@@ -5,7 +5,10 @@ block indices, `-1` unused), causal inside its own block. All `G = H / H_kv` que
 share the list, so one program takes the whole group as the M dimension of its matmuls and loads
 each listed K/V block once for all of them (NSA's "group-centric" loading).
 
-- forward / dq: one program per (token, kv head): `[G, D] x [D, block]` products, online softmax.
+- forward / dq: one program per (`BT` consecutive tokens, kv head); its rows are the tokens x the
+  group's heads (`BT = 1` when the group has 16 heads: the head group alone is the M dimension of
+  `[rows, D] x [D, block]`). It walks the ascending union of its tokens' lists, loading each block
+  once, masking the rows of tokens that did not list it and keys after each query (online softmax).
 - dk / dv: the index lists are transposed on the GPU into, per (kv head, key block), the sorted list
   of query tokens that selected it (a stable sort by block, no host sync). A program takes one chunk
   of at most `CHUNK` tokens of one block's list, streams `BT` tokens x `G` heads of q / dO per step

@@ -117,7 +117,7 @@ def _select_blocks_kernel(
 
     # b_top is sorted by importance, best first: keep the first TOP, list them in ascending order.
     m_keep = (o_j[None, :] < TOP) & (b_top >= 0)
-    b_blk = (0x7FFFFFFF - (b_top & 0xFFFFFFFF)).to(tl.int32)
+    b_blk = (0x7FFFFFFF - (b_top & 0x7FFFFFFF)).to(tl.int32)  # the low word is 2^31-1-j
     b_blk = tl.sort(tl.where(m_keep, b_blk, 0x7FFFFFFF))
     b_blk = tl.where(b_blk == 0x7FFFFFFF, -1, b_blk)
     o_out = ((i_b * T + o_tt).to(tl.int64) * HKV + i_h) * TOP
