@@ -197,6 +197,41 @@ def test_nsa_select_attn_check_can_fail():
         assert rel_err(o, select_attn_ref(q64, k64, v64, idx, bs, q_offset=1)) > 100 * TOL
 
 
+def test_nsa_kernels_in_half_precision(launches):
+    """fp16 inputs (the interpreter has no bf16): the kernels' error against fp64 stays within a small
+    multiple of the error the fp32-computing reference makes on the same fp16 inputs."""
+    case = SELECT_CASES["B2-T77-H4-Hkv2-D16-bs16"]
+    bs = case[5]
+    q, k, v, idx = select_inputs(*case)
+    n_cmp = num_cmp_blocks(case[1], 16, 8)
+    k_cmp, v_cmp = leaf(2, n_cmp, 2, 16), leaf(2, n_cmp, 2, 16)
+    ops = {
+        "select": (
+            lambda q, k, v: nsa_select_attn(q, k, v, idx, bs, return_lse=True),
+            lambda q, k, v: select_attn_ref(q, k, v, idx, bs, return_lse=True),
+            (q, k, v),
+        ),
+        "cmp": (
+            lambda q, kc, vc: nsa_cmp_attn(q, kc, vc, 16, 8, return_lse=True),
+            lambda q, kc, vc: cmp_attn_ref(q, kc, vc, 16, 8, return_lse=True),
+            (q, k_cmp, v_cmp),
+        ),
+    }
+
+    def flat(result):
+        o, lse, grads = result
+        return [o, lse, *grads]
+
+    for name, (kernel, ref, inputs) in ops.items():
+        half = [x.detach().half().requires_grad_() for x in inputs]
+        got = flat(outputs_and_grads(kernel, half))
+        low = flat(outputs_and_grads(ref, half))
+        best = flat(outputs_and_grads(ref, as_fp64(*half)))
+        for i, (a, lo, b) in enumerate(zip(got, low, best)):
+            assert rel_err(a, b) <= 3 * rel_err(lo, b) + 1e-6, f"{name}: output {i} (o, lse, grads)"
+    assert launches["select_attn_bwd"] == 1 and launches["cmp_attn_bwd"] == 1
+
+
 # B, T, H, H_kv, D, cmp_block, cmp_stride, q_offset
 CMP_CASES = {
     "B2-T77-H4-Hkv2-D16-L16-S8": (2, 77, 4, 2, 16, 16, 8, 0),
@@ -291,6 +326,17 @@ def test_nsa_compiled_kernels_match_reference_on_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "longctx.bench.nsa", "--check"]
     assert subprocess.run(cmd, env=env).returncode == 0
+
+
+@pytest.mark.slow
+def test_nsa_kernels_compile_for_h100():
+    """What only the GPU compiler rejects (matmul operands under 16, shared memory overflow) is
+    checked without a GPU: every launcher's kernels compiled for sm_90, in a process with Triton in
+    compiled mode (`python -m longctx.kernels.nsa.aot`)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "longctx.kernels.nsa.aot", "--quick"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def small_mixer(t_window=32):
