@@ -11,6 +11,7 @@ from torch import nn
 
 from longctx.parallel.dense import AllGatherDenseCore
 from longctx.parallel.linear import StatePassingLinearCore
+from longctx.parallel.nsa import ContextParallelNSACore
 from longctx.parallel.ring import RingDenseCore
 from longctx.parallel.ulysses import UlyssesDenseCore
 
@@ -39,7 +40,7 @@ def _unsupported(letter: str, name: str, issue: int):
 CP_CORES = {
     "D": _dense_core,
     "S": _unsupported("S", "S2 sparse attention", 10),
-    "N": _unsupported("N", "native sparse attention", 10),
+    "N": lambda core, group, cp_comm: ContextParallelNSACore(core.cfg, group),
     "L": lambda core, group, cp_comm: StatePassingLinearCore(group),
 }
 
