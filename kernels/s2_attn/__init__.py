@@ -35,8 +35,10 @@ def _check_args(q, k, v, block_size, local_blocks, vert_stride, dense_heads):
 
 def _triton_limits(q, k, block_size) -> str | None:
     """Why the Triton kernels cannot take these inputs, or None when they can."""
-    if block_size % 16 != 0:
-        return f"block_size must be a multiple of 16 for the Triton kernels (tl.dot tiles), got {block_size}"
+    if block_size < 16 or block_size & (block_size - 1):
+        return (
+            f"block_size must be a power of two >= 16 for the Triton kernels (tile shapes), got {block_size}"
+        )
     if q.shape[3] > 256:
         return f"head dim must be <= 256 for the Triton kernels, got {q.shape[3]}"
     if q.shape[1] == 0 or k.shape[1] == 0:
@@ -63,8 +65,8 @@ def s2_attn(
         q: `[B, Tq, H, D]` queries.
         k, v: `[B, Tk, H_kv, D]` keys and values, `H % H_kv == 0` (GQA: head `h` reads kv head
             `h // (H // H_kv)`).
-        block_size: tokens per block (a multiple of 16 for the Triton kernels; other sizes use the
-            reference).
+        block_size: tokens per block (the Triton kernels take powers of two >= 16; other sizes use
+            the reference).
         local_blocks: blocks of the local window, the diagonal block included.
         vert_stride: every `vert_stride`-th block is visible, at an offset that differs by head.
         dense_heads: the last `dense_heads` heads attend densely (causal).
@@ -75,7 +77,8 @@ def s2_attn(
             the global block index of each consecutive `block_size`-token block of q / k (default
             `0..n-1`, a whole sequence). With them a context-parallel rank passes its (zigzag) query
             shard and any gathered set of key blocks and gets exactly those rows of the full S2
-            attention restricted to those keys. Only the global last block may be partial.
+            attention restricted to those keys. Only the global last block may be partial. Pass
+            them as CPU tensors (or lists): they key the cached block lists, and CUDA ids cost a sync.
     Returns:
         `o` `[B, Tq, H, D]` in q's dtype, or `(o, lse)`. Rows that see no key give `o = 0`,
         `lse = -inf`.

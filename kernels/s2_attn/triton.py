@@ -36,15 +36,24 @@ from longctx.kernels.common.backend import interpreting
 from longctx.kernels.s2_attn.blocks import S2BlockLists, TileLists, check_block_ids, s2_block_lists
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# Kernels may only read constexpr globals.
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _load_rows(p_base, o_t, stride_t, o_d, m_t, D: tl.constexpr, BD: tl.constexpr, MASK_T: tl.constexpr):
-    """Rows `o_t` (x head dim) of a `[T, D]` slice; masks padded rows only when `MASK_T`."""
-    ptrs = p_base + o_t[:, None].to(tl.int64) * stride_t + o_d[None, :]
+def _load_rows(
+    p_base, start, stride_t, T, B: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, MASK_T: tl.constexpr
+):
+    """Rows `start .. start + B` (x head dim) of a `[T, D]` slice; masks rows past `T` only when `MASK_T`.
+
+    The row offset is one int64 scalar; offsets within the tile stay int32.
+    """
+    o_b = tl.arange(0, B)
+    o_d = tl.arange(0, BD)
+    ptrs = p_base + start.to(tl.int64) * stride_t + (o_b[:, None] * stride_t + o_d[None, :])
     if MASK_T:
-        x = tl.load(ptrs, mask=m_t[:, None] & (o_d[None, :] < D), other=0.0)
+        x = tl.load(ptrs, mask=((start + o_b) < T)[:, None] & (o_d[None, :] < D), other=0.0)
     elif BD != D:
         x = tl.load(ptrs, mask=o_d[None, :] < D, other=0.0)
     else:
@@ -54,7 +63,7 @@ def _load_rows(p_base, o_t, stride_t, o_d, m_t, D: tl.constexpr, BD: tl.constexp
 
 @triton.jit
 def _tile_rows(order, i_p, BS: tl.constexpr, BT: tl.constexpr):
-    """The tile (a list row) and the tensor rows of program `i_p` for outer tiles of `BT` rows."""
+    """The tile (a list row) and the first tensor row of program `i_p` for outer tiles of `BT` rows."""
     if BT <= BS:
         n_sub: tl.constexpr = BS // BT
         i_tile = tl.load(order + i_p // n_sub)
@@ -62,7 +71,7 @@ def _tile_rows(order, i_p, BS: tl.constexpr, BT: tl.constexpr):
     else:
         i_tile = tl.load(order + i_p)
         start = i_tile * BT
-    return i_tile, start + tl.arange(0, BT)
+    return i_tile, start
 
 
 @triton.jit
@@ -80,14 +89,13 @@ def _fwd_walk(
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over the key blocks `indices[lo:hi]`; `MASK` applies S2's token rule."""
-    o_d = tl.arange(0, BD)
     for e in range(lo, hi):
         i_kb = tl.load(indices + e)
         for n in tl.static_range(0, BS, BN):
             o_n = i_kb * BS + n + tl.arange(0, BN)
             m_n = o_n < T_k
-            b_k = _load_rows(p_k, o_n, stride_kt, o_d, m_n, D, BD, MASK)
-            b_v = _load_rows(p_v, o_n, stride_vt, o_d, m_n, D, BD, MASK)
+            b_k = _load_rows(p_k, i_kb * BS + n, stride_kt, T_k, BN, D, BD, MASK)
+            b_v = _load_rows(p_v, i_kb * BS + n, stride_vt, T_k, BN, D, BD, MASK)
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN], log2 units
             if MASK:
                 kb = tl.load(k_ids + i_kb)
@@ -122,7 +130,8 @@ def _s2_fwd_kernel(
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // n_heads, i_bh % n_heads
     i_hk = i_h // group
-    i_tile, o_m = _tile_rows(order, i_m, BS, BM)
+    i_tile, start = _tile_rows(order, i_m, BS, BM)
+    o_m = start + tl.arange(0, BM)
     m_m = o_m < T_q
     qb_m = tl.load(q_ids + o_m // BS, mask=m_m, other=0)  # global block of each row
     pos_m = qb_m * BS + o_m % BS
@@ -131,7 +140,7 @@ def _s2_fwd_kernel(
     p_k = k + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh
     p_v = v + i_b.to(tl.int64) * stride_vb + i_hk * stride_vh
     b_q = _load_rows(
-        q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh, o_m, stride_qt, o_d, m_m, D, BD, True
+        q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh, start, stride_qt, T_q, BM, D, BD, True
     )
 
     row = i_h * n_tiles + i_tile
@@ -154,7 +163,7 @@ def _s2_fwd_kernel(
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
     acc = acc / l_safe[:, None]
-    b_lse = tl.where(seen, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
+    b_lse = tl.where(seen, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
     p_o = o + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + o_m[:, None].to(tl.int64) * stride_ot
     tl.store(p_o + o_d[None, :], acc.to(o.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < D))
     tl.store(lse + i_bh.to(tl.int64) * T_q + o_m, b_lse, mask=m_m)
@@ -170,11 +179,10 @@ def _s2_bwd_preprocess_kernel(
     i_b, i_h = i_bh // n_heads, i_bh % n_heads
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < T_q
-    o_d = tl.arange(0, BD)
     p_o = o + i_b.to(tl.int64) * stride_ob + i_h * stride_oh
     p_do = do + i_b.to(tl.int64) * stride_dob + i_h * stride_doh
-    b_o = _load_rows(p_o, o_m, stride_ot, o_d, m_m, D, BD, True).to(tl.float32)
-    b_do = _load_rows(p_do, o_m, stride_dot, o_d, m_m, D, BD, True).to(tl.float32)
+    b_o = _load_rows(p_o, i_m * BM, stride_ot, T_q, BM, D, BD, True).to(tl.float32)
+    b_do = _load_rows(p_do, i_m * BM, stride_dot, T_q, BM, D, BD, True).to(tl.float32)
     b_delta = tl.sum(b_o * b_do, 1)
     if HAS_DLSE:
         b_delta -= tl.load(dlse + i_bh.to(tl.int64) * T_q + o_m, mask=m_m, other=0.0)
@@ -188,14 +196,13 @@ def _dq_walk(
     D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    o_d = tl.arange(0, BD)
     for e in range(lo, hi):
         i_kb = tl.load(indices + e)
         for n in tl.static_range(0, BS, BN):
             o_n = i_kb * BS + n + tl.arange(0, BN)
             m_n = o_n < T_k
-            b_k = _load_rows(p_k, o_n, stride_kt, o_d, m_n, D, BD, MASK)
-            b_v = _load_rows(p_v, o_n, stride_vt, o_d, m_n, D, BD, MASK)
+            b_k = _load_rows(p_k, i_kb * BS + n, stride_kt, T_k, BN, D, BD, MASK)
+            b_v = _load_rows(p_v, i_kb * BS + n, stride_vt, T_k, BN, D, BD, MASK)
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
             if MASK:
                 kb = tl.load(k_ids + i_kb)
@@ -223,7 +230,8 @@ def _s2_bwd_dq_kernel(
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // n_heads, i_bh % n_heads
     i_hk = i_h // group
-    i_tile, o_m = _tile_rows(order, i_m, BS, BM)
+    i_tile, start = _tile_rows(order, i_m, BS, BM)
+    o_m = start + tl.arange(0, BM)
     m_m = o_m < T_q
     qb_m = tl.load(q_ids + o_m // BS, mask=m_m, other=0)
     pos_m = qb_m * BS + o_m % BS
@@ -232,12 +240,12 @@ def _s2_bwd_dq_kernel(
     p_k = k + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh
     p_v = v + i_b.to(tl.int64) * stride_vb + i_hk * stride_vh
     b_q = _load_rows(
-        q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh, o_m, stride_qt, o_d, m_m, D, BD, True
+        q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh, start, stride_qt, T_q, BM, D, BD, True
     )
     b_do = _load_rows(
-        do + i_b.to(tl.int64) * stride_dob + i_h * stride_doh, o_m, stride_dot, o_d, m_m, D, BD, True
+        do + i_b.to(tl.int64) * stride_dob + i_h * stride_doh, start, stride_dot, T_q, BM, D, BD, True
     )
-    b_lse = tl.load(lse + i_bh.to(tl.int64) * T_q + o_m, mask=m_m, other=float("inf")) * LOG2E
+    b_lse = tl.load(lse + i_bh.to(tl.int64) * T_q + o_m, mask=m_m, other=float("inf")) * _LOG2E
     # A row that saw no key (lse = -inf) gets p = 0 instead of exp2(+inf).
     b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
     b_delta = tl.load(delta + i_bh.to(tl.int64) * T_q + o_m, mask=m_m, other=0.0)
@@ -271,21 +279,20 @@ def _dkdv_walk(
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Accumulate dK, dV `[BN, BD]` over the query blocks `indices[lo:hi]` (scores transposed, `[BN, BM]`)."""
-    o_d = tl.arange(0, BD)
     for e in range(lo, hi):
         i_qb = tl.load(indices + e)
         for m in tl.static_range(0, BS, BM):
             o_m = i_qb * BS + m + tl.arange(0, BM)
             m_m = o_m < T_q
-            b_q = _load_rows(p_q, o_m, stride_qt, o_d, m_m, D, BD, MASK)
-            b_do = _load_rows(p_do, o_m, stride_dot, o_d, m_m, D, BD, MASK)
+            b_q = _load_rows(p_q, i_qb * BS + m, stride_qt, T_q, BM, D, BD, MASK)
+            b_do = _load_rows(p_do, i_qb * BS + m, stride_dot, T_q, BM, D, BD, MASK)
             if MASK:
                 # Padded query rows get lse = +inf, hence p = 0; so do rows that saw no key.
-                b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf")) * LOG2E
+                b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf")) * _LOG2E
                 b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
                 b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
             else:
-                b_lse = tl.load(p_lse + o_m) * LOG2E
+                b_lse = tl.load(p_lse + o_m) * _LOG2E
                 b_delta = tl.load(p_delta + o_m)
             b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale  # [BN, BM]
             if MASK:
@@ -313,17 +320,18 @@ def _s2_bwd_dkdv_kernel(
 ):  # fmt: skip
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = i_bh // n_kv_heads, i_bh % n_kv_heads
-    i_tile, o_n = _tile_rows(order, i_n, BS, BN)
+    i_tile, start = _tile_rows(order, i_n, BS, BN)
+    o_n = start + tl.arange(0, BN)
     m_n = o_n < T_k
     kb_n = tl.load(k_ids + o_n // BS, mask=m_n, other=0)
     pos_n = kb_n * BS + o_n % BS
     o_d = tl.arange(0, BD)
 
     b_k = _load_rows(
-        k + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh, o_n, stride_kt, o_d, m_n, D, BD, True
+        k + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh, start, stride_kt, T_k, BN, D, BD, True
     )
     b_v = _load_rows(
-        v + i_b.to(tl.int64) * stride_vb + i_hk * stride_vh, o_n, stride_vt, o_d, m_n, D, BD, True
+        v + i_b.to(tl.int64) * stride_vb + i_hk * stride_vh, start, stride_vt, T_k, BN, D, BD, True
     )
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
@@ -360,14 +368,15 @@ Config = tuple[int, int, int, int]
 _tuned: dict = {}
 
 
-def _candidates(block_size: int, bd: int) -> list[Config]:
-    """Tile configurations worth timing: outer tiles of half a block to two blocks (<= 128 rows),
-    inner tiles of half or a whole block (<= 64 rows)."""
-    outer = [
-        t for t in (2 * block_size, block_size, block_size // 2) if 16 <= t <= (128 if bd <= 128 else 64)
-    ]
-    inner = [t for t in (block_size, block_size // 2) if 16 <= t <= 64]
-    return [(o, i, w, s) for o in outer for i in inner for w in (4, 8) for s in (2, 3)]
+def _candidates(block_size: int, bd: int, elem_bytes: int = 2) -> list[Config]:
+    """Tile configurations worth timing: the three largest outer tiles (<= 128 rows; a divisor of the
+    block or two blocks), the two largest inner tiles (<= 64 rows, dividing the block). fp32 inputs
+    and head dims over 128 halve the limits (registers and shared memory)."""
+    small = elem_bytes > 2 or bd > 128
+    top_outer, top_inner = (64, 32) if small else (128, 64)
+    outer = [t for t in (128, 64, 32, 16) if t <= top_outer and (t == 2 * block_size or block_size % t == 0)]
+    inner = [t for t in (64, 32, 16) if t <= top_inner and block_size % t == 0]
+    return [(o, i, w, s) for o in outer[:3] for i in inner[:2] for w in (4, 8) for s in (2, 3)]
 
 
 def _check_tiles(block_size: int, tiles: tuple[int, int]) -> None:
@@ -380,11 +389,11 @@ def _check_tiles(block_size: int, tiles: tuple[int, int]) -> None:
         )
 
 
-def _run_tuned(name: str, key: tuple, launch, block_size: int, bd: int, tiles) -> None:
+def _run_tuned(name: str, key: tuple, launch, block_size: int, bd: int, elem_bytes: int, tiles) -> None:
     """Launch with `tiles` if given (or one fixed config under the interpreter), else the fastest
     candidate for `key`, timed on first use."""
     if tiles is not None or interpreting():
-        outer, inner = tiles if tiles is not None else (block_size, min(block_size, 64))
+        outer, inner = tiles if tiles is not None else (min(block_size, 64), min(block_size, 64))
         _check_tiles(block_size, (outer, inner))
         launch((outer, inner, 4, 2))
         return
@@ -393,7 +402,7 @@ def _run_tuned(name: str, key: tuple, launch, block_size: int, bd: int, tiles) -
         from triton.testing import do_bench
 
         timings, errors = {}, []
-        for config in _candidates(block_size, bd):
+        for config in _candidates(block_size, bd, elem_bytes):
             try:
                 timings[config] = do_bench(lambda c=config: launch(c), warmup=5, rep=20)
             except Exception as e:  # a config that does not compile or fit (shared memory, registers)
@@ -451,7 +460,7 @@ def s2_attn_fwd(q, k, v, lists: S2BlockLists, block_size: int, scale: float, til
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
-    _run_tuned("fwd", _tune_key(q, k, lists, block_size), launch, block_size, bd, tiles)
+    _run_tuned("fwd", _tune_key(q, k, lists, block_size), launch, block_size, bd, q.element_size(), tiles)
     return o, lse
 
 
@@ -498,8 +507,8 @@ def s2_attn_bwd(do, dlse, q, k, v, o, lse, lists: S2BlockLists, block_size: int,
             D=d, BD=bd, BS=block_size, BM=bm, BN=bn, PRECISION=precision, num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
-    _run_tuned("dq", key, launch_dq, block_size, bd, tiles)
-    _run_tuned("dkdv", key, launch_dkdv, block_size, bd, tiles)
+    _run_tuned("dq", key, launch_dq, block_size, bd, q.element_size(), tiles)
+    _run_tuned("dkdv", key, launch_dkdv, block_size, bd, q.element_size(), tiles)
     return dq, dk, dv
 
 
