@@ -5,6 +5,7 @@ plain PyTorch reference (`naive.py`) elsewhere. The Triton module is imported on
 package imports on any machine and the interpreter setting is read when a kernel is first needed.
 """
 
+import torch
 from longctx.kernels.common import get_backend, use_triton
 from longctx.kernels.s2_attn.blocks import check_block_ids
 from longctx.kernels.s2_attn.naive import s2_attn_ref, s2_block_mask, s2_token_mask
@@ -41,6 +42,8 @@ def _triton_limits(q, k, block_size) -> str | None:
         )
     if q.shape[3] > 256:
         return f"head dim must be <= 256 for the Triton kernels, got {q.shape[3]}"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the Triton kernels take fp16, bf16 or fp32, got {q.dtype}"
     if q.shape[1] == 0 or k.shape[1] == 0:
         return "empty sequences"
     return None

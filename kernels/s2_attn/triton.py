@@ -557,6 +557,8 @@ def s2_attn_triton(
     take `outer` query rows and `inner` key rows, dK/dV `outer` key rows and `inner` query rows.
     """
     t_q, t_k = q.shape[1], k.shape[1]
+    # One dtype for every tl.dot operand (a cast is a no-op when they already agree).
+    k, v = k.to(q.dtype), v.to(q.dtype)
     q_ids = check_block_ids(q_block_ids, t_q, block_size, "q_block_ids")
     k_ids = check_block_ids(k_block_ids, t_k, block_size, "k_block_ids")
     lists = s2_block_lists(
