@@ -148,3 +148,30 @@ def test_nsa_context_parallel_matches_one_process(world):
     # Compressor parameters: each rank holds the gradient of its own tokens; together the whole one.
     for i, p in enumerate((*ck.parameters(), *cv.parameters())):
         assert torch.allclose(sum(r[2][i] for r in results), p.grad, atol=1e-10)
+
+
+def _s2_worker(rank, world, cfg, q, k, v, do):
+    from longctx.parallel.s2 import ContextParallelS2Core
+
+    return _run_core(rank, world, lambda: ContextParallelS2Core(cfg, None), (q, k, v), do)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("n_kv,dense", [(4, 0), (2, 1)], ids=["mha", "gqa-dense1"])
+def test_s2_context_parallel_matches_one_process(world, n_kv, dense):
+    from longctx.config import S2Config
+    from longctx.kernels.s2_attn import s2_attn_ref
+
+    cfg = S2Config(block_size=4, local_blocks=2, vert_stride=4, dense_heads=dense)
+    t, b, h, d = 2 * world * 3 * 4, 2, 4, 8  # 3 blocks per zigzag chunk
+    q = torch.randn(b, t, h, d, dtype=torch.float64)
+    k, v = torch.randn(b, t, n_kv, d, dtype=torch.float64), torch.randn(b, t, n_kv, d, dtype=torch.float64)
+    do = torch.randn(b, t, h, d, dtype=torch.float64)
+    ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = s2_attn_ref(*ref_in, cfg.block_size, cfg.local_blocks, cfg.vert_stride, cfg.dense_heads)
+    ref.backward(do)
+    results = spawn(_s2_worker, world, (cfg, q, k, v, do))
+    o, grads = _gather(results)
+    assert torch.allclose(o, ref.detach(), atol=1e-12)
+    for grad, x in zip(grads, ref_in):
+        assert torch.allclose(grad, x.grad, atol=1e-12)
