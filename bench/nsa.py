@@ -168,6 +168,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-breakdown", dest="breakdown", action="store_false")
     parser.add_argument("--check", action="store_true", help="compare with the reference and exit")
     parser.add_argument("--no-save", dest="save", action="store_false")
+    parser.add_argument("--out", help="results JSON (default bench/results/<device>-<date>.json)")
     args = parser.parse_args(argv)
     args.lengths = [int(x) for x in args.lengths.split(",")]
     args.select_rows = [int(x) for x in args.select_rows.split(",")]
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
     )
     print(f"break-even: {'none in the measured lengths' if t_even is None else f'T = {t_even}'}")
     if args.save:
-        print("results:", write_results("nsa", records))
+        print("results:", write_results("nsa", records, path=args.out))
     return 0
 
 

@@ -40,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--impls", nargs="+", default=["s2", "dense", "flex"], choices=["s2", "dense", "flex"])
     p.add_argument("--flex-block", type=int, default=None, help="Flex sparse block (default: --block-size)")
     p.add_argument("--no-write", action="store_true", help="print only, do not write bench/results")
+    p.add_argument("--out", help="results JSON (default bench/results/<device>-<date>.json)")
     return p.parse_args(argv)
 
 
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
     print(f"s2_attn on {device_name()}: B={args.batch} H={args.heads} hd={args.head_dim} bf16", flush=True)
     records = run(args)
     if not args.no_write:
-        print(f"wrote {write_results('s2_attn', records)}")
+        print(f"wrote {write_results('s2_attn', records, path=args.out)}")
     return 0
 
 

@@ -67,6 +67,16 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 
+BENCHES = ("kernels", "train", "comm", "report")
+
+
+def cmd_bench(args) -> int:
+    import importlib
+
+    module = importlib.import_module(f"longctx.bench.{args.which}")
+    return module.main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longctx", description="Long-context LM training runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("prepare", help="tokenize data.source into a cached Megatron indexed dataset")
     _add_config_args(p)
     p.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks: kernels | train (GPU), comm (any machine), report (README table + plot)",
+        description="Run a benchmark; options after the name go to it (e.g. `longctx bench comm --help`).",
+    )
+    p.add_argument("which", choices=BENCHES)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench, raw=True)
     return parser
 
 
@@ -92,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come before or after options (launchers append their own arguments).
     args, extra = parser.parse_known_args(argv)
+    if getattr(args, "raw", False):
+        args.bench_args = [*args.bench_args, *extra]
+        extra = []
     stray = [a for a in extra if a.startswith("-") or "=" not in a]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
