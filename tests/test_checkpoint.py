@@ -200,11 +200,29 @@ def test_atomic_save_keeps_the_previous_checkpoint_on_failure_and_prunes(tmp_pat
 
 def test_async_save_resumes_exactly(runs):
     straight = runs.train("async-straight", "train.steps=6", in_process=True)
-    common = ["train.async_ckpt=true", "train.ckpt_every=1"]
-    runs.train("async-resumed", "train.steps=3", *common, in_process=True)
-    resumed = runs.train("async-resumed", "train.steps=6", *common, in_process=True)
-    assert_exact(losses(resumed), losses(straight), atol=0)
-    assert [p.name for p in list_checkpoints(resumed)] == ["step_0000005", "step_0000006"]
+    # Each checkpoint is written on a background thread while the next steps change the weights, so
+    # the save must have staged a copy; step 3's is then resumed from in a new run.
+    saver = runs.train(
+        "async-saver",
+        "train.steps=6",
+        "train.async_ckpt=true",
+        "train.ckpt_every=1",
+        "train.keep_last=0",
+        in_process=True,
+    )
+    assert len(list_checkpoints(saver)) == 6
+    step3 = saver / "checkpoints" / "step_0000003"
+    resumed = runs.train("async-resumed", "train.steps=6", f"train.resume={step3}", in_process=True)
+    assert [r["step"] for r in metrics(resumed)] == [4, 5, 6]
+    assert_exact(losses(resumed), losses(straight)[3:], atol=0)
+    # The comparison can fail: a checkpoint whose data-loader position is one sample off resumes wrong.
+    shifted = runs.root / "shifted" / "step_0000003"
+    shutil.copytree(step3, shifted)
+    meta = json.loads((shifted / "meta.json").read_text())
+    meta["sampler"]["position"] += 1
+    (shifted / "meta.json").write_text(json.dumps(meta))
+    wrong = runs.train("async-shifted", "train.steps=4", f"train.resume={shifted}", in_process=True)
+    assert abs(losses(wrong)[0] - losses(straight)[3]) > 1e-3
 
 
 def test_resume_errors_name_the_parameter_or_the_file(runs, tmp_path, capsys):
@@ -229,6 +247,11 @@ def test_resume_errors_name_the_parameter_or_the_file(runs, tmp_path, capsys):
     shutil.copytree(ckpt, broken)
     (broken / "meta.json").write_text("{not json")
     assert f"'{broken / 'meta.json'}' is not valid JSON" in fails(f"train.resume={broken}")
+    shutil.copy(ckpt / "meta.json", broken / "meta.json")
+    (broken / "state" / "__0_0.distcp").unlink()
+    assert f"checkpoint file '{broken / 'state' / '__0_0.distcp'}' is missing" in fails(
+        f"train.resume={broken}"
+    )
     (broken / "meta.json").unlink()
     assert "is incomplete (no meta.json" in fails(f"train.resume={broken}")
 

@@ -1,9 +1,11 @@
 """Checkpoints: the full training state, written atomically, loaded at any data/context-parallel degree.
 
     ckpt = Checkpointer(run_dir, cfg, dist_info)
-    ckpt.save(step, engine, state)          # every rank; state = trainer counters, sampler, config
+    ckpt.save(step, engine, {"tokens": n, "sampler": sampler.state_dict(), "params": param_shapes(model)})
+    ckpt.wait()                             # finish an asynchronous save (train.async_ckpt)
     path = find_resume(cfg, run_dir)        # train.resume: auto | none | a path
-    meta = ckpt.load(path, engine)          # every rank; returns meta.json's contents
+    meta = ckpt.load(path, engine, param_shapes(model))   # every rank; returns meta.json's contents
+    weights = full_weights(path)            # unsharded model weights, one process, either engine
 
 Layout of `run_dir/checkpoints/`:
 
@@ -39,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from longctx.config import Config, config_to_dict
-from longctx.train.checkpoint_io import dcp_full_weights, deepspeed_full_weights
+from longctx.train.checkpoint_io import dcp_errors, dcp_full_weights, deepspeed_full_weights
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -278,7 +280,8 @@ class Checkpointer:
         future, tmp, meta = self.pending
         self.pending = None
         if future is not None:
-            future.result()
+            with dcp_errors(tmp):
+                future.result()
         self.info.barrier()
         if self.info.is_main:
             _write_json(tmp / META, meta)

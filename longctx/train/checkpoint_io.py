@@ -26,6 +26,23 @@ import torch.distributed as dist
 
 
 @contextlib.contextmanager
+def dcp_errors(path: Path):
+    """DCP reports a failure as `CheckpointException` (a BaseException holding every rank's error):
+    raise the first rank's error itself, a missing file named."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        rank, (error, _) = next(iter(e.failures.items()))
+        if isinstance(error, FileNotFoundError):
+            raise FileNotFoundError(f"checkpoint file {error.filename!r} is missing (rank {rank})") from None
+        if isinstance(error, Exception):
+            raise error from None
+        raise ValueError(f"checkpoint {str(path)!r}: rank {rank} failed: {error!r}") from None
+
+
+@contextlib.contextmanager
 def quiet_single_process():
     """DCP warns on every call made without a process group; one-process use is intended here."""
     with warnings.catch_warnings():
@@ -111,7 +128,7 @@ def dcp_load(state: dict, path: Path, process_group=None) -> None:
             raise ValueError(
                 f"{str(path)!r}: {key!r} has shape {saved[key]} in the checkpoint but {list(t.shape)} here"
             )
-    with quiet_single_process():
+    with dcp_errors(path), quiet_single_process():
         dcp.load(
             state,
             storage_reader=dcp_reader(path),
@@ -132,7 +149,7 @@ def dcp_full_weights(path: Path) -> dict[str, torch.Tensor]:
     for key, md in metadata.state_dict_metadata.items():
         if key.startswith("model.") and isinstance(md, TensorStorageMetadata):
             weights[key[len("model.") :]] = torch.empty(list(md.size), dtype=md.properties.dtype)
-    with quiet_single_process():
+    with dcp_errors(path), quiet_single_process():
         dcp.load({"model": weights}, storage_reader=dcp_reader(path), no_dist=True)
     return weights
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from longctx.config import Config
-from longctx.train.checkpoint_io import dcp_load, quiet_single_process, weights_only_torch_load
+from longctx.train.checkpoint_io import dcp_errors, dcp_load, quiet_single_process, weights_only_torch_load
 from longctx.train.distributed import DistInfo, MegatronMPU
 from longctx.train.optim import build_optimizer, build_scheduler
 
@@ -86,7 +86,7 @@ class TorchEngine:
         }
         writer = dcp.FileSystemWriter(str(Path(path) / "state"))
         one_process = not torch.distributed.is_initialized()
-        with quiet_single_process():
+        with dcp_errors(path), quiet_single_process():
             if async_save:
                 result = dcp.async_save(
                     state, storage_writer=writer, process_group=process_group, no_dist=one_process

@@ -82,9 +82,15 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return
-    keep = [
-        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
-    ]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            # A line cut short by a killed writer.
+            continue
+        if record["step"] <= step:
+            keep.append(line)
     tmp = path.with_name(".metrics.jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
@@ -179,8 +185,8 @@ class Trainer:
             self.metrics.write(f"resumed from {resume_from} at step {self.step}{how}")
             if self.step >= cfg.train.steps:
                 self.metrics.write(
-                    f"step {self.step} already reaches train.steps={cfg.train.steps}: nothing to train; raise "
-                    "train.steps to continue, or start afresh with train.resume=none"
+                    f"step {self.step} already reaches train.steps={cfg.train.steps}: nothing to train; "
+                    "raise train.steps to continue, or start afresh with train.resume=none"
                 )
         elif init_note:
             self.metrics.write(init_note)
