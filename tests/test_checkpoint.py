@@ -37,8 +37,12 @@ def cp_layers() -> str:
     model = build_model(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, layers="DL"))
     try:
         parallelize_model(model, None, "allgather")
-    except ValueError:
-        return "D"
+    except ValueError as e:
+        if "context-parallel yet" in str(e):
+            return "D"
+    except Exception:
+        # Supported, but wants a real process group to be built.
+        pass
     return "DL"
 
 
@@ -92,6 +96,16 @@ class Runs:
 
     def checkpoint(self, engine: str, step: int) -> Path:
         return self.resumed(engine) / "checkpoints" / f"step_{step:07d}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # In-process runs share 2 busy cores with torchrun launches and other jobs: two torch threads
+    # there run several times slower than one (the launched runs get OMP_NUM_THREADS=1 the same way).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
