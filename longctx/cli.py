@@ -3,6 +3,7 @@
 longctx train --config configs/tiny.yaml train.steps=30 train.run_dir=runs/x
 longctx tokenizer train --config configs/tiny.yaml --out runs/tok.model
 longctx data prepare --config configs/tiny.yaml data.source=corpus/ data.cache_dir=.cache/longctx
+longctx export --run runs/x --out exported/x
 """
 
 import argparse
@@ -77,6 +78,15 @@ def cmd_bench(args) -> int:
     return module.main(args.bench_args)
 
 
+def cmd_export(args) -> int:
+    from longctx.export import export_checkpoint, find_checkpoint
+
+    checkpoint = find_checkpoint(args.run, args.checkpoint)
+    out = export_checkpoint(checkpoint, args.out)
+    print(f"exported {checkpoint} to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longctx", description="Long-context LM training runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("which", choices=BENCHES)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench, raw=True)
+
+    p = sub.add_parser("export", help="write a checkpoint's full weights (safetensors) and model config")
+    p.add_argument("--run", help="run directory (its latest checkpoint unless --checkpoint is given)")
+    p.add_argument("--checkpoint", help="a checkpoint directory, or its name inside RUN/checkpoints/")
+    p.add_argument("--out", required=True, help="directory to write model.safetensors and config.json to")
+    p.set_defaults(func=cmd_export, overrides=[])
     return parser
 
 
@@ -114,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "raw", False):
         args.bench_args = [*args.bench_args, *extra]
         extra = []
-    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "config")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
