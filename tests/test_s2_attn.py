@@ -6,14 +6,6 @@ local blocks, strides 2 to 8, 4 and 8 heads, GQA, dense heads, sub-block tiles, 
 block-id subsets (a zigzag query shard against sparse key subsets, merged back into full rows).
 """
 
-# ruff: noqa: E402 (the environment must be set before the imports below)
-import os
-
-# Before anything imports triton: @triton.jit (triton.language's own helpers included) reads
-# TRITON_INTERPRET when a function is decorated. The module fixture below restores the old value
-# after these tests, so later modules (training runs) keep the reference on CPU.
-_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch
@@ -33,13 +25,14 @@ TOL = 1e-4
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpret():
-    """Interpret the kernels on CPU while this module runs; put the old setting back afterwards."""
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if _PREVIOUS_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+    """Interpret the kernels on CPU while this module runs (conftest imported Triton for the
+    interpreter); put the old setting back afterwards, so later modules train on the reference."""
+    if torch.cuda.is_available():
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        yield
 
 
 @pytest.fixture
