@@ -124,12 +124,13 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dense-max-len", type=int, default=131072, help="skip dense attention above this T")
     parser.add_argument("--no-write", action="store_true", help="print only, do not write bench/results")
+    parser.add_argument("--out", help="results JSON (default bench/results/<device>-<date>.json)")
     args = parser.parse_args(argv)
     if not require_cuda("gla"):
         return 0
     records = bench(args.lengths, args.tokens, args.heads, args.head_dim, args.dense_max_len)
     if not args.no_write:
-        print(f"gla: results in {write_results('gla', records)}")
+        print(f"gla: results in {write_results('gla', records, path=args.out)}")
     return 0
 
 

@@ -5,6 +5,7 @@ longctx tokenizer train --config configs/tiny.yaml --out runs/tok.model
 longctx data prepare --config configs/tiny.yaml data.source=corpus/ data.cache_dir=.cache/longctx
 longctx eval niah --run runs/x --lengths 512,1024 --depths 0,0.5,1 --samples 20
 longctx eval ppl --run runs/x --seq-len 1024
+longctx export --run runs/x --out exported/x
 """
 
 import argparse
@@ -70,6 +71,25 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 
+BENCHES = ("kernels", "train", "comm", "report")
+
+
+def cmd_bench(args) -> int:
+    import importlib
+
+    module = importlib.import_module(f"longctx.bench.{args.which}")
+    return module.main(args.bench_args)
+
+
+def cmd_export(args) -> int:
+    from longctx.export import export_checkpoint, find_checkpoint
+
+    checkpoint = find_checkpoint(args.run, args.checkpoint)
+    out = export_checkpoint(checkpoint, args.out)
+    print(f"exported {checkpoint} to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longctx", description="Long-context LM training runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_prepare)
 
     add_eval_parsers(sub)
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks: kernels | train (GPU), comm (any machine), report (README table + plot)",
+        description="Run a benchmark; options after the name go to it (e.g. `longctx bench comm --help`).",
+    )
+    p.add_argument("which", choices=BENCHES)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench, raw=True)
+
+    p = sub.add_parser("export", help="write a checkpoint's full weights (safetensors) and model config")
+    p.add_argument("--run", help="run directory (its latest checkpoint unless --checkpoint is given)")
+    p.add_argument("--checkpoint", help="a checkpoint directory, or its name inside RUN/checkpoints/")
+    p.add_argument("--out", required=True, help="directory to write model.safetensors and config.json to")
+    p.set_defaults(func=cmd_export, overrides=[])
     return parser
 
 
@@ -97,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come before or after options (launchers append their own arguments).
     args, extra = parser.parse_known_args(argv)
-    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if getattr(args, "raw", False):
+        args.bench_args = [*args.bench_args, *extra]
+        extra = []
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "config")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:

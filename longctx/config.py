@@ -257,12 +257,16 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0
     eval_batches: int = 4
+    # Save a checkpoint every this many steps, and always at the last step (0: only at the last step).
     ckpt_every: int = 0
+    # Complete checkpoints kept (0: all).
     keep_last: int = 2
     # auto: the latest complete checkpoint of run_dir if any | none | a checkpoint path
     resume: str = "auto"
-    # Load weights only (continue-training) from this checkpoint.
+    # Load weights only (continue-training) from this checkpoint or run directory.
     init_from: str = ""
+    # Write torch-engine checkpoints on a background thread while training goes on.
+    async_ckpt: bool = False
     activation_checkpointing: bool = False
     wandb: bool = True
     wandb_mode: Literal["offline", "online"] = "offline"
@@ -285,6 +289,11 @@ class TrainConfig:
             self.answer_loss_weight >= 0,
             "train.answer_loss_weight",
             f"must be >= 0 (1.0: plain loss), got {self.answer_loss_weight}",
+        )
+        _require(
+            self.resume != "",
+            "train.resume",
+            "must be auto (the latest checkpoint of run_dir), none, or a checkpoint path",
         )
 
 

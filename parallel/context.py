@@ -1,6 +1,6 @@
 """Make a model context-parallel: swap each mixer's core for one that exchanges what it needs.
 
-    parallelize_model(model, cp_group, cp_comm="allgather")
+    parallelize_model(model, cp_group, cp_comm="ring")
 
 The model code stays single-device: a mixer computes its per-token projections and hands them to its
 core with the `SeqLayout` of the local tokens; the cores installed here run on a zigzag shard and
@@ -11,7 +11,9 @@ from torch import nn
 
 from longctx.parallel.dense import AllGatherDenseCore
 from longctx.parallel.linear import StatePassingLinearCore
+from longctx.parallel.nsa import ContextParallelNSACore
 from longctx.parallel.ring import RingDenseCore
+from longctx.parallel.s2 import ContextParallelS2Core
 from longctx.parallel.ulysses import UlyssesDenseCore
 
 DENSE_SCHEMES = {"ring": RingDenseCore, "ulysses": UlyssesDenseCore, "allgather": AllGatherDenseCore}
@@ -26,20 +28,10 @@ def _dense_core(core, group, cp_comm: str):
     return DENSE_SCHEMES[cp_comm](core.window, group)
 
 
-def _unsupported(letter: str, name: str, issue: int):
-    def build(core, group, cp_comm):
-        raise ValueError(
-            f"{name} layers ({letter}) do not run context-parallel yet (issue #{issue}); use parallel.cp=1 "
-            f"or a model.layers pattern without {letter}"
-        )
-
-    return build
-
-
 CP_CORES = {
     "D": _dense_core,
-    "S": _unsupported("S", "S2 sparse attention", 10),
-    "N": _unsupported("N", "native sparse attention", 10),
+    "S": lambda core, group, cp_comm: ContextParallelS2Core(core.cfg, group),
+    "N": lambda core, group, cp_comm: ContextParallelNSACore(core.cfg, group),
     "L": lambda core, group, cp_comm: StatePassingLinearCore(group),
 }
 

@@ -12,9 +12,10 @@ grow with `P` (the bf16 drift of accumulating in the activation dtype does not h
 
 Backward: the key/values make the same trip; each pair's gradients come from `flash_attn_chunk_bwd`
 with the final merged `o` and `lse` (its exact share of the full gradient). dq accumulates locally;
-the dK, dV of the visiting chunk accumulate in an fp32 buffer that travels with it and, after the
-last step, one more hop brings it home. Bytes sent per layer: forward `(P - 1)` K, V shards
-(`(P - 1) / P` of all K, V); backward `(P - 1)` K, V shards plus `P` fp32 dK, dV shards.
+each rank keeps its own chunk's share of dK, dV, and the other ranks' shares accumulate in an fp32
+buffer that travels with the chunk and, after the last step, one more hop brings home. Bytes sent
+per layer: forward `(P - 1)` K, V shards (`(P - 1) / P` of all K, V); backward `(P - 1)` K, V shards
+plus `(P - 1)` fp32 dK, dV shards.
 """
 
 import torch
@@ -102,7 +103,7 @@ class RingAttention(torch.autograd.Function):
         kv = torch.cat([k, v], dim=2).contiguous()
         work = torch.promote_types(q.dtype, torch.float32)
         dq = torch.zeros_like(q, dtype=work)
-        dkv = None
+        own = None
         dkv_pending = (None, [])
         for step in range(ring.size):
             pending = ring.shift(kv) if step < ring.size - 1 else (None, [])
@@ -117,16 +118,21 @@ class RingAttention(torch.autograd.Function):
                 dq[:, rows] += dq_p
                 contrib[:, cols, :n_kv] += dk_p
                 contrib[:, cols, n_kv:] += dv_p
-            # The visiting chunk's dK, dV buffer arrives while this step computes.
-            _wait(dkv_pending[1])
-            dkv = contrib if dkv_pending[0] is None else dkv_pending[0] + contrib
-            dkv_pending = ring.shift(dkv)
+            if step == 0:
+                # This rank's own chunk: its share stays home.
+                own = contrib
+            else:
+                # The visiting chunk's dK, dV buffer (from the previous rank) arrived while this step
+                # computed; add this rank's share and pass it on.
+                _wait(dkv_pending[1])
+                dkv = contrib if dkv_pending[0] is None else dkv_pending[0] + contrib
+                dkv_pending = ring.shift(dkv)
             _wait(pending[1])
             if pending[0] is not None:
                 kv = pending[0]
-        # The last hop brings every rank its own chunk's dK, dV.
+        # The last hop brings every rank the other ranks' shares of its own chunk's dK, dV.
         _wait(dkv_pending[1])
-        dkv = dkv_pending[0]
+        dkv = own + dkv_pending[0]
         return dq.to(q.dtype), dkv[:, :, :n_kv].to(k.dtype), dkv[:, :, n_kv:].to(v.dtype), None, None, None
 
 

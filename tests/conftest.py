@@ -8,6 +8,29 @@ import torch
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+def _import_triton_for_interpreter() -> None:
+    """Without CUDA, import Triton once with `TRITON_INTERPRET=1`, then put the flag back.
+
+    `@triton.jit` reads the flag when a function is decorated, Triton's own helpers (`tl.zeros`,
+    reductions) included, so the session's first `import triton` decides whether kernels can ever be
+    interpreted. The flag itself stays off: the kernel test modules turn it on for their own tests
+    only (every other test trains on the PyTorch reference, which the flag would replace with the far
+    slower interpreter). Kernel modules are imported on first use, so they follow the flag of the test
+    that first needs them."""
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+
+
+_import_triton_for_interpreter()
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Norm of the difference over norm of the reference (`b`). Infinite entries (lse of rows that
     see no key) must match exactly; they are then left out of the norms."""
@@ -22,4 +45,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    yield
+
+
+_USER_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_KERNEL_MODULES = {"test_flash_attn", "test_s2_attn", "test_nsa", "test_gla"}
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_stays_in_kernel_modules(request):
+    """Fail loudly if the interpreter flag leaks out of the kernel test modules: a model test would
+    then run every kernel in the interpreter, minutes per step, until the suite timed out."""
+    module = request.module.__name__.rsplit(".", 1)[-1]
+    if not _USER_INTERPRET and module not in _KERNEL_MODULES:
+        assert os.environ.get("TRITON_INTERPRET") != "1", (
+            "TRITON_INTERPRET=1 leaked out of a kernel test module; set it in a module-scoped fixture"
+        )
     yield

@@ -90,3 +90,24 @@ def losses(run_dir) -> list[float]:
 
 def metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_many(runs: list[tuple[str, list[str]]], nproc: int, tmp_path, timeout: int = 900) -> None:
+    """Train every `(run_dir, overrides)` in one torchrun launch of `nproc` processes (tests/cp_runs.py)."""
+    spec = Path(tmp_path) / f"spec-{nproc}.json"
+    spec.write_text(json.dumps([{"run_dir": str(d), "overrides": list(o)} for d, o in runs]))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "tests.cp_runs",
+        str(spec),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]

@@ -72,8 +72,8 @@ def test_bytes_each_scheme_moves():
         ring_fwd, ring_total = r["ring"][2]["bytes_sent"], r["ring"][3]["bytes_sent"]
         # Forward: P - 1 hops of the local K, V = (P - 1) / P of all K, V.
         assert ring_fwd == (world - 1) * kv_shard
-        # Backward: K, V make the same trip, and fp32 dK, dV make P hops home.
-        assert ring_total - ring_fwd == (world - 1) * kv_shard + world * kv_shard
+        # Backward: K, V make the same trip, and the fp32 dK, dV of the other ranks make P - 1 hops.
+        assert ring_total - ring_fwd == (world - 1) * kv_shard + (world - 1) * kv_shard
         allgather = r["allgather"][2]["bytes_sent"]
         assert allgather == ring_fwd
         # Ulysses: all-to-all of q, k, v and o, each sending (P - 1) / P of its shard; the 2 kv heads are

@@ -48,3 +48,130 @@ def test_linear_state_passing_matches_one_process(world, decay):
     # One all-gather of 2 chunks x (state + decay) forward, one reduce-scatter back: independent of T.
     per_rank = 2 * b * h * (d * d + 1) * 8  # fp64 in this test
     assert all(r[2]["bytes_sent"] == 2 * (world - 1) * per_rank for r in results)
+
+
+def _exchange_worker(rank, world, full, need_by_rank, grad_full, block_size):
+    from longctx.parallel.blocks import exchange_blocks
+
+    layout = SeqLayout.zigzag(full.shape[1], rank, world)
+    local = zigzag_shard(full, rank, world).clone().requires_grad_()
+    reset_comm_stats()
+    out, table = exchange_blocks(local, need_by_rank[rank], layout, block_size, None)
+    # The gradient of the gathered blocks: the same slices of a full-sequence gradient.
+    grad = torch.zeros_like(out)
+    for g in range(table.shape[0]):
+        for m, j in enumerate(table[g].tolist()):
+            if j >= 0:
+                grad[:, m * block_size : (m + 1) * block_size, g] = grad_full[
+                    :, j * block_size : (j + 1) * block_size, g
+                ]
+    out.backward(grad)
+    return out.detach(), table, local.grad, comm_stats()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_block_exchange_fetches_exactly_the_needed_blocks(world):
+    bs, n_kv = 4, 3
+    t = 2 * world * 3 * bs  # 3 blocks per zigzag chunk
+    n_blocks = t // bs
+    full = torch.randn(2, t, n_kv, 5, dtype=torch.float64)
+    need = [torch.rand(n_kv, n_blocks) < 0.4 for _ in range(world)]
+    grad_full = torch.randn_like(full)
+    results = spawn(_exchange_worker, world, (full, need, grad_full, bs))
+    expected_grad = torch.zeros_like(full)
+    for rank, (out, table, _, _) in enumerate(results):
+        for g in range(n_kv):
+            ids = torch.nonzero(need[rank][g]).flatten()
+            assert table[g, : len(ids)].tolist() == ids.tolist() and torch.all(table[g, len(ids) :] == -1)
+            for m, j in enumerate(ids.tolist()):
+                assert torch.equal(out[:, m * bs : (m + 1) * bs, g], full[:, j * bs : (j + 1) * bs, g])
+                expected_grad[:, j * bs : (j + 1) * bs, g] += grad_full[:, j * bs : (j + 1) * bs, g]
+    from longctx.parallel.blocks import ZigzagBlocks
+
+    owner = ZigzagBlocks(t, world, bs).owner
+    block_bytes = 2 * bs * 5 * 8
+    for rank, (*_, stats) in enumerate(results):
+        # Forward: the blocks I own that others need; backward: the gradients of the blocks I fetched.
+        served = sum(int((need[p] & (owner == rank)).sum()) for p in range(world) if p != rank)
+        fetched = int((need[rank] & (owner != rank)).sum())
+        masks = (world - 1) * n_kv * n_blocks  # the all-gathered uint8 need masks
+        assert stats["bytes_sent"] == (served + fetched) * block_bytes + masks
+    grads = zigzag_unshard([r[2] for r in results])
+    assert torch.allclose(grads, expected_grad)
+
+
+NSA = dict(cmp_block=8, cmp_stride=4, slc_block=8, slc_top=5, window=12)
+
+
+def _nsa_modules(d, state=None):
+    from longctx.config import NSAConfig
+    from longctx.model.mixers.nsa import BlockCompressor
+
+    torch.manual_seed(1)
+    comps = [BlockCompressor(d, NSA["cmp_block"], NSA["cmp_stride"]).double() for _ in range(2)]
+    for comp in comps:
+        comp.init_weights(0.3)
+    return NSAConfig(**NSA), comps
+
+
+def _nsa_worker(rank, world, q, k, v, gates, do):
+    from longctx.parallel.nsa import ContextParallelNSACore
+
+    cfg, (ck, cv) = _nsa_modules(q.shape[-1])
+    layout = SeqLayout.zigzag(q.shape[1], rank, world)
+    local = [zigzag_shard(t, rank, world).clone().requires_grad_() for t in (q, k, v, gates)]
+    reset_comm_stats()
+    o = ContextParallelNSACore(cfg, None)(*local, ck, cv, layout)
+    o.backward(zigzag_shard(do, rank, world))
+    params = [p.grad for p in (*ck.parameters(), *cv.parameters())]
+    return o.detach(), [t.grad for t in local], params, comm_stats()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_nsa_context_parallel_matches_one_process(world):
+    from longctx.model.mixers.nsa import NSACore
+
+    t, b, h, n_kv, d = 2 * world * 16, 2, 4, 2, 8  # chunks of 16 tokens: 2 selection blocks each
+    q = torch.randn(b, t, h, d, dtype=torch.float64)
+    k, v = torch.randn(b, t, n_kv, d, dtype=torch.float64), torch.randn(b, t, n_kv, d, dtype=torch.float64)
+    gates = torch.rand(b, t, h, 3, dtype=torch.float64)
+    do = torch.randn(b, t, h, d, dtype=torch.float64)
+    cfg, (ck, cv) = _nsa_modules(d)
+    ref_in = [x.clone().requires_grad_() for x in (q, k, v, gates)]
+    ref = NSACore(cfg)(*ref_in, ck, cv, SeqLayout.full(t))
+    ref.backward(do)
+    results = spawn(_nsa_worker, world, (q, k, v, gates, do))
+    o, grads = _gather([(r[0], r[1]) for r in results])
+    assert torch.allclose(o, ref.detach(), atol=1e-10)
+    for grad, x in zip(grads, ref_in):
+        assert torch.allclose(grad, x.grad, atol=1e-10)
+    # Compressor parameters: each rank holds the gradient of its own tokens; together the whole one.
+    for i, p in enumerate((*ck.parameters(), *cv.parameters())):
+        assert torch.allclose(sum(r[2][i] for r in results), p.grad, atol=1e-10)
+
+
+def _s2_worker(rank, world, cfg, q, k, v, do):
+    from longctx.parallel.s2 import ContextParallelS2Core
+
+    return _run_core(rank, world, lambda: ContextParallelS2Core(cfg, None), (q, k, v), do)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("n_kv,dense", [(4, 0), (2, 1)], ids=["mha", "gqa-dense1"])
+def test_s2_context_parallel_matches_one_process(world, n_kv, dense):
+    from longctx.config import S2Config
+    from longctx.kernels.s2_attn import s2_attn_ref
+
+    cfg = S2Config(block_size=4, local_blocks=2, vert_stride=4, dense_heads=dense)
+    t, b, h, d = 2 * world * 3 * 4, 2, 4, 8  # 3 blocks per zigzag chunk
+    q = torch.randn(b, t, h, d, dtype=torch.float64)
+    k, v = torch.randn(b, t, n_kv, d, dtype=torch.float64), torch.randn(b, t, n_kv, d, dtype=torch.float64)
+    do = torch.randn(b, t, h, d, dtype=torch.float64)
+    ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = s2_attn_ref(*ref_in, cfg.block_size, cfg.local_blocks, cfg.vert_stride, cfg.dense_heads)
+    ref.backward(do)
+    results = spawn(_s2_worker, world, (cfg, q, k, v, do))
+    o, grads = _gather(results)
+    assert torch.allclose(o, ref.detach(), atol=1e-12)
+    for grad, x in zip(grads, ref_in):
+        assert torch.allclose(grad, x.grad, atol=1e-12)

@@ -1,5 +1,20 @@
-"""Native sparse attention (the N mixer's branches): compression, top-k selection, selected attention."""
+"""Native sparse attention (the N mixer's branches): compression, top-k selection, selected attention.
 
+Each op runs its Triton kernel on CUDA (or under `TRITON_INTERPRET=1`) and the plain PyTorch
+reference of `naive.py` otherwise; `longctx.kernels.backend("naive" | "triton")` forces one.
+
+- `nsa_compress`: learned block compression of keys or values. Both backends run the same PyTorch
+  code (unfold + two matmuls): it is GEMM work that cuBLAS already does at full speed.
+- `nsa_cmp_attn`: attention over compressed tokens (`cmp_attn.py`), returns lse.
+- `nsa_select_blocks`: block importance + top-k in one kernel (`select_blocks.py`), never storing a
+  `T x T / cmp_stride` score tensor.
+- `nsa_select_attn`: attention over the listed key blocks, all query heads of a kv group per program
+  (`select_attn.py`).
+"""
+
+import torch
+
+from longctx.kernels.common import use_triton
 from longctx.kernels.nsa.naive import (
     cmp_attn_ref,
     compress_ref,
@@ -9,28 +24,115 @@ from longctx.kernels.nsa.naive import (
 )
 
 
+def _check_heads(q: torch.Tensor, k: torch.Tensor, what: str) -> None:
+    if q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of {what} heads ({k.shape[2]})")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and {what} {tuple(k.shape)} must agree in batch and head dim ([B, T, H, D])"
+        )
+
+
 def nsa_compress(x, pos_emb, w1, w2, cmp_block=32, cmp_stride=16):
-    """Compress `[B, T, H_kv, D]` keys or values to `[B, Tc, H_kv, D]` (see `compress_ref`)."""
+    """Compress keys or values block by block.
+
+    Args:
+        x: `[B, T, H_kv, D]`.
+        pos_emb: `[cmp_block, D]` intra-block position embedding.
+        w1: `[hidden, cmp_block * D]`, w2: `[D, hidden]`: the MLP
+            `mean(block) + w2 @ silu(w1 @ flatten(block))` with
+            `block = x[:, i * cmp_stride : i * cmp_stride + cmp_block] + pos_emb`.
+        cmp_block, cmp_stride: block length and the step between blocks.
+    Returns:
+        `[B, Tc, H_kv, D]`, `Tc = num_cmp_blocks(T, cmp_block, cmp_stride)`.
+    """
     return compress_ref(x, pos_emb, w1, w2, cmp_block, cmp_stride)
 
 
-def nsa_cmp_attn(q, k_cmp, v_cmp, cmp_block=32, cmp_stride=16, scale=None, return_lse=False):
-    """Attention of `q` `[B, T, H, D]` over compressed tokens whose block ends at or before each query."""
-    return cmp_attn_ref(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale=scale, return_lse=return_lse)
-
-
-def nsa_select_blocks(q, k_cmp, lse_cmp, cmp_block=32, cmp_stride=16, slc_block=64, slc_top=16, scale=None):
-    """Indices `[B, T, H_kv, slc_top]` of the selected key blocks per query and kv group."""
-    return select_blocks_ref(q, k_cmp, lse_cmp, cmp_block, cmp_stride, slc_block, slc_top, scale=scale)
-
-
-def nsa_select_attn(q, k, v, block_idx, block_size=64, scale=None, return_lse=False):
-    """Causal attention of `q` `[B, T, H, D]` over the key blocks listed in `block_idx`.
+def nsa_cmp_attn(q, k_cmp, v_cmp, cmp_block=32, cmp_stride=16, scale=None, return_lse=False, q_offset=0):
+    """Attention of each query over the compressed tokens whose block ends at or before it.
 
     Args:
-        k, v: `[B, T, H_kv, D]`; block_idx: `[B, T, H_kv, n]` int32, `-1` unused.
+        q: `[B, T, H, D]`.
+        k_cmp, v_cmp: `[B, Tc, H_kv, D]` compressed keys / values (token `i` covers keys
+            `[i * cmp_stride, i * cmp_stride + cmp_block)`), `H % H_kv == 0`.
+        cmp_block, cmp_stride: the compression geometry: query `t` sees token `i` iff
+            `i * cmp_stride + cmp_block - 1 <= q_offset + t`.
+        scale: logit scale, `D ** -0.5` when None.
+        return_lse: also return the fp32 log-sum-exp `[B, H, T]` (`-inf` where no token is visible).
+        q_offset: global position of `q[:, 0]`.
+    Returns:
+        `o` `[B, T, H, D]` (zero where no token is visible), or `(o, lse)`.
     """
-    return select_attn_ref(q, k, v, block_idx, block_size, scale=scale, return_lse=return_lse)
+    _check_heads(q, k_cmp, "k_cmp")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not use_triton(q, k_cmp, v_cmp):
+        return cmp_attn_ref(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, return_lse, q_offset)
+    from longctx.kernels.nsa.cmp_attn import cmp_attn
+
+    o, lse = cmp_attn(q, k_cmp.to(q.dtype), v_cmp.to(q.dtype), cmp_block, cmp_stride, scale, q_offset)
+    return (o, lse) if return_lse else o
+
+
+def nsa_select_blocks(
+    q, k_cmp, lse_cmp, cmp_block=32, cmp_stride=16, slc_block=64, slc_top=16, scale=None, q_offset=0
+):
+    """The selection blocks of each query and kv group, from the compression branch's attention.
+
+    Args:
+        q: `[B, T, H, D]`; k_cmp: `[B, Tc, H_kv, D]`; lse_cmp: `[B, H, T]` from `nsa_cmp_attn`.
+        cmp_block, cmp_stride: the compression geometry of `k_cmp`.
+        slc_block: selection block length; slc_top: blocks chosen per query (block 0 and the two local
+            blocks always among them, never a block after the query's).
+        scale: the logit scale used for `lse_cmp`.
+        q_offset: global position of `q[:, 0]`.
+    Returns:
+        `[B, T, H_kv, slc_top]` int32 global block indices, ascending, `-1` for unused slots. Importance
+        ties go to the lower block index. Not differentiable.
+    """
+    _check_heads(q, k_cmp, "k_cmp")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if use_triton(q, k_cmp, lse_cmp):
+        from longctx.kernels.nsa import select_blocks as kernel
+
+        # With no compressed token yet (T < cmp_block) every importance is 0: nothing to compute.
+        if kernel.supported(cmp_block, cmp_stride, slc_block) and k_cmp.shape[1] > 0:
+            with torch.no_grad():
+                return kernel.select_blocks(
+                    q, k_cmp, lse_cmp, cmp_block, cmp_stride, slc_block, slc_top, scale, q_offset
+                )
+    return select_blocks_ref(q, k_cmp, lse_cmp, cmp_block, cmp_stride, slc_block, slc_top, scale, q_offset)
+
+
+def nsa_select_attn(q, k, v, block_idx, block_size=64, scale=None, return_lse=False, q_offset=0, k_offset=0):
+    """Causal attention of each query over the key blocks listed for its kv group.
+
+    Args:
+        q: `[B, T, H, D]`.
+        k, v: `[B, Tk, H_kv, D]`, `H % H_kv == 0`.
+        block_idx: `[B, T, H_kv, n]` int global key-block indices (block `j` = key positions
+            `[j * block_size, (j + 1) * block_size)`), `-1` unused; order and repeats do not matter.
+            Keys after the query are masked even when their block is listed.
+        block_size: key block length.
+        scale: logit scale, `D ** -0.5` when None.
+        return_lse: also return the fp32 log-sum-exp `[B, H, T]`.
+        q_offset, k_offset: global positions of `q[:, 0]` and `k[:, 0]`.
+    Returns:
+        `o` `[B, T, H, D]`, or `(o, lse)`.
+    """
+    _check_heads(q, k, "k")
+    if block_idx.shape[:2] != q.shape[:2] or block_idx.dim() != 4 or block_idx.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"block_idx must be [B, T, H_kv, n] = [{q.shape[0]}, {q.shape[1]}, {k.shape[2]}, n], "
+            f"got {tuple(block_idx.shape)}"
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not use_triton(q, k, v, block_idx):
+        return select_attn_ref(q, k, v, block_idx, block_size, scale, return_lse, q_offset, k_offset)
+    from longctx.kernels.nsa.select_attn import select_attn
+
+    o, lse = select_attn(q, k.to(q.dtype), v.to(q.dtype), block_idx, block_size, scale, q_offset, k_offset)
+    return (o, lse) if return_lse else o
 
 
 __all__ = [

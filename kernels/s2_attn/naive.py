@@ -4,6 +4,10 @@ Query head `h` in query block `i` may attend key block `j` (both global block in
 and `i - j < local_blocks` or `(j + 1 + h * head_step) % vert_stride == 0`, with
 `head_step = max(1, vert_stride // H)`; token-level causality inside the diagonal block; the last
 `dense_heads` heads are dense causal.
+
+Positions are global. A whole sequence starts at `offset` (0 by default); a context-parallel shard
+instead names the global block of each of its consecutive `block_size`-token blocks (`block_ids`), so
+token `t` of the tensor sits at `block_ids[t // block_size] * block_size + t % block_size`.
 """
 
 import torch
@@ -18,19 +22,45 @@ def s2_block_mask(
     local_blocks: int,
     vert_stride: int,
     dense_heads: int = 0,
+    heads: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Allowed (head, query block, key block) triples, `[H, len(q_blocks), len(k_blocks)]` bool.
+    """Allowed (head, query block, key block) triples, `[len(heads), len(q_blocks), len(k_blocks)]` bool.
 
     `q_blocks` and `k_blocks` are global block indices, so a shard can ask for its own rows.
+    `heads` picks the query heads to compute (all `n_heads` when None).
     """
     head_step = max(1, vert_stride // n_heads)
     i = q_blocks.view(1, -1, 1)
     j = k_blocks.view(1, 1, -1)
-    h = torch.arange(n_heads, device=q_blocks.device).view(-1, 1, 1)
+    if heads is None:
+        heads = torch.arange(n_heads, device=q_blocks.device)
+    h = heads.to(q_blocks.device).view(-1, 1, 1)
     local = (i - j) < local_blocks
     strided = (j + 1 + h * head_step) % vert_stride == 0
     dense = h >= n_heads - dense_heads
     return (j <= i) & (local | strided | dense)
+
+
+def token_positions(
+    n_tokens: int, block_size: int, offset: int = 0, block_ids: torch.Tensor | None = None, device=None
+) -> torch.Tensor:
+    """Global position of each of `n_tokens` tokens, `[n_tokens]` int64.
+
+    `offset + t` for a contiguous run, or `block_ids[t // block_size] * block_size + t % block_size`
+    when the tensor holds the global blocks `block_ids` (one id per `block_size` tokens, the last
+    block possibly partial).
+    """
+    t = torch.arange(n_tokens, device=device)
+    if block_ids is None:
+        return t + offset
+    ids = torch.as_tensor(block_ids, device=device).long()
+    n_blocks = -(-n_tokens // block_size)
+    if ids.numel() != n_blocks:
+        raise ValueError(
+            f"block ids must name one global block per {block_size} tokens: {n_tokens} tokens need "
+            f"{n_blocks} ids, got {ids.numel()}"
+        )
+    return ids[t // block_size] * block_size + t % block_size
 
 
 def s2_token_mask(
@@ -44,10 +74,12 @@ def s2_token_mask(
     q_offset: int = 0,
     k_offset: int = 0,
     device=None,
+    q_block_ids: torch.Tensor | None = None,
+    k_block_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The S2 pattern expanded to tokens, `[H, Tq, Tk]` bool (causality is applied separately)."""
-    q_block = (torch.arange(t_q, device=device) + q_offset) // block_size
-    k_block = (torch.arange(t_k, device=device) + k_offset) // block_size
+    q_block = token_positions(t_q, block_size, q_offset, q_block_ids, device) // block_size
+    k_block = token_positions(t_k, block_size, k_offset, k_block_ids, device) // block_size
     q_ids, q_inv = torch.unique(q_block, return_inverse=True)
     k_ids, k_inv = torch.unique(k_block, return_inverse=True)
     blocks = s2_block_mask(n_heads, q_ids, k_ids, local_blocks, vert_stride, dense_heads)
@@ -66,28 +98,31 @@ def s2_attn_ref(
     return_lse: bool = False,
     q_offset: int = 0,
     k_offset: int = 0,
+    q_block_ids: torch.Tensor | None = None,
+    k_block_ids: torch.Tensor | None = None,
 ):
-    """S2 attention as dense attention under the explicit S2 mask. Shapes as `attention_ref`."""
-    mask = s2_token_mask(
-        q.shape[2],
-        q.shape[1],
-        k.shape[1],
+    """S2 attention as dense attention under the explicit S2 mask. Shapes as `attention_ref`.
+
+    `q_offset` / `k_offset` place contiguous tensors in the sequence; `q_block_ids` / `k_block_ids`
+    (int, one global block index per `block_size` tokens) place block-gathered ones and take
+    precedence. Rows that see no key give `o = 0`, `lse = -inf`.
+    """
+    t_q, t_k, n_heads, device = q.shape[1], k.shape[1], q.shape[2], q.device
+    q_pos = token_positions(t_q, block_size, q_offset, q_block_ids, device)
+    k_pos = token_positions(t_k, block_size, k_offset, k_block_ids, device)
+    pattern = s2_token_mask(
+        n_heads,
+        t_q,
+        t_k,
         block_size,
         local_blocks,
         vert_stride,
         dense_heads,
         q_offset,
         k_offset,
-        q.device,
+        device,
+        q_block_ids,
+        k_block_ids,
     )
-    return attention_ref(
-        q,
-        k,
-        v,
-        causal=True,
-        scale=scale,
-        return_lse=return_lse,
-        q_offset=q_offset,
-        k_offset=k_offset,
-        mask=mask,
-    )
+    mask = pattern & (k_pos[None, :] <= q_pos[:, None])
+    return attention_ref(q, k, v, causal=False, scale=scale, return_lse=return_lse, mask=mask)

@@ -73,6 +73,21 @@ def choose_backend(cfg: ParallelConfig) -> str:
     return cfg.backend
 
 
+def _attempt_store(world: int, timeout: datetime.timedelta):
+    """Under torchrun, the agent's store with a prefix per restart attempt, else None (the default).
+
+    torchrun keeps one store for all attempts of `--max-restarts`; without a prefix, the workers of a
+    restarted attempt read the keys of the killed one (rank 0's old gloo address) and fail to connect.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return None
+    base = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"longctx/attempt_{attempt}", base)
+
+
 def init_distributed(cfg: Config) -> DistInfo:
     """Initialise torch.distributed and megatron's parallel_state; one-process runs skip both."""
     pcfg = cfg.parallel
@@ -106,9 +121,10 @@ def init_distributed(cfg: Config) -> DistInfo:
         device = torch.device("cuda", local_rank)
     if not dist.is_initialized():
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        timeout = datetime.timedelta(seconds=pcfg.timeout_s)
         try:
             dist.init_process_group(
-                backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=pcfg.timeout_s)
+                backend, rank=rank, world_size=world, timeout=timeout, store=_attempt_store(world, timeout)
             )
         except (RuntimeError, TimeoutError, ValueError) as e:
             raise DistributedSetupError(

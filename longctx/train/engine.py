@@ -8,6 +8,12 @@ over the data x context group, or FSDP2 (`parallel.fsdp=true`) shards parameters
 optimizer state over it. `parallel.engine=deepspeed`: `deepspeed.initialize` with ZeRO stage
 `parallel.zero_stage`, megatron's parallel_state as `mpu`, and our AdamW and LR schedule, so both
 engines take identical steps.
+
+Both engines save and load the full training state for `longctx.train.checkpoint`:
+`engine.save_checkpoint(dir)` / `engine.load_checkpoint(dir, meta)`. The torch engine writes one
+`torch.distributed.checkpoint` of model and optimizer (keyed by parameter name, so it loads at any
+DP/CP degree, sharded or not); DeepSpeed writes its own format, converted to its universal format when
+the degree changes (`build_engine(..., load_universal=True)`).
 """
 
 import json
@@ -17,6 +23,7 @@ import torch
 from torch import nn
 
 from longctx.config import Config
+from longctx.train.checkpoint_io import dcp_errors, dcp_load, quiet_single_process, weights_only_torch_load
 from longctx.train.distributed import DistInfo, MegatronMPU
 from longctx.train.optim import build_optimizer, build_scheduler
 
@@ -57,6 +64,54 @@ class TorchEngine:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def _state_dicts(self) -> tuple[dict, dict]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        # Flattened: optimizer entries keyed by parameter name ("state.layers.0.mlp.w1.weight.exp_avg"),
+        # so DCP can reshard them like the parameters.
+        options = StateDictOptions(flatten_optimizer_state_dict=True)
+        return get_state_dict(self.module, self.optimizer, options=options)
+
+    def save_checkpoint(self, path: Path, process_group=None, async_save: bool = False):
+        """Write model and optimizer tensors to `path/state` (DCP, each rank its shards); with
+        `async_save`, return the future of the write, which runs on a background thread."""
+        import torch.distributed.checkpoint as dcp
+
+        model_sd, optim_sd = self._state_dicts()
+        # Only tensors go to DCP (its other values would be pickled); hyperparameters come from the config.
+        state = {
+            "model": model_sd,
+            "optim": {k: v for k, v in optim_sd.items() if isinstance(v, torch.Tensor)},
+        }
+        writer = dcp.FileSystemWriter(str(Path(path) / "state"))
+        one_process = not torch.distributed.is_initialized()
+        with dcp_errors(path), quiet_single_process():
+            if async_save:
+                result = dcp.async_save(
+                    state, storage_writer=writer, process_group=process_group, no_dist=one_process
+                )
+                return getattr(result, "upload_completion", result)
+            dcp.save(state, storage_writer=writer, no_dist=one_process)
+        return None
+
+    def load_checkpoint(self, path: Path, meta: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        model_sd, optim_sd = self._state_dicts()
+        state = {
+            "model": model_sd,
+            "optim": {k: v for k, v in optim_sd.items() if isinstance(v, torch.Tensor)},
+        }
+        dcp_load(state, Path(path) / "state")
+        optim_sd.update(state["optim"])
+        set_state_dict(
+            self.module,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=optim_sd,
+            options=StateDictOptions(flatten_optimizer_state_dict=True),
+        )
 
 
 def _fully_shard(model: nn.Module, info: DistInfo) -> nn.Module:
@@ -104,8 +159,21 @@ def deepspeed_config(cfg: Config, info: DistInfo) -> dict:
     }
 
 
+class _DeepSpeedMPU(MegatronMPU):
+    """DeepSpeed's universal-checkpoint loader also asks for the tensor-parallel names (size 1 here)."""
+
+    def get_tensor_model_parallel_rank(self):
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self):
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+
 class DeepSpeedEngine:
-    def __init__(self, model: nn.Module, cfg: Config, info: DistInfo):
+    def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, load_universal: bool = False):
         try:
             import deepspeed
         except ImportError as e:
@@ -113,12 +181,16 @@ class DeepSpeedEngine:
         self.module = model
         optimizer = build_optimizer(model, cfg.train)
         scheduler = build_scheduler(optimizer, cfg.train)
+        ds_config = deepspeed_config(cfg, info)
+        self.load_universal = load_universal
+        if load_universal:
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, info),
-            mpu=MegatronMPU(),
+            config=ds_config,
+            mpu=_DeepSpeedMPU(),
         )
 
     def __call__(self, *args, **kwargs):
@@ -136,8 +208,35 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
+    def save_checkpoint(self, path: Path, process_group=None, async_save: bool = False):
+        """`engine.save_checkpoint` into `path/deepspeed` (every rank its ZeRO partition)."""
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
 
-def build_engine(model: nn.Module, cfg: Config, info: DistInfo):
+        # The info DeepSpeed's universal conversion (ds_to_universal) looks for.
+        client_state = {
+            UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+        }
+        self.engine.save_checkpoint(str(path), tag="deepspeed", client_state=client_state, save_latest=False)
+        return None
+
+    def load_checkpoint(self, path: Path, meta: dict) -> None:
+        tag = "deepspeed_universal" if self.load_universal else "deepspeed"
+        if not (Path(path) / tag).is_dir():
+            raise FileNotFoundError(f"checkpoint directory {str(Path(path) / tag)!r} is missing")
+        # The LR schedule comes back from meta.json, like the torch engine's.
+        with weights_only_torch_load():
+            loaded, _ = self.engine.load_checkpoint(
+                str(path), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+        if loaded is None:
+            raise ValueError(f"DeepSpeed found no checkpoint in {str(Path(path) / tag)!r}")
+
+
+def build_engine(model: nn.Module, cfg: Config, info: DistInfo, load_universal: bool = False):
     if cfg.parallel.engine == "deepspeed":
-        return DeepSpeedEngine(model, cfg, info)
+        return DeepSpeedEngine(model, cfg, info, load_universal)
     return TorchEngine(model, cfg, info)

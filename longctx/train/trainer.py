@@ -7,9 +7,17 @@
 Under torchrun every process runs this same loop. Each data-parallel rank draws its own batch; the
 `parallel.cp` ranks of a context-parallel group share one batch and each keeps its zigzag shard of
 every sequence. The loss is the mean over every token of the DP x CP group.
+
+Checkpoints (`longctx.train.checkpoint`) are written every `train.ckpt_every` steps and at the last
+step; a new run in the same `train.run_dir` resumes from the latest complete one (`train.resume=auto`),
+and `metrics.jsonl` is cut back to the resumed step, so it reads like one uninterrupted run.
+`train.init_from` starts a new run from another run's weights only.
 """
 
+import json
+import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -22,7 +30,18 @@ from longctx.data import build_samplers, load_tokenizer, prepare_dataset
 from longctx.model import build_model
 from longctx.parallel import SeqLayout, comm_stats, parallelize_model, reset_comm_stats, zigzag_shard
 from longctx.tokenizer import copy_tokenizer
+from longctx.train.checkpoint import (
+    Checkpointer,
+    check_param_shapes,
+    find_resume,
+    full_weights,
+    param_shapes,
+    read_meta,
+    resolve_checkpoint,
+)
+from longctx.train.checkpoint_io import deepspeed_universal
 from longctx.train.distributed import (
+    DistInfo,
     all_reduce_sum,
     check_same_config,
     init_distributed,
@@ -36,6 +55,64 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def on_rank0(fn, info: DistInfo):
+    """Run `fn` on rank 0 and give every rank its result, or raise its ValueError/FileNotFoundError on
+    every rank (so all ranks agree on which checkpoint to load, and fail together)."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except (ValueError, FileNotFoundError) as e:
+            error = (type(e).__name__, str(e))
+    if info.enabled:
+        import torch.distributed as dist
+
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error:
+        raise (FileNotFoundError if error[0] == "FileNotFoundError" else ValueError)(error[1])
+    return result
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop the records after `step` from metrics.jsonl (a resumed run logs them again)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            # A line cut short by a killed writer.
+            continue
+        if record["step"] <= step:
+            keep.append(line)
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+# Test hook: `LONGCTX_TEST_KILL_AT_STEP=N` makes rank `LONGCTX_TEST_KILL_RANK` (default 1) kill itself
+# with SIGKILL as step N begins, once per run directory (a marker file stops the restarted worker).
+KILL_AT_STEP_ENV, KILL_RANK_ENV, KILL_MARKER = (
+    "LONGCTX_TEST_KILL_AT_STEP",
+    "LONGCTX_TEST_KILL_RANK",
+    ".test-killed",
+)
+
+
+def _test_kill_hook(step: int, rank: int, run_dir: Path) -> None:
+    if os.environ.get(KILL_AT_STEP_ENV) != str(step) or int(os.environ.get(KILL_RANK_ENV, 1)) != rank:
+        return
+    marker = run_dir / KILL_MARKER
+    if marker.exists():
+        return
+    marker.write_text(f"rank {rank} killed itself at step {step}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -93,14 +170,27 @@ class Trainer:
                 "or set train.eval_every=0"
             )
 
+        resume_from = on_rank0(lambda: find_resume(cfg, self.run_dir), self.dist)
         model = build_model(cfg.model, self.device)
         model.activation_checkpointing = cfg.train.activation_checkpointing
+        self.param_shapes = param_shapes(model)
+        init_note = ""
+        if resume_from is None and cfg.train.init_from:
+            init_note = self.init_weights(model, cfg.train.init_from)
         if self.dist.cp_size > 1:
             parallelize_model(model, self.dist.cp_group, cfg.parallel.cp_comm)
         self.model = model
-        self.engine = build_engine(model, cfg, self.dist)
+        universal = resume_from is not None and self.needs_universal(resume_from)
+        self.engine = build_engine(model, cfg, self.dist, load_universal=universal)
+        self.checkpointer = Checkpointer(self.run_dir, cfg, self.dist)
         self.step = 0
         self.tokens = 0
+        if resume_from is not None:
+            meta = self.checkpointer.load(resume_from, self.engine, self.param_shapes)
+            self.step, self.tokens = meta["step"], meta["tokens"]
+            self.sampler.load_state_dict(meta["sampler"])
+        if self.dist.is_main:
+            truncate_metrics(self.run_dir, self.step)
         self.metrics = MetricsLogger(self.run_dir, cfg, cfg.train.steps, self.step, enabled=self.dist.is_main)
         self.metrics.write(
             f"model: {model.num_params() / 1e6:.2f}M parameters, layers {cfg.model.pattern}, "
@@ -109,6 +199,45 @@ class Trainer:
             f"{self.dist.world_size} process(es): dp {self.dist.dp_size} x cp {self.dist.cp_size}, "
             f"engine {cfg.parallel.engine}, device {self.device}"
         )
+        if resume_from is not None:
+            how = " through DeepSpeed's universal checkpoint" if universal else ""
+            self.metrics.write(f"resumed from {resume_from} at step {self.step}{how}")
+            if self.step >= cfg.train.steps:
+                self.metrics.write(
+                    f"step {self.step} already reaches train.steps={cfg.train.steps}: nothing to train; "
+                    "raise train.steps to continue, or start afresh with train.resume=none"
+                )
+        elif init_note:
+            self.metrics.write(init_note)
+
+    def init_weights(self, model, path: str) -> str:
+        """Load only the weights of checkpoint (or run directory) `path` into `model` (before it is
+        sharded): continue-training may change seq_len, RoPE scaling and the parallel layout."""
+        ckpt = on_rank0(lambda: resolve_checkpoint(path, "train.init_from"), self.dist)
+        weights = full_weights(ckpt)
+        check_param_shapes(
+            {k: list(v.shape) for k, v in weights.items()}, self.param_shapes, f"checkpoint {str(ckpt)!r}"
+        )
+        model.load_state_dict(weights)
+        return (
+            f"initialised the weights from {ckpt} (train.init_from; optimizer, schedule and data start fresh)"
+        )
+
+    def needs_universal(self, path: Path) -> bool:
+        """DeepSpeed loads its own checkpoint only at the DP x CP degree and ZeRO-3-ness it was written
+        at; otherwise it goes through the universal format (converted once, next to the original)."""
+        meta = read_meta(path)
+        if self.cfg.parallel.engine != "deepspeed" or meta["engine"] != "deepspeed":
+            return False
+        same_degree = meta["dp_size"] * meta["cp_size"] == self.dist.dp_size * self.dist.cp_size
+        if same_degree and (meta["zero_stage"] == 3) == (self.cfg.parallel.zero_stage == 3):
+            return False
+        deepspeed_universal(path, self.dist)
+        return True
+
+    def save_checkpoint(self) -> None:
+        state = {"tokens": self.tokens, "sampler": self.sampler.state_dict(), "params": self.param_shapes}
+        self.checkpointer.save(self.step, self.engine, state)
 
     def autocast(self):
         # bf16 compute with fp32 master weights on GPU; plain fp32 on CPU.
@@ -177,6 +306,7 @@ class Trainer:
         start = time.perf_counter()
         window_t, window_tokens = start, self.tokens
         while self.step < cfg.steps:
+            _test_kill_hook(self.step + 1, self.dist.rank, self.run_dir)
             lr = self.engine.lr
             batch = self.sampler.next_batch()
             out = self.train_step(batch.tokens, batch.answer_mask)
@@ -209,6 +339,11 @@ class Trainer:
                 self.metrics.log(record)
             if logging:
                 self.metrics.progress(self.step, out["loss"], tokens_per_s)
+            if self.step == cfg.steps or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0):
+                save_start = time.perf_counter()
+                self.save_checkpoint()
+                window_t += time.perf_counter() - save_start
+        self.checkpointer.wait()
 
     def close(self) -> None:
         self.metrics.close()

@@ -4,7 +4,11 @@
 
 compression attends learned block summaries of keys/values; selection attends the raw key blocks
 that the compression branch found most important (shared within a kv group); window attends the
-last `window` tokens.
+last `window` tokens. The block choice is not differentiable (the compression branch learns through
+its own output); everything else is, including the compressors' MLPs.
+
+Each op runs its Triton kernel on CUDA and its PyTorch reference on CPU (`longctx.kernels.backend`
+forces one). `NSACore` is the part context parallelism replaces: it sees whole-sequence q, k, v.
 """
 
 import torch

@@ -1,0 +1,300 @@
+"""Triton kernels for NSA's compression branch: attention over compressed key/value tokens.
+
+Query `t` (global position `q_offset + t`) sees compressed token `i` iff its block ends at or before
+it: `i * cmp_stride + cmp_block - 1 <= q_offset + t`. A program owns `BT` query tokens x all `G` query
+heads of one kv group, so its `BT * G` rows share every compressed K/V tile it loads (the same row
+layout as the importance kernel in `select_blocks.py`). Forward returns `lse`; backward takes an lse
+gradient too. dK/dV are owned by one program per (compressed-key tile, kv head) that walks every query
+tile able to see it, so no atomics are needed.
+
+Use it through `longctx.kernels.nsa_cmp_attn`.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from longctx.kernels.nsa.common import (
+    LOG2E,
+    dot_precision,
+    pow2_at_least_16,
+    row_tile,
+    softmax_delta,
+    warps_for,
+)
+
+
+@triton.jit
+def _cmp_fwd_kernel(
+    q,
+    k,
+    v,
+    o,
+    lse,
+    scale_log2,
+    T,
+    TC,
+    q_offset,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    CMP_BLOCK: tl.constexpr,
+    CMP_STRIDE: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BD: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    i_tt, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HKV, i_bh % HKV
+    o_r = tl.arange(0, BT * GP)
+    o_t = i_tt * BT + o_r // GP
+    o_g = o_r % GP
+    m_r = (o_t < T) & (o_g < G)
+    b_pos = o_t + q_offset
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_row = ((i_b * T + o_t).to(tl.int64) * H + i_h * G + o_g) * D
+    m_rd = m_r[:, None] & m_d[None, :]
+    b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
+    kv_base = ((i_b * TC).to(tl.int64) * HKV + i_h) * D
+    o_cb = tl.arange(0, BC)
+    # Offsets inside one compressed tile, hoisted out of the loop.
+    o_cd = o_cb[:, None] * (HKV * D) + o_d[None, :]
+
+    # Compressed tokens visible to the tile's last query: those with i * stride + cmp_block - 1 <= pos.
+    last_pos = tl.minimum(i_tt * BT + BT, T) - 1 + q_offset
+    n_vis = tl.where(last_pos >= CMP_BLOCK - 1, (last_pos - CMP_BLOCK + 1) // CMP_STRIDE + 1, 0)
+    n_vis = tl.minimum(n_vis, TC)
+
+    b_m = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BT * GP], dtype=tl.float32)
+    b_acc = tl.zeros([BT * GP, BD], dtype=tl.float32)
+    for c0 in range(0, n_vis, BC):
+        o_c = c0 + o_cb
+        m_c = o_c < TC
+        o_tile = kv_base + c0 * (HKV * D)
+        m_cd = m_c[:, None] & m_d[None, :]
+        b_k = tl.load(k + o_tile + o_cd, mask=m_cd, other=0.0)
+        b_v = tl.load(v + o_tile + o_cd, mask=m_cd, other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * scale_log2
+        m_vis = m_c[None, :] & (o_c[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= b_pos[:, None])
+        b_s = tl.where(m_vis, b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_p = tl.exp2(b_s - b_shift[:, None])
+        b_alpha = tl.exp2(b_m - b_shift)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT)
+        b_m = b_m_new
+    b_seen = b_l > 0
+    b_o = b_acc / tl.where(b_seen, b_l, 1.0)[:, None]
+    tl.store(o + o_row[:, None] + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_rd)
+    b_lse = tl.where(b_seen, (b_m + tl.log2(tl.where(b_seen, b_l, 1.0))) / 1.4426950408889634, float("-inf"))
+    o_lse = (i_b * H + i_h * G + o_g).to(tl.int64) * T + o_t
+    tl.store(lse + o_lse, b_lse, mask=m_r)
+
+
+@triton.jit
+def _cmp_bwd_dq_kernel(
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    dq,
+    scale,
+    scale_log2,
+    T,
+    TC,
+    q_offset,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    CMP_BLOCK: tl.constexpr,
+    CMP_STRIDE: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BD: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    i_tt, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HKV, i_bh % HKV
+    o_r = tl.arange(0, BT * GP)
+    o_t = i_tt * BT + o_r // GP
+    o_g = o_r % GP
+    m_r = (o_t < T) & (o_g < G)
+    b_pos = o_t + q_offset
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_row = ((i_b * T + o_t).to(tl.int64) * H + i_h * G + o_g) * D
+    m_rd = m_r[:, None] & m_d[None, :]
+    b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
+    b_do = tl.load(do + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
+    o_lse = (i_b * H + i_h * G + o_g).to(tl.int64) * T + o_t
+    b_lse2 = tl.load(lse + o_lse, mask=m_r, other=0.0) * 1.4426950408889634
+    b_delta = tl.load(delta + o_lse, mask=m_r, other=0.0)
+    kv_base = ((i_b * TC).to(tl.int64) * HKV + i_h) * D
+    o_cb = tl.arange(0, BC)
+    # Offsets inside one compressed tile, hoisted out of the loop.
+    o_cd = o_cb[:, None] * (HKV * D) + o_d[None, :]
+
+    last_pos = tl.minimum(i_tt * BT + BT, T) - 1 + q_offset
+    n_vis = tl.where(last_pos >= CMP_BLOCK - 1, (last_pos - CMP_BLOCK + 1) // CMP_STRIDE + 1, 0)
+    n_vis = tl.minimum(n_vis, TC)
+
+    b_dq = tl.zeros([BT * GP, BD], dtype=tl.float32)
+    for c0 in range(0, n_vis, BC):
+        o_c = c0 + o_cb
+        m_c = o_c < TC
+        o_tile = kv_base + c0 * (HKV * D)
+        m_cd = m_c[:, None] & m_d[None, :]
+        b_k = tl.load(k + o_tile + o_cd, mask=m_cd, other=0.0)
+        b_v = tl.load(v + o_tile + o_cd, mask=m_cd, other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * scale_log2
+        m_vis = m_r[:, None] & m_c[None, :] & (o_c[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= b_pos[:, None])
+        b_p = tl.where(m_vis, tl.exp2(b_s - b_lse2[:, None]), 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT)
+    tl.store(dq + o_row[:, None] + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_rd)
+
+
+@triton.jit
+def _cmp_bwd_dkdv_kernel(
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    dk,
+    dv,
+    scale,
+    scale_log2,
+    T,
+    TC,
+    q_offset,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    CMP_BLOCK: tl.constexpr,
+    CMP_STRIDE: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BD: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HKV, i_bh % HKV
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_c = o_c < TC
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_kv = ((i_b * TC).to(tl.int64) * HKV + i_h + o_c.to(tl.int64) * HKV) * D
+    m_cd = m_c[:, None] & m_d[None, :]
+    b_k = tl.load(k + o_kv[:, None] + o_d[None, :], mask=m_cd, other=0.0)
+    b_v = tl.load(v + o_kv[:, None] + o_d[None, :], mask=m_cd, other=0.0)
+    b_dk = tl.zeros([BC, BD], dtype=tl.float32)
+    b_dv = tl.zeros([BC, BD], dtype=tl.float32)
+
+    # The first local query that sees the tile's first compressed token; earlier tiles see nothing.
+    first = tl.maximum(i_c * BC * CMP_STRIDE + CMP_BLOCK - 1 - q_offset, 0)
+    o_r = tl.arange(0, BT * GP)
+    o_rt = o_r // GP
+    o_g = o_r % GP
+    for t0 in range((first // BT) * BT, T, BT):
+        o_t = t0 + o_rt
+        m_r = (o_t < T) & (o_g < G)
+        o_row = ((i_b * T + o_t).to(tl.int64) * H + i_h * G + o_g) * D
+        m_rd = m_r[:, None] & m_d[None, :]
+        b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
+        b_do = tl.load(do + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
+        o_lse = (i_b * H + i_h * G + o_g).to(tl.int64) * T + o_t
+        b_lse2 = tl.load(lse + o_lse, mask=m_r, other=0.0) * 1.4426950408889634
+        b_delta = tl.load(delta + o_lse, mask=m_r, other=0.0)
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT) * scale_log2  # [BC, BT * GP]
+        m_vis = (
+            m_c[:, None]
+            & m_r[None, :]
+            & (o_c[:, None] * CMP_STRIDE + CMP_BLOCK - 1 <= o_t[None, :] + q_offset)
+        )
+        b_pt = tl.where(m_vis, tl.exp2(b_st - b_lse2[None, :]), 0.0)
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT)
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT)
+    tl.store(dk + o_kv[:, None] + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=m_cd)
+    tl.store(dv + o_kv[:, None] + o_d[None, :], b_dv.to(dv.dtype.element_ty), mask=m_cd)
+
+
+def cmp_attn_fwd(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, q_offset):
+    b, t, h, d = q.shape
+    t_c, h_kv = k_cmp.shape[1], k_cmp.shape[2]
+    gp, bt = row_tile(h // h_kv, 128)
+    o = torch.empty_like(q)
+    lse = torch.empty(b, h, t, device=q.device, dtype=torch.float32)
+    if t_c == 0:
+        return o.zero_(), lse.fill_(float("-inf"))
+    bd = pow2_at_least_16(d)
+    _cmp_fwd_kernel[(triton.cdiv(t, bt), b * h_kv)](
+        q, k_cmp, v_cmp, o, lse, scale * LOG2E, t, t_c, q_offset,
+        H=h, HKV=h_kv, G=h // h_kv, GP=gp, D=d, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
+        BT=bt, BC=64, BD=bd, DOT=dot_precision(q.dtype), num_warps=warps_for(bd), num_stages=2,
+    )  # fmt: skip
+    return o, lse
+
+
+def cmp_attn_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, cmp_block, cmp_stride, scale, q_offset):
+    b, t, h, d = q.shape
+    t_c, h_kv = k_cmp.shape[1], k_cmp.shape[2]
+    g = h // h_kv
+    if t_c == 0:
+        return torch.zeros_like(q), torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
+    delta = softmax_delta(o, do, dlse)  # [B, H, T]
+    bd = pow2_at_least_16(d)
+    common = dict(
+        H=h, HKV=h_kv, G=g, D=d, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride, BD=bd, DOT=dot_precision(q.dtype)
+    )
+    dq = torch.empty_like(q)
+    gp, bt = row_tile(g, 128)
+    # fp32 tiles are twice the bytes: a narrower compressed tile keeps the stages in shared memory.
+    _cmp_bwd_dq_kernel[(triton.cdiv(t, bt), b * h_kv)](
+        q, k_cmp, v_cmp, do, lse, delta, dq, scale, scale * LOG2E, t, t_c, q_offset,
+        GP=gp, BT=bt, BC=64 if q.element_size() <= 2 else 32, num_warps=warps_for(bd), num_stages=2, **common,
+    )  # fmt: skip
+    dk, dv = torch.empty_like(k_cmp), torch.empty_like(v_cmp)
+    gp, bt = row_tile(g, 64)
+    _cmp_bwd_dkdv_kernel[(triton.cdiv(t_c, 64), b * h_kv)](
+        q, k_cmp, v_cmp, do, lse, delta, dk, dv, scale, scale * LOG2E, t, t_c, q_offset,
+        GP=gp, BT=bt, BC=64, num_warps=warps_for(bd), num_stages=2, **common,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+class CmpAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, q_offset):
+        q, k_cmp, v_cmp = (x.contiguous() for x in (q, k_cmp, v_cmp))
+        o, lse = cmp_attn_fwd(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, q_offset)
+        ctx.save_for_backward(q, k_cmp, v_cmp, o, lse)
+        ctx.args = (cmp_block, cmp_stride, scale, q_offset)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k_cmp, v_cmp, o, lse = ctx.saved_tensors
+        dq, dk, dv = cmp_attn_bwd(q, k_cmp, v_cmp, o, lse, do.contiguous(), dlse, *ctx.args)
+        return dq, dk, dv, None, None, None, None
+
+
+def cmp_attn(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, q_offset=0):
+    """`(o, lse)` of the Triton compression attention, differentiable in q, k_cmp, v_cmp (and via lse)."""
+    return CmpAttnFunction.apply(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, q_offset)

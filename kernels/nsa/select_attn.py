@@ -1,0 +1,419 @@
+"""Triton kernels for NSA's selection branch: causal attention over explicitly listed key blocks.
+
+Every query token `t` of kv head `h` attends the key blocks listed in `block_idx[b, t, h]` (global
+block indices, `-1` unused), causal inside its own block. All `G = H / H_kv` query heads of a kv group
+share the list, so one program takes the whole group as the M dimension of its matmuls and loads
+each listed K/V block once for all of them (NSA's "group-centric" loading).
+
+- forward / dq: one program per (`BT` consecutive tokens, kv head); its rows are the tokens x the
+  group's heads (`BT = 1` when the group has 16 heads: the head group alone is the M dimension of
+  `[rows, D] x [D, block]`). It walks the ascending union of its tokens' lists, loading each block
+  once, masking the rows of tokens that did not list it and keys after each query (online softmax).
+- dk / dv: the index lists are transposed on the GPU into, per (kv head, key block), the sorted list
+  of query tokens that selected it (a stable sort by block, no host sync). A program takes one chunk
+  of at most `CHUNK` tokens of one block's list, streams `BT` tokens x `G` heads of q / dO per step
+  against the block's K/V held in registers, and adds its `[block, D]` dK/dV partial to fp32 buffers
+  with `tl.atomic_add`. Chunking bounds a program's work (block 0 and the local blocks are chosen by
+  nearly every query); atomics are then one `[block, D]` add per chunk, not one per query, so they
+  cost little, at the price of a run-to-run nondeterministic summation order in dK/dV.
+
+Use it through `longctx.kernels.nsa_select_attn`.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from longctx.kernels.nsa.common import (
+    LOG2E,
+    dot_precision,
+    pow2_at_least_16,
+    row_tile,
+    softmax_delta,
+    warps_for,
+)
+
+
+@triton.jit
+def _select_fwd_kernel(
+    q,
+    k,
+    v,
+    block_idx,
+    o,
+    lse,
+    scale_log2,
+    T,
+    TK,
+    q_offset,
+    k_offset,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    N_SEL: tl.constexpr,
+    NSP: tl.constexpr,
+    BS: tl.constexpr,
+    BSP: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    i_tt, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HKV, i_bh % HKV
+    # Row r is token i_tt * BT + r // GP, head r % GP of kv group i_h.
+    o_r = tl.arange(0, BT * GP)
+    o_t = i_tt * BT + o_r // GP
+    o_g = o_r % GP
+    m_r = (o_t < T) & (o_g < G)
+    b_pos = o_t + q_offset
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_s = tl.arange(0, BSP)
+    o_row = ((i_b * T + o_t).to(tl.int64) * H + i_h * G + o_g) * D
+    m_rd = m_r[:, None] & m_d[None, :]
+    b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
+    kv_base = ((i_b * TK).to(tl.int64) * HKV + i_h) * D
+    # Offsets inside one key block, hoisted out of the loop: a step only adds the block's base.
+    o_kd = o_s[:, None] * (HKV * D) + o_d[None, :]
+
+    # The tile's index lists [BT, NSP]; each list is ascending and duplicate-free (the launcher's
+    # normalisation), unused slots become 2^31-1. The program walks the union of the lists in order.
+    o_tt = i_tt * BT + tl.arange(0, BT)
+    o_n = tl.arange(0, NSP)
+    p_idx = block_idx + ((i_b * T + o_tt).to(tl.int64) * HKV + i_h)[:, None] * N_SEL + o_n[None, :]
+    b_idx = tl.load(p_idx, mask=(o_tt < T)[:, None] & (o_n < N_SEL)[None, :], other=-1)
+    b_idx = tl.where(b_idx < 0, 0x7FFFFFFF, b_idx)
+
+    b_m = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BT * GP], dtype=tl.float32)
+    b_acc = tl.zeros([BT * GP, BD], dtype=tl.float32)
+    i_blk = tl.min(b_idx)
+    while i_blk < 0x7FFFFFFF:
+        # Rows whose token listed this block.
+        b_listed = tl.max(tl.where(b_idx == i_blk, 1, 0), 1)  # [BT]
+        m_listed = tl.reshape(tl.broadcast_to(b_listed[:, None], [BT, GP]), [BT * GP]) > 0
+        k_lo = i_blk * BS - k_offset
+        o_k = k_lo + o_s
+        m_k = (o_s < BS) & (o_k >= 0) & (o_k < TK)
+        o_blk = kv_base + k_lo.to(tl.int64) * (HKV * D)
+        m_kd = m_k[:, None] & m_d[None, :]
+        b_k = tl.load(k + o_blk + o_kd, mask=m_kd, other=0.0)
+        b_v = tl.load(v + o_blk + o_kd, mask=m_kd, other=0.0)
+        m_s = (m_listed & m_r)[:, None] & m_k[None, :] & (o_k[None, :] + k_offset <= b_pos[:, None])
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * scale_log2  # [BT * GP, BSP], log2 units
+        b_s = tl.where(m_s, b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        # A row that has seen no key keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+        b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_p = tl.exp2(b_s - b_shift[:, None])
+        b_alpha = tl.exp2(b_m - b_shift)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT)
+        b_m = b_m_new
+        # The next block of the union: the smallest listed block above this one.
+        i_blk = tl.min(tl.where(b_idx > i_blk, b_idx, 0x7FFFFFFF))
+    b_seen = b_l > 0
+    b_o = b_acc / tl.where(b_seen, b_l, 1.0)[:, None]
+    tl.store(o + o_row[:, None] + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_rd)
+    b_lse = tl.where(b_seen, (b_m + tl.log2(tl.where(b_seen, b_l, 1.0))) / 1.4426950408889634, float("-inf"))
+    o_lse = (i_b * H + i_h * G + o_g).to(tl.int64) * T + o_t
+    tl.store(lse + o_lse, b_lse, mask=m_r)
+
+
+@triton.jit
+def _select_bwd_dq_kernel(
+    q,
+    k,
+    v,
+    block_idx,
+    do,
+    lse,
+    delta,
+    dq,
+    scale,
+    scale_log2,
+    T,
+    TK,
+    q_offset,
+    k_offset,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    N_SEL: tl.constexpr,
+    NSP: tl.constexpr,
+    BS: tl.constexpr,
+    BSP: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    i_tt, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HKV, i_bh % HKV
+    o_r = tl.arange(0, BT * GP)
+    o_t = i_tt * BT + o_r // GP
+    o_g = o_r % GP
+    m_r = (o_t < T) & (o_g < G)
+    b_pos = o_t + q_offset
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_s = tl.arange(0, BSP)
+    o_row = ((i_b * T + o_t).to(tl.int64) * H + i_h * G + o_g) * D
+    m_rd = m_r[:, None] & m_d[None, :]
+    b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
+    b_do = tl.load(do + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
+    o_lse = (i_b * H + i_h * G + o_g).to(tl.int64) * T + o_t
+    b_lse2 = tl.load(lse + o_lse, mask=m_r, other=0.0) * 1.4426950408889634
+    b_delta = tl.load(delta + o_lse, mask=m_r, other=0.0)
+    kv_base = ((i_b * TK).to(tl.int64) * HKV + i_h) * D
+    # Offsets inside one key block, hoisted out of the loop: a step only adds the block's base.
+    o_kd = o_s[:, None] * (HKV * D) + o_d[None, :]
+
+    o_tt = i_tt * BT + tl.arange(0, BT)
+    o_n = tl.arange(0, NSP)
+    p_idx = block_idx + ((i_b * T + o_tt).to(tl.int64) * HKV + i_h)[:, None] * N_SEL + o_n[None, :]
+    b_idx = tl.load(p_idx, mask=(o_tt < T)[:, None] & (o_n < N_SEL)[None, :], other=-1)
+    b_idx = tl.where(b_idx < 0, 0x7FFFFFFF, b_idx)
+
+    b_dq = tl.zeros([BT * GP, BD], dtype=tl.float32)
+    i_blk = tl.min(b_idx)
+    while i_blk < 0x7FFFFFFF:
+        b_listed = tl.max(tl.where(b_idx == i_blk, 1, 0), 1)
+        m_listed = tl.reshape(tl.broadcast_to(b_listed[:, None], [BT, GP]), [BT * GP]) > 0
+        k_lo = i_blk * BS - k_offset
+        o_k = k_lo + o_s
+        m_k = (o_s < BS) & (o_k >= 0) & (o_k < TK)
+        o_blk = kv_base + k_lo.to(tl.int64) * (HKV * D)
+        m_kd = m_k[:, None] & m_d[None, :]
+        b_k = tl.load(k + o_blk + o_kd, mask=m_kd, other=0.0)
+        b_v = tl.load(v + o_blk + o_kd, mask=m_kd, other=0.0)
+        m_s = (m_listed & m_r)[:, None] & m_k[None, :] & (o_k[None, :] + k_offset <= b_pos[:, None])
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * scale_log2
+        b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT)
+        # The next block of the union: the smallest listed block above this one.
+        i_blk = tl.min(tl.where(b_idx > i_blk, b_idx, 0x7FFFFFFF))
+    tl.store(dq + o_row[:, None] + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_rd)
+
+
+@triton.jit
+def _select_bwd_dkdv_kernel(
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    dk,
+    dv,
+    tokens,
+    group_start,
+    group_count,
+    item_group,
+    item_chunk,
+    scale,
+    scale_log2,
+    T,
+    TK,
+    q_offset,
+    k_offset,
+    N_GROUPS,
+    N_KBLK,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BS: tl.constexpr,
+    BSP: tl.constexpr,
+    BD: tl.constexpr,
+    BT: tl.constexpr,
+    CHUNK: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    i_item = tl.program_id(0)
+    i_g = tl.load(item_group + i_item)
+    # The grid is an upper bound on the number of work items (no host sync); extra programs exit.
+    if i_g < N_GROUPS:
+        i_chunk = tl.load(item_chunk + i_item)
+        i_blk = i_g % N_KBLK
+        i_bh = i_g // N_KBLK
+        i_b, i_h = i_bh // HKV, i_bh % HKV
+        n_tok = tl.load(group_count + i_g)
+        i_lo = tl.load(group_start + i_g) + i_chunk * CHUNK
+        i_hi = tl.load(group_start + i_g) + tl.minimum(n_tok, (i_chunk + 1) * CHUNK)
+
+        o_s = tl.arange(0, BSP)
+        o_d = tl.arange(0, BD)
+        m_d = o_d < D
+        o_k = i_blk * BS - k_offset + o_s
+        m_k = (o_s < BS) & (o_k >= 0) & (o_k < TK)
+        o_kv = ((i_b * TK).to(tl.int64) * HKV + i_h + o_k.to(tl.int64) * HKV) * D
+        m_kd = m_k[:, None] & m_d[None, :]
+        b_k = tl.load(k + o_kv[:, None] + o_d[None, :], mask=m_kd, other=0.0)
+        b_v = tl.load(v + o_kv[:, None] + o_d[None, :], mask=m_kd, other=0.0)
+        b_dk = tl.zeros([BSP, BD], dtype=tl.float32)
+        b_dv = tl.zeros([BSP, BD], dtype=tl.float32)
+
+        # Row r of a step is query token (r // GP) of the step and head (r % GP) of the group.
+        o_r = tl.arange(0, BT * GP)
+        o_rt = o_r // GP
+        o_rg = o_r % GP
+        for i_s in range(i_lo, i_hi, BT):
+            m_r = (o_rg < G) & (i_s + o_rt < i_hi)
+            b_t = tl.load(tokens + i_s + o_rt, mask=m_r, other=0)
+            o_row = ((i_b * T + b_t).to(tl.int64) * H + i_h * G + o_rg) * D
+            m_rd = m_r[:, None] & m_d[None, :]
+            b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
+            b_do = tl.load(do + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
+            o_lse = (i_b * H + i_h * G + o_rg).to(tl.int64) * T + b_t
+            b_lse2 = tl.load(lse + o_lse, mask=m_r, other=0.0) * 1.4426950408889634
+            b_delta = tl.load(delta + o_lse, mask=m_r, other=0.0)
+            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT) * scale_log2  # [BSP, BT * GP]
+            m_st = m_k[:, None] & m_r[None, :] & (o_k[:, None] + k_offset <= b_t[None, :] + q_offset)
+            b_pt = tl.where(m_st, tl.exp2(b_st - b_lse2[None, :]), 0.0)
+            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT)
+            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT)
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT)
+        tl.atomic_add(dk + o_kv[:, None] + o_d[None, :], b_dk * scale, mask=m_kd)
+        tl.atomic_add(dv + o_kv[:, None] + o_d[None, :], b_dv, mask=m_kd)
+
+
+# Rows (query tokens x heads of a kv group) per forward / dq program. 16 = one token when G = 16: the
+# head group alone is the M dimension. More rows make consecutive tokens share each loaded block
+# (the program walks the union of their lists): less K/V traffic, more masked work when the tokens'
+# choices differ. A tuning knob (`bench/nsa.py --select-rows`).
+SELECT_ROWS = 16
+# Query tokens per dk/dv work item: bounds one program's work on popular blocks (block 0, local ones).
+DKDV_CHUNK = 256
+
+
+def normalize_block_idx(block_idx: torch.Tensor, block_size: int, t_k: int, q_offset: int, k_offset: int):
+    """Sort each index list ascending and blank (-1, moved last) duplicates, blocks after the query and
+    blocks holding none of the keys `[k_offset, k_offset + t_k)`: every remaining entry is real work."""
+    t = block_idx.shape[1]
+    idx = block_idx.to(torch.int32)
+    q_pos = torch.arange(t, device=idx.device, dtype=torch.int32).view(1, t, 1, 1) + q_offset
+    start = idx * block_size
+    keep = (idx >= 0) & (start <= q_pos) & (start + block_size > k_offset) & (start < k_offset + t_k)
+    big = torch.iinfo(torch.int32).max
+    idx = torch.where(keep, idx, big).sort(dim=-1).values
+    dup = torch.zeros_like(keep)
+    dup[..., 1:] = idx[..., 1:] == idx[..., :-1]
+    idx = torch.where(dup, big, idx).sort(dim=-1).values
+    return torch.where(idx == big, -1, idx).contiguous()
+
+
+def select_attn_fwd(q, k, v, block_idx, block_size, scale, q_offset, k_offset):
+    """Launch the forward. `block_idx` must come from `normalize_block_idx`. Returns `(o, lse)`."""
+    b, t, h, d = q.shape
+    t_k, h_kv = k.shape[1], k.shape[2]
+    g = h // h_kv
+    o = torch.empty_like(q)
+    lse = torch.empty(b, h, t, device=q.device, dtype=torch.float32)
+    n_sel = block_idx.shape[-1]
+    bd = pow2_at_least_16(d)
+    gp, bt = row_tile(g, SELECT_ROWS)
+    _select_fwd_kernel[(triton.cdiv(t, bt), b * h_kv)](
+        q, k, v, block_idx, o, lse, scale * LOG2E, t, t_k, q_offset, k_offset,
+        H=h, HKV=h_kv, G=g, GP=gp, D=d, N_SEL=n_sel, NSP=triton.next_power_of_2(n_sel),
+        BS=block_size, BSP=pow2_at_least_16(block_size), BT=bt, BD=bd, DOT=dot_precision(q.dtype),
+        num_warps=warps_for(bd, bt * gp), num_stages=2,
+    )  # fmt: skip
+    return o, lse
+
+
+def transpose_block_idx(block_idx: torch.Tensor, n_kblk: int, t_k: int, chunk: int):
+    """Per (batch, kv head, key block) group, the ascending query tokens that listed it, as CSR, and
+    the work items (group, chunk) of at most `chunk` tokens. All on the device, without a host sync:
+    the item list has a fixed upper-bound length and its unused tail names group `n_groups`."""
+    b, t, h_kv, n = block_idx.shape
+    n_groups = b * h_kv * n_kblk
+    dev = block_idx.device
+    idx = block_idx.permute(0, 2, 1, 3)  # [B, H_kv, T, n]
+    bh = torch.arange(b * h_kv, device=dev, dtype=torch.int32).view(b, h_kv, 1, 1)
+    group = torch.where(idx >= 0, bh * n_kblk + idx, n_groups).flatten()  # int32: a cheaper radix sort
+    # A stable sort keeps tokens ascending inside each group (they are ascending in the input).
+    group_sorted, order = torch.sort(group, stable=True)
+    tokens = (order // n % t).to(torch.int32)
+    counts = torch.bincount(group_sorted, minlength=n_groups + 1)[:n_groups]
+    starts = torch.cumsum(counts, 0) - counts
+    n_chunks = (counts + chunk - 1) // chunk
+    chunk_end = torch.cumsum(n_chunks, 0)
+    n_items = b * h_kv * t * n // chunk + n_groups + 1
+    item = torch.arange(n_items, device=dev)
+    item_group = torch.searchsorted(chunk_end, item, right=True)
+    # Items past the last real one get group n_groups (the kernel skips them); clamp to index safely.
+    last = item_group.clamp(max=n_groups - 1)
+    item_chunk = item - (chunk_end[last] - n_chunks[last])
+    return (
+        tokens,
+        starts.to(torch.int32),
+        counts.to(torch.int32),
+        item_group.to(torch.int32),
+        item_chunk.to(torch.int32),
+        n_groups,
+    )
+
+
+def select_attn_bwd(q, k, v, block_idx, o, lse, do, dlse, block_size, scale, q_offset, k_offset):
+    """Launch the backward kernels. Returns `(dq, dk, dv)`."""
+    b, t, h, d = q.shape
+    t_k, h_kv = k.shape[1], k.shape[2]
+    g = h // h_kv
+    delta = softmax_delta(o, do, dlse)  # [B, H, T]
+    bd, bsp = pow2_at_least_16(d), pow2_at_least_16(block_size)
+    n_sel = block_idx.shape[-1]
+    gp, bt = row_tile(g, SELECT_ROWS)
+    dq = torch.empty_like(q)
+    _select_bwd_dq_kernel[(triton.cdiv(t, bt), b * h_kv)](
+        q, k, v, block_idx, do, lse, delta, dq, scale, scale * LOG2E, t, t_k, q_offset, k_offset,
+        H=h, HKV=h_kv, G=g, GP=gp, D=d, N_SEL=n_sel, NSP=triton.next_power_of_2(n_sel),
+        BS=block_size, BSP=bsp, BT=bt, BD=bd, DOT=dot_precision(q.dtype),
+        num_warps=warps_for(bd, bt * gp), num_stages=2,
+    )  # fmt: skip
+
+    n_kblk = (k_offset + t_k + block_size - 1) // block_size
+    # Tokens per step so a step's rows (tokens x heads of the group) fill a 64-row matmul operand.
+    gp, bt = row_tile(g, 64)
+    chunk = max(bt, DKDV_CHUNK)
+    tokens, starts, counts, item_group, item_chunk, n_groups = transpose_block_idx(
+        block_idx, n_kblk, t_k, chunk
+    )
+    dk = torch.zeros(b, t_k, h_kv, d, device=q.device, dtype=torch.float32)
+    dv = torch.zeros_like(dk)
+    _select_bwd_dkdv_kernel[(item_group.numel(),)](
+        q, k, v, do, lse, delta, dk, dv, tokens, starts, counts, item_group, item_chunk,
+        scale, scale * LOG2E, t, t_k, q_offset, k_offset, n_groups, n_kblk,
+        H=h, HKV=h_kv, G=g, GP=gp, D=d, BS=block_size, BSP=bsp, BD=bd, BT=bt, CHUNK=chunk,
+        DOT=dot_precision(q.dtype), num_warps=warps_for(bd, bt * gp), num_stages=2,
+    )  # fmt: skip
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+class SelectAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_idx, block_size, scale, q_offset, k_offset):
+        q, k, v = (x.contiguous() for x in (q, k, v))
+        idx = normalize_block_idx(block_idx, block_size, k.shape[1], q_offset, k_offset)
+        o, lse = select_attn_fwd(q, k, v, idx, block_size, scale, q_offset, k_offset)
+        ctx.save_for_backward(q, k, v, idx, o, lse)
+        ctx.args = (block_size, scale, q_offset, k_offset)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, idx, o, lse = ctx.saved_tensors
+        dq, dk, dv = select_attn_bwd(q, k, v, idx, o, lse, do.contiguous(), dlse, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def select_attn(q, k, v, block_idx, block_size, scale, q_offset=0, k_offset=0):
+    """`(o, lse)` of the Triton selection attention, differentiable in q, k, v."""
+    return SelectAttnFunction.apply(q, k, v, block_idx, block_size, scale, q_offset, k_offset)

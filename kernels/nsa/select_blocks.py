@@ -1,0 +1,159 @@
+"""Triton kernel for NSA's block choice: importance of each selection block and the top-k per query.
+
+Importance of selection block `j` for query `t` and kv group `h` is the compression branch's attention
+probability `exp(q . k_cmp * scale - lse)` summed over the query heads of the group and over the
+compressed tokens whose blocks overlap block `j`. With `R = slc_block / cmp_stride` and
+`M = cmp_block / cmp_stride`, compressed token `i` overlaps block `j` iff `jR - M + 1 <= i <= jR + R - 1`:
+the `R` tokens of "group" `j` plus the last `M - 1` tokens of group `j - 1`.
+
+One program owns `BT` query tokens x the `G` heads of one kv group (rows = tokens x heads, as in the
+compression attention). It walks the selection blocks up to its last query's block, `NJ` blocks
+(`NJ * R` compressed tokens) per step:
+
+1. `p = exp2(q k^T - lse)` `[BT * G, NJ * R]`, causal by compressed-block end; summed over heads;
+2. per-group sums and per-group suffix sums (the last `M - 1` tokens) by reshapes; each block adds the
+   previous group's suffix (shifted by one block, the step's first block takes a carry from the last
+   step), giving `[BT, NJ]` importances in registers;
+3. the step's candidates are packed into sortable int64 keys `(importance bits << 32) | (2^31-1-j)`
+   (non-negative fp32 bits order like the floats; equal importance puts the lower block first), block 0
+   and the two local blocks get +inf, future blocks are dropped, and a running top-`NJ` list per token
+   is merged with them by `tl.topk` over the concatenation.
+
+At the end the first `slc_top` keys are decoded, sorted ascending, and written; nothing of size
+`T x T / cmp_stride` or `T x n_blocks` is ever stored: the memory is the `[B, T, H_kv, slc_top]` output.
+Requires `R` to be a power of two and `M - 1 <= R` (DESIGN's defaults: R = 4, M = 2); the public op
+falls back to the reference otherwise.
+
+Use it through `longctx.kernels.nsa_select_blocks`.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from longctx.kernels.nsa.common import LOG2E, dot_precision, pow2_at_least_16, row_tile, warps_for
+
+
+@triton.jit
+def _select_blocks_kernel(
+    q,
+    k,
+    lse,
+    out,
+    scale_log2,
+    T,
+    TC,
+    q_offset,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    CMP_BLOCK: tl.constexpr,
+    CMP_STRIDE: tl.constexpr,
+    SLC_BLOCK: tl.constexpr,
+    TOP: tl.constexpr,
+    NJ: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
+    HALO: tl.constexpr = CMP_BLOCK // CMP_STRIDE - 1
+    BC: tl.constexpr = NJ * R
+    i_tt, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HKV, i_bh % HKV
+
+    o_r = tl.arange(0, BT * GP)
+    o_t = i_tt * BT + o_r // GP
+    o_g = o_r % GP
+    m_r = (o_t < T) & (o_g < G)
+    b_pos = o_t + q_offset
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_row = ((i_b * T + o_t).to(tl.int64) * H + i_h * G + o_g) * D
+    b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)
+    o_lse = (i_b * H + i_h * G + o_g).to(tl.int64) * T + o_t
+    b_lse2 = tl.load(lse + o_lse, mask=m_r, other=0.0) * 1.4426950408889634
+    k_base = ((i_b * TC).to(tl.int64) * HKV + i_h) * D
+
+    # Per token of the tile: its selection block.
+    o_tt = i_tt * BT + tl.arange(0, BT)
+    b_qblk = (o_tt + q_offset) // SLC_BLOCK  # [BT]
+    last_blk = (tl.minimum(i_tt * BT + BT, T) - 1 + q_offset) // SLC_BLOCK
+
+    o_j = tl.arange(0, NJ)
+    o_cb = tl.arange(0, BC)
+    o_cd = o_cb[:, None] * (HKV * D) + o_d[None, :]
+    m_suffix = (o_cb % R) >= R - HALO
+    b_top = tl.full([BT, NJ], -1, dtype=tl.int64)
+    b_carry = tl.zeros([BT], dtype=tl.float32)
+    for j0 in range(0, last_blk + 1, NJ):
+        o_c = j0 * R + o_cb
+        m_c = o_c < TC
+        b_k = tl.load(k + k_base + j0 * (R * HKV * D) + o_cd, mask=m_c[:, None] & m_d[None, :], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * scale_log2  # [BT * GP, BC]
+        m_vis = m_r[:, None] & m_c[None, :] & (o_c[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= b_pos[:, None])
+        b_p = tl.where(m_vis, tl.exp2(b_s - b_lse2[:, None]), 0.0)
+        b_p = tl.sum(tl.reshape(b_p, [BT, GP, BC]), 1)  # [BT, BC], summed over the group's heads
+        b_own = tl.sum(tl.reshape(b_p, [BT, NJ, R]), 2)  # [BT, NJ]
+        b_suffix = tl.sum(tl.reshape(tl.where(m_suffix[None, :], b_p, 0.0), [BT, NJ, R]), 2)
+        # Block j also holds the suffix of group j - 1: shift by one; the first takes the carry.
+        b_prev = tl.sum(tl.where(o_j[:, None] == o_j[None, :] - 1, b_suffix[:, :, None], 0.0), 1)
+        b_prev = tl.where(o_j[None, :] == 0, b_carry[:, None], b_prev)
+        b_carry = tl.sum(tl.where(o_j[None, :] == NJ - 1, b_suffix, 0.0), 1)
+        b_imp = b_own + b_prev
+
+        o_blk = j0 + o_j
+        b_bits = b_imp.to(tl.int32, bitcast=True).to(tl.int64)
+        m_forced = (
+            (o_blk[None, :] == 0)
+            | (o_blk[None, :] == b_qblk[:, None])
+            | (o_blk[None, :] == b_qblk[:, None] - 1)
+        )
+        b_bits = tl.where(m_forced, 0x7F800000, b_bits)
+        b_key = (b_bits << 32) | (0x7FFFFFFF - o_blk).to(tl.int64)[None, :]
+        b_key = tl.where(o_blk[None, :] <= b_qblk[:, None], b_key, -1)
+        b_top = tl.topk(tl.reshape(tl.join(b_top, b_key), [BT, 2 * NJ]), NJ)
+
+    # b_top is sorted by importance, best first: keep the first TOP, list them in ascending order.
+    m_keep = (o_j[None, :] < TOP) & (b_top >= 0)
+    b_blk = (0x7FFFFFFF - (b_top & 0x7FFFFFFF)).to(tl.int32)  # the low word is 2^31-1-j
+    b_blk = tl.sort(tl.where(m_keep, b_blk, 0x7FFFFFFF))
+    b_blk = tl.where(b_blk == 0x7FFFFFFF, -1, b_blk)
+    o_out = ((i_b * T + o_tt).to(tl.int64) * HKV + i_h) * TOP
+    tl.store(out + o_out[:, None] + o_j[None, :], b_blk, mask=(o_tt < T)[:, None] & (o_j[None, :] < TOP))
+
+
+def supported(cmp_block: int, cmp_stride: int, slc_block: int) -> bool:
+    """Block geometries the kernel handles: power-of-two `slc_block / cmp_stride`, and a compression
+    block that spills into at most the previous selection block."""
+    r = slc_block // cmp_stride
+    return (
+        slc_block % cmp_stride == 0
+        and cmp_block % cmp_stride == 0
+        and r & (r - 1) == 0
+        and (cmp_block // cmp_stride - 1 <= r)
+    )
+
+
+def select_blocks(q, k_cmp, lse_cmp, cmp_block, cmp_stride, slc_block, slc_top, scale, q_offset=0):
+    """Launch the kernel. Returns `[B, T, H_kv, slc_top]` int32 block indices, ascending, -1 last."""
+    b, t, h, d = q.shape
+    t_c, h_kv = k_cmp.shape[1], k_cmp.shape[2]
+    g = h // h_kv
+    q, k_cmp, lse_cmp = q.contiguous(), k_cmp.to(q.dtype).contiguous(), lse_cmp.float().contiguous()
+    r = slc_block // cmp_stride
+    # Blocks per step: at least the top-k width (the running list has the same width) and enough
+    # compressed tokens (NJ * R >= 16) for a matmul operand.
+    nj = max(triton.next_power_of_2(slc_top), triton.next_power_of_2(triton.cdiv(16, r)))
+    gp, bt = row_tile(g, 64)
+    out = torch.empty(b, t, h_kv, slc_top, device=q.device, dtype=torch.int32)
+    bd = pow2_at_least_16(d)
+    _select_blocks_kernel[(triton.cdiv(t, bt), b * h_kv)](
+        q, k_cmp, lse_cmp, out, scale * LOG2E, t, t_c, q_offset,
+        H=h, HKV=h_kv, G=g, GP=gp, D=d, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
+        SLC_BLOCK=slc_block, TOP=slc_top, NJ=nj, BT=bt, BD=bd, DOT=dot_precision(q.dtype),
+        num_warps=warps_for(bd, 32), num_stages=2,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,568 @@
+"""Triton S2 block-sparse flash attention: forward, backward and log-sum-exp.
+
+FlashAttention-2 restricted to the blocks S2 allows. The pattern is compiled once per shape into CSR
+tile lists (`blocks.py`); every program walks only its own list, so work and memory traffic scale
+with the number of allowed blocks, not with T^2.
+
+- forward: one program per (batch, query head, query tile); it walks the key blocks listed for its
+  (head, query tile) with an online softmax and writes `o` and `lse` (natural log, fp32).
+- backward, recomputing the probabilities from `lse` (FA2), in three launches:
+  1. `delta = rowsum(o * do) - dlse` (the `dlse` term makes `lse` differentiable, which the
+     context-parallel merge of partial results needs);
+  2. dQ: one program per (batch, query head, query tile), the forward's walk;
+  3. dK/dV: one program per (batch, KV head, key tile). It walks, for each query head of its GQA
+     group in turn, that head's transposed list (the query blocks that attend its key tile), and
+     accumulates dK and dV in registers for the whole group before one store. No atomics: the result
+     is deterministic, nothing is zero-initialised or written twice, and the fp32 accumulators never
+     leave registers. The price is one more recomputation of `q k^T` than an atomic dQ would need
+     (7 block matmuls per pair instead of 5), as in the Triton FA2 backward. S2's transposed lists are
+     very uneven (a strided key block is attended by every later query block of its head, a
+     local-only one by `local_blocks` of them); the lists' `order` launches long programs first.
+
+Tiles: a program's outer tile is `BT` rows (a power of two that divides `block_size` or equals two
+blocks), its inner tile `BI` rows of one listed block. The host splits each list into entries that
+need no mask (loaded and computed bare) and a few that do (diagonal blocks, blocks only part of the
+tile may see, partial last blocks), where the kernel applies S2's rule token by token.
+
+On the GPU a small autotuner times the candidate tile configurations once per shape class (the tile
+size changes the lists, which `triton.autotune` cannot follow); under `TRITON_INTERPRET=1` one fixed
+configuration runs.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from longctx.kernels.common.backend import interpreting
+from longctx.kernels.s2_attn.blocks import S2BlockLists, TileLists, check_block_ids, s2_block_lists
+
+LOG2E = 1.4426950408889634
+# Kernels may only read constexpr globals.
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _load_rows(
+    p_base, start, stride_t, T, B: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, MASK_T: tl.constexpr
+):
+    """Rows `start .. start + B` (x head dim) of a `[T, D]` slice; masks rows past `T` only when `MASK_T`.
+
+    The row offset is one int64 scalar; offsets within the tile stay int32.
+    """
+    o_b = tl.arange(0, B)
+    o_d = tl.arange(0, BD)
+    ptrs = p_base + start.to(tl.int64) * stride_t + (o_b[:, None] * stride_t + o_d[None, :])
+    if MASK_T:
+        x = tl.load(ptrs, mask=((start + o_b) < T)[:, None] & (o_d[None, :] < D), other=0.0)
+    elif BD != D:
+        x = tl.load(ptrs, mask=o_d[None, :] < D, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _tile_rows(order, i_p, BS: tl.constexpr, BT: tl.constexpr):
+    """The tile (a list row) and the first tensor row of program `i_p` for outer tiles of `BT` rows."""
+    if BT <= BS:
+        n_sub: tl.constexpr = BS // BT
+        i_tile = tl.load(order + i_p // n_sub)
+        start = i_tile * BS + (i_p % n_sub) * BT
+    else:
+        i_tile = tl.load(order + i_p)
+        start = i_tile * BT
+    return i_tile, start
+
+
+@triton.jit
+def _s2_allowed(qb, kb, i_h, local_blocks, vert_stride, head_step, dense_from):
+    """DESIGN.md's S2 rule for global query / key block ids (broadcasting)."""
+    strided = (kb + 1 + i_h * head_step) % vert_stride == 0
+    return (kb <= qb) & ((qb - kb < local_blocks) | strided | (i_h >= dense_from))
+
+
+@triton.jit
+def _fwd_walk(
+    acc, l_i, m_i, b_q, qb_m, pos_m, p_k, p_v, stride_kt, stride_vt, k_ids, indices, lo, hi, T_k, i_h,
+    qk_scale, local_blocks, vert_stride, head_step, dense_from,
+    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over the key blocks `indices[lo:hi]`; `MASK` applies S2's token rule."""
+    for e in range(lo, hi):
+        i_kb = tl.load(indices + e)
+        for n in tl.static_range(0, BS, BN):
+            o_n = i_kb * BS + n + tl.arange(0, BN)
+            m_n = o_n < T_k
+            b_k = _load_rows(p_k, i_kb * BS + n, stride_kt, T_k, BN, D, BD, MASK)
+            b_v = _load_rows(p_v, i_kb * BS + n, stride_vt, T_k, BN, D, BD, MASK)
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN], log2 units
+            if MASK:
+                kb = tl.load(k_ids + i_kb)
+                pos_n = kb * BS + n + tl.arange(0, BN)
+                ok = _s2_allowed(qb_m, kb, i_h, local_blocks, vert_stride, head_step, dense_from)
+                b_s = tl.where(
+                    ok[:, None] & (pos_n[None, :] <= pos_m[:, None]) & m_n[None, :], b_s, float("-inf")
+                )
+                m_new = tl.maximum(m_i, tl.max(b_s, 1))
+                # A row with every key masked so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+                m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_new = tl.maximum(m_i, tl.max(b_s, 1))
+                m_shift = m_new
+            b_p = tl.exp2(b_s - m_shift[:, None])
+            alpha = tl.exp2(m_i - m_shift)
+            l_i = l_i * alpha + tl.sum(b_p, 1)
+            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+            m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _s2_fwd_kernel(
+    q, k, v, o, lse, q_ids, k_ids, order, offsets, split, indices,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
+    T_q, T_k, n_tiles, n_heads, group, qk_scale, local_blocks, vert_stride, head_step, dense_from,
+    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // n_heads, i_bh % n_heads
+    i_hk = i_h // group
+    i_tile, start = _tile_rows(order, i_m, BS, BM)
+    o_m = start + tl.arange(0, BM)
+    m_m = o_m < T_q
+    qb_m = tl.load(q_ids + o_m // BS, mask=m_m, other=0)  # global block of each row
+    pos_m = qb_m * BS + o_m % BS
+    o_d = tl.arange(0, BD)
+
+    p_k = k + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh
+    p_v = v + i_b.to(tl.int64) * stride_vb + i_hk * stride_vh
+    b_q = _load_rows(
+        q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh, start, stride_qt, T_q, BM, D, BD, True
+    )
+
+    row = i_h * n_tiles + i_tile
+    lo = tl.load(offsets + row)
+    mid = tl.load(split + row)
+    hi = tl.load(offsets + row + 1)
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_walk(
+        acc, l_i, m_i, b_q, qb_m, pos_m, p_k, p_v, stride_kt, stride_vt, k_ids, indices, lo, mid, T_k, i_h,
+        qk_scale, local_blocks, vert_stride, head_step, dense_from, D, BD, BS, BN, False, PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_walk(
+        acc, l_i, m_i, b_q, qb_m, pos_m, p_k, p_v, stride_kt, stride_vt, k_ids, indices, mid, hi, T_k, i_h,
+        qk_scale, local_blocks, vert_stride, head_step, dense_from, D, BD, BS, BN, True, PRECISION,
+    )  # fmt: skip
+
+    # Rows that saw no key at all: o = 0 and lse = -inf, so they drop out of an lse merge.
+    seen = l_i > 0
+    l_safe = tl.where(seen, l_i, 1.0)
+    acc = acc / l_safe[:, None]
+    b_lse = tl.where(seen, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
+    p_o = o + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + o_m[:, None].to(tl.int64) * stride_ot
+    tl.store(p_o + o_d[None, :], acc.to(o.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < D))
+    tl.store(lse + i_bh.to(tl.int64) * T_q + o_m, b_lse, mask=m_m)
+
+
+@triton.jit
+def _s2_bwd_preprocess_kernel(
+    o, do, dlse, delta, stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh, T_q, n_heads,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, HAS_DLSE: tl.constexpr,
+):  # fmt: skip
+    """`delta = rowsum(o * do) - dlse`, `[B, H, T]` fp32."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // n_heads, i_bh % n_heads
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < T_q
+    p_o = o + i_b.to(tl.int64) * stride_ob + i_h * stride_oh
+    p_do = do + i_b.to(tl.int64) * stride_dob + i_h * stride_doh
+    b_o = _load_rows(p_o, i_m * BM, stride_ot, T_q, BM, D, BD, True).to(tl.float32)
+    b_do = _load_rows(p_do, i_m * BM, stride_dot, T_q, BM, D, BD, True).to(tl.float32)
+    b_delta = tl.sum(b_o * b_do, 1)
+    if HAS_DLSE:
+        b_delta -= tl.load(dlse + i_bh.to(tl.int64) * T_q + o_m, mask=m_m, other=0.0)
+    tl.store(delta + i_bh.to(tl.int64) * T_q + o_m, b_delta, mask=m_m)
+
+
+@triton.jit
+def _dq_walk(
+    b_dq, b_q, b_do, b_lse, b_delta, qb_m, pos_m, p_k, p_v, stride_kt, stride_vt, k_ids, indices, lo, hi,
+    T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
+    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    for e in range(lo, hi):
+        i_kb = tl.load(indices + e)
+        for n in tl.static_range(0, BS, BN):
+            o_n = i_kb * BS + n + tl.arange(0, BN)
+            m_n = o_n < T_k
+            b_k = _load_rows(p_k, i_kb * BS + n, stride_kt, T_k, BN, D, BD, MASK)
+            b_v = _load_rows(p_v, i_kb * BS + n, stride_vt, T_k, BN, D, BD, MASK)
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+            if MASK:
+                kb = tl.load(k_ids + i_kb)
+                pos_n = kb * BS + n + tl.arange(0, BN)
+                ok = _s2_allowed(qb_m, kb, i_h, local_blocks, vert_stride, head_step, dense_from)
+                b_s = tl.where(
+                    ok[:, None] & (pos_n[None, :] <= pos_m[:, None]) & m_n[None, :], b_s, float("-inf")
+                )
+            b_p = tl.exp2(b_s - b_lse[:, None])
+            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+    return b_dq
+
+
+@triton.jit
+def _s2_bwd_dq_kernel(
+    q, k, v, do, dq, lse, delta, q_ids, k_ids, order, offsets, split, indices,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
+    T_q, T_k, n_tiles, n_heads, group, qk_scale, scale, local_blocks, vert_stride, head_step, dense_from,
+    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // n_heads, i_bh % n_heads
+    i_hk = i_h // group
+    i_tile, start = _tile_rows(order, i_m, BS, BM)
+    o_m = start + tl.arange(0, BM)
+    m_m = o_m < T_q
+    qb_m = tl.load(q_ids + o_m // BS, mask=m_m, other=0)
+    pos_m = qb_m * BS + o_m % BS
+    o_d = tl.arange(0, BD)
+
+    p_k = k + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh
+    p_v = v + i_b.to(tl.int64) * stride_vb + i_hk * stride_vh
+    b_q = _load_rows(
+        q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh, start, stride_qt, T_q, BM, D, BD, True
+    )
+    b_do = _load_rows(
+        do + i_b.to(tl.int64) * stride_dob + i_h * stride_doh, start, stride_dot, T_q, BM, D, BD, True
+    )
+    b_lse = tl.load(lse + i_bh.to(tl.int64) * T_q + o_m, mask=m_m, other=float("inf")) * _LOG2E
+    # A row that saw no key (lse = -inf) gets p = 0 instead of exp2(+inf).
+    b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
+    b_delta = tl.load(delta + i_bh.to(tl.int64) * T_q + o_m, mask=m_m, other=0.0)
+
+    row = i_h * n_tiles + i_tile
+    lo = tl.load(offsets + row)
+    mid = tl.load(split + row)
+    hi = tl.load(offsets + row + 1)
+    b_dq = tl.zeros([BM, BD], dtype=tl.float32)
+    b_dq = _dq_walk(
+        b_dq, b_q, b_do, b_lse, b_delta, qb_m, pos_m, p_k, p_v, stride_kt, stride_vt, k_ids, indices, lo,
+        mid, T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from, D, BD, BS, BN, False,
+        PRECISION,
+    )  # fmt: skip
+    b_dq = _dq_walk(
+        b_dq, b_q, b_do, b_lse, b_delta, qb_m, pos_m, p_k, p_v, stride_kt, stride_vt, k_ids, indices, mid,
+        hi, T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from, D, BD, BS, BN, True,
+        PRECISION,
+    )  # fmt: skip
+    p_dq = dq + i_b.to(tl.int64) * stride_dqb + i_h * stride_dqh + o_m[:, None].to(tl.int64) * stride_dqt
+    tl.store(
+        p_dq + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < D)
+    )
+
+
+@triton.jit
+def _dkdv_walk(
+    b_dk, b_dv, b_k, b_v, kb_n, pos_n, p_q, p_do, p_lse, p_delta, stride_qt, stride_dot, q_ids, indices,
+    lo, hi, T_q, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
+    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Accumulate dK, dV `[BN, BD]` over the query blocks `indices[lo:hi]` (scores transposed, `[BN, BM]`)."""
+    for e in range(lo, hi):
+        i_qb = tl.load(indices + e)
+        for m in tl.static_range(0, BS, BM):
+            o_m = i_qb * BS + m + tl.arange(0, BM)
+            m_m = o_m < T_q
+            b_q = _load_rows(p_q, i_qb * BS + m, stride_qt, T_q, BM, D, BD, MASK)
+            b_do = _load_rows(p_do, i_qb * BS + m, stride_dot, T_q, BM, D, BD, MASK)
+            if MASK:
+                # Padded query rows get lse = +inf, hence p = 0; so do rows that saw no key.
+                b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf")) * _LOG2E
+                b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
+                b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
+            else:
+                b_lse = tl.load(p_lse + o_m) * _LOG2E
+                b_delta = tl.load(p_delta + o_m)
+            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale  # [BN, BM]
+            if MASK:
+                qb = tl.load(q_ids + i_qb)
+                pos_m = qb * BS + m + tl.arange(0, BM)
+                ok = _s2_allowed(qb, kb_n, i_h, local_blocks, vert_stride, head_step, dense_from)
+                b_st = tl.where(ok[:, None] & (pos_n[:, None] <= pos_m[None, :]), b_st, float("-inf"))
+            b_pt = tl.exp2(b_st - b_lse[None, :])
+            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
+            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION)
+    return b_dk, b_dv
+
+
+@triton.jit
+def _s2_bwd_dkdv_kernel(
+    q, k, v, do, dk, dv, lse, delta, q_ids, k_ids, order, offsets, split, indices,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh, T_q, T_k, n_tiles, n_heads, n_kv_heads, group, qk_scale, scale,
+    local_blocks, vert_stride, head_step, dense_from,
+    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hk = i_bh // n_kv_heads, i_bh % n_kv_heads
+    i_tile, start = _tile_rows(order, i_n, BS, BN)
+    o_n = start + tl.arange(0, BN)
+    m_n = o_n < T_k
+    kb_n = tl.load(k_ids + o_n // BS, mask=m_n, other=0)
+    pos_n = kb_n * BS + o_n % BS
+    o_d = tl.arange(0, BD)
+
+    b_k = _load_rows(
+        k + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh, start, stride_kt, T_k, BN, D, BD, True
+    )
+    b_v = _load_rows(
+        v + i_b.to(tl.int64) * stride_vb + i_hk * stride_vh, start, stride_vt, T_k, BN, D, BD, True
+    )
+    b_dk = tl.zeros([BN, BD], dtype=tl.float32)
+    b_dv = tl.zeros([BN, BD], dtype=tl.float32)
+    for g in range(0, group):
+        i_h = i_hk * group + g
+        p_q = q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh
+        p_do = do + i_b.to(tl.int64) * stride_dob + i_h * stride_doh
+        p_lse = lse + (i_b * n_heads + i_h).to(tl.int64) * T_q
+        p_delta = delta + (i_b * n_heads + i_h).to(tl.int64) * T_q
+        row = i_h * n_tiles + i_tile
+        lo = tl.load(offsets + row)
+        mid = tl.load(split + row)
+        hi = tl.load(offsets + row + 1)
+        b_dk, b_dv = _dkdv_walk(
+            b_dk, b_dv, b_k, b_v, kb_n, pos_n, p_q, p_do, p_lse, p_delta, stride_qt, stride_dot, q_ids,
+            indices, lo, mid, T_q, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
+            D, BD, BS, BM, False, PRECISION,
+        )  # fmt: skip
+        b_dk, b_dv = _dkdv_walk(
+            b_dk, b_dv, b_k, b_v, kb_n, pos_n, p_q, p_do, p_lse, p_delta, stride_qt, stride_dot, q_ids,
+            indices, mid, hi, T_q, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
+            D, BD, BS, BM, True, PRECISION,
+        )  # fmt: skip
+
+    m_store = m_n[:, None] & (o_d[None, :] < D)
+    p_dk = dk + i_b.to(tl.int64) * stride_dkb + i_hk * stride_dkh + o_n[:, None].to(tl.int64) * stride_dkt
+    tl.store(p_dk + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=m_store)
+    p_dv = dv + i_b.to(tl.int64) * stride_dvb + i_hk * stride_dvh + o_n[:, None].to(tl.int64) * stride_dvt
+    tl.store(p_dv + o_d[None, :], b_dv.to(dv.dtype.element_ty), mask=m_store)
+
+
+# A launch configuration: outer tile rows, inner tile rows, warps, pipeline stages.
+Config = tuple[int, int, int, int]
+_tuned: dict = {}
+
+
+def _candidates(block_size: int, bd: int, elem_bytes: int = 2) -> list[Config]:
+    """Tile configurations worth timing: the three largest outer tiles (<= 128 rows; a divisor of the
+    block or two blocks), the two largest inner tiles (<= 64 rows, dividing the block). fp32 inputs
+    and head dims over 128 halve the limits (registers and shared memory)."""
+    small = elem_bytes > 2 or bd > 128
+    top_outer, top_inner = (64, 32) if small else (128, 64)
+    outer = [t for t in (128, 64, 32, 16) if t <= top_outer and (t == 2 * block_size or block_size % t == 0)]
+    inner = [t for t in (64, 32, 16) if t <= top_inner and block_size % t == 0]
+    return [(o, i, w, s) for o in outer[:3] for i in inner[:2] for w in (4, 8) for s in (2, 3)]
+
+
+def _check_tiles(block_size: int, tiles: tuple[int, int]) -> None:
+    outer, inner = tiles
+    powers = all(t >= 16 and t & (t - 1) == 0 for t in tiles)
+    if not powers or block_size % inner or not (block_size % outer == 0 or outer == 2 * block_size):
+        raise ValueError(
+            f"tiles {tiles} must be powers of two >= 16: the outer one dividing block_size={block_size} "
+            f"or equal to two blocks, the inner one dividing it"
+        )
+
+
+def _run_tuned(name: str, key: tuple, launch, block_size: int, bd: int, elem_bytes: int, tiles) -> None:
+    """Launch with `tiles` if given (or one fixed config under the interpreter), else the fastest
+    candidate for `key`, timed on first use."""
+    if tiles is not None or interpreting():
+        outer, inner = tiles if tiles is not None else (min(block_size, 64), min(block_size, 64))
+        _check_tiles(block_size, (outer, inner))
+        launch((outer, inner, 4, 2))
+        return
+    best = _tuned.get((name, *key))
+    if best is None:
+        from triton.testing import do_bench
+
+        timings, errors = {}, []
+        for config in _candidates(block_size, bd, elem_bytes):
+            try:
+                timings[config] = do_bench(lambda c=config: launch(c), warmup=5, rep=20)
+            except Exception as e:  # a config that does not compile or fit (shared memory, registers)
+                errors.append(e)
+        if not timings:
+            raise errors[-1]
+        best = min(timings, key=timings.get)
+        _tuned[(name, *key)] = best
+    launch(best)
+
+
+def _precision(x: torch.Tensor) -> str:
+    # fp32 inputs (tests, fp32 training) get full-precision dots rather than TF32.
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _pattern_args(lists: S2BlockLists) -> tuple:
+    local_blocks, vert_stride, dense_heads = lists.pattern
+    head_step = max(1, vert_stride // lists.n_heads)
+    return local_blocks, vert_stride, head_step, lists.n_heads - dense_heads
+
+
+def _tile_args(tile_lists: TileLists) -> tuple:
+    return tile_lists.order, tile_lists.offsets, tile_lists.split, tile_lists.indices
+
+
+def _grid(tile_lists: TileLists, block_size: int, rows: int, batch_heads: int) -> tuple[int, int]:
+    per_tile = block_size // rows if rows <= block_size else 1
+    return tile_lists.n_tiles * per_tile, batch_heads
+
+
+def _tune_key(q, k, lists: S2BlockLists, block_size: int) -> tuple:
+    # Shape class: head dim, block, heads, GQA group, dtype, and the number of blocks rounded to a
+    # power of two (the work per program grows with it).
+    return (q.shape[-1], block_size, q.shape[2], q.shape[2] // k.shape[2], q.dtype,
+            triton.next_power_of_2(lists.n_q_blocks), triton.next_power_of_2(lists.n_k_blocks))  # fmt: skip
+
+
+def s2_attn_fwd(q, k, v, lists: S2BlockLists, block_size: int, scale: float, tiles=None):
+    """Launch the forward: `o` `[B, T, H, D]` in q's dtype and `lse` `[B, H, T]` fp32."""
+    b, t_q, n_heads, d = q.shape
+    t_k, n_kv = k.shape[1], k.shape[2]
+    o = torch.empty_like(q)
+    lse = torch.empty(b, n_heads, t_q, dtype=torch.float32, device=q.device)
+    bd = max(16, triton.next_power_of_2(d))
+
+    def launch(config: Config):
+        bm, bn, warps, stages = config
+        tl_fwd = lists.forward(max(1, bm // block_size))
+        _s2_fwd_kernel[_grid(tl_fwd, block_size, bm, b * n_heads)](
+            q, k, v, o, lse, lists.q_ids, lists.k_ids, *_tile_args(tl_fwd),
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+            t_q, t_k, tl_fwd.n_tiles, n_heads, n_heads // n_kv, scale * LOG2E, *_pattern_args(lists),
+            D=d, BD=bd, BS=block_size, BM=bm, BN=bn, PRECISION=_precision(q),
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    _run_tuned("fwd", _tune_key(q, k, lists, block_size), launch, block_size, bd, q.element_size(), tiles)
+    return o, lse
+
+
+def s2_attn_bwd(do, dlse, q, k, v, o, lse, lists: S2BlockLists, block_size: int, scale: float, tiles=None):
+    """Launch the backward: `delta`, then dQ and dK/dV. `dlse` may be None (lse unused)."""
+    b, t_q, n_heads, d = q.shape
+    t_k, n_kv = k.shape[1], k.shape[2]
+    group = n_heads // n_kv
+    bd = max(16, triton.next_power_of_2(d))
+    precision = _precision(q)
+    key = _tune_key(q, k, lists, block_size)
+
+    delta = torch.empty(b, n_heads, t_q, dtype=torch.float32, device=q.device)
+    has_dlse = dlse is not None
+    dlse = dlse.float().contiguous() if has_dlse else lse
+    bm_pre = 64
+    _s2_bwd_preprocess_kernel[(triton.cdiv(t_q, bm_pre), b * n_heads)](
+        o, do, dlse, delta, *o.stride()[:3], *do.stride()[:3], t_q, n_heads,
+        D=d, BD=bd, BM=bm_pre, HAS_DLSE=has_dlse,
+    )  # fmt: skip
+
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+
+    def launch_dq(config: Config):
+        bm, bn, warps, stages = config
+        tl_fwd = lists.forward(max(1, bm // block_size))
+        _s2_bwd_dq_kernel[_grid(tl_fwd, block_size, bm, b * n_heads)](
+            q, k, v, do, dq, lse, delta, lists.q_ids, lists.k_ids, *_tile_args(tl_fwd),
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+            t_q, t_k, tl_fwd.n_tiles, n_heads, group, scale * LOG2E, scale, *_pattern_args(lists),
+            D=d, BD=bd, BS=block_size, BM=bm, BN=bn, PRECISION=precision, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    def launch_dkdv(config: Config):
+        bn, bm, warps, stages = config
+        tl_bwd = lists.backward(max(1, bn // block_size))
+        _s2_bwd_dkdv_kernel[_grid(tl_bwd, block_size, bn, b * n_kv)](
+            q, k, v, do, dk, dv, lse, delta, lists.q_ids, lists.k_ids, *_tile_args(tl_bwd),
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
+            *dv.stride()[:3], t_q, t_k, tl_bwd.n_tiles, n_heads, n_kv, group, scale * LOG2E, scale,
+            *_pattern_args(lists),
+            D=d, BD=bd, BS=block_size, BM=bm, BN=bn, PRECISION=precision, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    _run_tuned("dq", key, launch_dq, block_size, bd, q.element_size(), tiles)
+    _run_tuned("dkdv", key, launch_dkdv, block_size, bd, q.element_size(), tiles)
+    return dq, dk, dv
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class S2AttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, lists, block_size, scale, tiles):
+        q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+        o, lse = s2_attn_fwd(q, k, v, lists, block_size, scale, tiles)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.lists, ctx.block_size, ctx.scale, ctx.tiles = lists, block_size, scale, tiles
+        # An unused lse gets no gradient tensor rather than a tensor of zeros.
+        ctx.set_materialize_grads(False)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(o)
+        dq, dk, dv = s2_attn_bwd(
+            _last_dim_contiguous(do), dlse, q, k, v, o, lse, ctx.lists, ctx.block_size, ctx.scale, ctx.tiles
+        )
+        return dq, dk, dv, None, None, None, None
+
+
+def s2_attn_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int,
+    local_blocks: int,
+    vert_stride: int,
+    dense_heads: int,
+    scale: float,
+    q_block_ids=None,
+    k_block_ids=None,
+    tiles: tuple[int, int] | None = None,
+):
+    """S2 attention through the Triton kernels; returns `(o, lse)`. Arguments as `s2_attn`.
+
+    `tiles = (outer, inner)` fixes the tile rows instead of autotuning: the forward and dQ kernels
+    take `outer` query rows and `inner` key rows, dK/dV `outer` key rows and `inner` query rows.
+    """
+    t_q, t_k = q.shape[1], k.shape[1]
+    # One dtype for every tl.dot operand (a cast is a no-op when they already agree).
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    q_ids = check_block_ids(q_block_ids, t_q, block_size, "q_block_ids")
+    k_ids = check_block_ids(k_block_ids, t_k, block_size, "k_block_ids")
+    lists = s2_block_lists(
+        q.shape[2], q_ids, k_ids, local_blocks, vert_stride, dense_heads, q.device, block_size, t_q, t_k
+    )
+    return S2AttnFunction.apply(q, k, v, lists, block_size, scale, tiles)

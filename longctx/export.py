@@ -1,0 +1,84 @@
+"""Export a checkpoint's weights for use outside training: full (unsharded) tensors plus the model config.
+
+    longctx export --run runs/tiny --out exported/            # the run's latest checkpoint
+    longctx export --run runs/tiny --checkpoint step_0000100 --out exported/
+
+    model = load_exported("exported/")                       # a Transformer with those weights
+
+`native` format (the default): `model.safetensors` (every parameter by its longctx name, fp32 as
+trained) and `config.json` (the `model` section of the run's config). Formats are entries of
+`EXPORTERS`, each a function `(weights, model_cfg, meta, out_dir)`, so another layout (e.g. Hugging
+Face's) is one more entry.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from longctx.config import ModelConfig, config_from_dict
+from longctx.train.checkpoint import CHECKPOINTS, full_weights, read_meta, resolve_checkpoint
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def find_checkpoint(run: str | None, checkpoint: str | None) -> Path:
+    """`checkpoint` (a path, or a name inside `run/checkpoints/`), else the run's latest."""
+    if checkpoint:
+        path = Path(checkpoint)
+        if run and not path.exists() and (Path(run) / CHECKPOINTS / checkpoint).exists():
+            path = Path(run) / CHECKPOINTS / checkpoint
+        return resolve_checkpoint(path, "--checkpoint")
+    if not run:
+        raise ValueError("give --run RUN_DIR (its latest checkpoint) or --checkpoint PATH")
+    return resolve_checkpoint(run, "--run")
+
+
+def write_native(weights: dict[str, torch.Tensor], model_cfg: ModelConfig, meta: dict, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    # Tied weights share storage, which safetensors refuses: every tensor gets its own copy.
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in weights.items()}
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt", "step": str(meta["step"])})
+    (out / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n")
+
+
+EXPORTERS = {"native": write_native}
+
+
+def export_checkpoint(checkpoint: Path, out: str | Path, fmt: str = "native") -> Path:
+    """Write checkpoint `checkpoint`'s weights to directory `out` in format `fmt`; return `out`."""
+    if fmt not in EXPORTERS:
+        raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORTERS)}")
+    meta = read_meta(checkpoint)
+    model_cfg = config_from_dict({"model": meta["config"]["model"]}).model
+    weights = full_weights(checkpoint)
+    expected = meta["params"]
+    if set(weights) != set(expected) or any(list(weights[k].shape) != expected[k] for k in expected):
+        raise ValueError(
+            f"{str(checkpoint)!r}: the stored weights do not match the parameters its meta.json lists"
+        )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    EXPORTERS[fmt](weights, model_cfg, meta, out)
+    return out
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu"):
+    """The model a `native` export describes, with its weights (nothing is unpickled)."""
+    from safetensors.torch import load_file
+
+    from longctx.model import build_model
+
+    path = Path(path)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(
+                f"{str(path / name)!r} not found; is {str(path)!r} a `longctx export` directory?"
+            )
+    model_cfg = config_from_dict({"model": json.loads((path / CONFIG_FILE).read_text())}).model
+    model = build_model(model_cfg, device)
+    model.load_state_dict(load_file(str(path / WEIGHTS_FILE), device=str(device)))
+    return model

@@ -1,0 +1,74 @@
+"""A hybrid stack trains context-parallel end to end: 5-step losses of S, N, L and LSND models at
+cp = 2 and 4 equal one process, and the logged bytes show each mixer's scheme (S2 a fraction of a
+dense ring, linear layers independent of the sequence length)."""
+
+import pytest
+
+from longctx.cli import main
+from tests.dist_utils import losses, metrics, run_many
+
+PATTERNS = ["S", "N", "L", "LSND"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cp-training")
+    base = ["train.wandb=false", "train.progress=false", f"data.cache_dir={root / 'cache'}"]
+    for pattern in PATTERNS:
+        run_dir = root / f"{pattern}-single"
+        args = [*base, f"model.layers={pattern}", "train.steps=5", f"train.run_dir={run_dir}"]
+        assert main(["train", "--config", "configs/tiny.yaml", *args]) == 0
+    by_nproc = {2: [], 4: []}
+    for cp in (2, 4):
+        for pattern in PATTERNS:
+            by_nproc[cp].append(
+                (
+                    root / f"{pattern}-cp{cp}",
+                    [*base, f"model.layers={pattern}", "train.steps=5", f"parallel.cp={cp}"],
+                )
+            )
+    # Communication: S2 (vert_stride 8, local 1) against the dense ring at cp=4, seq_len 2048.
+    s2 = ["model.s2.vert_stride=8", "model.s2.local_blocks=1", "data.seq_len=2048", "train.steps=1"]
+    by_nproc[4] += [
+        (root / "comm-S", [*base, *s2, "model.layers=S", "parallel.cp=4"]),
+        (root / "comm-D2048", [*base, *s2, "model.layers=D", "parallel.cp=4"]),
+    ]
+    # Linear layers against dense ones at 1024 and 4096 tokens, cp=2.
+    for letter in "LD":
+        for t in (1024, 4096):
+            by_nproc[2].append(
+                (root / f"comm-{letter}{t}",
+                 [*base, f"model.layers={letter}", f"data.seq_len={t}", "train.steps=1", "parallel.cp=2"])
+            )  # fmt: skip
+    for nproc, batch in by_nproc.items():
+        run_many(batch, nproc, root)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_hybrid_losses_equal_one_process(runs, pattern, cp):
+    single, parallel = losses(runs / f"{pattern}-single"), losses(runs / f"{pattern}-cp{cp}")
+    assert len(parallel) == 5
+    assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(parallel, single)), (parallel, single)
+
+
+def _bytes(run_dir) -> int:
+    return metrics(run_dir)[0]["comm_bytes"]
+
+
+@pytest.mark.slow
+def test_s2_moves_a_fraction_of_a_dense_ring(runs):
+    s2, dense = _bytes(runs / "comm-S"), _bytes(runs / "comm-D2048")
+    print(f"cp=4, seq_len 2048: S2 {s2:,} bytes, dense ring {dense:,} bytes ({s2 / dense:.3f}x)")
+    assert 0 < s2 <= 0.3 * dense
+
+
+@pytest.mark.slow
+def test_linear_bytes_do_not_grow_with_length(runs):
+    l_short, l_long = _bytes(runs / "comm-L1024"), _bytes(runs / "comm-L4096")
+    d_short, d_long = _bytes(runs / "comm-D1024"), _bytes(runs / "comm-D4096")
+    print(f"L: {l_short:,} -> {l_long:,} bytes; D: {d_short:,} -> {d_long:,} bytes (1024 -> 4096 tokens)")
+    assert abs(l_long - l_short) <= 0.1 * l_short
+    assert d_long >= 3 * l_long and d_long >= 3 * d_short

@@ -1,0 +1,368 @@
+"""The S2 Triton kernels (forward, lse, every gradient) against the fp64 masked reference.
+
+The kernels run under the Triton interpreter (`TRITON_INTERPRET=1`, set for this module only) on
+small fp32 shapes: lengths that are not multiples of the block, block sizes 16 and 32, one and two
+local blocks, strides 2 to 8, 4 and 8 heads, GQA, dense heads, sub-block tiles, and context-parallel
+block-id subsets (a zigzag query shard against sparse key subsets, merged back into full rows).
+"""
+
+
+import pytest
+import torch
+
+from longctx.kernels import backend
+from longctx.kernels.flash_attn.naive import merge_partials_ref
+from longctx.kernels.s2_attn import s2_attn
+from longctx.kernels.s2_attn.blocks import S2BlockLists, s2_block_lists
+from longctx.kernels.s2_attn.naive import s2_attn_ref, s2_block_mask
+from tests.conftest import rel_err
+
+# The fp32 reference itself is ~1e-7 from fp64 on these shapes and the kernels land at ~2e-7 (the
+# interpreter's dots are fp32, the online softmax only reorders sums); 1e-4 is the acceptance bound
+# and leaves room for GPU dot precision, while a wrong block or mask costs > 1e-2.
+TOL = 1e-4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret():
+    """Interpret the kernels on CPU while this module runs (conftest imported Triton for the
+    interpreter); put the old setting back afterwards, so later modules train on the reference."""
+    if torch.cuda.is_available():
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+@pytest.fixture
+def s2_triton(_interpret):
+    # Imported here, with the interpreter on, because @triton.jit reads TRITON_INTERPRET at import.
+    from longctx.kernels.s2_attn import triton as module
+
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _nan_outputs(monkeypatch):
+    """Fill every fresh float tensor with NaN, so a kernel that skips a write fails the comparison."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan(x):
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan(empty_like(*a, **kw)))
+
+
+def make_inputs(b, t_q, t_k, n_heads, n_kv, d):
+    q = torch.randn(b, t_q, n_heads, d, dtype=torch.float64)
+    k = torch.randn(b, t_k, n_kv, d, dtype=torch.float64)
+    v = torch.randn(b, t_k, n_kv, d, dtype=torch.float64)
+    do = torch.randn(b, t_q, n_heads, d, dtype=torch.float64)
+    dlse = torch.randn(b, n_heads, t_q, dtype=torch.float64)
+    return q, k, v, do, dlse
+
+
+def run_with_grads(fn, q, k, v, do, dlse, dtype):
+    """`(o, lse, dq, dk, dv)` of `fn(q, k, v) -> (o, lse)` under the loss `<o, do> + <lse, dlse>`."""
+    leaves = [x.detach().to(dtype).clone().requires_grad_() for x in (q, k, v)]
+    o, lse = fn(*leaves)
+    # Rows that see no key have lse = -inf and no gradient; keep them out of the loss.
+    finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    ((o * do.to(dtype)).sum() + (finite * dlse.to(dtype)).sum()).backward()
+    return [o.detach(), lse.detach()] + [x.grad for x in leaves]
+
+
+def assert_close(got, want, names=("o", "lse", "dq", "dk", "dv")):
+    for name, a, b in zip(names, got, want):
+        assert torch.isfinite(a[~torch.isinf(b)]).all(), (
+            f"{name} has NaN or inf where the reference is finite"
+        )
+        err = rel_err(a, b)
+        assert err < TOL, f"{name}: relative error {err:.2e} >= {TOL}"
+
+
+CASES = [
+    # b, t, n_heads, n_kv, d, block_size, local_blocks, vert_stride, dense_heads
+    (2, 100, 4, 2, 16, 16, 1, 2, 0),
+    (1, 77, 4, 4, 32, 32, 2, 4, 0),
+    (1, 150, 8, 2, 16, 16, 1, 8, 2),
+    (1, 45, 8, 8, 16, 16, 2, 3, 1),
+    (1, 130, 4, 1, 32, 32, 1, 5, 0),
+    (1, 96, 4, 2, 16, 16, 2, 6, 0),
+    (1, 70, 8, 4, 24, 16, 1, 7, 0),
+    (1, 64, 4, 2, 16, 16, 2, 2, 4),
+]
+
+
+def case_id(c):
+    b, t, h, kv, d, bs, local, stride, dense = c
+    return f"B{b}-T{t}-H{h}-KV{kv}-D{d}-bs{bs}-local{local}-stride{stride}-dense{dense}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_s2_attn_matches_reference(case, s2_triton):
+    b, t, n_heads, n_kv, d, bs, local, stride, dense = case
+    q, k, v, do, dlse = make_inputs(b, t, t, n_heads, n_kv, d)
+    args = (bs, local, stride, dense)
+    want = run_with_grads(
+        lambda *x: s2_attn_ref(*x, *args, return_lse=True), q, k, v, do, dlse, torch.float64
+    )
+    got = run_with_grads(lambda *x: s2_attn(*x, *args, return_lse=True), q, k, v, do, dlse, torch.float32)
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    "tiles", [(16, 16), (32, 16), (64, 32), (64, 16)], ids=lambda x: f"outer{x[0]}-inner{x[1]}"
+)
+def test_s2_attn_tile_shapes_match_reference(tiles, s2_triton):
+    """Outer tiles of half a block, one block or two blocks; inner tiles of half or a whole block."""
+    bs, local, stride, dense, scale = 32, 1, 3, 1, 0.3
+    q, k, v, do, dlse = make_inputs(1, 90, 90, 4, 2, 16)
+    want = run_with_grads(
+        lambda *x: s2_attn_ref(*x, bs, local, stride, dense, scale=scale, return_lse=True),
+        q, k, v, do, dlse, torch.float64,
+    )  # fmt: skip
+    got = run_with_grads(
+        lambda *x: s2_triton.s2_attn_triton(*x, bs, local, stride, dense, scale, tiles=tiles),
+        q, k, v, do, dlse, torch.float32,
+    )  # fmt: skip
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("tiles", [None, (32, 16)], ids=["default-tiles", "two-block-tiles"])
+def test_s2_attn_block_ids_give_rows_of_full_attention(tiles, s2_triton):
+    """A zigzag query shard against two sparse, sorted key-block subsets that partition the sequence:
+    each partial matches the reference at the same ids, and merging the partials by lse gives the
+    shard's rows of the full S2 attention (outputs and gradients). Two-block tiles span the shard's
+    gap (blocks 2 and 9 share a tile)."""
+
+    def kernel(q, k, v, bs, local, stride, dense, q_block_ids, k_block_ids):
+        """The Triton kernels with the tile shape under test; returns `(o, lse)`."""
+        scale = q.shape[-1] ** -0.5
+        ids = (q_block_ids, k_block_ids)
+        return s2_triton.s2_attn_triton(q, k, v, bs, local, stride, dense, scale, *ids, tiles=tiles)
+
+    bs, local, stride, dense, n_heads, n_kv, d = 16, 2, 4, 1, 4, 2, 16
+    t = 12 * bs - 5  # 12 blocks, the last partial
+
+    def tokens(block_ids):
+        return torch.cat([torch.arange(i * bs, min((i + 1) * bs, t)) for i in block_ids.tolist()])
+
+    q_ids = torch.tensor([0, 1, 2, 9, 10, 11])  # zigzag chunks 0 and 3 of 4
+    key_sets = [torch.tensor([0, 3, 4, 7, 10, 11]), torch.tensor([1, 2, 5, 6, 8, 9])]
+    q, k, v, do, dlse = make_inputs(1, t, t, n_heads, n_kv, d)
+    rows = tokens(q_ids)
+    do_shard, dlse_shard = do[:, rows], dlse[..., : len(rows)]
+
+    partials = []
+    for k_ids in key_sets:
+        cols, ids = tokens(k_ids), {"q_block_ids": q_ids, "k_block_ids": k_ids}
+        inputs = (q[:, rows], k[:, cols], v[:, cols], do_shard, dlse_shard)
+        want = run_with_grads(
+            lambda *x, ids=ids: s2_attn_ref(*x, bs, local, stride, dense, return_lse=True, **ids),
+            *inputs, torch.float64,
+        )  # fmt: skip
+        got = run_with_grads(
+            lambda *x, ids=ids: kernel(*x, bs, local, stride, dense, **ids), *inputs, torch.float32
+        )
+        assert_close(got, want)
+        partials.append(got[:2])
+
+    o, lse = merge_partials_ref([p[0] for p in partials], [p[1] for p in partials])
+    whole_o, whole_lse = s2_attn_ref(q, k, v, bs, local, stride, dense, return_lse=True)
+    assert_close([o, lse], [whole_o[:, rows], whole_lse[..., rows]], names=("merged o", "merged lse"))
+
+    # Gradients through the merge equal the shard's part of the whole sequence's gradients.
+    def merged(qs, ks, vs):
+        parts = [
+            kernel(
+                qs[:, rows],
+                ks[:, tokens(k_ids)],
+                vs[:, tokens(k_ids)],
+                bs,
+                local,
+                stride,
+                dense,
+                q_ids,
+                k_ids,
+            )
+            for k_ids in key_sets
+        ]
+        return merge_partials_ref([p[0] for p in parts], [p[1] for p in parts])
+
+    def whole(qs, ks, vs):
+        o_all, lse_all = s2_attn_ref(qs, ks, vs, bs, local, stride, dense, return_lse=True)
+        return o_all[:, rows], lse_all[..., rows]
+
+    got = run_with_grads(merged, q, k, v, do_shard, dlse_shard, torch.float32)
+    want = run_with_grads(whole, q, k, v, do_shard, dlse_shard, torch.float64)
+    assert_close(got[2:], want[2:], names=("dq", "dk", "dv"))
+
+
+def test_s2_attn_rows_with_no_key_give_zero_and_finite_gradients(s2_triton):
+    """Late query blocks against two early key blocks that only some heads stride onto."""
+    bs, local, stride = 16, 1, 4
+    q_ids, k_ids = torch.tensor([10, 11]), torch.tensor([1, 3])
+    q, k, v, do, dlse = make_inputs(1, 2 * bs, 2 * bs, 4, 2, 16)
+    ids = {"q_block_ids": q_ids, "k_block_ids": k_ids}
+    got = run_with_grads(
+        lambda *x: s2_attn(*x, bs, local, stride, return_lse=True, **ids), q, k, v, do, dlse, torch.float32
+    )
+    want = run_with_grads(
+        lambda *x: s2_attn_ref(*x, bs, local, stride, return_lse=True, **ids),
+        q,
+        k,
+        v,
+        do,
+        dlse,
+        torch.float64,
+    )
+    # head_step 1: key block 1 is strided for head 2 and block 3 for head 0; heads 1 and 3 see nothing.
+    o, lse = got[:2]
+    assert torch.isinf(lse[:, [1, 3]]).all() and torch.isfinite(lse[:, [0, 2]]).all()
+    assert (o[:, :, [1, 3]] == 0).all()
+    assert all(torch.isfinite(g).all() for g in got[2:])
+    assert_close(got, want)
+
+
+def test_s2_attn_runs_the_triton_kernels(s2_triton, monkeypatch):
+    """Through the public function the launchers are called; with the naive backend they are not."""
+    calls = {"fwd": 0, "bwd": 0}
+    fwd, bwd = s2_triton.s2_attn_fwd, s2_triton.s2_attn_bwd
+
+    def count(name, fn):
+        def wrapped(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+
+        return wrapped
+
+    monkeypatch.setattr(s2_triton, "s2_attn_fwd", count("fwd", fwd))
+    monkeypatch.setattr(s2_triton, "s2_attn_bwd", count("bwd", bwd))
+    q, k, v = (torch.randn(1, 40, 4, 16, requires_grad=True) for _ in range(3))
+    s2_attn(q, k, v, 16, 1, 2).sum().backward()
+    assert calls == {"fwd": 1, "bwd": 1}
+    with backend("naive"):
+        s2_attn(q, k, v, 16, 1, 2).sum().backward()
+    assert calls == {"fwd": 1, "bwd": 1}
+
+
+def test_s2_attn_comparison_fails_on_a_wrong_pattern(s2_triton):
+    """The check above can fail: a kernel run with another stride, or a perturbed key, is far off."""
+    q, k, v, _, _ = make_inputs(1, 100, 100, 4, 2, 16)
+    want = s2_attn_ref(q, k, v, 16, 1, 2)
+    wrong_stride = s2_attn(q.float(), k.float(), v.float(), 16, 1, 4)
+    perturbed = k.clone()
+    perturbed[:, 37] += 1.0
+    wrong_key = s2_attn(q.float(), perturbed.float(), v.float(), 16, 1, 2)
+    assert rel_err(wrong_stride, want) > 100 * TOL and rel_err(wrong_key, want) > 10 * TOL
+
+
+def test_s2_attn_rejects_bad_block_ids():
+    q = torch.randn(1, 40, 2, 16)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        s2_attn(q, q, q, 16, 1, 2, q_block_ids=torch.tensor([0, 2, 1]))
+    with pytest.raises(ValueError, match="need 3 ids, got 2"):
+        s2_attn(q, q, q, 16, 1, 2, k_block_ids=torch.tensor([0, 1]))
+
+
+def csr_rows(lists):
+    """Per list row: (entries without a mask, entries with one) as Python sets, checking the order."""
+    rows = []
+    for r in range(lists.offsets.numel() - 1):
+        lo, mid, hi = int(lists.offsets[r]), int(lists.split[r]), int(lists.offsets[r + 1])
+        plain, masked = lists.indices[lo:mid].tolist(), lists.indices[mid:hi].tolist()
+        assert plain == sorted(plain) and masked == sorted(masked), "segments must be ascending"
+        rows.append((set(plain), set(masked)))
+    return rows
+
+
+def expected_rows(mask, row_ids, col_ids, col_partial, tile, below):
+    """Brute force: for each (head, tile) the inner blocks any block of the tile may see, and which of
+    them every block of the tile sees entirely (`below(col_id, row_id)` for every row block)."""
+    n_heads, n_rows, n_cols = mask.shape
+    out = []
+    for h in range(n_heads):
+        for t0 in range(0, n_rows, tile):
+            blocks = range(t0, min(t0 + tile, n_rows))
+            union = {c for r in blocks for c in range(n_cols) if mask[h, r, c]}
+            clean = {
+                c
+                for c in union
+                if all(mask[h, r, c] and below(col_ids[c], row_ids[r]) for r in blocks)
+                and not (col_partial and c == n_cols - 1)
+            }
+            out.append((clean, union - clean))
+    return out
+
+
+@pytest.mark.parametrize("tile", [1, 2])
+@pytest.mark.parametrize(
+    "n_heads,local,stride,dense,q_ids,k_ids,partial",
+    [
+        (4, 1, 2, 0, None, None, False),
+        (8, 2, 8, 2, None, None, True),
+        (4, 2, 4, 1, [0, 1, 2, 9, 10, 11], [0, 3, 4, 7, 10, 11], True),
+        (8, 1, 3, 0, [5, 6, 20], [1, 2, 5, 8, 11, 14, 17, 20], False),
+    ],
+    ids=["H4-s2", "H8-s8-dense2-partial", "zigzag-partial", "sparse-keys"],
+)
+def test_s2_block_lists_match_block_mask(n_heads, local, stride, dense, q_ids, k_ids, partial, tile):
+    q_ids = torch.arange(21) if q_ids is None else torch.tensor(q_ids)
+    k_ids = torch.arange(21) if k_ids is None else torch.tensor(k_ids)
+    lists = S2BlockLists(n_heads, q_ids, k_ids, local, stride, dense, "cpu", partial, partial)
+    mask = s2_block_mask(n_heads, q_ids, k_ids, local, stride, dense)  # [H, NQ, NK]
+    assert lists.num_pairs == int(mask.sum())
+    fwd, bwd = lists.forward(tile), lists.backward(tile)
+    want_fwd = expected_rows(mask, q_ids.tolist(), k_ids.tolist(), partial, tile, lambda kb, qb: kb < qb)
+    want_bwd = expected_rows(
+        mask.transpose(1, 2), k_ids.tolist(), q_ids.tolist(), partial, tile, lambda qb, kb: kb < qb
+    )
+    assert csr_rows(fwd) == want_fwd
+    assert csr_rows(bwd) == want_bwd
+    for tile_lists, n in ((fwd, len(q_ids)), (bwd, len(k_ids))):
+        assert sorted(tile_lists.order.tolist()) == list(range(-(-n // tile)))
+        # The tile with the most work launches first.
+        work = (tile_lists.offsets[1:] - tile_lists.offsets[:-1]).view(n_heads, -1).sum(0)
+        assert work[tile_lists.order[0]] == work.max()
+
+
+@pytest.mark.parametrize("n_heads,stride", [(4, 4), (8, 4), (8, 8)])
+def test_s2_block_lists_union_of_heads_covers_causal_blocks(n_heads, stride):
+    ids = torch.arange(30)
+    rows = csr_rows(S2BlockLists(n_heads, ids, ids, 1, stride, 0, "cpu", False, False).forward(1))
+    per_head = torch.zeros(n_heads, 30, 30, dtype=torch.bool)
+    for r, (plain, masked) in enumerate(rows):
+        per_head[r // 30, r % 30, list(plain | masked)] = True
+    assert torch.equal(per_head.any(0), torch.ones(30, 30, dtype=torch.bool).tril())
+    # Each head alone visits far fewer blocks than the causal triangle.
+    assert (per_head.sum((1, 2)) < 0.5 * 30 * 31 / 2).all()
+
+
+def test_s2_block_lists_are_cached_per_pattern_and_ids():
+    ids = torch.arange(8)
+    a = s2_block_lists(4, ids, ids, 1, 2, 0, "cpu", 16, 128, 128)
+    assert s2_block_lists(4, ids.clone(), ids.clone(), 1, 2, 0, "cpu", 16, 128, 128) is a
+    assert a.forward(2) is a.forward(2)
+    assert (
+        s2_block_lists(4, ids, torch.tensor([0, 1, 2, 3, 4, 5, 6, 9]), 1, 2, 0, "cpu", 16, 128, 128) is not a
+    )
+    assert s2_block_lists(4, ids, ids, 1, 4, 0, "cpu", 16, 128, 128) is not a
+    assert s2_block_lists(4, ids, ids, 1, 2, 0, "cpu", 16, 120, 120) is not a
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_s2_attn_bf16_on_gpu_matches_reference():
+    """Compiled and autotuned on the GPU, bf16: within bf16 rounding of the fp32 reference."""
+    q, k, v, do, dlse = (x.cuda() for x in make_inputs(2, 1000, 1000, 8, 2, 128))
+    args = (64, 4, 4, 1)
+    want = run_with_grads(
+        lambda *x: s2_attn_ref(*x, *args, return_lse=True), q, k, v, do, dlse, torch.float32
+    )
+    got = run_with_grads(lambda *x: s2_attn(*x, *args, return_lse=True), q, k, v, do, dlse, torch.bfloat16)
+    # bf16 keeps 8 bits of mantissa: inputs alone are off by ~4e-3 relative.
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), got, want):
+        assert rel_err(a, b) < 2e-2, name
