@@ -37,9 +37,18 @@ def _float_list(text: str) -> list[float]:
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="run directory (holds config.yaml and tokenizer.model)")
+    # `--run-dir` too: under torchrun, whose own parser takes `--run` for its `--run-path`.
     p.add_argument(
-        "--checkpoint", help=f"a {WEIGHTS_FILE} file or a folder holding one; default: the run's own"
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        help="run directory (holds config.yaml and tokenizer.model); spell it --run-dir under torchrun",
+    )
+    p.add_argument(
+        "--checkpoint",
+        help=f"a training checkpoint (path, or name in RUN/checkpoints/), a {WEIGHTS_FILE} file or an "
+        "export folder; default: the run's latest checkpoint",
     )
     p.add_argument("--out", help="output folder (default RUN/niah or RUN/ppl)")
     p.add_argument("--batch-size", type=int, help="samples per forward pass (default eval.batch_size)")
@@ -69,27 +78,15 @@ def add_eval_parsers(sub) -> None:
 
 
 def default_checkpoint(run_dir: Path) -> Path:
-    """The weights a run's evaluation uses when `--checkpoint` is not given: `RUN/model.safetensors`
-    if present, else the checkpoint `RUN/checkpoints/latest` names (a link, or a file holding the
-    checkpoint folder's name)."""
-    if (run_dir / WEIGHTS_FILE).is_file():
-        return run_dir / WEIGHTS_FILE
-    latest = run_dir / "checkpoints" / "latest"
-    if latest.is_symlink() or latest.is_dir():
-        return latest.resolve()
-    if latest.is_file():
-        return run_dir / "checkpoints" / latest.read_text().strip()
-    raise FileNotFoundError(
-        f"no weights found in the run {str(run_dir)!r} (neither {WEIGHTS_FILE} nor checkpoints/latest); "
-        "pass --checkpoint PATH"
-    )
+    """The weights a run's evaluation uses when `--checkpoint` is not given: the run's latest complete
+    training checkpoint."""
+    from longctx.train.checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint(run_dir, "--run")
 
 
-def load_safetensors_weights(model: torch.nn.Module, path: Path) -> None:
-    """Copy `path`'s tensors into `model`, checking every name and shape first."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path), device="cpu")
+def check_weights(model: torch.nn.Module, tensors: dict, source: str) -> None:
+    """Raise a ValueError naming the first mismatch if `tensors` are not exactly `model`'s parameters."""
     own = model.state_dict()
     # A tied LM head is stored once, under the embedding's name.
     tied = {"output.weight"} if model.cfg.tie_embeddings else set()
@@ -97,41 +94,56 @@ def load_safetensors_weights(model: torch.nn.Module, path: Path) -> None:
     unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:
         raise ValueError(
-            f"{str(path)!r} does not match the model of this config: missing {missing[:5]}, unexpected "
+            f"{source!r} does not match the model of this config: missing {missing[:5]}, unexpected "
             f"{unexpected[:5]}; evaluate with the run's own config.yaml (overrides may change only "
             "what has no weights, such as model.rope)"
         )
     for name, tensor in tensors.items():
         if tensor.shape != own[name].shape:
             raise ValueError(
-                f"{str(path)!r}: parameter {name!r} has shape {tuple(tensor.shape)} in the file but "
+                f"{source!r}: parameter {name!r} has shape {tuple(tensor.shape)} in the file but "
                 f"{tuple(own[name].shape)} in the model; check the run's config and overrides"
             )
+
+
+def load_safetensors_weights(model: torch.nn.Module, path: Path) -> None:
+    """Copy `path`'s tensors into `model`, checking every name and shape first."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path), device="cpu")
+    check_weights(model, tensors, str(path))
     with torch.no_grad():
+        own = model.state_dict()
         for name, tensor in tensors.items():
             own[name].copy_(tensor)
 
 
-def load_dcp_weights(model: torch.nn.Module, path: Path) -> None:
-    """The plug for training checkpoints (`torch.distributed.checkpoint` folders, #11): until that
-    loader is in, only exported weights can be evaluated."""
-    raise ValueError(
-        f"{str(path)!r} is not a {WEIGHTS_FILE} file or a folder holding one; evaluation reads exported "
-        f"weights: write them with `longctx export --run RUN --out DIR` and pass --checkpoint DIR"
-    )
+def load_checkpoint_weights(
+    model: torch.nn.Module, path: str | Path, run_dir: str | Path | None = None
+) -> None:
+    """Load weights from a `model.safetensors` file, a folder holding one (`longctx export`), a
+    training checkpoint folder (either engine), or its name inside `run_dir/checkpoints/`."""
+    from longctx.train.checkpoint import CHECKPOINTS, full_weights, resolve_checkpoint
 
-
-def load_checkpoint_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load weights from a `model.safetensors` file, a folder holding one, or a training checkpoint."""
     path = Path(path)
+    if not path.exists() and run_dir is not None and (Path(run_dir) / CHECKPOINTS / path).exists():
+        path = Path(run_dir) / CHECKPOINTS / path
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} not found; give a {WEIGHTS_FILE} file, an export folder, or a "
+            "training checkpoint (RUN/checkpoints/step_NNNNNNN)"
+        )
     if path.is_file() and path.suffix == ".safetensors":
         load_safetensors_weights(model, path)
     elif path.is_dir() and (path / WEIGHTS_FILE).is_file():
         load_safetensors_weights(model, path / WEIGHTS_FILE)
     else:
-        load_dcp_weights(model, path)
+        weights = full_weights(resolve_checkpoint(path, "--checkpoint"))
+        check_weights(model, weights, str(path))
+        with torch.no_grad():
+            own = model.state_dict()
+            for name, tensor in weights.items():
+                own[name].copy_(tensor)
 
 
 def load_model_for_eval(run_dir: str | Path, checkpoint: str | Path | None = None, overrides=()):
@@ -158,7 +170,7 @@ def load_model_for_eval(run_dir: str | Path, checkpoint: str | Path | None = Non
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, device)
-    load_checkpoint_weights(model, checkpoint if checkpoint else default_checkpoint(run))
+    load_checkpoint_weights(model, checkpoint if checkpoint else default_checkpoint(run), run)
     model.eval()
     return model, cfg, tokenizer
 
@@ -180,29 +192,78 @@ def _prepared(cfg: Config, tokenizer, progress: bool):
     return prepare_dataset(cfg, tokenizer, progress=progress)
 
 
+def _distributed_eval(model, cfg: Config, lengths: list[int]):
+    """Under torchrun: process groups from `parallel.cp` (the other processes split the samples),
+    the model made context-parallel, and the `forward`, `shard` and `reduce` for `evaluate_niah`.
+    Returns `(info, kwargs)`; one process: `(None, {})`."""
+    from longctx.eval.niah import context_parallel_answer_logits
+    from longctx.parallel.context import parallelize_model
+    from longctx.train.distributed import all_reduce_sum, init_distributed, launched_distributed
+
+    if not launched_distributed():
+        # The run's config keeps its training parallel.cp; one process simply evaluates whole sequences.
+        return None, {}
+    info = init_distributed(cfg)
+    model.to(info.device)
+    kwargs = {"shard": (info.dp_rank, info.dp_size), "reduce": lambda v: all_reduce_sum(v, info)}
+    if info.cp_size > 1:
+        multiple = 2 * info.cp_size * cfg.model.block_multiple()
+        bad = [n for n in lengths if n % multiple]
+        if bad:
+            raise ValueError(
+                f"lengths {bad} do not split into {2 * info.cp_size} zigzag chunks of whole "
+                f"{cfg.model.block_multiple()}-token blocks (parallel.cp={info.cp_size}); use multiples of "
+                f"{multiple}"
+            )
+        parallelize_model(model, info.cp_group, cfg.parallel.cp_comm)
+        kwargs["forward"] = context_parallel_answer_logits(model, info.cp_rank, info.cp_size, info.cp_group)
+        # Only one rank of each CP group counts its (identical) hits.
+        count = kwargs["reduce"]
+        kwargs["reduce"] = lambda v: count([x if info.cp_rank == 0 else 0.0 for x in v])
+    return info, kwargs
+
+
 def cmd_niah(args) -> int:
     from longctx.eval.niah import evaluate_niah, niah_table, write_niah
 
     model, cfg, tok = load_model_for_eval(args.run, args.checkpoint, args.overrides)
-    progress = not args.no_progress
+    lengths = args.lengths or cfg.eval.lengths
+    info, dist_kwargs = _distributed_eval(model, cfg, lengths)
+    is_main = info is None or info.is_main
+    progress = not args.no_progress and is_main
     # The haystack is training text, the same kind training's passkey samples were cut from (the
     # key is random, so having read the text does not help).
-    docs = text_documents(args.haystack, tok) if args.haystack else _prepared(cfg, tok, progress).train
+    if args.haystack:
+        docs = text_documents(args.haystack, tok)
+    else:
+        writer = info is None or info.local_rank == 0
+        wait = info.barrier if info is not None else None
+        from longctx.data import prepare_dataset
+
+        docs = prepare_dataset(cfg, tok, is_writer=writer, wait_fn=wait, progress=progress).train
     results = evaluate_niah(
         model,
         tok,
         docs,
-        lengths=args.lengths or cfg.eval.lengths,
+        lengths=lengths,
         depths=args.depths if args.depths is not None else cfg.eval.depths,
         samples=args.samples or cfg.eval.samples,
         seed=args.seed,
         n_digits=args.digits or cfg.data.passkey_digits,
         batch_size=args.batch_size or cfg.eval.batch_size,
         progress=progress,
+        **dist_kwargs,
     )
-    json_path, png_path = write_niah(results, args.out or Path(args.run) / "niah")
-    print(niah_table(results))
-    print(f"wrote {json_path} and {png_path}")
+    if info is not None:
+        results["processes"] = {"dp": info.dp_size, "cp": info.cp_size}
+    if is_main:
+        json_path, png_path = write_niah(results, args.out or Path(args.run) / "niah")
+        print(niah_table(results))
+        print(f"wrote {json_path} and {png_path}")
+    if info is not None:
+        from longctx.train.distributed import shutdown
+
+        shutdown()
     return 0
 
 

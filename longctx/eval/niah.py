@@ -40,6 +40,31 @@ def answer_logits(model, tokens: torch.Tensor, positions: torch.Tensor) -> torch
     return model.output(hidden.gather(1, index))
 
 
+def context_parallel_answer_logits(model, cp_rank: int, cp_size: int, cp_group) -> AnswerLogitsFn:
+    """`answer_logits` for a model made context-parallel (`parallelize_model`): every rank of the CP
+    group passes the same full `tokens`, runs its zigzag shard, projects the requested positions it
+    holds, and the group sums the logits, so each rank returns the full `[B, n, vocab]`."""
+    import torch.distributed as dist
+
+    from longctx.parallel import SeqLayout, zigzag_shard
+
+    def forward(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        layout = SeqLayout.zigzag(tokens.shape[1], cp_rank, cp_size)
+        hidden = model(zigzag_shard(tokens, cp_rank, cp_size), layout, return_hidden=True)
+        # Local index of each global position this rank holds, -1 elsewhere.
+        local = torch.full((tokens.shape[1],), -1, dtype=torch.long, device=tokens.device)
+        held_positions = layout.positions(tokens.device)
+        local[held_positions] = torch.arange(len(held_positions), device=tokens.device)
+        index = local[positions]  # [B, n]
+        held = (index >= 0)[..., None]
+        picked = hidden.gather(1, index.clamp_min(0)[..., None].expand(-1, -1, hidden.shape[-1]))
+        logits = (model.output(picked) * held).float()
+        dist.all_reduce(logits, group=cp_group)
+        return logits
+
+    return forward
+
+
 def niah_sample(
     tokenizer, haystack_docs, length: int, depth: float, seed: int, index: int, n_digits: int
 ) -> PasskeySample:
@@ -64,6 +89,8 @@ def evaluate_niah(
     batch_size: int = 1,
     forward: AnswerLogitsFn | None = None,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    reduce: Callable[[list[float]], list[float]] | None = None,
 ) -> dict:
     """Exact-match and per-digit retrieval accuracy for every (length, depth).
 
@@ -80,6 +107,9 @@ def evaluate_niah(
         forward: `(tokens [B, T], positions [B, n]) -> logits [B, n, vocab]`; default
             `answer_logits(model, ...)`.
         progress: show a progress bar.
+        shard: `(index, count)`: evaluate samples `i` with `i % count == index` only (data-parallel
+            processes split the samples; every process must call with the same other arguments).
+        reduce: sums a list of counts over the processes that split the samples (default: none).
 
     Returns:
         `{"lengths", "depths", "accuracy": [[exact match per depth] per length], "digit_accuracy":
@@ -102,18 +132,27 @@ def evaluate_niah(
             positions = torch.arange(length - n_digits, length, device=device)
             for j, depth in enumerate(depths):
                 exact, right = 0, 0
-                for start in range(0, samples, batch_size):
+                mine = list(range(shard[0], samples, shard[1]))
+                # Every process runs the same number of batches (context-parallel groups run each
+                # forward together); a process out of samples repeats its last and does not count it.
+                n_batches = -(-len(range(0, samples, shard[1])) // batch_size)
+                for b in range(n_batches):
+                    indices = mine[b * batch_size : (b + 1) * batch_size]
+                    counted = len(indices)
+                    indices = indices or [mine[-1] if mine else 0]
                     batch = [
                         niah_sample(tokenizer, haystack_docs, length, depth, seed, index, n_digits)
-                        for index in range(start, min(samples, start + batch_size))
+                        for index in indices
                     ]
                     tokens = torch.from_numpy(np.stack([s.tokens for s in batch])).to(device)
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                         logits = forward(tokens[:, :-1], positions.expand(len(batch), -1))
-                    hit = logits.argmax(-1) == tokens[:, -n_digits:]  # [B, n_digits]
+                    hit = (logits.argmax(-1) == tokens[:, -n_digits:])[:counted]  # [B, n_digits]
                     exact += int(hit.all(dim=1).sum())
                     right += int(hit.sum())
-                    bar.update(len(batch))
+                    bar.update(counted * shard[1])
+                if reduce is not None:
+                    exact, right = (round(x) for x in reduce([float(exact), float(right)]))
                 accuracy[i][j] = exact / samples
                 digit_accuracy[i][j] = right / (samples * n_digits)
     finally:

@@ -163,6 +163,8 @@ class Trainer:
         self.sampler, self.val_sampler = build_samplers(
             cfg, self.data, self.tokenizer, self.dist.dp_rank, self.dist.dp_size
         )
+        self.stages = cfg.data.stages()
+        self.stage = -1
         if cfg.train.eval_every and self.val_sampler is None:
             raise ValueError(
                 f"train.eval_every={cfg.train.eval_every} needs validation data, but the validation split of "
@@ -188,6 +190,7 @@ class Trainer:
         if resume_from is not None:
             meta = self.checkpointer.load(resume_from, self.engine, self.param_shapes)
             self.step, self.tokens = meta["step"], meta["tokens"]
+            self.enter_stage(self.step)
             self.sampler.load_state_dict(meta["sampler"])
         if self.dist.is_main:
             truncate_metrics(self.run_dir, self.step)
@@ -209,6 +212,22 @@ class Trainer:
                 )
         elif init_note:
             self.metrics.write(init_note)
+
+    def enter_stage(self, step: int) -> bool:
+        """Make `self.sampler` the one of the `data.seq_len_schedule` stage that step `step` (from 0)
+        falls in; True when that is a new stage. A stage's sampler starts at its own position 0, so
+        the samples of a step depend on the step alone (a resumed run sees what it would have)."""
+        stage = max(i for i, (start, _) in enumerate(self.stages) if start <= step)
+        if stage == self.stage:
+            return False
+        start, seq_len = self.stages[stage]
+        if seq_len != self.sampler.seq_len:
+            self.sampler, _ = build_samplers(
+                self.cfg, self.data, self.tokenizer, self.dist.dp_rank, self.dist.dp_size, seq_len=seq_len
+            )
+        self.sampler.position = (step - start) * self.sampler.global_batch
+        self.stage = stage
+        return True
 
     def init_weights(self, model, path: str) -> str:
         """Load only the weights of checkpoint (or run directory) `path` into `model` (before it is
@@ -308,6 +327,11 @@ class Trainer:
         while self.step < cfg.steps:
             _test_kill_hook(self.step + 1, self.dist.rank, self.run_dir)
             lr = self.engine.lr
+            if self.enter_stage(self.step) and len(self.stages) > 1:
+                self.metrics.write(
+                    f"step {self.step + 1}: seq_len {self.sampler.seq_len} "
+                    f"(data.seq_len_schedule stage {self.stage + 1} of {len(self.stages)})"
+                )
             batch = self.sampler.next_batch()
             out = self.train_step(batch.tokens, batch.answer_mask)
             self.step += 1
