@@ -28,7 +28,6 @@ from pathlib import Path
 
 from longctx.config import load_config
 
-PRETRAIN, CONTINUE = Path("runs/demo-pretrain"), Path("runs/demo-continue")
 PRETRAIN_CONFIG, CONTINUE_CONFIG = "configs/demo.yaml", "configs/demo-continue.yaml"
 QUICK = ["train.steps=6", "train.ckpt_every=2"]
 # Acceptance: recall at L after pretraining, and at 2L after continue-training (above the pretrained).
@@ -83,23 +82,52 @@ def _checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name.split("_")[1]) for p in root.glob("step_*") if (p / "meta.json").is_file())
 
 
-def pretrain_with_interruption(cmd: list[str], interrupt_after: int) -> int:
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # Fields after the command (which may hold spaces) start after the last ')'.
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every process below it. torchrun starts each worker in its own session, so
+    killing torchrun's process group would leave the workers training."""
+    stack, tree = [pid], []
+    while stack:
+        p = stack.pop()
+        tree.append(p)
+        stack.extend(_children(p))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def pretrain_with_interruption(cmd: list[str], run_dir: Path, interrupt_after: int) -> int:
     """Run `cmd`; once a checkpoint at or past step `interrupt_after` is complete, kill the whole job
     (SIGKILL to every process, as a preempted node would), then run `cmd` again to resume. Returns the
     step the resumed run started from (0 if the run ended before it could be interrupted)."""
     _show(cmd)
     job = subprocess.Popen(cmd, start_new_session=True)
     while job.poll() is None:
-        done = [s for s in _checkpoint_steps(PRETRAIN) if s >= interrupt_after]
+        done = [s for s in _checkpoint_steps(run_dir) if s >= interrupt_after]
         if done:
-            os.killpg(job.pid, signal.SIGKILL)
+            kill_tree(job.pid)
             job.wait()
             print(
                 f"\n*** killed the job after its checkpoint at step {done[0]} (a preemption); "
                 "starting the same command again ***\n",
                 flush=True,
             )
-            resumed_from = max(_checkpoint_steps(PRETRAIN))
+            resumed_from = max(_checkpoint_steps(run_dir))
             run(cmd)
             return resumed_from
         time.sleep(0.2)
@@ -112,8 +140,9 @@ def niah_results(run_dir: Path) -> dict:
     return json.loads((run_dir / "niah" / "results.json").read_text())
 
 
-def summary(pre: dict, cont: dict, seq_len: int, resumed_from: int, minutes: float) -> str:
-    """The closing table: one row per (model, length), exact match and per-digit accuracy."""
+def summary(pre: dict, cont: dict, seq_len: int, resumed_from: int, minutes: float) -> tuple[str, bool]:
+    """The closing table (one row per (model, length): exact match and per-digit accuracy, then the
+    targets) and whether every target was met."""
     rows = []
     for name, res in (("pretrained", pre), ("continued", cont)):
         for i, length in enumerate(res["lengths"]):
@@ -138,14 +167,17 @@ def summary(pre: dict, cont: dict, seq_len: int, resumed_from: int, minutes: flo
     ]
     lines += [f"{n:<11} {ln:>6} {e:>6.2f} {d:>9.2f}" for n, ln, e, d in rows]
     lines += [f"[{'ok' if ok else 'MISSED'}] {text}" for text, ok in checks]
-    return "\n".join(lines)
+    return "\n".join(lines), all(ok for _, ok in checks)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m longctx.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few steps of each stage (plumbing check)")
     parser.add_argument("--nproc", type=int, default=2, help="processes per context-parallel job (default 2)")
+    parser.add_argument("--root", default="runs", help="where the two run directories go (default runs/)")
     args = parser.parse_args(argv)
+    pretrain, cont = Path(args.root) / "demo-pretrain", Path(args.root) / "demo-continue"
+    where = [f"train.run_dir={pretrain}"]
     start = time.perf_counter()
     extra = QUICK if args.quick else []
     samples = ["--samples", "2"] if args.quick else []
@@ -153,14 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     seq_len = cfg.data.seq_len
     lengths = f"{seq_len},{2 * seq_len}"
     cp = f"parallel.cp={args.nproc}"
-    for run_dir in (PRETRAIN, CONTINUE):
+    for run_dir in (pretrain, cont):
         if run_dir.exists():
             print(f"removing the previous demo's {run_dir}/")
             shutil.rmtree(run_dir)
 
     banner(f"1/5 pretrain at L={seq_len} tokens, cp={args.nproc}, interrupted and resumed once")
-    train = [*_torchrun(args.nproc), "train", "--config", PRETRAIN_CONFIG, cp, *extra]
-    resumed_from = pretrain_with_interruption(train, interrupt_after=cfg.train.steps // 2)
+    train = [*_torchrun(args.nproc), "train", "--config", PRETRAIN_CONFIG, cp, *where, *extra]
+    resumed_from = pretrain_with_interruption(train, pretrain, interrupt_after=cfg.train.steps // 2)
 
     banner(f"2/5 needle in a haystack on the pretrained model at L={seq_len} and 2L={2 * seq_len}")
     run(
@@ -171,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval",
             "niah",
             "--run",
-            str(PRETRAIN),
+            str(pretrain),
             "--lengths",
             lengths,
             "--no-progress",
@@ -180,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     banner(f"3/5 continue-train at 2L={2 * seq_len} with RoPE scaling, cp={args.nproc}")
-    run([*_torchrun(args.nproc), "train", "--config", CONTINUE_CONFIG, cp, *extra])
+    continued = [f"train.init_from={pretrain}", f"train.run_dir={cont}"]
+    run([*_torchrun(args.nproc), "train", "--config", CONTINUE_CONFIG, cp, *continued, *extra])
 
     banner(f"4/5 needle in a haystack on the continued model, context-parallel (cp={args.nproc})")
     run(
@@ -189,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval",
             "niah",
             "--run-dir",
-            str(CONTINUE),
+            str(cont),
             "--lengths",
             lengths,
             "--no-progress",
@@ -200,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
 
     banner("5/5 summary")
     minutes = (time.perf_counter() - start) / 60
-    text = summary(niah_results(PRETRAIN), niah_results(CONTINUE), seq_len, resumed_from, minutes)
+    text, met = summary(niah_results(pretrain), niah_results(cont), seq_len, resumed_from, minutes)
     print(text)
-    (CONTINUE / "demo-summary.txt").write_text(text + "\n")
-    print(f"\nheatmaps: {PRETRAIN}/niah/heatmap.png, {CONTINUE}/niah/heatmap.png")
-    return 0
+    (cont / "demo-summary.txt").write_text(text + "\n")
+    print(f"\nheatmaps: {pretrain}/niah/heatmap.png, {cont}/niah/heatmap.png")
+    # A full demo that misses its targets fails loudly; --quick only checks the plumbing.
+    return 0 if met or args.quick else 1
 
 
 if __name__ == "__main__":

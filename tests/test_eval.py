@@ -267,3 +267,26 @@ def test_context_parallel_eval_under_torchrun_equals_one_process(tmp_path, token
     assert dp.returncode == 0, dp.stderr
     c = json.loads((tmp_path / "dp" / "results.json").read_text())
     assert c["processes"] == {"dp": 2, "cp": 1} and c["digit_accuracy"] == a["digit_accuracy"]
+
+
+def test_demo_quick_runs_every_stage(tmp_path):
+    """`python -m longctx.demo --quick`: pretraining at cp=2 killed once and resumed, needle tests in one
+    process and context-parallel, continue-training from the pretrained weights, the summary."""
+    import subprocess
+    import sys
+
+    from tests.dist_utils import REPO
+
+    root = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "longctx.demo", "--quick", "--root", str(root)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "killed the job after its checkpoint at step" in done.stdout
+    assert "resumed from" in done.stdout  # the restarted trainer's own message
+    for name in ("demo-pretrain", "demo-continue"):
+        results = json.loads((root / name / "niah" / "results.json").read_text())
+        assert results["lengths"] == [256, 512]
+        assert (root / name / "niah" / "heatmap.png").is_file()
+    cont = load_config(root / "demo-continue" / "config.yaml")
+    assert cont.train.init_from == str(root / "demo-pretrain") and cont.model.rope.scaling.type == "yarn"
+    assert "summary" in (root / "demo-continue" / "demo-summary.txt").read_text()
