@@ -213,8 +213,8 @@ class DataConfig:
     passkey_digits: int = 5
     # Tokenizer threads for `data prepare`; 0: every core this process may use.
     num_workers: int = 0
-    # Shorter contexts first: stages "LEN:STEPS" (train LEN tokens for STEPS steps), in order, then
-    # data.seq_len for the remaining steps. E.g. ["128:300", "256:300"]. Empty: data.seq_len throughout.
+    # Shorter contexts first: stages "LENxSTEPS" (train LEN tokens for STEPS steps), in order, then
+    # data.seq_len for the remaining steps. E.g. ["128x300", "256x300"]. Empty: data.seq_len throughout.
     seq_len_schedule: list[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -246,15 +246,15 @@ class DataConfig:
         stages, start = [], 0
         for i, entry in enumerate(self.seq_len_schedule):
             key = f"data.seq_len_schedule[{i}]"
-            length, sep, steps = str(entry).partition(":")
+            length, sep, steps = str(entry).partition("x")
             try:
                 length, steps = int(length), int(steps)
             except ValueError:
                 length = steps = 0
             _require(
-                sep == ":" and length >= 2 and steps >= 1,
+                sep == "x" and length >= 2 and steps >= 1,
                 key,
-                f"must be 'LEN:STEPS' (train LEN tokens for STEPS steps), e.g. '128:300'; got {entry!r}",
+                f"must be 'LENxSTEPS' (train LEN tokens for STEPS steps), e.g. '128x300'; got {entry!r}",
             )
             _require(
                 length <= self.seq_len,

@@ -78,10 +78,12 @@ def add_eval_parsers(sub) -> None:
 
 
 def default_checkpoint(run_dir: Path) -> Path:
-    """The weights a run's evaluation uses when `--checkpoint` is not given: the run's latest complete
-    training checkpoint."""
+    """The weights a run's evaluation uses when `--checkpoint` is not given: `RUN/model.safetensors`
+    if the run holds exported weights, else its latest complete training checkpoint."""
     from longctx.train.checkpoint import resolve_checkpoint
 
+    if (Path(run_dir) / WEIGHTS_FILE).is_file():
+        return Path(run_dir) / WEIGHTS_FILE
     return resolve_checkpoint(run_dir, "--run")
 
 

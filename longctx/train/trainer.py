@@ -191,7 +191,12 @@ class Trainer:
             meta = self.checkpointer.load(resume_from, self.engine, self.param_shapes)
             self.step, self.tokens = meta["step"], meta["tokens"]
             self.enter_stage(self.step)
-            self.sampler.load_state_dict(meta["sampler"])
+            saved = meta["sampler"]
+            previous = self.stages[self.stage - 1][1] if self.stage > 0 else None
+            # Saved on the last step of the previous schedule stage: this stage starts at its own
+            # position 0 (enter_stage), so the saved position has nothing left to say.
+            if not (saved.get("seq_len") != self.sampler.seq_len and saved.get("seq_len") == previous):
+                self.sampler.load_state_dict(saved)
         if self.dist.is_main:
             truncate_metrics(self.run_dir, self.step)
         self.metrics = MetricsLogger(self.run_dir, cfg, cfg.train.steps, self.step, enabled=self.dist.is_main)
