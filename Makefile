@@ -9,6 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: setup test demo bench lint clean
@@ -30,8 +31,9 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
+# Pretrain (killed and resumed once), needle eval at L and 2L, continue-train at 2L, eval, summary.
 demo: setup
-	$(VENV)/bin/longctx train --config configs/tiny.yaml train.steps=300 train.run_dir=runs/demo
+	$(PY) -m longctx.demo $(DEMO_ARGS)
 
 bench: setup
 	$(VENV)/bin/longctx bench comm

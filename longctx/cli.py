@@ -3,6 +3,8 @@
 longctx train --config configs/tiny.yaml train.steps=30 train.run_dir=runs/x
 longctx tokenizer train --config configs/tiny.yaml --out runs/tok.model
 longctx data prepare --config configs/tiny.yaml data.source=corpus/ data.cache_dir=.cache/longctx
+longctx eval niah --run runs/x --lengths 512,1024 --depths 0,0.5,1 --samples 20
+longctx eval ppl --run runs/x --seq-len 1024
 longctx export --run runs/x --out exported/x
 """
 
@@ -10,6 +12,7 @@ import argparse
 import sys
 
 from longctx.config import ConfigError, load_config
+from longctx.eval.cli import add_eval_parsers
 from longctx.train.distributed import DistributedSetupError
 
 
@@ -106,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_data_prepare)
 
+    add_eval_parsers(sub)
     p = sub.add_parser(
         "bench",
         help="benchmarks: kernels | train (GPU), comm (any machine), report (README table + plot)",

@@ -213,6 +213,9 @@ class DataConfig:
     passkey_digits: int = 5
     # Tokenizer threads for `data prepare`; 0: every core this process may use.
     num_workers: int = 0
+    # Shorter contexts first: stages "LENxSTEPS" (train LEN tokens for STEPS steps), in order, then
+    # data.seq_len for the remaining steps. E.g. ["128x300", "256x300"]. Empty: data.seq_len throughout.
+    seq_len_schedule: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         _require(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
@@ -235,6 +238,33 @@ class DataConfig:
         _require(
             self.text_field != "", "data.text_field", "must name the JSON/Parquet field that holds the text"
         )
+        self.stages()  # validates data.seq_len_schedule
+
+    def stages(self) -> list[tuple[int, int]]:
+        """`(first step, seq_len)` of every stage of `seq_len_schedule`, then `(k, data.seq_len)`;
+        steps count from 0."""
+        stages, start = [], 0
+        for i, entry in enumerate(self.seq_len_schedule):
+            key = f"data.seq_len_schedule[{i}]"
+            length, sep, steps = str(entry).partition("x")
+            try:
+                length, steps = int(length), int(steps)
+            except ValueError:
+                length = steps = 0
+            _require(
+                sep == "x" and length >= 2 and steps >= 1,
+                key,
+                f"must be 'LENxSTEPS' (train LEN tokens for STEPS steps), e.g. '128x300'; got {entry!r}",
+            )
+            _require(
+                length <= self.seq_len,
+                key,
+                f"length {length} exceeds data.seq_len={self.seq_len}, the length the schedule ends at",
+            )
+            stages.append((start, length))
+            start += steps
+        stages.append((start, self.seq_len))
+        return stages
 
 
 @dataclass
@@ -249,6 +279,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    # Loss weight of the answer digits of passkey samples (1.0: plain next-token loss). A larger
+    # weight makes small models learn retrieval sooner; the reported `loss` stays the plain mean.
+    answer_loss_weight: float = 1.0
     seed: int = 0
     run_dir: str = "runs/default"
     log_every: int = 1
@@ -281,6 +314,11 @@ class TrainConfig:
         )
         _require(
             self.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 turns it off), got {self.grad_clip}"
+        )
+        _require(
+            self.answer_loss_weight >= 0,
+            "train.answer_loss_weight",
+            f"must be >= 0 (1.0: plain loss), got {self.answer_loss_weight}",
         )
         _require(
             self.resume != "",
@@ -342,15 +380,19 @@ class Config:
     def __post_init__(self):
         multiple = 2 * self.parallel.cp * self.model.block_multiple()
         # One process runs any length; sharding needs whole blocks in each of the 2 * cp chunks.
-        if self.parallel.cp > 1 and self.data.seq_len % multiple:
-            working = [multiple * n for n in range(1, 5)]
-            near = max(multiple, self.data.seq_len // multiple * multiple)
-            raise ConfigError(
-                f"data.seq_len: {self.data.seq_len} does not split into {2 * self.parallel.cp} zigzag "
-                f"chunks of whole {self.model.block_multiple()}-token blocks (parallel.cp="
-                f"{self.parallel.cp}, layers {self.model.pattern!r}); it must be a multiple of "
-                f"{multiple}, e.g. {near} or one of {working}"
-            )
+        lengths = [("data.seq_len", self.data.seq_len)] + [
+            (f"data.seq_len_schedule[{i}]", n) for i, (_, n) in enumerate(self.data.stages()[:-1])
+        ]
+        for key, seq_len in lengths:
+            if self.parallel.cp > 1 and seq_len % multiple:
+                working = [multiple * n for n in range(1, 5)]
+                near = max(multiple, seq_len // multiple * multiple)
+                raise ConfigError(
+                    f"{key}: {seq_len} does not split into {2 * self.parallel.cp} zigzag "
+                    f"chunks of whole {self.model.block_multiple()}-token blocks (parallel.cp="
+                    f"{self.parallel.cp}, layers {self.model.pattern!r}); it must be a multiple of "
+                    f"{multiple}, e.g. {near} or one of {working}"
+                )
 
 
 def _type_name(tp) -> str:

@@ -6,7 +6,6 @@ local blocks, strides 2 to 8, 4 and 8 heads, GQA, dense heads, sub-block tiles, 
 block-id subsets (a zigzag query shard against sparse key subsets, merged back into full rows).
 """
 
-
 import pytest
 import torch
 

@@ -14,15 +14,15 @@ from longctx.data.sampler import PackedBatch, PackedSampler, PasskeyMixture
 
 
 def build_samplers(
-    cfg, data: PreparedData, tokenizer, dp_rank: int = 0, dp_size: int = 1
+    cfg, data: PreparedData, tokenizer, dp_rank: int = 0, dp_size: int = 1, seq_len: int | None = None
 ) -> tuple[PackedSampler, PackedSampler | None]:
     """The training sampler (with the passkey mixture) and the validation sampler (corpus text only;
-    None when the validation split is empty)."""
+    None when the validation split is empty), at `seq_len` (default `data.seq_len`)."""
     passkey = None
     if cfg.data.passkey_fraction > 0:
         passkey = PasskeyMixture(cfg.data.passkey_fraction, tokenizer, cfg.data.passkey_digits)
     common = dict(
-        seq_len=cfg.data.seq_len,
+        seq_len=seq_len or cfg.data.seq_len,
         batch_size=cfg.train.batch_size,
         seed=cfg.train.seed,
         dp_rank=dp_rank,

@@ -2,6 +2,7 @@
 
     model = Transformer(cfg.model)          # or on the meta device, then model.init_weights()
     logits = model(tokens)                  # [B, T, vocab]
+    hidden = model(tokens, return_hidden=True)  # [B, T, dim], final norm applied; model.output -> logits
 
 The model runs on one device and knows nothing of process groups. Under context parallelism it is
 given its tokens' `SeqLayout` (their global positions) and its mixers' cores are swapped by
@@ -75,8 +76,15 @@ class Transformer(nn.Module):
         inv_freq, self.rope_mscale = rope_inv_freq(self.cfg.head_dim, self.cfg.rope)
         self.rope_inv_freq.copy_(inv_freq)
 
-    def forward(self, tokens: torch.Tensor, layout: SeqLayout | None = None) -> torch.Tensor:
-        """Logits `[B, T, vocab]` for `tokens` `[B, T]` (a whole sequence, or a shard given `layout`)."""
+    def forward(
+        self, tokens: torch.Tensor, layout: SeqLayout | None = None, return_hidden: bool = False
+    ) -> torch.Tensor:
+        """Logits `[B, T, vocab]` for `tokens` `[B, T]` (a whole sequence, or a shard given `layout`).
+
+        With `return_hidden` the final-norm hidden states `[B, T, dim]` instead: `model.output` of
+        them gives the logits, so a caller that needs a few positions' logits (the needle evaluation)
+        projects only those and never holds `[B, T, vocab]`.
+        """
         if layout is None:
             layout = SeqLayout.full(tokens.shape[1])
         if tokens.shape[1] != layout.local_len:
@@ -88,7 +96,8 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, cos, sin, layout, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, layout)
-        return self.output(self.norm(h))
+        h = self.norm(h)
+        return h if return_hidden else self.output(h)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

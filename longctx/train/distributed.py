@@ -12,12 +12,17 @@ import hashlib
 import json
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from longctx.config import Config, ParallelConfig, config_to_dict
+
+# megatron-core says at import, once per module, that it falls back to PyTorch implementations when
+# NVIDIA's Transformer Engine and Apex are absent; longctx uses only its process groups.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 
 class DistributedSetupError(RuntimeError):

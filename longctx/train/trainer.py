@@ -121,6 +121,25 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, 
     return loss, targets.numel()
 
 
+def answer_weighted_loss(
+    logits: torch.Tensor, targets: torch.Tensor, answers: torch.Tensor, weight: float
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """The training objective when passkey answer digits weigh `weight` times an ordinary token.
+
+    Returns the weighted summed loss (what is back-propagated, divided by the token count), the
+    plain summed loss (what is reported; exactly `lm_loss`), and `[answer loss sum, answer tokens,
+    answers right]` for the log. `answers` `[B, T]` bool marks target positions that are answer digits.
+    """
+    plain, _ = lm_loss(logits, targets)
+    picked = answers.flatten().nonzero().squeeze(1)
+    answer_logits = logits.flatten(0, 1)[picked].float()  # [n_answers, vocab]
+    answer_targets = targets.flatten()[picked]
+    answer_sum = F.cross_entropy(answer_logits, answer_targets, reduction="sum")
+    weighted = plain if weight == 1.0 else plain + (weight - 1.0) * answer_sum
+    right = (answer_logits.argmax(-1) == answer_targets).sum()
+    return weighted, plain, [answer_sum.item(), float(len(picked)), right.item()]
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -144,6 +163,8 @@ class Trainer:
         self.sampler, self.val_sampler = build_samplers(
             cfg, self.data, self.tokenizer, self.dist.dp_rank, self.dist.dp_size
         )
+        self.stages = cfg.data.stages()
+        self.stage = -1
         if cfg.train.eval_every and self.val_sampler is None:
             raise ValueError(
                 f"train.eval_every={cfg.train.eval_every} needs validation data, but the validation split of "
@@ -169,7 +190,13 @@ class Trainer:
         if resume_from is not None:
             meta = self.checkpointer.load(resume_from, self.engine, self.param_shapes)
             self.step, self.tokens = meta["step"], meta["tokens"]
-            self.sampler.load_state_dict(meta["sampler"])
+            self.enter_stage(self.step)
+            saved = meta["sampler"]
+            previous = self.stages[self.stage - 1][1] if self.stage > 0 else None
+            # Saved on the last step of the previous schedule stage: this stage starts at its own
+            # position 0 (enter_stage), so the saved position has nothing left to say.
+            if not (saved.get("seq_len") != self.sampler.seq_len and saved.get("seq_len") == previous):
+                self.sampler.load_state_dict(saved)
         if self.dist.is_main:
             truncate_metrics(self.run_dir, self.step)
         self.metrics = MetricsLogger(self.run_dir, cfg, cfg.train.steps, self.step, enabled=self.dist.is_main)
@@ -190,6 +217,22 @@ class Trainer:
                 )
         elif init_note:
             self.metrics.write(init_note)
+
+    def enter_stage(self, step: int) -> bool:
+        """Make `self.sampler` the one of the `data.seq_len_schedule` stage that step `step` (from 0)
+        falls in; True when that is a new stage. A stage's sampler starts at its own position 0, so
+        the samples of a step depend on the step alone (a resumed run sees what it would have)."""
+        stage = max(i for i, (start, _) in enumerate(self.stages) if start <= step)
+        if stage == self.stage:
+            return False
+        start, seq_len = self.stages[stage]
+        if seq_len != self.sampler.seq_len:
+            self.sampler, _ = build_samplers(
+                self.cfg, self.data, self.tokenizer, self.dist.dp_rank, self.dist.dp_size, seq_len=seq_len
+            )
+        self.sampler.position = (step - start) * self.sampler.global_batch
+        self.stage = stage
+        return True
 
     def init_weights(self, model, path: str) -> str:
         """Load only the weights of checkpoint (or run directory) `path` into `model` (before it is
@@ -237,19 +280,32 @@ class Trainer:
             layout,
         )
 
-    def train_step(self, batch: torch.Tensor) -> dict:
-        """One optimizer step; returns the global mean loss, grad norm, tokens and bytes sent."""
+    def train_step(self, batch: torch.Tensor, answer_mask: torch.Tensor | None = None) -> dict:
+        """One optimizer step; returns the global mean loss, grad norm, tokens and bytes sent, and
+        the loss and accuracy on passkey answer digits when `answer_mask` `[B, seq_len + 1]` has any."""
         inputs, targets, layout = self.shard(batch.to(self.device))
+        if answer_mask is None:
+            answer_mask = torch.zeros_like(batch, dtype=torch.bool)
+        # The mask marks answer tokens of the full sequence: their targets, sharded like the targets.
+        _, answers, _ = self.shard(answer_mask.to(self.device))
         reset_comm_stats()
         with self.autocast():
             logits = self.engine(inputs, layout)
-        loss_sum, count = lm_loss(logits, targets)
+        count = targets.numel()
+        weighted, loss_sum, answer_stats = answer_weighted_loss(
+            logits, targets, answers, self.cfg.train.answer_loss_weight
+        )
         # The local mean: engines average gradients over DP x CP ranks, whose token counts are equal.
-        self.engine.backward(loss_sum / count)
+        self.engine.backward(weighted / count)
         comm = comm_stats()["bytes_sent"]
         grad_norm = self.engine.step()
-        total, n_tokens = all_reduce_sum([loss_sum.item(), float(count)], self.dist)
-        return {"loss": total / n_tokens, "grad_norm": grad_norm, "tokens": int(n_tokens), "comm_bytes": comm}
+        total, n_tokens, answer_loss, n_answers, right = all_reduce_sum(
+            [loss_sum.item(), float(count), *answer_stats], self.dist
+        )
+        out = {"loss": total / n_tokens, "grad_norm": grad_norm, "tokens": int(n_tokens), "comm_bytes": comm}
+        if n_answers:
+            out.update(answer_loss=answer_loss / n_answers, answer_acc=right / n_answers)
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -276,7 +332,13 @@ class Trainer:
         while self.step < cfg.steps:
             _test_kill_hook(self.step + 1, self.dist.rank, self.run_dir)
             lr = self.engine.lr
-            out = self.train_step(self.sampler.next_batch().tokens)
+            if self.enter_stage(self.step) and len(self.stages) > 1:
+                self.metrics.write(
+                    f"step {self.step + 1}: seq_len {self.sampler.seq_len} "
+                    f"(data.seq_len_schedule stage {self.stage + 1} of {len(self.stages)})"
+                )
+            batch = self.sampler.next_batch()
+            out = self.train_step(batch.tokens, batch.answer_mask)
             self.step += 1
             self.tokens += out["tokens"]
             record = {"step": self.step}
@@ -296,6 +358,7 @@ class Trainer:
                         "elapsed_s": now - start,
                     }
                 )
+                record.update({k: out[k] for k in ("answer_loss", "answer_acc") if k in out})
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 eval_start = time.perf_counter()
                 record["val_loss"] = self.evaluate()
