@@ -7,6 +7,7 @@ type, and each section validates its values in `__post_init__`. `save_config` wr
 config that a run directory keeps.
 """
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -31,12 +32,16 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 @dataclass
 class RopeScalingConfig:
-    type: Literal["none", "linear", "ntk", "yarn"] = "none"
+    type: Literal["none", "linear", "ntk", "yarn", "llama3"] = "none"
     factor: float = 1.0
-    # Context length the model was trained at before scaling (used by `yarn`).
+    # Context length the model was trained at before scaling (used by `yarn` and `llama3`).
     original_max_len: int = 2048
     beta_fast: float = 32.0
     beta_slow: float = 1.0
+    # `llama3` (Llama 3.1's scaling): wavelengths longer than original_max_len / low_freq_factor are
+    # interpolated, shorter than original_max_len / high_freq_factor kept, the band between blended.
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
 
     def __post_init__(self):
         _require(self.factor >= 1.0, "model.rope.scaling.factor", f"must be >= 1, got {self.factor}")
@@ -45,6 +50,12 @@ class RopeScalingConfig:
             self.beta_fast > self.beta_slow > 0,
             "model.rope.scaling.beta_fast",
             f"need beta_fast > beta_slow > 0, got {self.beta_fast} and {self.beta_slow}",
+        )
+        _require(
+            self.high_freq_factor > self.low_freq_factor > 0,
+            "model.rope.scaling.high_freq_factor",
+            f"need high_freq_factor > low_freq_factor > 0, got {self.high_freq_factor} and "
+            f"{self.low_freq_factor}",
         )
 
 
@@ -293,7 +304,8 @@ class TrainConfig:
     keep_last: int = 2
     # auto: the latest complete checkpoint of run_dir if any | none | a checkpoint path
     resume: str = "auto"
-    # Load weights only (continue-training) from this checkpoint or run directory.
+    # Load weights only (continue-training) from this checkpoint or run directory, or from a Hugging
+    # Face Llama/Mistral/Qwen2 folder `hf:DIR` (which also sets the model's architecture and tokenizer).
     init_from: str = ""
     # Write torch-engine checkpoints on a background thread while training goes on.
     async_ckpt: bool = False
@@ -508,9 +520,14 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, object]]:
 
 
 def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
-    tree = dict(data or {})
+    tree = copy.deepcopy(dict(data or {}))
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
+    init_from = (tree.get("train") or {}).get("init_from")
+    if isinstance(init_from, str) and init_from.startswith("hf:"):
+        from longctx.hf import merge_model_section
+
+        merge_model_section(tree, init_from)
     return _build(Config, tree, "")
 
 

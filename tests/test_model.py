@@ -125,6 +125,23 @@ def test_rope_scalings_follow_their_formulas():
     assert torch.all(inv.double() <= base * (1 + 1e-6)) and torch.all(inv.double() >= base / 8 * (1 - 1e-6))
 
 
+def test_llama3_scaling_keeps_short_wavelengths_and_interpolates_long_ones():
+    d, original, factor = 64, 256, 8.0
+    base = 10000.0 ** -(torch.arange(0, d, 2, dtype=torch.float64) / d)
+    inv, m = rope_inv_freq(d, rope("llama3", factor, original=original))
+    assert m == 1.0
+    for b, got in zip(base.tolist(), inv.double().tolist()):
+        wavelength = 2 * math.pi / b
+        if wavelength < original / 4:  # high_freq_factor 4: kept
+            assert got == pytest.approx(b, rel=1e-6)
+        elif wavelength > original / 1:  # low_freq_factor 1: interpolated
+            assert got == pytest.approx(b / factor, rel=1e-6)
+        else:  # blended linearly in original / wavelength
+            w = (original / wavelength - 1) / (4 - 1)
+            assert got == pytest.approx((1 - w) * b / factor + w * b, rel=1e-6)
+    assert (inv.double() < base * (1 - 1e-3)).any() and (inv.double() > base / factor * 1.001).any()
+
+
 def test_yarn_scales_logits_by_mscale_squared():
     inv, m = rope_inv_freq(8, rope("yarn", 4.0))
     cos, sin = rope_cos_sin(torch.tensor([0]), inv, m)

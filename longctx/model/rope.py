@@ -5,6 +5,9 @@
 frequencies) and extrapolation (high frequencies), the ramp set by how many turns each frequency
 makes over `original_max_len` (`beta_fast`, `beta_slow`), and queries and keys each scaled by
 `0.1 * ln(factor) + 1` (so logits by its square, as in the YaRN paper and Hugging Face's models).
+`llama3`: Llama 3.1's rule: frequencies whose wavelength exceeds `original_max_len / low_freq_factor`
+are divided by `factor`, those under `original_max_len / high_freq_factor` kept, and the band between
+blends the two linearly in `original_max_len / wavelength`.
 
 Rotation is the rotate-half convention of Llama checkpoints, so imported weights need no permutation.
 """
@@ -30,6 +33,8 @@ def rope_inv_freq(head_dim: int, cfg: RopeConfig) -> tuple[torch.Tensor, float]:
         inv_freq = inv_freq / factor
     elif kind == "yarn":
         inv_freq, mscale = _yarn(inv_freq, head_dim, theta, factor, scaling)
+    elif kind == "llama3":
+        inv_freq = _llama3(inv_freq, factor, scaling)
     return inv_freq.float(), mscale
 
 
@@ -47,6 +52,14 @@ def _yarn(inv_freq, head_dim, theta, factor, scaling):
     scaled = inv_freq / factor * ramp + inv_freq * (1 - ramp)
     mscale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
     return scaled, mscale
+
+
+def _llama3(inv_freq, factor, scaling):
+    # Turns each frequency makes over the original context; few turns: interpolate, many: keep.
+    turns = scaling.original_max_len * inv_freq / (2 * math.pi)
+    low, high = scaling.low_freq_factor, scaling.high_freq_factor
+    blend = ((turns - low) / (high - low)).clamp(0, 1)
+    return inv_freq / factor * (1 - blend) + inv_freq * blend
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, mscale: float = 1.0):
