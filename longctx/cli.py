@@ -85,8 +85,12 @@ def cmd_export(args) -> int:
     from longctx.export import export_checkpoint, find_checkpoint
 
     checkpoint = find_checkpoint(args.run, args.checkpoint)
-    out = export_checkpoint(checkpoint, args.out)
-    print(f"exported {checkpoint} to {out}")
+    fmt = "hf" if args.hf else "native"
+    out = export_checkpoint(checkpoint, args.out, fmt)
+    print(f"exported {checkpoint} to {out} ({fmt} format)")
+    note = out / "LONGCTX.md"
+    if fmt == "hf" and note.is_file():
+        print(f"note: transformers cannot load this model as trained; see {note}")
     return 0
 
 
@@ -123,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="run directory (its latest checkpoint unless --checkpoint is given)")
     p.add_argument("--checkpoint", help="a checkpoint directory, or its name inside RUN/checkpoints/")
     p.add_argument("--out", required=True, help="directory to write model.safetensors and config.json to")
+    p.add_argument(
+        "--hf",
+        action="store_true",
+        help="write a Hugging Face Llama/Mistral/Qwen2 folder (tensor names, config.json, the run's "
+        "tokenizer) that transformers loads; a converted S/N/L stack adds LONGCTX.md on what it "
+        "cannot express",
+    )
     p.set_defaults(func=cmd_export, overrides=[])
     return parser
 

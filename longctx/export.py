@@ -6,9 +6,9 @@
     model = load_exported("exported/")                       # a Transformer with those weights
 
 `native` format (the default): `model.safetensors` (every parameter by its longctx name, fp32 as
-trained) and `config.json` (the `model` section of the run's config). Formats are entries of
-`EXPORTERS`, each a function `(weights, model_cfg, meta, out_dir)`, so another layout (e.g. Hugging
-Face's) is one more entry.
+trained) and `config.json` (the `model` section of the run's config). `hf` format (`--hf`): a
+Hugging Face Llama/Mistral/Qwen2 folder with the run's tokenizer (`longctx.hf.write_hf`). Formats are
+entries of `EXPORTERS`, each a function `(weights, model_cfg, meta, out_dir, checkpoint)`.
 """
 
 import dataclasses
@@ -36,7 +36,9 @@ def find_checkpoint(run: str | None, checkpoint: str | None) -> Path:
     return resolve_checkpoint(run, "--run")
 
 
-def write_native(weights: dict[str, torch.Tensor], model_cfg: ModelConfig, meta: dict, out: Path) -> None:
+def write_native(
+    weights: dict[str, torch.Tensor], model_cfg: ModelConfig, meta: dict, out: Path, checkpoint: Path
+) -> None:
     from safetensors.torch import save_file
 
     # Tied weights share storage, which safetensors refuses: every tensor gets its own copy.
@@ -45,7 +47,13 @@ def write_native(weights: dict[str, torch.Tensor], model_cfg: ModelConfig, meta:
     (out / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n")
 
 
-EXPORTERS = {"native": write_native}
+def write_hf(weights, model_cfg, meta, out, checkpoint) -> None:
+    from longctx.hf import write_hf as write
+
+    write(weights, model_cfg, meta, out, checkpoint)
+
+
+EXPORTERS = {"native": write_native, "hf": write_hf}
 
 
 def export_checkpoint(checkpoint: Path, out: str | Path, fmt: str = "native") -> Path:
@@ -62,7 +70,7 @@ def export_checkpoint(checkpoint: Path, out: str | Path, fmt: str = "native") ->
         )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    EXPORTERS[fmt](weights, model_cfg, meta, out)
+    EXPORTERS[fmt](weights, model_cfg, meta, out, checkpoint)
     return out
 
 

@@ -2,7 +2,8 @@
 
     torchrun --nproc-per-node 2 -m tests.cp_runs SPEC.json
 
-SPEC is a JSON list of `{"run_dir": ..., "overrides": [...]}` applied to configs/tiny.yaml. A launch
+SPEC is a JSON list of `{"run_dir": ..., "overrides": [...], "config": ...}` (config defaults to
+configs/tiny.yaml). A launch
 costs each process seconds of imports (megatron.core alone is about 5 s of CPU); the distributed
 tests batch their runs through here to keep the suite fast. Between runs only megatron's model-
 parallel state is reset, so each run may use its own `parallel.cp`.
@@ -20,7 +21,8 @@ from longctx.train.trainer import Trainer
 
 def main(spec_path: str) -> None:
     for run in json.loads(open(spec_path).read()):
-        cfg = load_config("configs/tiny.yaml", [*run["overrides"], f"train.run_dir={run['run_dir']}"])
+        config = run.get("config", "configs/tiny.yaml")
+        cfg = load_config(config, [*run["overrides"], f"train.run_dir={run['run_dir']}"])
         trainer = Trainer(cfg)
         trainer.train()
         trainer.metrics.close()

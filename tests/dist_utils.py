@@ -92,10 +92,17 @@ def metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def run_many(runs: list[tuple[str, list[str]]], nproc: int, tmp_path, timeout: int = 900) -> None:
-    """Train every `(run_dir, overrides)` in one torchrun launch of `nproc` processes (tests/cp_runs.py)."""
+def run_many(runs: list[tuple], nproc: int, tmp_path, timeout: int = 900) -> None:
+    """Train every `(run_dir, overrides)` or `(run_dir, overrides, config)` in one torchrun launch of
+    `nproc` processes (tests/cp_runs.py); config defaults to configs/tiny.yaml."""
     spec = Path(tmp_path) / f"spec-{nproc}.json"
-    spec.write_text(json.dumps([{"run_dir": str(d), "overrides": list(o)} for d, o in runs]))
+    entries = []
+    for run_dir, overrides, *rest in runs:
+        entry = {"run_dir": str(run_dir), "overrides": list(overrides)}
+        if rest:
+            entry["config"] = str(rest[0])
+        entries.append(entry)
+    spec.write_text(json.dumps(entries))
     cmd = [
         sys.executable,
         "-m",

@@ -237,6 +237,16 @@ class Trainer:
     def init_weights(self, model, path: str) -> str:
         """Load only the weights of checkpoint (or run directory) `path` into `model` (before it is
         sharded): continue-training may change seq_len, RoPE scaling and the parallel layout."""
+        if path.startswith("hf:"):
+            from longctx.hf import init_converted, load_hf_weights
+
+            new = load_hf_weights(model, path)
+            init_converted(model, new)
+            converted = f"; {len(new)} parameters of converted layers start fresh" if new else ""
+            return (
+                f"initialised the weights from the Hugging Face checkpoint {path[3:]} (train.init_from"
+                f"{converted}; optimizer, schedule and data start fresh)"
+            )
         ckpt = on_rank0(lambda: resolve_checkpoint(path, "train.init_from"), self.dist)
         weights = full_weights(ckpt)
         check_param_shapes(
