@@ -216,6 +216,11 @@ def merge_model_section(tree: dict, source: str) -> None:
     rope.setdefault("theta", hf["rope"]["theta"])
     if "scaling" not in rope and "scaling" in hf["rope"]:
         rope["scaling"] = hf["rope"]["scaling"]
+    elif isinstance(rope.get("scaling"), dict) and "original_max_len" not in rope["scaling"]:
+        # The config's own scaling replaces the checkpoint's; it extends from the trained length.
+        trained = read_hf_config(hf_dir(source)).get("max_position_embeddings")
+        if trained:
+            rope["scaling"]["original_max_len"] = int(trained)
     data = tree.setdefault("data", {}) or {}
     tree["data"] = data
     if not data.get("tokenizer"):

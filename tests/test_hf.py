@@ -29,6 +29,7 @@ CASES = {
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 32,
         },
+        max_position_embeddings=256,
         shard="60KB",
     ),
     "llama-yarn": dict(
@@ -188,8 +189,9 @@ def test_init_from_sets_the_architecture_and_tokenizer(tmp_path, sp_model):
         160,
     )
     assert m.norm_eps == 1e-6 and m.rope.theta == 50000.0 and m.pattern == "LL"
-    # The config's own scaling type wins; the checkpoint's other scaling settings stay.
-    assert m.rope.scaling.type == "yarn" and m.rope.scaling.original_max_len == 32
+    # The config's scaling replaces the checkpoint's and extends from the length it was trained at.
+    assert m.rope.scaling.type == "yarn" and m.rope.scaling.factor == 1.0
+    assert m.rope.scaling.original_max_len == 256
     assert cfg.data.tokenizer == str(hf)
     with pytest.raises(ConfigError, match="model.dim: 128 contradicts .* which has 64; remove model.dim"):
         load_config(None, [init, "model.dim=128"])

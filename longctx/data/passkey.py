@@ -9,7 +9,9 @@ needle-in-a-haystack evaluation, so both see exactly the same format:
 
 The sample is `length` tokens: haystack, needle at `depth` of the haystack, more haystack, question,
 answer. The answer is the last `n_digits` tokens (one token per digit), so a model retrieves the key
-when its prediction at positions `answer_start - 1 ... length - 2` is the answer's digits.
+when its prediction at positions `answer_start - 1 ... length - 2` is the answer's digits. With a
+tokenizer that groups digits (Llama 3's takes up to three a token), the key is written one digit token
+at a time between the encoded text around it, so the answer still has one position per digit.
 """
 
 from dataclasses import dataclass
@@ -42,7 +44,7 @@ def make_passkey_sample(
     the haystack), with a random `n_digits`-digit key drawn from `rng`.
 
     Args:
-        tokenizer: `longctx.tokenizer.Tokenizer` (digits must be single tokens).
+        tokenizer: a `longctx.tokenizer` tokenizer with single-token digits 0-9.
         haystack_tokens: [>= length - overhead] filler tokens (corpus text); the first ones are used.
         length: tokens in the sample (context length; `seq_len + 1` for a training sample).
         depth: fraction of the haystack that comes before the needle, in [0, 1].
@@ -57,11 +59,10 @@ def make_passkey_sample(
     needle = tokenizer.encode(NEEDLE.format(key=key))
     question = tokenizer.encode(QUESTION.format(key=key))
     digits = tokenizer.digit_ids()
-    if question[-n_digits:] != [digits[int(c)] for c in key]:
-        raise ValueError(
-            f"the tokenizer {str(tokenizer.path)!r} does not encode digits as single tokens, so the passkey "
-            "answer has no fixed token positions; train one with `longctx tokenizer train` (it splits digits)"
-        )
+    key_ids = [digits[int(c)] for c in key]
+    if question[-n_digits:] != key_ids:
+        # The tokenizer groups digits: spell the key one digit token at a time.
+        needle, question = _spelled(tokenizer, NEEDLE, key_ids), _spelled(tokenizer, QUESTION, key_ids)
     n_hay = length - len(needle) - len(question)
     if n_hay < 0:
         raise ValueError(
@@ -74,6 +75,15 @@ def make_passkey_sample(
     hay = np.asarray(haystack_tokens[:n_hay], dtype=np.int64)
     tokens = np.concatenate([hay[:cut], needle, hay[cut:], question]).astype(np.int64)
     return PasskeySample(tokens, length - n_digits, n_digits, key, cut, depth)
+
+
+def _spelled(tokenizer, template: str, key_ids: list[int]) -> list[int]:
+    """`template` encoded piece by piece around each `{key}`, with `key_ids` in its place."""
+    pieces = template.split("{key}")
+    out = tokenizer.encode(pieces[0]) if pieces[0] else []
+    for piece in pieces[1:]:
+        out += key_ids + (tokenizer.encode(piece) if piece else [])
+    return out
 
 
 def read_haystack(docs, n_tokens: int, rng: np.random.Generator, drop_ids=()) -> np.ndarray:

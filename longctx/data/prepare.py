@@ -56,7 +56,8 @@ def load_tokenizer(cfg, is_writer: bool = True, wait_fn=None):
     if prefix is not None and not cfg.data.tokenizer:
         raise ValueError(
             f"data.source {cfg.data.source!r} is an already tokenized Megatron dataset, so no tokenizer can "
-            "be trained on it; set data.tokenizer to the SentencePiece .model it was made with"
+            "be trained on it; set data.tokenizer to the tokenizer it was made with (a SentencePiece .model, "
+            "a tokenizer.json or a folder holding one)"
         )
 
     def load():
@@ -191,6 +192,11 @@ def build_entry(
     tmp = entry.with_name(f"{entry.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    if tokenizer.eos_id < 0:
+        raise ValueError(
+            f"the tokenizer {str(tokenizer.path)!r} has no end-of-text token, which separates the documents "
+            "of the prepared data; name it as eos_token in the tokenizer_config.json beside it"
+        )
     threads = num_workers or len(os.sched_getaffinity(0))
     dtype = token_dtype(tokenizer.vocab_size)
     bar = None
@@ -202,7 +208,7 @@ def build_entry(
         )
         index = 0
         for texts in _batches(corpus.documents()):
-            for ids in tokenizer.sp.encode(texts, num_threads=threads):
+            for ids in tokenizer.encode_batch(texts, num_threads=threads):
                 ids.append(tokenizer.eos_id)
                 writers["val" if is_validation(index, val_fraction) else "train"].add(np.array(ids, dtype))
                 index += 1

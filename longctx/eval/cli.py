@@ -5,10 +5,10 @@
     longctx eval ppl --run runs/demo-pretrain --seq-len 512 --batches 8
 
 The model is rebuilt from `RUN/config.yaml` (plus any `key=value` overrides, e.g. a RoPE scaling to
-try) with `RUN/tokenizer.model`, and its weights come from `--checkpoint` (default: the run's own,
-see `default_checkpoint`). Results go to `--out` (default `RUN/niah`, `RUN/ppl`) and the console.
-Options left out take their value from the run's `eval` section (`eval.lengths`, `eval.depths`,
-`eval.samples`, `eval.batch_size`) and `data.passkey_digits`.
+try) with the run's tokenizer (`RUN/tokenizer.model` or `tokenizer.json`), and its weights come from
+`--checkpoint` (default: the run's own, see `default_checkpoint`). Results go to `--out` (default
+`RUN/niah`, `RUN/ppl`) and the console. Options left out take their value from the run's `eval`
+section (`eval.lengths`, `eval.depths`, `eval.samples`, `eval.batch_size`) and `data.passkey_digits`.
 """
 
 import argparse
@@ -43,7 +43,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "--run-dir",
         dest="run",
         required=True,
-        help="run directory (holds config.yaml and tokenizer.model); spell it --run-dir under torchrun",
+        help="run directory (holds config.yaml and its tokenizer); spell it --run-dir under torchrun",
     )
     p.add_argument(
         "--checkpoint",
@@ -152,7 +152,7 @@ def load_model_for_eval(run_dir: str | Path, checkpoint: str | Path | None = Non
     """The run's model with its trained weights, in eval mode, its config and its tokenizer.
 
     Args:
-        run_dir: the training run directory (`config.yaml`, `tokenizer.model`).
+        run_dir: the training run directory (`config.yaml`, `tokenizer.model` or `tokenizer.json`).
         checkpoint: weights to load (default `default_checkpoint(run_dir)`).
         overrides: `key.sub=value` changes to the run's config (e.g. `model.rope.scaling.type=yarn`).
 
@@ -160,15 +160,21 @@ def load_model_for_eval(run_dir: str | Path, checkpoint: str | Path | None = Non
         `(model, cfg, tokenizer)`.
     """
     from longctx.model import build_model
-    from longctx.tokenizer import Tokenizer
+    from longctx.tokenizer import find_tokenizer_file, open_tokenizer
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(
             f"{str(run / 'config.yaml')!r} not found: --run must name a training run directory"
         )
-    tokenizer = Tokenizer(run / "tokenizer.model")
-    cfg = load_config(run / "config.yaml", [*overrides, f"data.tokenizer={run / 'tokenizer.model'}"])
+    found = find_tokenizer_file(run)
+    if found is None:
+        raise FileNotFoundError(
+            f"{str(run)!r} holds no tokenizer.model or tokenizer.json; training keeps a copy of its "
+            "tokenizer in the run directory: copy it there again"
+        )
+    tokenizer = open_tokenizer(found)
+    cfg = load_config(run / "config.yaml", [*overrides, f"data.tokenizer={found}"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, device)
