@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -521,13 +522,21 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, object]]:
 
 def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
     tree = copy.deepcopy(dict(data or {}))
-    for key, value in parse_overrides(list(overrides)):
-        _set_dotted(tree, key, value)
-    init_from = (tree.get("train") or {}).get("init_from")
+    pairs = parse_overrides(list(overrides))
+    init_from = dict(pairs).get("train.init_from", (tree.get("train") or {}).get("init_from"))
     if isinstance(init_from, str) and init_from.startswith("hf:"):
+        # A Hugging Face checkpoint fixes the architecture: the file's model keys give way to it.
         from longctx.hf import merge_model_section
 
-        merge_model_section(tree, init_from)
+        replaced = merge_model_section(tree, init_from, dict(pairs))
+        if replaced:
+            warnings.warn(
+                f"train.init_from={init_from} sets the architecture; replaced the config file's "
+                + ", ".join(replaced),
+                stacklevel=2,
+            )
+    for key, value in pairs:
+        _set_dotted(tree, key, value)
     return _build(Config, tree, "")
 
 

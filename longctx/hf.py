@@ -184,46 +184,61 @@ def model_section(source: str | Path) -> dict:
     }
 
 
-def merge_model_section(tree: dict, source: str) -> None:
-    """Make config `tree` (a dict, before dataclasses) describe the checkpoint `source` (`hf:DIR`):
-    its architecture keys, RoPE theta and scaling and sliding window unless the config sets them, and
-    its tokenizer as `data.tokenizer` unless one is set. A config key that contradicts the checkpoint's
-    architecture is an error naming both values."""
+def merge_model_section(tree: dict, source: str, overrides: dict | None = None) -> list[str]:
+    """Make config `tree` (a config file's dict, before its command-line `overrides` `{dotted key:
+    value}` are applied) describe the checkpoint `source` (`hf:DIR`); return what it replaced.
+
+    The checkpoint's architecture keys and RoPE theta replace the file's (a config written for another
+    model still works; the returned notes say what changed); an override that contradicts them is an
+    error naming both values. RoPE scaling and the sliding window come from the checkpoint unless the
+    config sets them, the tokenizer becomes `data.tokenizer` unless one is set.
+    """
     from longctx.config import ConfigError
 
+    overrides = overrides or {}
     model = tree.get("model") or {}
     text = str(source)
     if not Path(text[3:]).exists() and all(k in model for k in ARCH_KEYS):
         # A run's saved config.yaml describes the model fully; the checkpoint may be gone by now.
-        return
+        return []
     try:
         hf = model_section(source)
     except HFCheckpointError as e:
         raise ConfigError(f"train.init_from: {e}") from e
-    tree["model"] = model
     for key in ARCH_KEYS:
-        if key in model and model[key] is not None and model[key] != hf[key]:
+        value = overrides.get(f"model.{key}")
+        if value is not None and value != hf[key]:
             raise ConfigError(
-                f"model.{key}: {model[key]!r} contradicts {source}, which has {hf[key]!r}; remove "
-                f"model.{key} from the config (an imported model takes its architecture from the checkpoint)"
+                f"model.{key}={value!r} contradicts {source}, which has {hf[key]!r}; an imported model takes "
+                "its architecture from the checkpoint: drop the override"
             )
+    tree["model"] = model
+    replaced = []
+    for key in ARCH_KEYS:
+        if model.get(key) is not None and model[key] != hf[key]:
+            replaced.append(f"model.{key} {model[key]!r} -> {hf[key]!r}")
         model[key] = hf[key]
     for key in ("layers", "dense_window", "s2", "nsa", "linear"):
         if key not in model and key in hf:
             model[key] = hf[key]
-    rope = model.setdefault("rope", {}) or {}
+    rope = model.get("rope") or {}
     model["rope"] = rope
-    rope.setdefault("theta", hf["rope"]["theta"])
-    if "scaling" not in rope and "scaling" in hf["rope"]:
-        rope["scaling"] = hf["rope"]["scaling"]
-    elif isinstance(rope.get("scaling"), dict) and "original_max_len" not in rope["scaling"]:
+    if rope.get("theta") not in (None, hf["rope"]["theta"]):
+        replaced.append(f"model.rope.theta {rope['theta']!r} -> {hf['rope']['theta']!r}")
+    rope["theta"] = hf["rope"]["theta"]
+    scaling_set = "scaling" in rope or any(k.startswith("model.rope.scaling.") for k in overrides)
+    if not scaling_set and "scaling" in hf["rope"]:
+        rope["scaling"] = dict(hf["rope"]["scaling"])
+    elif "model.rope.scaling.original_max_len" not in overrides and "original_max_len" not in (
+        rope.get("scaling") or {}
+    ):
         # The config's own scaling replaces the checkpoint's; it extends from the trained length.
         trained = read_hf_config(hf_dir(source)).get("max_position_embeddings")
         if trained:
-            rope["scaling"]["original_max_len"] = int(trained)
-    data = tree.setdefault("data", {}) or {}
+            rope["scaling"] = {**(rope.get("scaling") or {}), "original_max_len": int(trained)}
+    data = tree.get("data") or {}
     tree["data"] = data
-    if not data.get("tokenizer"):
+    if not data.get("tokenizer") and not overrides.get("data.tokenizer"):
         path = hf_dir(source)
         if not has_tokenizer(path):
             raise ConfigError(
@@ -232,6 +247,7 @@ def merge_model_section(tree: dict, source: str) -> None:
                 "tokenizer.json or a SentencePiece .model)"
             )
         data["tokenizer"] = str(path)
+    return replaced
 
 
 def has_tokenizer(path: Path) -> bool:
@@ -355,6 +371,7 @@ def load_pretrained(
     """
     from longctx.config import config_from_dict
     from longctx.model import build_model
+
     path = hf_dir(source)
     extra = [f"model.layers={layers}"] if layers else []
     cfg = config_from_dict({"model": model_section(path)}, [*extra, *overrides]).model

@@ -184,8 +184,8 @@ def train_tokenizer(
     except RuntimeError as e:
         raise ValueError(
             f"SentencePiece could not train a {vocab_size}-token vocabulary on this corpus: {e}. "
-            "Another model.vocab_size usually fixes it: at least 256 byte tokens + the corpus's "
-            "characters, and no more pieces than the corpus can fill"
+            "A smaller model.vocab_size usually fixes it (no more pieces than the corpus can fill), or a "
+            "larger one when it is under 256 byte tokens + the corpus's characters"
         ) from e
     tmp = out_path.with_suffix(f"{out_path.suffix}.{os.getpid()}.tmp")
     tmp.write_bytes(buffer.getvalue())
@@ -219,9 +219,7 @@ def copy_tokenizer(tok, run_dir: str | Path) -> None:
     run_dir = Path(run_dir)
     if isinstance(tok, HFTokenizer):
         files = {"tokenizer.json": tok.path}
-        files.update(
-            {n: tok.path.parent / n for n in ("tokenizer_config.json", "special_tokens_map.json")}
-        )
+        files.update({n: tok.path.parent / n for n in ("tokenizer_config.json", "special_tokens_map.json")})
         stale = ["tokenizer.model"]
     else:
         files, stale = {"tokenizer.model": tok.path}, ["tokenizer.json"]

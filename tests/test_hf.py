@@ -193,8 +193,15 @@ def test_init_from_sets_the_architecture_and_tokenizer(tmp_path, sp_model):
     assert m.rope.scaling.type == "yarn" and m.rope.scaling.factor == 1.0
     assert m.rope.scaling.original_max_len == 256
     assert cfg.data.tokenizer == str(hf)
-    with pytest.raises(ConfigError, match="model.dim: 128 contradicts .* which has 64; remove model.dim"):
+    with pytest.raises(ConfigError, match="model.dim=128 contradicts .* which has 64; .* drop the override"):
         load_config(None, [init, "model.dim=128"])
+    # A config file written for another model gives way to the checkpoint, and says so.
+    with pytest.warns(UserWarning, match=r"model.dim 128 -> 64, .*model.rope.theta 10000.0 -> 50000.0"):
+        cfg = load_config("configs/tiny.yaml", [init, "model.layers=LLLD"])
+    assert (cfg.model.dim, cfg.model.vocab_size, cfg.model.rope.theta) == (64, VOCAB, 50000.0)
+    assert cfg.model.s2.block_size == 16  # mixer settings stay the file's
+    # Raising RoPE's base on the command line is a continue-training recipe of its own: allowed.
+    assert load_config(None, [init, "model.rope.theta=1e6"]).model.rope.theta == 1e6
 
 
 DENSE_CFG, HYBRID_CFG = "configs/llama3-8b-128k.yaml", "configs/llama3-8b-128k-hybrid.yaml"
