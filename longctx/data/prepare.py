@@ -99,6 +99,8 @@ def cache_entry(cfg, tokenizer, corpus: Corpus) -> Path:
         "format": FORMAT_VERSION,
         "corpus": corpus.identity(),
         "tokenizer": file_sha256(tokenizer.path),
+        # a tokenizer.json's end-of-document id comes from tokenizer_config.json, not the hashed file
+        "eos_id": tokenizer.eos_id,
         "text_field": cfg.data.text_field,
         "val_fraction": cfg.data.val_fraction,
     }
