@@ -28,10 +28,11 @@ from longctx.train.checkpoint import (
 )
 from longctx.train.checkpoint_io import dcp_tensor_shapes, weights_only_torch_load
 from longctx.train.distributed import DistInfo
-from tests.dist_utils import free_port, losses, metrics, run_cli
+from tests.dist_utils import free_port, losses, metrics, run_cli, run_many
 
 # The acceptance model: a dense and a gated linear layer, both context-parallel.
 LAYERS = "DL"
+ENGINES = ["torch", "deepspeed"]
 BASE = [
     "--config",
     "configs/tiny.yaml",
@@ -67,14 +68,34 @@ class Runs:
             assert proc.returncode == 0, proc.stderr[-4000:]
         return run_dir
 
+    def first_halves(self) -> None:
+        """One torchrun launch (tests/cp_runs.py) for both engines' 8-step straight runs and the first
+        4 steps of the runs that resume: a launch costs each process seconds of imports."""
+
+        def make():
+            batch = []
+            for engine in ENGINES:
+                common = [
+                    *BASE[2:],
+                    f"data.cache_dir={self.cache}",
+                    "parallel.cp=2",
+                    f"parallel.engine={engine}",
+                ]
+                batch.append((self.root / f"straight-{engine}", [*common, "train.steps=8"]))
+                batch.append((self.root / f"resumed-{engine}", [*common, "train.steps=4"]))
+            run_many(batch, 2, self.root)
+
+        self.once("first halves", make)
+
     def straight(self, engine: str) -> Path:
-        common = ["train.steps=8", "parallel.cp=2", f"parallel.engine={engine}"]
-        return self.once(("straight", engine), lambda: self.train(f"straight-{engine}", *common, nproc=2))
+        self.first_halves()
+        return self.root / f"straight-{engine}"
 
     def resumed(self, engine: str) -> Path:
         def make():
+            self.first_halves()
             common = ["parallel.cp=2", f"parallel.engine={engine}"]
-            self.train(f"resumed-{engine}", "train.steps=4", *common, nproc=2)
+            # A fresh launch, as a real resume is.
             return self.train(f"resumed-{engine}", "train.steps=8", "train.resume=auto", *common, nproc=2)
 
         return self.once(("resumed", engine), make)
@@ -103,7 +124,7 @@ def assert_exact(a, b, atol=1e-6):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_resume_at_cp2_reproduces_the_straight_run(runs, engine):
     straight, resumed = losses(runs.straight(engine)), losses(runs.resumed(engine))
     assert len(straight) == 8
@@ -120,7 +141,7 @@ def test_resume_at_cp2_reproduces_the_straight_run(runs, engine):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_checkpoint_from_cp2_resumes_in_one_process(runs, engine, tmp_path):
     # One process, no process group: DCP reads both ranks' files; DeepSpeed goes through its universal
     # checkpoint (converted next to the original).

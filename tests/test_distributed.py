@@ -5,9 +5,10 @@ compared with one process."""
 import pytest
 import torch
 
+from longctx.cli import main
 from longctx.config import load_config
 from longctx.parallel import SeqLayout, comm_stats, reset_comm_stats, zigzag_shard, zigzag_unshard
-from tests.dist_utils import free_port, losses, run_cli, spawn
+from tests.dist_utils import free_port, losses, run_cli, run_many, spawn
 
 
 def test_zigzag_layout_and_shard_round_trip():
@@ -73,14 +74,10 @@ def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data-cache"))
 
 
-def train(tmp_path, name, cache, *overrides, nproc=1, torchrun_args=()):
+def train(tmp_path, name, cache, *overrides):
+    """One process, in this one (the reference every parallel run is compared with)."""
     run_dir = tmp_path / name
-    proc = run_cli(
-        ["train", *COMMON, f"data.cache_dir={cache}", f"train.run_dir={run_dir}", *overrides],
-        nproc=nproc,
-        torchrun_args=list(torchrun_args),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["train", *COMMON, f"data.cache_dir={cache}", f"train.run_dir={run_dir}", *overrides]) == 0
     return losses(run_dir)
 
 
@@ -88,48 +85,62 @@ def assert_close(a, b, rel=1e-4):
     assert len(a) == len(b) and all(abs(x - y) <= rel * abs(y) for x, y in zip(a, b)), (a, b)
 
 
+SCHEMES = ["ring", "ulysses", "allgather"]
+# Data parallelism: 3 steps of batch 2 per rank against one process with batch 4.
+DP2 = {
+    "ddp": [],
+    "deepspeed": ["parallel.engine=deepspeed", "parallel.zero_stage=2"],
+    "fsdp": ["parallel.fsdp=true"],
+}
+
+
+@pytest.fixture(scope="module")
+def parallel_runs(tmp_path_factory, cache):
+    """Every torchrun-launched run of this module, batched into one launch per process count
+    (tests/cp_runs.py: a launch costs each process seconds of imports)."""
+    root = tmp_path_factory.mktemp("parallel")
+    base = [*COMMON[2:], f"data.cache_dir={cache}"]
+    by_nproc = {2: [], 4: []}
+    for cp in (2, 4):
+        for scheme in SCHEMES:
+            overrides = [*base, "train.steps=5", f"parallel.cp={cp}", f"parallel.cp_comm={scheme}"]
+            by_nproc[cp].append((root / f"{scheme}-{cp}", overrides))
+    for name, extra in DP2.items():
+        by_nproc[2].append((root / name, [*base, "train.steps=3", *extra]))
+    zero3 = ["train.steps=3", "parallel.cp=2", "parallel.engine=deepspeed", "parallel.zero_stage=3"]
+    by_nproc[4].append((root / "dp2cp2", [*base, *zero3]))
+    for nproc, batch in by_nproc.items():
+        run_many(batch, nproc, root)
+    return root
+
+
 @pytest.fixture(scope="module")
 def single_5_steps(tmp_path_factory, cache):
     return train(tmp_path_factory.mktemp("single"), "single", cache, "train.steps=5")
 
 
+@pytest.fixture(scope="module")
+def single_batch_4(tmp_path_factory, cache):
+    return train(tmp_path_factory.mktemp("single4"), "single", cache, "train.steps=3", "train.batch_size=4")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cp", [2, 4])
-@pytest.mark.parametrize("scheme", ["ring", "ulysses", "allgather"])
-def test_context_parallel_dense_equals_one_process(tmp_path, cache, single_5_steps, scheme, cp):
-    run = train(
-        tmp_path, scheme, cache, "train.steps=5", f"parallel.cp={cp}", f"parallel.cp_comm={scheme}", nproc=cp
-    )
-    assert_close(run, single_5_steps)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_context_parallel_dense_equals_one_process(parallel_runs, single_5_steps, scheme, cp):
+    assert_close(losses(parallel_runs / f"{scheme}-{cp}"), single_5_steps)
     assert single_5_steps[0] - single_5_steps[-1] > 0.2
 
 
 @pytest.mark.slow
-def test_dp2_engines_equal_one_process_with_twice_the_batch(tmp_path, cache):
-    single = train(tmp_path, "single", cache, "train.steps=3", "train.batch_size=4")
-    torch_dp = train(tmp_path, "ddp", cache, "train.steps=3", nproc=2)
-    deepspeed = train(
-        tmp_path, "ds", cache, "train.steps=3", "parallel.engine=deepspeed", "parallel.zero_stage=2", nproc=2
-    )
-    fsdp = train(tmp_path, "fsdp", cache, "train.steps=3", "parallel.fsdp=true", nproc=2)
-    for run in (torch_dp, deepspeed, fsdp):
-        assert_close(run, single)
+@pytest.mark.parametrize("engine", list(DP2))
+def test_dp2_engines_equal_one_process_with_twice_the_batch(parallel_runs, single_batch_4, engine):
+    assert_close(losses(parallel_runs / engine), single_batch_4)
 
 
 @pytest.mark.slow
-def test_dp2_cp2_zero3_on_four_processes(tmp_path, cache):
-    single = train(tmp_path, "single", cache, "train.steps=3", "train.batch_size=4")
-    four = train(
-        tmp_path,
-        "dp2cp2",
-        cache,
-        "train.steps=3",
-        "parallel.cp=2",
-        "parallel.engine=deepspeed",
-        "parallel.zero_stage=3",
-        nproc=4,
-    )
-    assert_close(four, single)
+def test_dp2_cp2_zero3_on_four_processes(parallel_runs, single_batch_4):
+    assert_close(losses(parallel_runs / "dp2cp2"), single_batch_4)
 
 
 @pytest.mark.slow
