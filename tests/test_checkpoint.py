@@ -33,9 +33,8 @@ from tests.dist_utils import free_port, losses, metrics, run_cli, run_many
 # The acceptance model: a dense and a gated linear layer, both context-parallel.
 LAYERS = "DL"
 ENGINES = ["torch", "deepspeed"]
-BASE = [
-    "--config",
-    "configs/tiny.yaml",
+CONFIG = "configs/tiny.yaml"
+OVERRIDES = [
     f"model.layers={LAYERS}",
     "train.wandb=false",
     "train.progress=false",
@@ -43,6 +42,7 @@ BASE = [
     "train.batch_size=1",
     "data.seq_len=256",
 ]
+BASE = ["--config", CONFIG, *OVERRIDES]
 
 
 class Runs:
@@ -76,13 +76,13 @@ class Runs:
             batch = []
             for engine in ENGINES:
                 common = [
-                    *BASE[2:],
+                    *OVERRIDES,
                     f"data.cache_dir={self.cache}",
                     "parallel.cp=2",
                     f"parallel.engine={engine}",
                 ]
-                batch.append((self.root / f"straight-{engine}", [*common, "train.steps=8"]))
-                batch.append((self.root / f"resumed-{engine}", [*common, "train.steps=4"]))
+                batch.append((self.root / f"straight-{engine}", [*common, "train.steps=8"], CONFIG))
+                batch.append((self.root / f"resumed-{engine}", [*common, "train.steps=4"], CONFIG))
             run_many(batch, 2, self.root)
 
         self.once("first halves", make)

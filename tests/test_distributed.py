@@ -66,7 +66,9 @@ def test_ranks_with_different_configs_fail_naming_the_key():
     assert all(m and "train.lr is 0.001 on rank 0 but 0.002 on rank 1" in m for m in messages)
 
 
-COMMON = ["--config", "configs/tiny.yaml", "model.layers=D", "train.wandb=false", "train.progress=false"]
+CONFIG = "configs/tiny.yaml"
+OVERRIDES = ["model.layers=D", "train.wandb=false", "train.progress=false"]
+COMMON = ["--config", CONFIG, *OVERRIDES]
 
 
 @pytest.fixture(scope="module")
@@ -99,16 +101,16 @@ def parallel_runs(tmp_path_factory, cache):
     """Every torchrun-launched run of this module, batched into one launch per process count
     (tests/cp_runs.py: a launch costs each process seconds of imports)."""
     root = tmp_path_factory.mktemp("parallel")
-    base = [*COMMON[2:], f"data.cache_dir={cache}"]
+    base = [*OVERRIDES, f"data.cache_dir={cache}"]
     by_nproc = {2: [], 4: []}
     for cp in (2, 4):
         for scheme in SCHEMES:
             overrides = [*base, "train.steps=5", f"parallel.cp={cp}", f"parallel.cp_comm={scheme}"]
-            by_nproc[cp].append((root / f"{scheme}-{cp}", overrides))
+            by_nproc[cp].append((root / f"{scheme}-{cp}", overrides, CONFIG))
     for name, extra in DP2.items():
-        by_nproc[2].append((root / name, [*base, "train.steps=3", *extra]))
+        by_nproc[2].append((root / name, [*base, "train.steps=3", *extra], CONFIG))
     zero3 = ["train.steps=3", "parallel.cp=2", "parallel.engine=deepspeed", "parallel.zero_stage=3"]
-    by_nproc[4].append((root / "dp2cp2", [*base, *zero3]))
+    by_nproc[4].append((root / "dp2cp2", [*base, *zero3], CONFIG))
     for nproc, batch in by_nproc.items():
         run_many(batch, nproc, root)
     return root
