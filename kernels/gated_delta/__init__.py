@@ -73,13 +73,14 @@ def gated_delta_rule_step(q_t, k_t, v_t, g_t, beta_t, state, scale=None):
     Args:
         q_t, k_t: `[B, H, Dk]`; v_t: `[B, H, Dv]`; g_t, beta_t: `[B, H]`.
         state: `[B, H, Dk, Dv]` fp32 state before this token (the chunked op's final state), or None
-            for zeros.
+            for zeros (fp64 zeros for fp64 inputs).
         scale: query scale, `Dk ** -0.5` when None.
     Returns:
         `(o_t [B, H, Dv] in v_t's dtype, new_state [B, H, Dk, Dv] fp32)`.
     """
     if state is None:
-        state = q_t.new_zeros(*q_t.shape, v_t.shape[-1], dtype=torch.float32)
+        dtype = torch.float64 if q_t.dtype == torch.float64 else torch.float32
+        state = q_t.new_zeros(*q_t.shape, v_t.shape[-1], dtype=dtype)
     work = torch.float64 if state.dtype == torch.float64 else torch.float32
     o_t, state = gated_delta_step_ref(q_t, k_t, v_t, g_t, beta_t, state.to(work), scale=scale)
     return o_t.to(v_t.dtype), state

@@ -112,9 +112,10 @@ def chunk_gated_delta_fwd_kernel(
         b_to_end = tl.exp((b_last - b_b).to(tl.float32))
         b_A = tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
         b_A = tl.where(m_strict, b_beta[:, None] * b_A * b_dec, 0.0)
-        # T = (I + A)^-1 by forward substitution: row i = e_i - sum_{s < i} A[i, s] T[s, :].
+        # T = (I + A)^-1 by forward substitution: row i = e_i - sum_{s < i} A[i, s] T[s, :]. Rows
+        # past T (padding) have A = 0 and stay identity rows.
         b_T = b_eye
-        for i in range(1, BT):
+        for i in range(1, tl.minimum(BT, T - i_t * BT)):
             b_a = tl.sum(tl.where(o_i[:, None] == i, b_A, 0.0), axis=0)  # row i of A
             b_row = tl.where(o_i == i, 1.0, 0.0) - tl.sum(b_a[:, None] * b_T, axis=0)
             b_T = tl.where(o_i[:, None] == i, b_row[None, :], b_T)
