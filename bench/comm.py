@@ -32,6 +32,7 @@ SCHEMES = [
     ("S", "pattern"),
     ("N", "select"),
     ("L", "state"),
+    ("G", "state"),
 ]
 
 
@@ -47,6 +48,11 @@ def _core(letter: str, scheme: str, cfg):
         return ContextParallelS2Core(cfg.s2, None)
     if letter == "N":
         return ContextParallelNSACore(cfg.nsa, None)
+    if letter == "G":
+        from longctx.model.mixers.delta import GatedDeltaCore
+        from longctx.parallel.delta import StatePassingDeltaCore
+
+        return StatePassingDeltaCore(GatedDeltaCore(cfg.n_heads, cfg.kv_heads, cfg.head_dim), None)
     return StatePassingLinearCore(None)
 
 
@@ -73,6 +79,11 @@ def _measure(letter, scheme, cfg, rank, size, seq_len, batch):
     elif letter == "L":
         g = -torch.rand(batch, t, h) * 0.1
         out = core(q, k, v, g, layout)
+    elif letter == "G":
+        # Pre-convolution q | k | v channels, the mixer's decay and write strength, conv weights.
+        qkv = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)
+        g, beta = -torch.rand(batch, t, h) * 0.1, torch.rand(batch, t, h)
+        out = core(qkv, g, beta, torch.randn(qkv.shape[-1], 1, 4) * 0.5, layout)
     else:
         out = core(q, k, v, layout)
     forward = comm_stats()["bytes_sent"]

@@ -1,5 +1,5 @@
 """Every kernel against its peer in one run: dense vs SDPA flash, S2 vs dense and FlexAttention, NSA vs
-dense, gated linear attention vs flash-linear-attention.
+dense, gated linear attention and the gated delta rule vs flash-linear-attention.
 
     longctx bench kernels [--out FILE] [--only flash_attn,s2_attn]
 
@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-KERNEL_BENCHES = ("flash_attn", "s2_attn", "nsa", "gla", "ring")
+KERNEL_BENCHES = ("flash_attn", "s2_attn", "nsa", "gla", "gated_delta", "ring")
 
 
 def main(argv=None) -> int:

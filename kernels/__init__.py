@@ -11,6 +11,7 @@ from longctx.kernels.flash_attn import (
     flash_attn_chunk_fwd,
     merge_partials,
 )
+from longctx.kernels.gated_delta import gated_delta_rule, gated_delta_rule_step
 from longctx.kernels.gla import gated_linear_attn, gated_linear_attn_step
 from longctx.kernels.nsa import nsa_cmp_attn, nsa_compress, nsa_select_attn, nsa_select_blocks
 from longctx.kernels.s2_attn import s2_attn
@@ -27,6 +28,8 @@ __all__ = [
     "merge_partials",
     "s2_attn",
     "gated_linear_attn",
+    "gated_delta_rule",
+    "gated_delta_rule_step",
     "gated_linear_attn_step",
     "nsa_compress",
     "nsa_cmp_attn",

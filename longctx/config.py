@@ -19,7 +19,7 @@ from typing import Literal
 
 import yaml
 
-MIXER_LETTERS = "DSNL"
+MIXER_LETTERS = "DSNLG"
 
 
 class ConfigError(ValueError):
@@ -127,7 +127,8 @@ class ModelConfig:
     n_heads: int = 8
     # None: as many kv heads as query heads.
     n_kv_heads: int | None = None
-    # Mixer letters tiled to n_layers: D dense, S S2 sparse, N native sparse, L gated linear.
+    # Mixer letters tiled to n_layers: D dense, S S2 sparse, N native sparse, L gated linear,
+    # G gated delta rule.
     layers: str = "D"
     mlp_ratio: float = 8 / 3
     # Overrides mlp_ratio when set (imported checkpoints give it exactly).
@@ -163,7 +164,7 @@ class ModelConfig:
                 letter in MIXER_LETTERS,
                 "model.layers",
                 f"unknown mixer letter {letter!r} in {self.layers!r}; use D (dense), S (S2 sparse), "
-                "N (native sparse) or L (gated linear)",
+                "N (native sparse), L (gated linear) or G (gated delta rule)",
             )
         _require(
             self.s2.dense_heads <= self.n_heads,

@@ -20,9 +20,12 @@ follows (see `init_converted`):
   the compressors' output matrices `w2` start at 0, so a compressed key/value is its block's mean.
 - L (gated linear): `w_g` (decay), `w_og` (output gate) and `o_norm` start as in a fresh model; the
   q/k/v/o projections are the dense layer's.
+- G (gated delta rule): the short convolutions on q, k and v start as the identity (the last tap 1,
+  the others 0), so q, k, v are SiLU of the dense layer's projections; `w_b` (beta), the decay
+  (`w_a`, `A_log`, `dt_bias`), `w_og` (output gate) and `o_norm` start as in a fresh model.
 
 Export (`longctx export --hf`): an all-dense model becomes a folder `transformers` loads as the same
-architecture. For a converted model the folder holds the same dense-named tensors plus each S/N/L
+architecture. For a converted model the folder holds the same dense-named tensors plus each S/N/L/G
 layer's own under `model.layers.{i}.longctx.*`, a `longctx` entry in `config.json` that
 `load_pretrained` rebuilds the exact model from, and `LONGCTX.md` saying what `transformers` cannot
 express.
@@ -353,6 +356,10 @@ def init_converted(model, new: list[str]) -> None:
             bias[:, 1] = NSA_GATE_BIAS
             mixer.compress_k.w2.zero_()
             mixer.compress_v.w2.zero_()
+        if layer.letter == "G" and f"{prefix}q_conv.weight" in new:
+            for conv in (layer.mixer.q_conv, layer.mixer.k_conv, layer.mixer.v_conv):
+                conv.weight.zero_()
+                conv.weight[..., -1] = 1.0
 
 
 def load_pretrained(

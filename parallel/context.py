@@ -9,6 +9,7 @@ talk to the other ranks of `cp_group`.
 
 from torch import nn
 
+from longctx.parallel.delta import StatePassingDeltaCore
 from longctx.parallel.dense import AllGatherDenseCore
 from longctx.parallel.linear import StatePassingLinearCore
 from longctx.parallel.nsa import ContextParallelNSACore
@@ -33,6 +34,7 @@ CP_CORES = {
     "S": lambda core, group, cp_comm: ContextParallelS2Core(core.cfg, group),
     "N": lambda core, group, cp_comm: ContextParallelNSACore(core.cfg, group),
     "L": lambda core, group, cp_comm: StatePassingLinearCore(group),
+    "G": lambda core, group, cp_comm: StatePassingDeltaCore(core, group),
 }
 
 

@@ -1,4 +1,4 @@
-"""Context parallelism for S, N and L layers: each core on P = 2 and 4 gloo processes against one
+"""Context parallelism for S, N, L and G layers: each core on P = 2 and 4 gloo processes against one
 process (fp64), outputs and every gradient, and the bytes each moves."""
 
 import pytest
@@ -48,6 +48,48 @@ def test_linear_state_passing_matches_one_process(world, decay):
     # One all-gather of 2 chunks x (state + decay) forward, one reduce-scatter back: independent of T.
     per_rank = 2 * b * h * (d * d + 1) * 8  # fp64 in this test
     assert all(r[2]["bytes_sent"] == 2 * (world - 1) * per_rank for r in results)
+
+
+def _delta_worker(rank, world, qkv, g, beta, weight, do, heads):
+    from longctx.model.mixers.delta import GatedDeltaCore
+    from longctx.parallel.delta import StatePassingDeltaCore
+
+    layout = SeqLayout.zigzag(qkv.shape[1], rank, world)
+    local = [zigzag_shard(t, rank, world).clone().requires_grad_() for t in (qkv, g, beta)]
+    w = weight.clone().requires_grad_()
+    reset_comm_stats()
+    o = StatePassingDeltaCore(GatedDeltaCore(*heads), None)(*local, w, layout)
+    o.backward(zigzag_shard(do, rank, world))
+    return o.detach(), [t.grad for t in local], w.grad, comm_stats()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_delta_state_passing_matches_one_process(world):
+    """G layers: outputs and the gradients of q/k/v (pre-convolution), g, beta and the convolution
+    weight equal one process (fp64); the convolution halo crosses chunk owners."""
+    from longctx.model.mixers.delta import GatedDeltaCore
+
+    heads = (4, 2, 8)  # n_heads, n_kv_heads (GQA), head_dim
+    t, b, c = 2 * world * 5, 2, (4 + 2 * 2) * 8
+    qkv = torch.randn(b, t, c, dtype=torch.float64)
+    g = -torch.rand(b, t, 4, dtype=torch.float64) * 2.0
+    beta = torch.rand(b, t, 4, dtype=torch.float64)
+    weight = torch.randn(c, 1, 4, dtype=torch.float64)
+    do = torch.randn(b, t, 4, 8, dtype=torch.float64)
+    ref_in = [x.clone().requires_grad_() for x in (qkv, g, beta, weight)]
+    ref = GatedDeltaCore(*heads)(*ref_in, SeqLayout.full(t))
+    ref.backward(do)
+    results = spawn(_delta_worker, world, (qkv, g, beta, weight, do, heads))
+    o, grads = _gather([(r[0], r[1]) for r in results])
+    assert torch.allclose(o, ref.detach(), atol=1e-10)
+    for grad, x in zip(grads, ref_in):
+        assert torch.allclose(grad, x.grad, atol=1e-9)
+    assert torch.allclose(sum(r[2] for r in results), ref_in[3].grad, atol=1e-9)
+    # Forward: the halos (2 chunks x 3 tokens x C) and the maps (2 chunks x [B | A]) all-gathered;
+    # backward: the same bytes reduce-scattered. Independent of T.
+    halo = 2 * b * 3 * c * 8
+    maps = 2 * b * 4 * 8 * (8 + 8) * 8  # fp64 in this test
+    assert all(r[3]["bytes_sent"] == 2 * (world - 1) * (halo + maps) for r in results)
 
 
 def _exchange_worker(rank, world, full, need_by_rank, grad_full, block_size):

@@ -1,13 +1,13 @@
-"""A hybrid stack trains context-parallel end to end: 5-step losses of S, N, L and LSND models at
+"""A hybrid stack trains context-parallel end to end: 5-step losses of S, N, L, G and LSND models at
 cp = 2 and 4 equal one process, and the logged bytes show each mixer's scheme (S2 a fraction of a
-dense ring, linear layers independent of the sequence length)."""
+dense ring, linear and delta-rule layers independent of the sequence length)."""
 
 import pytest
 
 from longctx.cli import main
 from tests.dist_utils import losses, metrics, run_many
 
-PATTERNS = ["S", "N", "L", "LSND"]
+PATTERNS = ["S", "N", "L", "G", "LSND"]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,8 @@ def runs(tmp_path_factory):
         (root / "comm-S", [*base, *s2, "model.layers=S", "parallel.cp=4"]),
         (root / "comm-D2048", [*base, *s2, "model.layers=D", "parallel.cp=4"]),
     ]
-    # Linear layers against dense ones at 1024 and 4096 tokens, cp=2.
-    for letter in "LD":
+    # Linear and delta-rule layers against dense ones at 1024 and 4096 tokens, cp=2.
+    for letter in "LDG":
         for t in (1024, 4096):
             by_nproc[2].append(
                 (root / f"comm-{letter}{t}",
@@ -72,3 +72,10 @@ def test_linear_bytes_do_not_grow_with_length(runs):
     print(f"L: {l_short:,} -> {l_long:,} bytes; D: {d_short:,} -> {d_long:,} bytes (1024 -> 4096 tokens)")
     assert abs(l_long - l_short) <= 0.1 * l_short
     assert d_long >= 3 * l_long and d_long >= 3 * d_short
+
+
+@pytest.mark.slow
+def test_delta_bytes_do_not_grow_with_length(runs):
+    g_short, g_long = _bytes(runs / "comm-G1024"), _bytes(runs / "comm-G4096")
+    print(f"G: {g_short:,} -> {g_long:,} bytes (1024 -> 4096 tokens)")
+    assert g_short > 0 and g_long == g_short

@@ -154,6 +154,31 @@ def test_converted_layers_start_from_the_dense_ones(tmp_path):
     assert linear.layers[0].mixer.w_g.weight.std() > 0 and linear.layers[1].letter == "D"
 
 
+@pytest.mark.filterwarnings("ignore:.*no tokenizer")
+def test_converted_delta_layers_take_the_dense_projections(tmp_path):
+    """G layers: the dense q/k/v/o, identity convolutions (so q, k, v are SiLU of the dense
+    projections), a fresh decay and gate; the converted model runs and differs from the dense one."""
+    import torch.nn.functional as F
+
+    make_hf(tmp_path)
+    tokens = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))
+    dense, _ = load_pretrained(tmp_path)
+    delta, _ = load_pretrained(tmp_path, layers="GD")
+    mixer = delta.layers[0].mixer
+    for name in ("wq", "wk", "wv", "wo"):
+        assert torch.equal(getattr(mixer, name).weight, getattr(dense.layers[0].mixer, name).weight)
+    x = torch.randn(1, 7, mixer.wq.in_features)
+    qkv, _, _ = mixer.gates(x)
+    q, k, v = mixer.core.prepare(qkv, mixer.conv_weight(), None)
+    assert torch.allclose(q, F.normalize(F.silu(mixer.wq(x)).view(1, 7, mixer.n_heads, -1), dim=-1))
+    assert torch.allclose(v[:, :, 0], F.silu(mixer.wv(x)).view(1, 7, mixer.n_kv_heads, -1)[:, :, 0])
+    assert torch.isfinite(mixer.A_log).all() and mixer.w_og.weight.std() > 0
+    with torch.no_grad():
+        got, want = delta(tokens), dense(tokens)
+    assert torch.isfinite(got).all() and relative(got, want) > 1e-3
+    assert delta.layers[1].letter == "D"
+
+
 def test_bad_folders_name_the_problem(tmp_path):
     with pytest.raises(HFCheckpointError, match="no config.json"):
         model_section(f"hf:{tmp_path}")

@@ -31,10 +31,10 @@ def small_model(letter: str, *extra):
 
 
 def test_registry_has_every_letter():
-    assert sorted(MIXERS) == ["D", "L", "N", "S"]
+    assert sorted(MIXERS) == ["D", "G", "L", "N", "S"]
 
 
-@pytest.mark.parametrize("letter", ["D", "S", "N", "L", "DSNL"])
+@pytest.mark.parametrize("letter", ["D", "S", "N", "L", "G", "DSNLG"])
 def test_model_forward_backward(letter):
     model, cfg = small_model(letter)
     tokens = torch.randint(0, 64, (2, 50))
@@ -46,7 +46,7 @@ def test_model_forward_backward(letter):
         assert p.grad.abs().sum() > 0, f"{name} gets no gradient"
 
 
-@pytest.mark.parametrize("letter", ["D", "S", "N", "L"])
+@pytest.mark.parametrize("letter", ["D", "S", "N", "L", "G"])
 def test_model_is_causal(letter):
     """Changing token t leaves every logit before t unchanged."""
     model, _ = small_model(letter)

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from longctx.config import ModelConfig
 from longctx.model.layers import SwiGLU
 from longctx.model.mixers import build_mixer
+from longctx.model.mixers.delta import GatedDeltaNet
 from longctx.model.mixers.nsa import BlockCompressor
 from longctx.model.rope import rope_cos_sin, rope_inv_freq
 from longctx.parallel.layout import SeqLayout
@@ -73,6 +74,8 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
             elif isinstance(module, BlockCompressor):
                 module.init_weights(std)
+            elif isinstance(module, GatedDeltaNet):
+                module.init_delta_parameters()
         inv_freq, self.rope_mscale = rope_inv_freq(self.cfg.head_dim, self.cfg.rope)
         self.rope_inv_freq.copy_(inv_freq)
 

@@ -27,6 +27,6 @@ def build_mixer(letter: str, cfg: ModelConfig) -> nn.Module:
 
 
 # Importing the modules registers their mixers.
-from longctx.model.mixers import attention, linear, nsa  # noqa: E402, F401
+from longctx.model.mixers import attention, delta, linear, nsa  # noqa: E402, F401
 
 __all__ = ["MIXERS", "register_mixer", "build_mixer"]

@@ -1,0 +1,95 @@
+"""Gated delta rule (the G mixer): delta-rule linear attention with a scalar decay, state in and out.
+
+`gated_delta_rule` runs the chunked Triton forward (`chunk.py`) on CUDA or under `TRITON_INTERPRET=1`
+and the chunked PyTorch form (`naive.py`) elsewhere; `gated_delta_rule_step` is the one-token
+recurrence for decoding. The Triton module is imported on first use, so that `TRITON_INTERPRET` set
+after `longctx.kernels` was imported still takes effect.
+"""
+
+import torch
+
+from longctx.kernels.common import use_triton
+from longctx.kernels.gated_delta.naive import (
+    gated_delta_chunk_ref,
+    gated_delta_recurrent_ref,
+    gated_delta_step_ref,
+)
+
+
+def _check_shapes(q, k, v, g, beta, initial_state):
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be [B, T, H, Dk]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"v must be [B, T, H, Dv] with q's B, T, H {tuple(q.shape[:3])}; got {tuple(v.shape)}"
+        )
+    for name, x in (("g", g), ("beta", beta)):
+        if x.shape != q.shape[:3]:
+            raise ValueError(f"{name} must be [B, T, H] = {tuple(q.shape[:3])}; got {tuple(x.shape)}")
+    expected = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+    if initial_state is not None and tuple(initial_state.shape) != expected:
+        raise ValueError(
+            f"initial_state must be [B, H, Dk, Dv] = {expected}; got {tuple(initial_state.shape)}"
+        )
+
+
+def gated_delta_rule(
+    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, chunk_size=64
+):
+    """Chunked gated delta rule: `S_t = exp(g_t) S_{t-1}`, `u_t = beta_t (v_t - S_t^T k_t)`,
+    `S_t += k_t u_t^T`, `o_t = scale S_t^T q_t`.
+
+    Args:
+        q, k: `[B, T, H, Dk]` queries and keys, used as given (the G mixer L2-normalises them; the
+            recurrence is stable for `|k| <= 1`). fp16, bf16 or fp32 (fp64 runs the reference).
+        v: `[B, T, H, Dv]` values; `Dv` may differ from `Dk`.
+        g: `[B, T, H]` log-decay per token and head, `<= 0`; used in fp32.
+        beta: `[B, T, H]` write strength in (0, 1); used in fp32.
+        scale: query scale, `Dk ** -0.5` when None.
+        initial_state: `[B, H, Dk, Dv]` state carried in (fp32), or None for zeros. Differentiable.
+        output_final_state: also return the state after the last token (differentiable).
+        chunk_size: tokens per chunk (16, 32 or 64 on the Triton path); the result does not depend on
+            it beyond rounding.
+    Returns:
+        `(o [B, T, H, Dv] in v's dtype, final_state [B, H, Dk, Dv] fp32 or None)`.
+    """
+    _check_shapes(q, k, v, g, beta, initial_state)
+    if use_triton(q, k, v, g, beta) and q.dtype != torch.float64:
+        from longctx.kernels.gated_delta.chunk import chunk_gated_delta_rule
+
+        return chunk_gated_delta_rule(
+            q, k, v, g, beta, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, chunk_size=chunk_size,
+        )  # fmt: skip
+    return gated_delta_chunk_ref(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, chunk_size=chunk_size,
+    )  # fmt: skip
+
+
+def gated_delta_rule_step(q_t, k_t, v_t, g_t, beta_t, state, scale=None):
+    """One recurrent decoding step, the chunked op's token-by-token form.
+
+    Args:
+        q_t, k_t: `[B, H, Dk]`; v_t: `[B, H, Dv]`; g_t, beta_t: `[B, H]`.
+        state: `[B, H, Dk, Dv]` fp32 state before this token (the chunked op's final state), or None
+            for zeros (fp64 zeros for fp64 inputs).
+        scale: query scale, `Dk ** -0.5` when None.
+    Returns:
+        `(o_t [B, H, Dv] in v_t's dtype, new_state [B, H, Dk, Dv] fp32)`.
+    """
+    if state is None:
+        dtype = torch.float64 if q_t.dtype == torch.float64 else torch.float32
+        state = q_t.new_zeros(*q_t.shape, v_t.shape[-1], dtype=dtype)
+    work = torch.float64 if state.dtype == torch.float64 else torch.float32
+    o_t, state = gated_delta_step_ref(q_t, k_t, v_t, g_t, beta_t, state.to(work), scale=scale)
+    return o_t.to(v_t.dtype), state
+
+
+__all__ = [
+    "gated_delta_rule",
+    "gated_delta_rule_step",
+    "gated_delta_chunk_ref",
+    "gated_delta_recurrent_ref",
+    "gated_delta_step_ref",
+]

@@ -1,0 +1,148 @@
+"""G: Gated DeltaNet, delta-rule linear attention with a Mamba-2 style decay.
+
+    q, k, v = SiLU(causal depthwise conv, width 4, of x W_q, x W_k, x W_v);  q, k L2-normalised per head
+    beta = sigmoid(x W_b),   g = -softplus(x W_a + dt_bias) exp(A_log)              # [B, T, H]
+    S_t = exp(g_t) S_{t-1};  u_t = beta_t (v_t - S_t^T k_t);  S_t += k_t u_t^T;  o_t = scale S_t^T q_t
+    out = W_o (RMSNorm_head(o) * SiLU(x W_og))
+
+Heads: like the L layer, queries have `n_heads` heads and keys and values `n_kv_heads`, each key/value
+head shared by `n_heads / n_kv_heads` query heads (GQA), so a dense layer's q/k/v/o projections are
+taken over as they are (`longctx.hf`); the state is per query head. No RoPE: the decay and the
+convolution order tokens.
+
+Decoding: `prefill(x)` runs the chunked op and returns the cache (the last 3 pre-convolution inputs
+and the state); `step(x_t, cache)` advances one token.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longctx.config import ModelConfig
+from longctx.kernels import gated_delta_rule, gated_delta_rule_step
+from longctx.model.layers import Core
+from longctx.model.mixers import register_mixer
+
+CONV_WIDTH = 4
+# The initial per-step decay rate dt * A spans these, from the first head to the last: memories of
+# about a thousand tokens down to about one.
+DT_RANGE = (1e-3, 1e-1)
+A_RANGE = (1.0, 16.0)
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, halo: torch.Tensor | None) -> torch.Tensor:
+    """Depthwise causal convolution. x `[B, T, C]`, weight `[C, 1, W]` (the last tap on the current
+    token), halo `[B, W - 1, C]`: the inputs before the first token (None: zeros)."""
+    width = weight.shape[-1]
+    if halo is None:
+        halo = x.new_zeros(x.shape[0], width - 1, x.shape[2])
+    padded = torch.cat([halo.to(x.dtype), x], dim=1).transpose(1, 2)  # [B, C, W - 1 + T]
+    return F.conv1d(padded, weight.to(x.dtype), groups=x.shape[2]).transpose(1, 2)
+
+
+class GatedDeltaCore(Core):
+    """The short convolution and the gated delta rule over the whole sequence from a zero state."""
+
+    letter = "G"
+
+    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+
+    def prepare(self, qkv, conv_weight, halo):
+        """Convolution (with `halo` before the first token), SiLU, L2 norm of q and k, GQA repeat.
+        qkv `[B, T, C]` pre-convolution projections -> q, k, v `[B, T, H, D]`."""
+        b, t, _ = qkv.shape
+        d, groups = self.head_dim, self.n_heads // self.n_kv_heads
+        x = F.silu(causal_conv(qkv, conv_weight, halo))
+        q, k, v = x.split([self.n_heads * d, self.n_kv_heads * d, self.n_kv_heads * d], dim=-1)
+        q = F.normalize(q.view(b, t, self.n_heads, d), dim=-1)
+        k = F.normalize(k.view(b, t, self.n_kv_heads, d), dim=-1).repeat_interleave(groups, dim=2)
+        v = v.view(b, t, self.n_kv_heads, d).repeat_interleave(groups, dim=2)
+        return q, k, v
+
+    def forward(self, qkv, g, beta, conv_weight, layout):
+        self.check_full(layout)
+        o, _ = gated_delta_rule(*self.prepare(qkv, conv_weight, None), g, beta)
+        return o
+
+
+@register_mixer("G")
+class GatedDeltaNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        inner = self.n_heads * self.head_dim
+        kv_inner = self.n_kv_heads * self.head_dim
+        self.wq = nn.Linear(cfg.dim, inner, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, kv_inner, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, kv_inner, bias=cfg.qkv_bias)
+        self.q_conv = nn.Conv1d(inner, inner, CONV_WIDTH, groups=inner, bias=False)
+        self.k_conv = nn.Conv1d(kv_inner, kv_inner, CONV_WIDTH, groups=kv_inner, bias=False)
+        self.v_conv = nn.Conv1d(kv_inner, kv_inner, CONV_WIDTH, groups=kv_inner, bias=False)
+        self.w_b = nn.Linear(cfg.dim, self.n_heads)
+        self.w_a = nn.Linear(cfg.dim, self.n_heads, bias=False)
+        self.A_log = nn.Parameter(torch.empty(self.n_heads))
+        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
+        self.w_og = nn.Linear(cfg.dim, inner, bias=False)
+        self.o_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
+        self.wo = nn.Linear(inner, cfg.dim, bias=False)
+        self.core = GatedDeltaCore(self.n_heads, self.n_kv_heads, self.head_dim)
+        self.init_delta_parameters()
+
+    @torch.no_grad()
+    def init_delta_parameters(self) -> None:
+        """Decay and convolution init (the linear layers are the model's `init_weights`' business).
+
+        Head h gets `A` and `dt` spaced from the low to the high end of A_RANGE and DT_RANGE
+        (geometric for dt), as Mamba-2 draws them at random: every layer then holds decays from
+        ~exp(-1e-3) per token (long memory) to ~exp(-1.6) (a few tokens)."""
+        h = self.n_heads
+        a = torch.linspace(*A_RANGE, h)
+        dt = torch.exp(torch.linspace(math.log(DT_RANGE[0]), math.log(DT_RANGE[1]), h))
+        self.A_log.copy_(torch.log(a))
+        # softplus(dt_bias) = dt.
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        for conv in (self.q_conv, self.k_conv, self.v_conv):
+            conv.reset_parameters()
+
+    def conv_weight(self) -> torch.Tensor:
+        return torch.cat([self.q_conv.weight, self.k_conv.weight, self.v_conv.weight])  # [C, 1, W]
+
+    def gates(self, x):
+        """`(qkv [.., C], g [.., H], beta [.., H])` for tokens x `[.., dim]`; g and beta in fp32 (fp64
+        for fp64 x)."""
+        qkv = torch.cat([self.wq(x), self.wk(x), self.wv(x)], dim=-1)
+        work = torch.promote_types(x.dtype, torch.float32)
+        g = -F.softplus(self.w_a(x).to(work) + self.dt_bias.to(work)) * torch.exp(self.A_log.to(work))
+        return qkv, g, torch.sigmoid(self.w_b(x).to(work))
+
+    def out(self, o, x):
+        gate = F.silu(self.w_og(x)).view(*o.shape)
+        return self.wo((self.o_norm(o) * gate).flatten(-2))
+
+    def forward(self, x, cos, sin, layout):
+        qkv, g, beta = self.gates(x)
+        return self.out(self.core(qkv, g, beta, self.conv_weight(), layout), x)
+
+    def prefill(self, x):
+        """Single-process forward over x `[B, T, dim]` that also returns the decoding cache."""
+        qkv, g, beta = self.gates(x)
+        q, k, v = self.core.prepare(qkv, self.conv_weight(), None)
+        o, state = gated_delta_rule(q, k, v, g, beta, output_final_state=True)
+        window = F.pad(qkv, (0, 0, CONV_WIDTH - 1, 0))[:, -(CONV_WIDTH - 1) :]
+        return self.out(o, x), (window, state)
+
+    def step(self, x_t, cache=None):
+        """One token x_t `[B, dim]` -> `(y_t [B, dim], cache)`; cache is `(window [B, 3, C], state
+        [B, H, Dk, Dv] fp32)` or None before the first token."""
+        qkv, g, beta = self.gates(x_t)
+        window, state = cache if cache is not None else (None, None)
+        q, k, v = self.core.prepare(qkv[:, None], self.conv_weight(), window)
+        o_t, state = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g, beta, state)
+        if window is None:
+            window = qkv.new_zeros(qkv.shape[0], CONV_WIDTH - 1, qkv.shape[1])
+        window = torch.cat([window[:, 1:], qkv[:, None]], dim=1)
+        return self.out(o_t, x_t), (window, state)
