@@ -121,7 +121,8 @@ class LinearConfig:
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 32000
+    # 8192 fits the builtin corpus (SentencePiece can fill at most ~15,800 pieces from it).
+    vocab_size: int = 8192
     dim: int = 512
     n_layers: int = 8
     n_heads: int = 8
@@ -305,6 +306,9 @@ class TrainConfig:
     keep_last: int = 2
     # auto: the latest complete checkpoint of run_dir if any | none | a checkpoint path
     resume: str = "auto"
+    # With train.resume=none: replace the run already in run_dir (its checkpoints and metrics.jsonl);
+    # without it, starting afresh over an earlier run is an error.
+    overwrite: bool = False
     # Load weights only (continue-training) from this checkpoint or run directory, or from a Hugging
     # Face Llama/Mistral/Qwen2 folder `hf:DIR` (which also sets the model's architecture and tokenizer).
     init_from: str = ""
@@ -337,6 +341,11 @@ class TrainConfig:
             self.resume != "",
             "train.resume",
             "must be auto (the latest checkpoint of run_dir), none, or a checkpoint path",
+        )
+        _require(
+            not self.overwrite or self.resume == "none",
+            "train.overwrite",
+            f"replaces the run in run_dir, so it needs train.resume=none (got train.resume={self.resume})",
         )
 
 
