@@ -229,6 +229,9 @@ class DataConfig:
     # Shorter contexts first: stages "LENxSTEPS" (train LEN tokens for STEPS steps), in order, then
     # data.seq_len for the remaining steps. E.g. ["128x300", "256x300"]. Empty: data.seq_len throughout.
     seq_len_schedule: list[str] = field(default_factory=list)
+    # Train on a corpus shorter than one sample (seq_len + 1 tokens) by repeating it within each
+    # sample (a warning gives the repetition factor); off: such a corpus is an error.
+    allow_repeat: bool = False
 
     def __post_init__(self):
         _require(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
