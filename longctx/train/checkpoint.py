@@ -409,7 +409,7 @@ class Checkpointer:
             self.info.barrier()
             _write_json(tmp / "rng" / f"rank_{self.info.rank:05d}.json", rng_state())
             future = engine.save_checkpoint(tmp, process_group=self.group, async_save=self.async_save)
-        except OSError as e:
+        except Exception as e:
             error = e
         self._agree(error, tmp, step)
         scheduler = engine.scheduler
@@ -431,7 +431,7 @@ class Checkpointer:
         if future is None:
             self.wait()
 
-    def _agree(self, error: OSError | None, tmp: Path, step: int) -> None:
+    def _agree(self, error: Exception | None, tmp: Path, step: int) -> None:
         """Fail on every rank if a rank's part of the save of `step` failed: remove what was written
         and raise one ValueError saying what happened and which checkpoint stays the latest."""
         failed = error is not None
@@ -444,11 +444,13 @@ class Checkpointer:
         if self.info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         latest = latest_checkpoint(self.root.parent)
-        what = (
-            f"{error.strerror or error}" + (f" ({error.filename})" if error.filename else "")
-            if error is not None
-            else "another rank's write failed"
-        )
+        if error is None:
+            what = "another rank's write failed"
+        elif isinstance(error, OSError):
+            what = f"{error.strerror or error}" + (f" ({error.filename})" if error.filename else "")
+        else:
+            # torch's file writers report a short write (a full disk) as a RuntimeError.
+            what = f"a write failed ({type(error).__name__}: {str(error).splitlines()[0]})"
         raise ValueError(
             f"saving checkpoint {step_name(step)} in {str(self.root)!r} failed: {what}; nothing of it was "
             f"kept and the run stops here. "
@@ -468,7 +470,7 @@ class Checkpointer:
             try:
                 with dcp_errors(tmp):
                     future.result()
-            except OSError as e:
+            except Exception as e:
                 error = e
         self._agree(error, tmp, meta["step"])
         final = self.root / step_name(meta["step"])

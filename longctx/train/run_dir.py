@@ -1,4 +1,5 @@
-"""One writer per run directory, and a run's history never wiped without being asked.
+"""One writer per run directory, and a run's history never wiped without being asked (light to
+import: no torch).
 
     lock = RunLock.acquire(run_dir)          # rank 0; ValueError naming the holder's host and pid
     check_history(run_dir, cfg, resume_from, lock)   # a fresh start over an earlier run is an error
@@ -18,11 +19,10 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
-
-from longctx.train.checkpoint import CHECKPOINTS, LATEST, checkpoint_step, unused_name
 
 LOCK = ".lock"
 METRICS = "metrics.jsonl"
@@ -143,6 +143,8 @@ def _read(fd: int) -> dict:
 
 def history(run_dir: Path) -> list[str]:
     """What an earlier run left in `run_dir` that training could overwrite, one phrase each."""
+    from longctx.train.checkpoint import CHECKPOINTS, checkpoint_step
+
     found = []
     root = run_dir / CHECKPOINTS
     if root.is_dir():
@@ -169,11 +171,11 @@ def check_history(run_dir: Path, cfg, resume_from: Path | None, lock: RunLock | 
     if lock is not None and lock.same_lineage():
         return ""
     if cfg.train.overwrite:
+        from longctx.train.checkpoint import CHECKPOINTS, LATEST
+
         root = run_dir / CHECKPOINTS
         for path in [*root.glob("step_*"), root / LATEST]:
             if path.is_dir():
-                import shutil
-
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
@@ -199,6 +201,8 @@ def check_history(run_dir: Path, cfg, resume_from: Path | None, lock: RunLock | 
 def keep_metrics_upto(run_dir: Path, step: int) -> Path | None:
     """Keep the records of `metrics.jsonl` up to `step` (a resumed run logs the later ones again) and
     move the others, with any line cut short by a killed writer, to `metrics.jsonl.step_N.bak`."""
+    from longctx.train.checkpoint import unused_name
+
     path = run_dir / METRICS
     if not path.is_file():
         return None
