@@ -21,6 +21,7 @@ from longctx.export import load_exported
 from longctx.model import build_model
 from longctx.train.checkpoint import (
     Checkpointer,
+    checkpoint_files,
     full_weights,
     latest_checkpoint,
     list_checkpoints,
@@ -356,3 +357,26 @@ def test_loading_refuses_pickled_code(tmp_path, monkeypatch):
     # The guard is what stopped it: a plain unpickler runs the payload.
     pickle.loads((state / ".metadata").read_bytes())
     assert (tmp_path / "pwned").exists()
+
+
+@pytest.mark.slow
+def test_crafted_deepspeed_file_is_refused_by_export_and_init_from(runs, tmp_path, monkeypatch, capsys):
+    # A DeepSpeed checkpoint whose model-states file pickles a call (meta.json's checksums updated, so
+    # the loader is what refuses it).
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "step_0000008"
+    shutil.copytree(runs.checkpoint("deepspeed", 8), ckpt)
+    evil = ckpt / "deepspeed" / "mp_rank_00_model_states.pt"
+    torch.save({"module": _RunsCode()}, evil)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["files"] = checkpoint_files(ckpt)
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint file '{evil}' cannot be loaded safely: it holds posix.system" in err, err
+    assert "weights_only` set to `False`" not in err
+    args = ["train", *BASE, f"data.cache_dir={runs.cache}", f"train.run_dir={tmp_path / 'x'}"]
+    assert main([*args, f"train.init_from={ckpt}"]) == 2
+    assert f"'{evil}' cannot be loaded safely" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists()

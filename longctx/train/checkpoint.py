@@ -295,14 +295,14 @@ def check_param_shapes(saved: dict, model: dict, source: str) -> None:
         if name not in saved:
             raise ValueError(
                 f"{source} does not fit this model: it has no parameter {name!r} (shape {list(shape)}); "
-                "resume with the model config it was written with (see its meta.json), or start fresh with "
-                "train.resume=none"
+                "resume with the model config it was written with (see its meta.json), or start fresh in a "
+                "new train.run_dir"
             )
         if list(saved[name]) != list(shape):
             raise ValueError(
                 f"{source} does not fit this model: parameter {name!r} has shape {list(saved[name])} in the "
                 f"checkpoint but {list(shape)} in the model; use the model config it was written with (see "
-                "its meta.json), or start fresh with train.resume=none"
+                "its meta.json), or start fresh in a new train.run_dir"
             )
     extra = sorted(set(saved) - set(model))
     if extra:
@@ -519,7 +519,7 @@ class Checkpointer:
         if meta["engine"] != self.cfg.parallel.engine:
             raise ValueError(
                 f"checkpoint {str(path)!r} was written by parallel.engine={meta['engine']}; resume it with "
-                f"that engine, or load only its weights with train.init_from={path} train.resume=none"
+                f"that engine, or load only its weights into a new train.run_dir with train.init_from={path}"
             )
         engine.load_checkpoint(path, meta)
         scheduler = engine.scheduler

@@ -145,6 +145,12 @@ class RestrictedUnpickler(pickle._Unpickler):
     dispatch[pickle.OBJ[0]] = load_obj
 
 
+def _refused(error: pickle.UnpicklingError) -> str:
+    """What `torch.load(weights_only=True)` refused, without torch's advice to retry unsafely."""
+    found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(error))
+    return f"it holds {found.group(1)}" if found else "it holds objects that are not tensors"
+
+
 def read_dcp_metadata(file: Path):
     """DCP's `.metadata` at `file`, unpickled through the allow-list; a ValueError naming the file if
     it holds anything else or is damaged."""
@@ -195,7 +201,8 @@ def dcp_reader(path: Path):
                 where = str(self.current or self.path)
                 if isinstance(e, pickle.UnpicklingError):
                     raise ValueError(
-                        f"checkpoint file {where!r} cannot be loaded safely: {str(e).splitlines()[0]}"
+                        f"checkpoint file {where!r} cannot be loaded safely: {_refused(e)}, which longctx "
+                        "will not unpickle"
                     ) from None
                 raise ValueError(
                     f"checkpoint file {where!r} is damaged: {type(e).__name__}: {str(e).splitlines()[0]}"
@@ -289,11 +296,9 @@ def weights_only_torch_load():
             try:
                 return real_load(f, *args, **kwargs)
             except pickle.UnpicklingError as e:
-                found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-                what = f"it holds {found.group(1)}" if found else str(e).splitlines()[0]
                 raise ValueError(
-                    f"checkpoint file {str(f)!r} cannot be loaded safely: {what}, which longctx will not "
-                    "unpickle"
+                    f"checkpoint file {str(f)!r} cannot be loaded safely: {_refused(e)}, which longctx will "
+                    "not unpickle"
                 ) from None
             except (OSError, RuntimeError) as e:
                 raise ValueError(

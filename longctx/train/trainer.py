@@ -132,6 +132,9 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.lock = None
         on_rank0(self.lock_run_dir, self.dist)
+        # Before anything is written: the checkpoint to resume, or an error if a fresh start would
+        # overwrite an earlier run.
+        resume_from, history_note = on_rank0(self.find_resume, self.dist)
         if self.dist.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
         seed_everything(cfg.train.seed)
@@ -156,7 +159,6 @@ class Trainer:
                 "or set train.eval_every=0"
             )
 
-        resume_from, history_note = on_rank0(self.find_resume, self.dist)
         model = build_model(cfg.model, self.device)
         model.activation_checkpointing = cfg.train.activation_checkpointing
         self.param_shapes = param_shapes(model)
@@ -199,7 +201,7 @@ class Trainer:
             if self.step >= cfg.train.steps:
                 self.metrics.write(
                     f"step {self.step} already reaches train.steps={cfg.train.steps}: nothing to train; "
-                    "raise train.steps to continue, or start afresh with train.resume=none"
+                    "raise train.steps to continue, or start afresh in a new train.run_dir"
                 )
         elif init_note:
             self.metrics.write(init_note)
