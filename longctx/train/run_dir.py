@@ -40,6 +40,17 @@ def _rendezvous() -> dict:
     }
 
 
+def _restart_of(holder: dict, ours: dict) -> bool:
+    """Whether we are a later attempt (restart) of the torchrun job that `holder` was part of. Without
+    `--rdzv-id` every job's id is "none"; a restart count above the holder's still tells attempts of
+    one job from a new launch (which starts at 0)."""
+    return (
+        ours["run_id"] is not None
+        and holder.get("run_id") == ours["run_id"]
+        and int(holder.get("restart", 0)) < ours["restart"]
+    )
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -87,12 +98,7 @@ class RunLock:
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
                     continue
-                restart = (
-                    ours["run_id"] not in (None, "", "none")
-                    and holder.get("run_id") == ours["run_id"]
-                    and holder.get("restart", 0) < ours["restart"]
-                )
-                if restart:
+                if _restart_of(holder, ours):
                     deadline = deadline or time.monotonic() + RESTART_WAIT_S
                     if time.monotonic() < deadline:
                         time.sleep(0.5)
@@ -111,12 +117,7 @@ class RunLock:
 
     def same_lineage(self) -> bool:
         """Whether the last holder was an earlier attempt of this torchrun job (a worker restart)."""
-        ours = _rendezvous()
-        return (
-            ours["run_id"] not in (None, "", "none")
-            and self.previous.get("run_id") == ours["run_id"]
-            and self.previous.get("restart", 0) < ours["restart"]
-        )
+        return _restart_of(self.previous, _rendezvous())
 
     def release(self) -> None:
         if self.fd is None:
@@ -130,7 +131,9 @@ class RunLock:
             del _HELD[key]
 
     def __del__(self):
-        self.release()
+        # At interpreter exit the modules release needs may be gone; the kernel drops the lock anyway.
+        with contextlib.suppress(Exception):
+            self.release()
 
 
 def _read(fd: int) -> dict:

@@ -183,7 +183,8 @@ class Trainer:
             # position 0 (enter_stage), so the saved position has nothing left to say.
             if not (saved.get("seq_len") != self.sampler.seq_len and saved.get("seq_len") == previous):
                 self.sampler.load_state_dict(saved)
-        if self.dist.is_main and resume_from is not None:
+        if self.dist.is_main:
+            # Resumed: records after the checkpoint; a torchrun restart before any checkpoint: all.
             kept_aside = keep_metrics_upto(self.run_dir, self.step)
             if kept_aside:
                 history_note = f"metrics.jsonl records after step {self.step} moved to {kept_aside}"
