@@ -376,7 +376,8 @@ def test_crafted_deepspeed_file_is_refused_by_export_and_init_from(runs, tmp_pat
     err = capsys.readouterr().err
     assert f"checkpoint file '{evil}' cannot be loaded safely: it holds posix.system" in err, err
     assert "weights_only` set to `False`" not in err
-    args = ["train", *BASE, f"data.cache_dir={runs.cache}", f"train.run_dir={tmp_path / 'x'}"]
-    assert main([*args, f"train.init_from={ckpt}"]) == 2
+    config = Path(__file__).resolve().parent.parent / CONFIG
+    args = ["train", "--config", str(config), *OVERRIDES, f"data.cache_dir={runs.cache}"]
+    assert main([*args, f"train.run_dir={tmp_path / 'x'}", f"train.init_from={ckpt}"]) == 2
     assert f"'{evil}' cannot be loaded safely" in capsys.readouterr().err
     assert not (tmp_path / "pwned").exists()
