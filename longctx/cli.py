@@ -86,7 +86,7 @@ def cmd_export(args) -> int:
 
     checkpoint = find_checkpoint(args.run, args.checkpoint)
     fmt = "hf" if args.hf else "native"
-    out = export_checkpoint(checkpoint, args.out, fmt)
+    out = export_checkpoint(checkpoint, args.out, fmt, force=args.force)
     print(f"exported {checkpoint} to {out} ({fmt} format)")
     note = out / "LONGCTX.md"
     if fmt == "hf" and note.is_file():
@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a checkpoint's full weights (safetensors) and model config")
     p.add_argument("--run", help="run directory (its latest checkpoint unless --checkpoint is given)")
     p.add_argument("--checkpoint", help="a checkpoint directory, or its name inside RUN/checkpoints/")
-    p.add_argument("--out", required=True, help="directory to write model.safetensors and config.json to")
+    p.add_argument("--out", required=True, help="a new (or empty) directory to write the export to")
+    p.add_argument("--force", action="store_true", help="replace --out and everything in it")
     p.add_argument(
         "--hf",
         action="store_true",
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, DistributedSetupError) as e:
+    except (ConfigError, ValueError, OSError, DistributedSetupError) as e:
         print(f"longctx: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -121,7 +121,8 @@ class LinearConfig:
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 32000
+    # 8192 fits the builtin corpus (SentencePiece can fill at most ~15,800 pieces from it).
+    vocab_size: int = 8192
     dim: int = 512
     n_layers: int = 8
     n_heads: int = 8
@@ -229,6 +230,9 @@ class DataConfig:
     # Shorter contexts first: stages "LENxSTEPS" (train LEN tokens for STEPS steps), in order, then
     # data.seq_len for the remaining steps. E.g. ["128x300", "256x300"]. Empty: data.seq_len throughout.
     seq_len_schedule: list[str] = field(default_factory=list)
+    # Train on a corpus shorter than one sample (seq_len + 1 tokens) by repeating it within each
+    # sample (a warning gives the repetition factor); off: such a corpus is an error.
+    allow_repeat: bool = False
 
     def __post_init__(self):
         _require(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
@@ -306,6 +310,9 @@ class TrainConfig:
     keep_last: int = 2
     # auto: the latest complete checkpoint of run_dir if any | none | a checkpoint path
     resume: str = "auto"
+    # With train.resume=none: replace the run already in run_dir (its checkpoints and metrics.jsonl);
+    # without it, starting afresh over an earlier run is an error.
+    overwrite: bool = False
     # Load weights only (continue-training) from this checkpoint or run directory, or from a Hugging
     # Face Llama/Mistral/Qwen2 folder `hf:DIR` (which also sets the model's architecture and tokenizer).
     init_from: str = ""
@@ -338,6 +345,11 @@ class TrainConfig:
             self.resume != "",
             "train.resume",
             "must be auto (the latest checkpoint of run_dir), none, or a checkpoint path",
+        )
+        _require(
+            not self.overwrite or self.resume == "none",
+            "train.overwrite",
+            f"replaces the run in run_dir, so it needs train.resume=none (got train.resume={self.resume})",
         )
 
 

@@ -2,6 +2,7 @@
 
     longctx export --run runs/tiny --out exported/            # the run's latest checkpoint
     longctx export --run runs/tiny --checkpoint step_0000100 --out exported/
+    longctx export --run runs/tiny --out exported/ --force  # replace an earlier export there
 
     model = load_exported("exported/")                       # a Transformer with those weights
 
@@ -9,10 +10,17 @@
 trained) and `config.json` (the `model` section of the run's config). `hf` format (`--hf`): a
 Hugging Face Llama/Mistral/Qwen2 folder with the run's tokenizer (`longctx.hf.write_hf`). Formats are
 entries of `EXPORTERS`, each a function `(weights, model_cfg, meta, out_dir, checkpoint)`.
+
+An export is written to a temporary folder next to `--out` and renamed into place when complete, so
+`--out` holds either nothing or a whole export. `--out` must be new or empty; `--force` replaces what
+is there.
 """
 
 import dataclasses
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -56,10 +64,27 @@ def write_hf(weights, model_cfg, meta, out, checkpoint) -> None:
 EXPORTERS = {"native": write_native, "hf": write_hf}
 
 
-def export_checkpoint(checkpoint: Path, out: str | Path, fmt: str = "native") -> Path:
-    """Write checkpoint `checkpoint`'s weights to directory `out` in format `fmt`; return `out`."""
+def check_out_dir(out: Path, force: bool) -> None:
+    """`out` may be written: it does not exist, or is an empty folder, or `force` replaces it."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ValueError(f"--out {str(out)!r} is a file, not a folder; give a folder to write the export to")
+    if out.is_dir() and not force:
+        held = sorted(p.name for p in out.iterdir())
+        if held:
+            listed = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+            raise ValueError(
+                f"--out {str(out)!r} is not empty (it holds {listed}); give a new folder, or add --force to "
+                "replace it and everything in it"
+            )
+
+
+def export_checkpoint(checkpoint: Path, out: str | Path, fmt: str = "native", force: bool = False) -> Path:
+    """Write checkpoint `checkpoint`'s weights to a new directory `out` in format `fmt`; return `out`.
+    `out` must not exist or be empty; `force` replaces it."""
     if fmt not in EXPORTERS:
         raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORTERS)}")
+    out = Path(out)
+    check_out_dir(out, force)
     meta = read_meta(checkpoint)
     model_cfg = config_from_dict({"model": meta["config"]["model"]}).model
     weights = full_weights(checkpoint)
@@ -68,9 +93,24 @@ def export_checkpoint(checkpoint: Path, out: str | Path, fmt: str = "native") ->
         raise ValueError(
             f"{str(checkpoint)!r}: the stored weights do not match the parameters its meta.json lists"
         )
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    EXPORTERS[fmt](weights, model_cfg, meta, out, checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        EXPORTERS[fmt](weights, model_cfg, meta, tmp, checkpoint)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        check_out_dir(out, force)
+        old = None
+        if out.is_dir():
+            old = out.with_name(f"{tmp.name}.old")
+            out.rename(old)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
     return out
 
 

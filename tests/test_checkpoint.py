@@ -21,6 +21,7 @@ from longctx.export import load_exported
 from longctx.model import build_model
 from longctx.train.checkpoint import (
     Checkpointer,
+    checkpoint_files,
     full_weights,
     latest_checkpoint,
     list_checkpoints,
@@ -192,18 +193,20 @@ def test_atomic_save_keeps_the_previous_checkpoint_on_failure_and_prunes(tmp_pat
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000002", "step_0000003"]
     assert (root / "latest").read_text().strip() == "step_0000003"
 
-    # A save that dies mid-way (disk full) leaves only a temporary directory behind.
+    # A save that dies mid-way (disk full) is one error, and leaves nothing of itself behind.
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     save = engine.save_checkpoint
     engine.save_checkpoint = fail
-    with pytest.raises(OSError):
+    with pytest.raises(ValueError, match="No space left on device.*step_0000003 stays the latest checkpoint"):
         ckpt.save(4, engine, state)
     engine.save_checkpoint = save
-    assert (root / ".step_0000004.tmp").is_dir()
+    assert not (root / ".step_0000004.tmp").exists()
     assert (root / "latest").read_text().strip() == "step_0000003"
     assert latest_checkpoint(tmp_path) == root / "step_0000003"
+    # A killed save leaves its temporary directory, which the next save removes.
+    (root / ".step_0000004.tmp" / "state").mkdir(parents=True)
 
     # A step directory without its completion marker (meta.json) is never picked, not even via latest.
     (root / "step_0000009" / "state").mkdir(parents=True)
@@ -344,7 +347,7 @@ def test_loading_refuses_pickled_code(tmp_path, monkeypatch):
     state = tmp_path / "state"
     state.mkdir()
     (state / ".metadata").write_bytes(pickle.dumps(_RunsCode()))
-    with pytest.raises(ValueError, match="not DCP metadata"):
+    with pytest.raises(ValueError, match="cannot be loaded safely: it names posix.system"):
         dcp_tensor_shapes(state)
     evil = tmp_path / "evil.pt"
     torch.save({"x": _RunsCode()}, evil)
@@ -354,3 +357,27 @@ def test_loading_refuses_pickled_code(tmp_path, monkeypatch):
     # The guard is what stopped it: a plain unpickler runs the payload.
     pickle.loads((state / ".metadata").read_bytes())
     assert (tmp_path / "pwned").exists()
+
+
+@pytest.mark.slow
+def test_crafted_deepspeed_file_is_refused_by_export_and_init_from(runs, tmp_path, monkeypatch, capsys):
+    # A DeepSpeed checkpoint whose model-states file pickles a call (meta.json's checksums updated, so
+    # the loader is what refuses it).
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "step_0000008"
+    shutil.copytree(runs.checkpoint("deepspeed", 8), ckpt)
+    evil = ckpt / "deepspeed" / "mp_rank_00_model_states.pt"
+    torch.save({"module": _RunsCode()}, evil)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["files"] = checkpoint_files(ckpt)
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint file '{evil}' cannot be loaded safely: it holds posix.system" in err, err
+    assert "weights_only` set to `False`" not in err
+    config = Path(__file__).resolve().parent.parent / CONFIG
+    args = ["train", "--config", str(config), *OVERRIDES, f"data.cache_dir={runs.cache}"]
+    assert main([*args, f"train.run_dir={tmp_path / 'x'}", f"train.init_from={ckpt}"]) == 2
+    assert f"'{evil}' cannot be loaded safely" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists()

@@ -29,7 +29,7 @@ def build_samplers(
         dp_size=dp_size,
         vocab_size=cfg.model.vocab_size,
     )
-    train = PackedSampler(data.train, passkey=passkey, **common)
+    train = PackedSampler(data.train, passkey=passkey, allow_repeat=cfg.data.allow_repeat, **common)
     val = PackedSampler(data.val, **common) if data.val.num_tokens else None
     return train, val
 

@@ -20,6 +20,7 @@ How samples are made, all pure functions of (seed, index), so any sample can be 
   resumed at another data-parallel degree continues at the same place in the stream.
 """
 
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -60,6 +61,7 @@ class PackedSampler:
         dp_size: int = 1,
         passkey: PasskeyMixture | None = None,
         vocab_size: int | None = None,
+        allow_repeat: bool = True,
     ):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must lie in [0, {dp_size}), got {dp_rank}")
@@ -70,6 +72,18 @@ class PackedSampler:
                 f"the dataset {docs.prefix!r} has no tokens in this split ({docs.num_docs} documents); "
                 "use a larger corpus (or, for validation, a larger data.val_fraction)"
             )
+        if self.docs.num_tokens < seq_len + 1:
+            factor = (seq_len + 1) / self.docs.num_tokens
+            message = (
+                f"the dataset {docs.prefix!r} has {self.docs.num_tokens:,} tokens in this split, fewer than "
+                f"one sample of seq_len + 1 = {seq_len + 1:,}: each sample would repeat it {factor:.1f} times"
+            )
+            if not allow_repeat:
+                raise ValueError(
+                    f"{message}; use a larger corpus (data.source) or a smaller data.seq_len, or set "
+                    "data.allow_repeat=true to train on it anyway"
+                )
+            warnings.warn(f"{message} (data.allow_repeat=true)", stacklevel=2)
         self.seq_len, self.batch_size = seq_len, batch_size
         self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
         self.vocab_size = vocab_size

@@ -11,7 +11,8 @@ Layout of `run_dir/checkpoints/`:
 
     step_0000100/
         meta.json           step, tokens, LR-schedule position, data-loader position, parameter shapes,
-                            the parallel layout it was written at and the resolved config (JSON)
+                            the parallel layout it was written at, the resolved config, and the size
+                            and checksum (xxh3-128, or sha256 without xxhash) of every other file (JSON)
         rng/rank_00000.json RNG state of every rank: python, numpy, torch, CUDA (JSON)
         state/              torch engine: a torch.distributed.checkpoint (DCP) of model + optimizer
         deepspeed/          deepspeed engine: engine.save_checkpoint(..., tag="deepspeed")
@@ -20,20 +21,28 @@ Layout of `run_dir/checkpoints/`:
 A checkpoint is written as `.step_0000100.tmp/` by every rank; after a barrier rank 0 writes meta.json
 (the completion marker), renames the directory to `step_0000100/` and then replaces `latest`. A
 directory that is still `.tmp`, or a `step_*` directory without meta.json, is never loaded, so a run
-killed mid-save (or a full disk) leaves the previous checkpoint as the one to resume from. Multi-node
-runs need `run_dir` on a file system every node sees.
+killed mid-save leaves the previous checkpoint as the one to resume from; a save that fails (a full
+disk) removes its temporary directory and stops the run with one error line. Multi-node runs need
+`run_dir` on a file system every node sees.
+
+Before a checkpoint is loaded, `verify_checkpoint` checks every file against meta.json and reads the
+DCP metadata: `find_good_checkpoint` skips a damaged one with a line naming the file and the reason
+and takes the newest good one; a checkpoint named by path must be good.
 
 Nothing loaded can run code: tensors are read through `longctx.train.checkpoint_io` (DCP with a
 restricted metadata unpickler, DeepSpeed with `torch.load` forced to `weights_only=True`); everything
 else is JSON.
 """
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +50,12 @@ import torch
 import torch.distributed as dist
 
 from longctx.config import Config, config_to_dict
-from longctx.train.checkpoint_io import dcp_errors, dcp_full_weights, deepspeed_full_weights
+from longctx.train.checkpoint_io import (
+    dcp_errors,
+    dcp_full_weights,
+    deepspeed_full_weights,
+    read_dcp_metadata,
+)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -74,17 +88,143 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def read_latest(run_dir: str | Path) -> tuple[str, str | None]:
+    """The checkpoint name `checkpoints/latest` holds ("" if none), and why it is unusable if it is."""
+    file = Path(run_dir) / CHECKPOINTS / LATEST
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        return "", None
+    except OSError as e:
+        return "", f"{str(file)!r} cannot be read: {e.strerror}"
+    try:
+        name = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        name = ""
+    if checkpoint_step(Path(name)) is None or "/" in name:
+        return "", f"{str(file)!r} is damaged: it does not hold a checkpoint name (step_NNNNNNN)"
+    return name, None
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The checkpoint `latest` names if it is complete, else the newest complete one, else None."""
     root = Path(run_dir) / CHECKPOINTS
-    try:
-        name = (root / LATEST).read_text().strip()
-    except OSError:
-        name = ""
+    name, _ = read_latest(run_dir)
     if name and is_complete(root / name):
         return root / name
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint that must not be loaded; the message names the file and the reason."""
+
+
+try:
+    import xxhash
+
+    HASH = "xxh3_128"
+except ImportError:
+    HASH = "sha256"
+
+
+def file_digest(path: Path, algo: str = HASH) -> str:
+    h = xxhash.xxh3_128() if algo == "xxh3_128" else hashlib.new(algo)
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _digests(files: list[Path], algo: str) -> list[str]:
+    # Threads overlap reads of many files (a checkpoint has one per rank and more).
+    with ThreadPoolExecutor(max_workers=min(8, len(files) or 1, os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda f: file_digest(f, algo), files))
+
+
+def checkpoint_files(path: Path) -> dict[str, dict]:
+    """Size and checksum of every file under checkpoint directory `path` but meta.json, by relative path."""
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name != META)
+    return {
+        str(f.relative_to(path)): {"size": f.stat().st_size, HASH: digest}
+        for f, digest in zip(files, _digests(files, HASH))
+    }
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """meta.json of checkpoint `path` once every file it lists has its size and checksum and the DCP
+    metadata reads safely; else DamagedCheckpoint naming the file and what is wrong with it."""
+    path = Path(path)
+    if not (path / META).is_file():
+        raise DamagedCheckpoint(
+            f"{str(path / META)!r} is missing (the save never finished, or it was deleted)"
+        )
+    try:
+        meta = read_meta(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise DamagedCheckpoint(str(e)) from None
+    files = meta.get("files", {})
+    to_hash = []
+    for rel, want in files.items():
+        file = path / rel
+        try:
+            size = file.stat().st_size
+        except OSError:
+            raise DamagedCheckpoint(f"checkpoint file {str(file)!r} is missing") from None
+        if size != want["size"]:
+            raise DamagedCheckpoint(
+                f"checkpoint file {str(file)!r} has {size:,} bytes but meta.json records {want['size']:,} "
+                f"({'truncated' if size < want['size'] else 'grown'})"
+            )
+        algo = next((a for a in ("xxh3_128", "sha256") if a in want), None)
+        if algo is not None:
+            to_hash.append((file, algo, want[algo]))
+    for algo in {a for _, a, _ in to_hash}:
+        if algo == "xxh3_128" and HASH != algo:
+            raise DamagedCheckpoint(f"{str(path)!r} records xxh3 checksums: pip install xxhash to verify it")
+        group = [(f, d) for f, a, d in to_hash if a == algo]
+        for (file, want), got in zip(group, _digests([f for f, _ in group], algo)):
+            if got != want:
+                raise DamagedCheckpoint(
+                    f"checkpoint file {str(file)!r} does not match its checksum in meta.json"
+                )
+    if meta.get("engine") == "torch":
+        try:
+            read_dcp_metadata(path / "state" / ".metadata")
+        except (ValueError, FileNotFoundError) as e:
+            raise DamagedCheckpoint(str(e)) from None
+    return meta
+
+
+def find_good_checkpoint(run_dir: str | Path, log=None) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint of `run_dir` that passes `verify_checkpoint` (the one `latest` names
+    first), and a line for each one skipped on the way; each line also goes to `log` (stderr)."""
+    root = Path(run_dir) / CHECKPOINTS
+    log = log or (lambda line: print(f"longctx: {line}", file=sys.stderr))
+    skipped = []
+
+    def skip(line):
+        skipped.append(line)
+        log(line)
+
+    name, problem = read_latest(run_dir)
+    if problem:
+        skip(f"ignoring {problem}")
+    candidates = []
+    if root.is_dir():
+        found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+        candidates = sorted(found, key=checkpoint_step, reverse=True)
+    if name and (root / name) in candidates:
+        candidates.remove(root / name)
+        candidates.insert(0, root / name)
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+        except DamagedCheckpoint as e:
+            skip(f"skipping checkpoint {str(path)!r}: {e}")
+            continue
+        return path, skipped
+    return None, skipped
 
 
 def resolve_checkpoint(path: str | Path, what: str) -> Path:
@@ -97,6 +237,10 @@ def resolve_checkpoint(path: str | Path, what: str) -> Path:
         )
     # A checkpoint given by path may have been copied under another name; meta.json marks it complete.
     if (path / META).is_file():
+        try:
+            verify_checkpoint(path)
+        except DamagedCheckpoint as e:
+            raise ValueError(f"{what}: checkpoint {str(path)!r} is damaged: {e}") from None
         return path
     if checkpoint_step(path) is not None or path.name.endswith(".tmp"):
         raise ValueError(
@@ -105,9 +249,10 @@ def resolve_checkpoint(path: str | Path, what: str) -> Path:
         )
     for run_dir in (path, path.parent if path.name == CHECKPOINTS else None):
         if run_dir is not None and (run_dir / CHECKPOINTS).is_dir():
-            found = latest_checkpoint(run_dir)
+            found, skipped = find_good_checkpoint(run_dir)
             if found is None:
-                raise ValueError(f"{what}: {str(run_dir / CHECKPOINTS)!r} holds no complete checkpoint")
+                why = f" ({len(skipped)} damaged: {'; '.join(skipped)})" if skipped else ""
+                raise ValueError(f"{what}: {str(run_dir / CHECKPOINTS)!r} holds no good checkpoint{why}")
             return found
     raise ValueError(
         f"{what}: {str(path)!r} is not a checkpoint: expected a directory with {META} "
@@ -122,7 +267,7 @@ def find_resume(cfg: Config, run_dir: str | Path) -> Path | None:
     if resume == "none":
         return None
     if resume == "auto":
-        return latest_checkpoint(run_dir)
+        return find_good_checkpoint(run_dir)[0]
     return resolve_checkpoint(resume, "train.resume")
 
 
@@ -150,14 +295,14 @@ def check_param_shapes(saved: dict, model: dict, source: str) -> None:
         if name not in saved:
             raise ValueError(
                 f"{source} does not fit this model: it has no parameter {name!r} (shape {list(shape)}); "
-                "resume with the model config it was written with (see its meta.json), or start fresh with "
-                "train.resume=none"
+                "resume with the model config it was written with (see its meta.json), or start fresh in a "
+                "new train.run_dir"
             )
         if list(saved[name]) != list(shape):
             raise ValueError(
                 f"{source} does not fit this model: parameter {name!r} has shape {list(saved[name])} in the "
                 f"checkpoint but {list(shape)} in the model; use the model config it was written with (see "
-                "its meta.json), or start fresh with train.resume=none"
+                "its meta.json), or start fresh in a new train.run_dir"
             )
     extra = sorted(set(saved) - set(model))
     if extra:
@@ -216,6 +361,15 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def unused_name(path: Path) -> Path:
+    """`path`, or `path.1`, `path.2`, ... : the first that does not exist."""
+    n, found = 0, path
+    while found.exists():
+        n += 1
+        found = path.with_name(f"{path.name}.{n}")
+    return found
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -247,12 +401,17 @@ class Checkpointer:
         self.wait()
         name = step_name(step)
         tmp = self.root / f".{name}.tmp"
-        if self.info.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "rng").mkdir(parents=True)
-        self.info.barrier()
-        _write_json(tmp / "rng" / f"rank_{self.info.rank:05d}.json", rng_state())
-        future = engine.save_checkpoint(tmp, process_group=self.group, async_save=self.async_save)
+        future, error = None, None
+        try:
+            if self.info.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                (tmp / "rng").mkdir(parents=True)
+            self.info.barrier()
+            _write_json(tmp / "rng" / f"rank_{self.info.rank:05d}.json", rng_state())
+            future = engine.save_checkpoint(tmp, process_group=self.group, async_save=self.async_save)
+        except Exception as e:
+            error = e
+        self._agree(error, tmp, step)
         scheduler = engine.scheduler
         meta = {
             "format": FORMAT_VERSION,
@@ -272,27 +431,64 @@ class Checkpointer:
         if future is None:
             self.wait()
 
+    def _agree(self, error: Exception | None, tmp: Path, step: int) -> None:
+        """Fail on every rank if a rank's part of the save of `step` failed: remove what was written
+        and raise one ValueError saying what happened and which checkpoint stays the latest."""
+        failed = error is not None
+        if self.info.enabled:
+            from longctx.train.distributed import all_reduce_sum
+
+            failed = all_reduce_sum([float(failed)], self.info)[0] > 0
+        if not failed:
+            return
+        if self.info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = latest_checkpoint(self.root.parent)
+        if error is None:
+            what = "another rank's write failed"
+        elif isinstance(error, OSError):
+            what = f"{error.strerror or error}" + (f" ({error.filename})" if error.filename else "")
+        else:
+            # torch's file writers report a short write (a full disk) as a RuntimeError.
+            what = f"a write failed ({type(error).__name__}: {str(error).splitlines()[0]})"
+        raise ValueError(
+            f"saving checkpoint {step_name(step)} in {str(self.root)!r} failed: {what}; nothing of it was "
+            f"kept and the run stops here. "
+            + (f"{latest.name} stays the latest checkpoint" if latest else "There is no earlier checkpoint")
+            + "; free space (or fix permissions) and run the same command again to resume"
+        ) from None
+
     def wait(self) -> None:
-        """Finish the pending save: every rank's files are written, then rank 0 marks it complete,
-        renames it, points `latest` at it and prunes old checkpoints."""
+        """Finish the pending save: every rank's files are written, then rank 0 checksums them, marks
+        the checkpoint complete, renames it, points `latest` at it and prunes old checkpoints."""
         if self.pending is None:
             return
         future, tmp, meta = self.pending
         self.pending = None
+        error = None
         if future is not None:
-            with dcp_errors(tmp):
-                future.result()
-        self.info.barrier()
+            try:
+                with dcp_errors(tmp):
+                    future.result()
+            except Exception as e:
+                error = e
+        self._agree(error, tmp, meta["step"])
+        final = self.root / step_name(meta["step"])
         if self.info.is_main:
-            _write_json(tmp / META, meta)
-            _fsync_dir(tmp)
-            final = self.root / step_name(meta["step"])
+            try:
+                meta["files"] = checkpoint_files(tmp)
+                _write_json(tmp / META, meta)
+                _fsync_dir(tmp)
+            except OSError as e:
+                error = e
+        self._agree(error, tmp, meta["step"])
+        if self.info.is_main:
             if final.exists():
-                # A checkpoint of the same step from an earlier attempt (train.resume=none): replace it.
-                old = self.root / f".{final.name}.old"
-                shutil.rmtree(old, ignore_errors=True)
-                final.rename(old)
-                shutil.rmtree(old)
+                # A checkpoint of this step that this run did not write (one it skipped as damaged, or
+                # a later one of a run resumed from an earlier step): kept aside, never deleted.
+                aside = unused_name(final.with_name(f"{final.name}.replaced"))
+                final.rename(aside)
+                print(f"longctx: moved the earlier {final.name} aside to {aside.name}", file=sys.stderr)
             tmp.rename(final)
             _fsync_dir(self.root)
             latest = self.root / LATEST
@@ -323,7 +519,7 @@ class Checkpointer:
         if meta["engine"] != self.cfg.parallel.engine:
             raise ValueError(
                 f"checkpoint {str(path)!r} was written by parallel.engine={meta['engine']}; resume it with "
-                f"that engine, or load only its weights with train.init_from={path} train.resume=none"
+                f"that engine, or load only its weights into a new train.run_dir with train.init_from={path}"
             )
         engine.load_checkpoint(path, meta)
         scheduler = engine.scheduler

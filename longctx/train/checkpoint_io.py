@@ -50,42 +50,163 @@ def quiet_single_process():
         yield
 
 
-class _DCPMetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's `.metadata`, admitting only the plain classes DCP writes there."""
+# Every global a DCP `.metadata` file may name, exactly (module, name): nothing else is looked up, and
+# a name is never followed through dots (`metadata.os.system` names no class here).
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "ChunkStorageMetadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "TensorProperties",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+}
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle asked for something outside the allow-list."""
+
+
+class RestrictedUnpickler(pickle._Unpickler):
+    """A pure-Python unpickler that resolves only the exact `(module, name)` pairs of `allowed` (plus
+    torch dtypes when `("torch", "<dtype>")` is allowed), calls (REDUCE, NEWOBJ) only those, and sets
+    state (BUILD) only on instances, never on a class or function it was handed."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file, allowed: set[tuple[str, str]], allow_dtypes: bool = True):
+        super().__init__(file)
+        self.allowed = allowed
+        self.allow_dtypes = allow_dtypes
+        self.resolved = {}
 
     def find_class(self, module, name):
-        allowed = (
-            module == "torch.distributed.checkpoint.metadata"
-            or (module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo")
-            or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
-            or (module == "torch.serialization" and name == "_get_layout")
-            or (module == "collections" and name == "OrderedDict")
-            or (module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath"))
-            or (module == "builtins" and name in ("set", "frozenset"))
-        )
-        if not allowed:
-            raise pickle.UnpicklingError(f"{module}.{name} is not a class DCP metadata may hold")
-        return super().find_class(module, name)
+        dtype = self.allow_dtypes and module == "torch" and "." not in name
+        if dtype:
+            dtype = isinstance(getattr(torch, name, None), torch.dtype)
+        if "." in name or not ((module, name) in self.allowed or dtype):
+            raise UnsafePickleError(f"it names {module}.{name}, which is not on the allow-list")
+        import importlib
+
+        obj = getattr(importlib.import_module(module), name)
+        self.resolved[id(obj)] = obj
+        return obj
+
+    def persistent_load(self, pid):
+        raise UnsafePickleError("it holds a persistent id, which this format never does")
+
+    def _callable(self, obj, opcode: str):
+        if id(obj) not in self.resolved or self.resolved[id(obj)] is not obj:
+            raise UnsafePickleError(f"{opcode} calls {obj!r}, which is not an allow-listed class")
+
+    def load_reduce(self):
+        self._callable(self.stack[-2], "REDUCE")
+        super().load_reduce()
+
+    def load_newobj(self):
+        self._callable(self.stack[-2], "NEWOBJ")
+        super().load_newobj()
+
+    def load_newobj_ex(self):
+        self._callable(self.stack[-3], "NEWOBJ_EX")
+        super().load_newobj_ex()
+
+    def load_build(self):
+        target = self.stack[-2]
+        if isinstance(target, type) or callable(target) or id(target) in self.resolved:
+            raise UnsafePickleError(f"BUILD sets attributes of {target!r}, which is not an instance")
+        super().load_build()
+
+    def load_inst(self):
+        raise UnsafePickleError("it uses the INST opcode (protocol 0), which this format never does")
+
+    def load_obj(self):
+        raise UnsafePickleError("it uses the OBJ opcode (protocol 1), which this format never does")
+
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.INST[0]] = load_inst
+    dispatch[pickle.OBJ[0]] = load_obj
+
+
+def _refused(error: pickle.UnpicklingError) -> str:
+    """What `torch.load(weights_only=True)` refused, without torch's advice to retry unsafely."""
+    found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(error))
+    return f"it holds {found.group(1)}" if found else "it holds objects that are not tensors"
+
+
+def read_dcp_metadata(file: Path):
+    """DCP's `.metadata` at `file`, unpickled through the allow-list; a ValueError naming the file if
+    it holds anything else or is damaged."""
+    try:
+        data = Path(file).read_bytes()
+    except OSError as e:
+        raise FileNotFoundError(f"checkpoint file {str(file)!r} cannot be read: {e.strerror}") from e
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), _DCP_METADATA_GLOBALS).load()
+    except UnsafePickleError as e:
+        raise ValueError(
+            f"checkpoint file {str(file)!r} cannot be loaded safely: {e}; longctx unpickles nothing "
+            "else (the file is damaged or was crafted to run code)"
+        ) from None
+    except Exception as e:
+        raise ValueError(f"checkpoint file {str(file)!r} is damaged or not DCP metadata: {e!r}") from None
 
 
 def dcp_reader(path: Path):
-    """A `FileSystemReader` whose metadata is read by the restricted unpickler above."""
+    """A `FileSystemReader` whose metadata is read by the restricted unpickler above, and whose errors
+    name the file they came from."""
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
     class SafeFileSystemReader(FileSystemReader):
+        current = None
+
         def read_metadata(self, *args, **kwargs):
             file = Path(self.path) / ".metadata"
-            try:
-                metadata = _DCPMetadataUnpickler(io.BytesIO(file.read_bytes())).load()
-            except OSError as e:
-                raise FileNotFoundError(f"checkpoint file {str(file)!r} cannot be read: {e.strerror}") from e
-            except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
-                raise ValueError(f"checkpoint file {str(file)!r} is damaged or not DCP metadata: {e}") from e
+            metadata = read_dcp_metadata(file)
+            if not isinstance(metadata, Metadata):
+                raise ValueError(f"checkpoint file {str(file)!r} is not DCP metadata but a {type(metadata)}")
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             return metadata
+
+        def _slice_file(self, file, sinfo):
+            self.current = Path(self.path) / sinfo.relative_path
+            return super()._slice_file(file, sinfo)
+
+        def read_data(self, *args, **kwargs):
+            try:
+                return super().read_data(*args, **kwargs)
+            except (ValueError, FileNotFoundError):
+                raise
+            except Exception as e:
+                where = str(self.current or self.path)
+                if isinstance(e, pickle.UnpicklingError):
+                    raise ValueError(
+                        f"checkpoint file {where!r} cannot be loaded safely: {_refused(e)}, which longctx "
+                        "will not unpickle"
+                    ) from None
+                raise ValueError(
+                    f"checkpoint file {where!r} is damaged: {type(e).__name__}: {str(e).splitlines()[0]}"
+                ) from None
 
     return SafeFileSystemReader(str(path))
 
@@ -175,11 +296,9 @@ def weights_only_torch_load():
             try:
                 return real_load(f, *args, **kwargs)
             except pickle.UnpicklingError as e:
-                found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-                what = f"it holds {found.group(1)}" if found else str(e).splitlines()[0]
                 raise ValueError(
-                    f"checkpoint file {str(f)!r} cannot be loaded safely: {what}, which longctx will not "
-                    "unpickle"
+                    f"checkpoint file {str(f)!r} cannot be loaded safely: {_refused(e)}, which longctx will "
+                    "not unpickle"
                 ) from None
             except (OSError, RuntimeError) as e:
                 raise ValueError(

@@ -3,6 +3,7 @@ tokens/s and ETA, wandb (offline unless asked), and a loss-curve PNG at the end.
 
 import json
 import math
+import os
 from pathlib import Path
 
 from tqdm import tqdm
@@ -94,7 +95,15 @@ def plot_loss(run_dir: str | Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     out = Path(run_dir) / "loss.png"
+    # Written aside and renamed: a full disk leaves the previous picture, never a truncated one.
+    tmp = out.with_name(".loss.png.tmp")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, out)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
     return out

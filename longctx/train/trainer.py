@@ -9,12 +9,13 @@ Under torchrun every process runs this same loop. Each data-parallel rank draws 
 every sequence. The loss is the mean over every token of the DP x CP group.
 
 Checkpoints (`longctx.train.checkpoint`) are written every `train.ckpt_every` steps and at the last
-step; a new run in the same `train.run_dir` resumes from the latest complete one (`train.resume=auto`),
-and `metrics.jsonl` is cut back to the resumed step, so it reads like one uninterrupted run.
+step; a new run in the same `train.run_dir` resumes from the newest good one (`train.resume=auto`),
+and `metrics.jsonl` is cut back to the resumed step (the rest moved to `metrics.jsonl.step_N.bak`), so
+it reads like one uninterrupted run. Rank 0 holds the run directory's lock (`longctx.train.run_dir`);
+starting afresh over an earlier run is an error unless `train.resume=none train.overwrite=true`.
 `train.init_from` starts a new run from another run's weights only.
 """
 
-import json
 import os
 import random
 import signal
@@ -49,6 +50,7 @@ from longctx.train.distributed import (
 )
 from longctx.train.engine import build_engine
 from longctx.train.metrics import MetricsLogger, plot_loss
+from longctx.train.run_dir import RunLock, check_history, keep_metrics_upto
 
 
 def seed_everything(seed: int) -> None:
@@ -75,25 +77,6 @@ def on_rank0(fn, info: DistInfo):
     if error:
         raise (FileNotFoundError if error[0] == "FileNotFoundError" else ValueError)(error[1])
     return result
-
-
-def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop the records after `step` from metrics.jsonl (a resumed run logs them again)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            # A line cut short by a killed writer.
-            continue
-        if record["step"] <= step:
-            keep.append(line)
-    tmp = path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
 
 
 # Test hook: `LONGCTX_TEST_KILL_AT_STEP=N` makes rank `LONGCTX_TEST_KILL_RANK` (default 1) kill itself
@@ -147,8 +130,12 @@ class Trainer:
         check_same_config(cfg, self.dist)
         self.device = self.dist.device
         self.run_dir = Path(cfg.train.run_dir)
+        self.lock = None
+        on_rank0(self.lock_run_dir, self.dist)
+        # Before anything is written: the checkpoint to resume, or an error if a fresh start would
+        # overwrite an earlier run.
+        resume_from, history_note = on_rank0(self.find_resume, self.dist)
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         seed_everything(cfg.train.seed)
 
@@ -172,7 +159,6 @@ class Trainer:
                 "or set train.eval_every=0"
             )
 
-        resume_from = on_rank0(lambda: find_resume(cfg, self.run_dir), self.dist)
         model = build_model(cfg.model, self.device)
         model.activation_checkpointing = cfg.train.activation_checkpointing
         self.param_shapes = param_shapes(model)
@@ -198,7 +184,10 @@ class Trainer:
             if not (saved.get("seq_len") != self.sampler.seq_len and saved.get("seq_len") == previous):
                 self.sampler.load_state_dict(saved)
         if self.dist.is_main:
-            truncate_metrics(self.run_dir, self.step)
+            # Resumed: records after the checkpoint; a torchrun restart before any checkpoint: all.
+            kept_aside = keep_metrics_upto(self.run_dir, self.step)
+            if kept_aside:
+                history_note = f"metrics.jsonl records after step {self.step} moved to {kept_aside}"
         self.metrics = MetricsLogger(self.run_dir, cfg, cfg.train.steps, self.step, enabled=self.dist.is_main)
         self.metrics.write(
             f"model: {model.num_params() / 1e6:.2f}M parameters, layers {cfg.model.pattern}, "
@@ -213,10 +202,22 @@ class Trainer:
             if self.step >= cfg.train.steps:
                 self.metrics.write(
                     f"step {self.step} already reaches train.steps={cfg.train.steps}: nothing to train; "
-                    "raise train.steps to continue, or start afresh with train.resume=none"
+                    "raise train.steps to continue, or start afresh in a new train.run_dir"
                 )
         elif init_note:
             self.metrics.write(init_note)
+        if history_note:
+            self.metrics.write(history_note)
+
+    def lock_run_dir(self) -> None:
+        """Rank 0: take the run directory's lock (ValueError naming the holder if another run has it)."""
+        self.lock = RunLock.acquire(self.run_dir)
+
+    def find_resume(self) -> tuple[Path | None, str]:
+        """Rank 0: the checkpoint to resume from (`train.resume`), after making sure a fresh start
+        would not overwrite an earlier run; and a note for the log."""
+        resume_from = find_resume(self.cfg, self.run_dir)
+        return resume_from, check_history(self.run_dir, self.cfg, resume_from, self.lock)
 
     def enter_stage(self, step: int) -> bool:
         """Make `self.sampler` the one of the `data.seq_len_schedule` stage that step `step` (from 0)
@@ -387,5 +388,10 @@ class Trainer:
     def close(self) -> None:
         self.metrics.close()
         if self.dist.is_main:
-            plot_loss(self.run_dir)
+            try:
+                plot_loss(self.run_dir)
+            except OSError as e:
+                print(f"longctx: warning: loss.png not written: {e}")
+        if self.lock is not None:
+            self.lock.release()
         shutdown()
