@@ -67,6 +67,7 @@ def generate(
     seed: int = 0,
     eos_id: int | None = None,
     return_logits: bool = False,
+    prefill_fn=None,
 ) -> Generation:
     """Continue `tokens` by up to `max_new_tokens` tokens.
 
@@ -79,6 +80,8 @@ def generate(
         seed: seeds the sampling generator, so a sampled continuation reproduces.
         eos_id: stop once every row has produced it (rows that ended keep emitting it).
         return_logits: also return every step's logits `[B, n, vocab]` (fp32).
+        prefill_fn: `(model, tokens, cache) -> logits [B, vocab]` in place of `prefill`, e.g.
+            `longctx.model.decoding.context_parallel_prefill(...)` under torchrun.
     """
     _check(max_new_tokens, temperature, top_p)
     device = next(model.parameters()).device
@@ -97,7 +100,7 @@ def generate(
     try:
         start = time.perf_counter()
         with autocast:
-            logits = prefill(model, tokens, cache).float()
+            logits = (prefill_fn or prefill)(model, tokens, cache).float()
         prefill_seconds = time.perf_counter() - start
         after_prefill = cache.nbytes_by_mixer(model)
         start = time.perf_counter()

@@ -52,6 +52,11 @@ class Decoder:
     def step(self, mixer, x, cos, sin, cache) -> torch.Tensor:
         raise NotImplementedError
 
+    def gather(self, mixer, cache, layout, group) -> None:
+        """After a context-parallel prefill of this rank's zigzag shard (`layout`), make `cache` the
+        whole prompt's, as a one-process prefill would have left it (every rank then decodes)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot follow a context-parallel prefill")
+
 
 DECODERS: dict[str, Decoder] = {}
 
@@ -112,6 +117,18 @@ class KVCache:
         return 2 * self.length * (self.k[:, :1].numel() * self.k.element_size())
 
 
+def _gather_kv(cache: KVCache, group) -> None:
+    from longctx.parallel import zigzag_unshard
+    from longctx.parallel.comm import all_gather_tensor as all_gather
+
+    k, v = cache.keys()
+    full_k = zigzag_unshard(list(all_gather(k.contiguous(), group).unbind(0)))
+    full_v = zigzag_unshard(list(all_gather(v.contiguous(), group).unbind(0)))
+    cache.k = cache.v = None
+    cache.length = 0
+    cache.append(full_k, full_v)
+
+
 class NSACache(KVCache):
     """N's keys and values plus its compressed keys and values `[B, Tc, H_kv, D]`."""
 
@@ -168,6 +185,9 @@ class DenseDecoder(Decoder):
         o, _ = flash_attn_chunk(q, keys, values, q_offset=pos, k_offset=start, causal=True, window=window)
         return mixer.wo(o.flatten(2))
 
+    def gather(self, mixer, cache, layout, group):
+        _gather_kv(cache, group)
+
 
 @register_decoder("S")
 class S2Decoder(Decoder):
@@ -222,6 +242,9 @@ class S2Decoder(Decoder):
         o = _attend(q[:, 0], k_sel, v_sel, valid.expand(b, -1, -1))
         return mixer.wo(o.flatten(2))
 
+    def gather(self, mixer, cache, layout, group):
+        _gather_kv(cache, group)
+
 
 @register_decoder("N")
 class NSADecoder(Decoder):
@@ -233,8 +256,14 @@ class NSADecoder(Decoder):
         gates = torch.sigmoid(mixer.gate(x)).view(*x.shape[:2], mixer.n_heads, 3)
         o = mixer.core(q, k, v, gates, mixer.compress_k, mixer.compress_v, layout)
         cache.append(k, v)
-        cache.compressed.append(mixer.compress_k(k), mixer.compress_v(v))
+        if layout.is_full:
+            cache.compressed.append(mixer.compress_k(k), mixer.compress_v(v))
         return mixer.wo(o.flatten(2))
+
+    def gather(self, mixer, cache, layout, group):
+        _gather_kv(cache, group)
+        k, v = cache.keys()
+        cache.compressed.append(mixer.compress_k(k), mixer.compress_v(v))
 
     def step(self, mixer, x, cos, sin, cache):
         c = mixer.core.cfg
@@ -291,12 +320,40 @@ class LinearDecoder(Decoder):
         return mixer.wo(o.flatten(2))
 
     def prefill(self, mixer, x, cos, sin, layout, cache):
-        if not layout.is_full:
-            raise NotImplementedError("context-parallel prefill of L layers is not implemented")
         q, k, v, g = self._inputs(mixer, x)
-        o, cache.state = gated_linear_attn(q, k, v, g, output_final_state=True)
+        if layout.is_full:
+            o, cache.state = gated_linear_attn(q, k, v, g, output_final_state=True)
+        else:
+            # The core passes states between ranks; the cache keeps each local segment's own final
+            # state (from zero) and total log-decay, which `gather` composes into the prompt's state.
+            o = mixer.core(q, k, v, g, layout)
+            cache.segments, local = [], 0
+            for start, n in layout.segments:
+                part = slice(local, local + n)
+                _, state = gated_linear_attn(
+                    q[:, part], k[:, part], v[:, part], g[:, part], output_final_state=True
+                )
+                cache.segments.append((start, state, g[:, part].sum(1)))
+                local += n
         cache.length = x.shape[1]
         return self._output(mixer, x, o)
+
+    def gather(self, mixer, cache, layout, group):
+        from longctx.parallel.comm import all_gather_tensor as all_gather
+
+        starts = torch.tensor(
+            [s for s, _, _ in cache.segments], dtype=torch.float32, device=cache.segments[0][1].device
+        )
+        states = all_gather(torch.stack([s for _, s, _ in cache.segments]), group)  # [P, n_seg, B, H, Dk, Dv]
+        decays = all_gather(torch.stack([d for _, _, d in cache.segments]), group)  # [P, n_seg, B, H]
+        where = all_gather(starts, group).flatten()
+        states, decays = states.flatten(0, 1), decays.flatten(0, 1)
+        # S after segment c = exp(G_c) S + S_c, in the segments' global order.
+        state = torch.zeros_like(states[0])
+        for c in torch.argsort(where).tolist():
+            state = torch.exp(decays[c])[..., None, None] * state + states[c]
+        cache.state, cache.segments = state, None
+        cache.length = layout.seq_len
 
     def step(self, mixer, x, cos, sin, cache):
         q, k, v, g = self._inputs(mixer, x)
@@ -325,10 +382,12 @@ class ModelCache:
         return out
 
 
-def _run_layers(model, tokens, cache: ModelCache, start: int, prefill: bool) -> torch.Tensor:
-    positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+def _run_layers(model, tokens, cache: ModelCache, start: int, prefill: bool, layout=None) -> torch.Tensor:
+    """The model over `tokens` (a prompt, a zigzag shard of one under `layout`, or one new token at
+    position `start`), each layer through its decoder; the final-norm hidden state of the last token."""
+    layout = layout or SeqLayout.full(tokens.shape[1])
+    positions = layout.positions(tokens.device) + start
     cos, sin = rope_cos_sin(positions, model.rope_inv_freq, model.rope_mscale)
-    layout = SeqLayout.full(tokens.shape[1])
     h = model.tok_embeddings(tokens)
     for layer, layer_cache in zip(model.layers, cache.layers):
         decoder = decoder_for(layer.mixer)
@@ -338,9 +397,8 @@ def _run_layers(model, tokens, cache: ModelCache, start: int, prefill: bool) -> 
         else:
             h = h + decoder.step(layer.mixer, x, cos, sin, layer_cache)
         h = h + layer.mlp(layer.mlp_norm(h))
-    cache.length = start + tokens.shape[1]
-    # Only the last position's logits are needed: never [B, T, vocab].
-    return model.output(model.norm(h[:, -1]))
+    cache.length = start + layout.seq_len
+    return model.norm(h[:, -1])
 
 
 @torch.no_grad()
@@ -351,7 +409,8 @@ def prefill(model, tokens: torch.Tensor, cache: ModelCache) -> torch.Tensor:
         raise ValueError(f"prefill needs an empty cache, this one holds {cache.length} tokens")
     if tokens.dim() != 2 or tokens.shape[1] == 0:
         raise ValueError(f"prefill needs tokens [B, T] with T >= 1, got shape {tuple(tokens.shape)}")
-    return _run_layers(model, tokens, cache, 0, prefill=True)
+    # Only the last position's logits are needed: never [B, T, vocab].
+    return model.output(_run_layers(model, tokens, cache, 0, prefill=True))
 
 
 @torch.no_grad()
@@ -359,4 +418,35 @@ def decode_step(model, token: torch.Tensor, cache: ModelCache) -> torch.Tensor:
     """Feed one token per sequence (`token` `[B]`) at the next position; returns logits `[B, vocab]`."""
     if cache.length == 0:
         raise ValueError("decode_step needs a prefilled cache: call prefill(model, prompt, cache) first")
-    return _run_layers(model, token.view(-1, 1), cache, cache.length, prefill=False)
+    return model.output(_run_layers(model, token.view(-1, 1), cache, cache.length, prefill=False))
+
+
+def context_parallel_prefill(cp_rank: int, cp_size: int, group, block: int = 1):
+    """A `prefill` for a model made context-parallel (`parallelize_model`): every rank of `group`
+    passes the same prompt and runs its zigzag shard of the longest prefix that splits into `2 * cp_size`
+    chunks of whole `block`-token blocks through the context-parallel cores; the caches are then gathered
+    (each rank holds the whole prompt's) and the rest of the prompt is stepped through. Every rank
+    returns the same logits and decodes on its own."""
+    import torch.distributed as dist
+
+    from longctx.parallel import zigzag_shard
+
+    multiple = 2 * cp_size * block
+
+    @torch.no_grad()
+    def run(model, tokens: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+        head = tokens.shape[1] // multiple * multiple
+        if head == 0:
+            return prefill(model, tokens, cache)
+        layout = SeqLayout.zigzag(head, cp_rank, cp_size)
+        hidden = _run_layers(model, zigzag_shard(tokens[:, :head], cp_rank, cp_size), cache, 0, True, layout)
+        # The prompt's last token is the last of chunk 2P - 1, which rank 0 of the group holds.
+        dist.broadcast(hidden, dist.get_global_rank(group, 0), group=group)
+        for layer, layer_cache in zip(model.layers, cache.layers):
+            decoder_for(layer.mixer).gather(layer.mixer, layer_cache, layout, group)
+        logits = model.output(hidden)
+        for t in range(head, tokens.shape[1]):
+            logits = decode_step(model, tokens[:, t], cache)
+        return logits
+
+    return run
