@@ -84,6 +84,16 @@ def add_eval_parsers(sub) -> None:
     )
     p.set_defaults(func=cmd_ruler)
 
+    p = ev.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness with the `longctx` model registered: longctx eval lm-eval -- ARGS",
+        description="Runs `lm_eval ARGS` with --model longctx available (--model_args run=RUN,...). "
+        "--make-tasks DIR writes local tasks made from the built-in corpus (use --include_path DIR).",
+    )
+    p.add_argument("--make-tasks", metavar="DIR", help="write the local corpus tasks into DIR and exit")
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm_eval, after --")
+    p.set_defaults(func=cmd_lm_eval)
+
     p = ev.add_parser("ppl", help="validation perplexity by position bucket")
     _add_run_args(p)
     p.add_argument("--seq-len", type=int, help="tokens per sample (default data.seq_len)")
@@ -340,6 +350,23 @@ def cmd_ruler(args) -> int:
 
         shutdown()
     return 0
+
+
+def cmd_lm_eval(args) -> int:
+    from longctx.eval.lm_eval_adapter import make_tasks, run_lm_eval
+
+    if args.make_tasks:
+        names = make_tasks(args.make_tasks)
+        print(
+            f"wrote {', '.join(names)} to {args.make_tasks}; run them with --include_path {args.make_tasks}"
+        )
+        return 0
+    rest = args.lm_eval_args[1:] if args.lm_eval_args[:1] == ["--"] else args.lm_eval_args
+    if not rest:
+        raise ValueError(
+            "give lm_eval's arguments after --, e.g. -- --model longctx --model_args run=RUN --tasks T"
+        )
+    return run_lm_eval(rest)
 
 
 def cmd_ppl(args) -> int:
