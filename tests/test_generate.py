@@ -160,32 +160,3 @@ def test_cli_generate_prints_a_continuation(tmp_path, capsys):
         == 0
     )
     assert main(["generate", "--run", str(run), "--prompt", "x", "--temperature", "-1"]) == 2
-
-
-def _cp_generate_worker(rank, world_size, layers, prompt, n_new):
-    import torch.distributed as dist
-
-    from longctx.model.decoding import context_parallel_prefill
-    from longctx.parallel import parallelize_model
-
-    model = tiny(layers, rope=YARN)
-    parallelize_model(model, dist.group.WORLD, "ring")
-    run = context_parallel_prefill(rank, world_size, dist.group.WORLD, model.cfg.block_multiple())
-    out = longctx.generate(model, prompt, max_new_tokens=n_new, return_logits=True, prefill_fn=run)
-    return out.logits, out.new_tokens
-
-
-def test_context_parallel_prefill_then_decoding_equals_the_full_forward():
-    """Two gloo processes prefill zigzag halves through the context-parallel cores, gather the caches
-    (L's state composed from per-segment states) and decode: the logits equal one process's forward.
-    The 37-token prompt prefills 32 tokens context-parallel and steps through the other 5."""
-    from tests.dist_utils import spawn
-
-    layers = "DSNL"
-    prompt = torch.randint(0, 128, (1, 37))
-    results = spawn(_cp_generate_worker, 2, (layers, prompt, 6))
-    model = tiny(layers, rope=YARN)
-    for logits, new_tokens in results:
-        with torch.no_grad():
-            full = model(torch.cat([prompt, new_tokens], 1)[:, :-1])[:, 36:]
-        assert rel_err(logits, full) < 1e-5

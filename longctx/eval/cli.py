@@ -225,9 +225,10 @@ def _prepared(cfg: Config, tokenizer, progress: bool):
     return prepare_dataset(cfg, tokenizer, progress=progress)
 
 
-def _distributed_eval(model, cfg: Config, lengths: list[int]):
+def _distributed_eval(model, cfg: Config, lengths: list[int], whole_blocks: bool = True):
     """Under torchrun: process groups from `parallel.cp` (the other processes split the samples),
-    the model made context-parallel, and the `forward`, `shard` and `reduce` for `evaluate_niah`.
+    the model made context-parallel, and the `forward`, `shard` and `reduce` for `evaluate_niah`
+    (`whole_blocks`: lengths must split into 2 x cp chunks of whole blocks).
     Returns `(info, kwargs)`; one process: `(None, {})`."""
     from longctx.eval.niah import context_parallel_answer_logits
     from longctx.parallel.context import parallelize_model
@@ -241,7 +242,7 @@ def _distributed_eval(model, cfg: Config, lengths: list[int]):
     kwargs = {"shard": (info.dp_rank, info.dp_size), "reduce": lambda v: all_reduce_sum(v, info)}
     if info.cp_size > 1:
         multiple = 2 * info.cp_size * cfg.model.block_multiple()
-        bad = [n for n in lengths if n % multiple]
+        bad = [n for n in lengths if n % multiple and whole_blocks]
         if bad:
             raise ValueError(
                 f"lengths {bad} do not split into {2 * info.cp_size} zigzag chunks of whole "
@@ -306,7 +307,8 @@ def cmd_ruler(args) -> int:
     tasks = parse_tasks(args.tasks)
     model, cfg, tok = load_model_for_eval(args.run, args.checkpoint, args.overrides)
     lengths = args.lengths or cfg.eval.lengths
-    info, dist_kwargs = _distributed_eval(model, cfg, lengths)
+    # A prompt's longest prefix of whole blocks is prefilled context-parallel, the rest stepped through.
+    info, dist_kwargs = _distributed_eval(model, cfg, lengths, whole_blocks=False)
     if dist_kwargs.pop("forward", None) is not None:
         # Context-parallel: the group prefills each prompt together, then every rank decodes it.
         from longctx.generation import generate

@@ -373,7 +373,8 @@ def evaluate_ruler(
 
     Returns:
         `{"tasks", "lengths", "depths", "samples", "seed", "accuracy": {task: [[exact per depth] per
-        length]}, "items": (same shape), "examples": {task: one (prompt tail, answer, generated)}}`.
+        length]}, "items": (same shape), "examples": {task: [sample 0's answer and generated text per
+        (length, depth)]}}`.
     """
     if samples < 1 or batch_size < 1:
         raise ValueError(f"samples and batch_size must be >= 1, got {samples} and {batch_size}")
@@ -405,12 +406,19 @@ def evaluate_ruler(
                         batch = [ruler_sample(tokenizer, docs, task, length, depth, seed, k) for k in indices]
                         prompts = torch.from_numpy(np.stack([s.tokens for s in batch])).to(device)
                         out = generate(prompts, max(new_tokens_for(s) for s in batch)).cpu()
-                        for s, row in list(zip(batch, out))[:counted]:
+                        for k, s, row in list(zip(indices, batch, out))[:counted]:
                             text = tokenizer.decode(row[: new_tokens_for(s)].tolist())
                             hit, share = score(s, text)
                             exact += hit
                             found += share
-                            examples.setdefault(task, {"answer": s.answer, "generated": text})
+                            if k == 0:  # the first process always holds sample 0
+                                example = {
+                                    "length": length,
+                                    "depth": depth,
+                                    "answer": s.answer,
+                                    "generated": text,
+                                }
+                                examples.setdefault(task, []).append(example)
                         bar.update(counted * shard[1])
                     if reduce is not None:
                         exact, found = reduce([exact, found])
