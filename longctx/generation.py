@@ -5,6 +5,7 @@
     out.tokens, out.new_tokens, out.bytes_per_token                   # [B, T + n], [B, n], by mixer
 
     longctx generate --run runs/demo-continue --prompt "The pass key is 123. ... The pass key is"
+    torchrun --nproc-per-node 2 -m longctx generate --run-dir RUN --prompt-file long.txt parallel.cp=2
 
 Decoding is exact: greedy decoding's logits at every step equal the full forward pass's logits of the
 same tokens (tests/test_generate.py). Caches are described in `longctx.model.decoding`.
@@ -154,6 +155,29 @@ def add_generate_parser(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def _context_parallel(model, cfg):
+    """Under torchrun: every process prefills its share of the prompt (`parallel.cp` must be the
+    number of processes), then each decodes the same continuation. One process: `(None, None)`."""
+    from longctx.train.distributed import init_distributed, launched_distributed
+
+    if not launched_distributed():
+        return None, None
+    from longctx.model.decoding import context_parallel_prefill
+    from longctx.parallel import parallelize_model
+
+    info = init_distributed(cfg)
+    if info.dp_size != 1:
+        raise ValueError(
+            f"longctx generate under torchrun splits one prompt over the processes: set parallel.cp to the "
+            f"number of processes ({info.dp_size * info.cp_size}), got parallel.cp={info.cp_size}"
+        )
+    model.to(info.device)
+    parallelize_model(model, info.cp_group, cfg.parallel.cp_comm)
+    return info, context_parallel_prefill(
+        info.cp_rank, info.cp_size, info.cp_group, cfg.model.block_multiple()
+    )
+
+
 def cmd_generate(args) -> int:
     from longctx.eval.cli import load_model_for_eval
 
@@ -165,12 +189,28 @@ def cmd_generate(args) -> int:
         text = path.read_text()
     else:
         text = args.prompt
-    model, _, tok = load_model_for_eval(args.run, args.checkpoint, args.overrides)
+    model, cfg, tok = load_model_for_eval(args.run, args.checkpoint, args.overrides)
     ids = tok.encode(text)
     if not ids:
         raise ValueError("the prompt encodes to no tokens; give some text")
     eos = None if args.no_eos_stop or tok.eos_id < 0 else tok.eos_id
-    out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_p, args.seed, eos_id=eos)
+    info, prefill_fn = _context_parallel(model, cfg)
+    out = generate(
+        model,
+        ids,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_p,
+        args.seed,
+        eos_id=eos,
+        prefill_fn=prefill_fn,
+    )
+    if info is not None:
+        from longctx.train.distributed import shutdown
+
+        shutdown()
+        if not info.is_main:
+            return 0
     new = [t for t in out.new_tokens[0].tolist() if t != eos]
     print(tok.decode(new))
     n = out.new_tokens.shape[1]
