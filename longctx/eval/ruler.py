@@ -33,6 +33,7 @@ import functools
 import json
 import re
 import string
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,9 +264,16 @@ def _frequent_words(tokenizer, docs, pool, length, depth, rng):
     return tokens, answer, top, False
 
 
+def _passkey(tokenizer, docs, pool, length, depth, rng):
+    hay = read_haystack(docs, length + 8, rng, drop_ids=_drop_ids(tokenizer))
+    s = make_passkey_sample(tokenizer, hay, length + 5, depth, rng, n_digits=5)
+    return s.tokens[:length], s.tokens[length:].tolist(), [s.key], True
+
+
 TaskFn = Callable  # (tokenizer, docs, pool, length, depth, rng) -> (tokens, answer_tokens, items, ordered)
 
 TASKS: dict[str, TaskFn] = {
+    "passkey": _passkey,
     "niah_single_number": _niah("number", 1, 1, 1),
     "niah_single_word": _niah("word", 1, 1, 1),
     "niah_single_uuid": _niah("uuid", 1, 1, 1),
@@ -276,15 +284,6 @@ TASKS: dict[str, TaskFn] = {
     "cwe": _common_words,
     "fwe": _frequent_words,
 }
-
-
-def _passkey(tokenizer, docs, pool, length, depth, rng):
-    hay = read_haystack(docs, length + 8, rng, drop_ids=_drop_ids(tokenizer))
-    s = make_passkey_sample(tokenizer, hay, length + 5, depth, rng, n_digits=5)
-    return s.tokens[:length], s.tokens[length:].tolist(), [s.key], True
-
-
-TASKS = {"passkey": _passkey, **TASKS}
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -304,7 +303,7 @@ def ruler_sample(tokenizer, docs, task: str, length: int, depth: float, seed: in
         raise ValueError(f"unknown RULER task {task!r}; choose from {', '.join(TASKS)}")
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depths must lie in [0, 1], got {depth}")
-    task_id = int.from_bytes(task.encode()[:8].ljust(8, b"\0"), "little")
+    task_id = zlib.crc32(task.encode())
     rng = np.random.default_rng([seed & (2**64 - 1), task_id, length, round(depth * 1_000_000), index])
     pool = word_pool(tokenizer, docs)
     tokens, answer_tokens, items, ordered = TASKS[task](tokenizer, docs, pool, length, depth, rng)
