@@ -101,8 +101,11 @@ def test_generate_until_is_greedy_decoding_cut_at_the_stop(setup):
     ]
     gen = {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}
     out = lm.generate_until(requests(*[(p, gen) for p in prompts]))
-    for prompt, text in zip(prompts, out):
-        ids = longctx.generate(model, tok.encode(prompt), 12, eos_id=tok.eos_id).new_tokens[0].tolist()
+    (from_nothing,) = lm.generate_until(requests(("", gen)))
+    for prompt, text in [*zip(prompts, out), ("", from_nothing)]:
+        # An empty context starts from the end-of-text token.
+        context = tok.encode(prompt) or [tok.eos_id]
+        ids = longctx.generate(model, context, 12, eos_id=tok.eos_id).new_tokens[0].tolist()
         expected = tok.decode([t for t in ids if t != tok.eos_id]).split("\n\n")[0]
         assert text == expected
     with pytest.raises(ValueError, match="greedily"):

@@ -156,7 +156,8 @@ class LongctxLM(TemplateLM):
                 raise ValueError(
                     "the longctx lm-eval adapter decodes greedily; set do_sample=false, temperature=0"
                 )
-            ids = self.tok_encode(context)[-max(self.max_length - max_new, 1) :]
+            # An empty context starts from the end-of-text token, as lm-eval's log-likelihoods do.
+            ids = (self.tok_encode(context) or [self.eot_token_id])[-max(self.max_length - max_new, 1) :]
             groups.setdefault((len(ids), max_new, tuple(until)), []).append((i, ids))
         for (_, max_new, until), members in groups.items():
             for start in range(0, len(members), self.batch_size):
