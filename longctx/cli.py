@@ -5,6 +5,7 @@ longctx tokenizer train --config configs/tiny.yaml --out runs/tok.model
 longctx data prepare --config configs/tiny.yaml data.source=corpus/ data.cache_dir=.cache/longctx
 longctx eval niah --run runs/x --lengths 512,1024 --depths 0,0.5,1 --samples 20
 longctx eval ppl --run runs/x --seq-len 1024
+longctx generate --run runs/x --prompt "The pass key is" --max-new-tokens 16
 longctx export --run runs/x --out exported/x
 """
 
@@ -13,6 +14,7 @@ import sys
 
 from longctx.config import ConfigError, load_config
 from longctx.eval.cli import add_eval_parsers
+from longctx.generation import add_generate_parser
 from longctx.train.distributed import DistributedSetupError
 
 
@@ -114,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_prepare)
 
     add_eval_parsers(sub)
+    add_generate_parser(sub)
     p = sub.add_parser(
         "bench",
         help="benchmarks: kernels | train (GPU), comm (any machine), report (README table + plot)",

@@ -13,7 +13,10 @@ Steps, each an ordinary `longctx` command a user could type (printed before it r
    (`train.init_from`), context-parallel over 2 processes, into `runs/demo-continue`.
 4. Needle-in-a-haystack at L and 2L on the continued model, context-parallel (`torchrun ...
    parallel.cp=2`).
-5. A summary: exact match and per-digit accuracy before and after, against the targets.
+5. A short RULER-style run on the continued model (`longctx eval ruler`, two tasks at L and 2L, greedy
+   generation with the per-mixer caches), its samples split over the processes (data-parallel).
+6. A summary: exact match and per-digit accuracy before and after, against the targets, and the RULER
+   table.
 """
 
 import argparse
@@ -32,6 +35,8 @@ PRETRAIN_CONFIG, CONTINUE_CONFIG = "configs/demo.yaml", "configs/demo-continue.y
 QUICK = ["train.steps=6", "train.ckpt_every=2"]
 # Acceptance: recall at L after pretraining, and at 2L after continue-training (above the pretrained).
 TARGET_L, TARGET_2L = 0.8, 0.6
+# The RULER step: the training format's passkey and a key among distractor keys.
+RULER_TASKS, RULER_SAMPLES, RULER_DEPTHS = "passkey,niah_multikey", 8, "0,0.5,1"
 
 
 def _torchrun(nproc: int) -> list[str]:
@@ -140,6 +145,12 @@ def niah_results(run_dir: Path) -> dict:
     return json.loads((run_dir / "niah" / "results.json").read_text())
 
 
+def ruler_summary(run_dir: Path) -> str:
+    from longctx.eval.ruler import ruler_table
+
+    return ruler_table(json.loads((run_dir / "ruler" / "results.json").read_text()))
+
+
 def summary(pre: dict, cont: dict, seq_len: int, resumed_from: int, minutes: float) -> tuple[str, bool]:
     """The closing table (one row per (model, length): exact match and per-digit accuracy, then the
     targets) and whether every target was met."""
@@ -190,11 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"removing the previous demo's {run_dir}/")
             shutil.rmtree(run_dir)
 
-    banner(f"1/5 pretrain at L={seq_len} tokens, cp={args.nproc}, interrupted and resumed once")
+    banner(f"1/6 pretrain at L={seq_len} tokens, cp={args.nproc}, interrupted and resumed once")
     train = [*_torchrun(args.nproc), "train", "--config", PRETRAIN_CONFIG, cp, *where, *extra]
     resumed_from = pretrain_with_interruption(train, pretrain, interrupt_after=cfg.train.steps // 2)
 
-    banner(f"2/5 needle in a haystack on the pretrained model at L={seq_len} and 2L={2 * seq_len}")
+    banner(f"2/6 needle in a haystack on the pretrained model at L={seq_len} and 2L={2 * seq_len}")
     run(
         [
             sys.executable,
@@ -211,11 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
 
-    banner(f"3/5 continue-train at 2L={2 * seq_len} with RoPE scaling, cp={args.nproc}")
+    banner(f"3/6 continue-train at 2L={2 * seq_len} with RoPE scaling, cp={args.nproc}")
     continued = [f"train.init_from={pretrain}", f"train.run_dir={cont}"]
     run([*_torchrun(args.nproc), "train", "--config", CONTINUE_CONFIG, cp, *continued, *extra])
 
-    banner(f"4/5 needle in a haystack on the continued model, context-parallel (cp={args.nproc})")
+    banner(f"4/6 needle in a haystack on the continued model, context-parallel (cp={args.nproc})")
     run(
         [
             *_torchrun(args.nproc),
@@ -231,12 +242,34 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
 
-    banner("5/5 summary")
+    banner(f"5/6 RULER-style tasks ({RULER_TASKS}) on the continued model, {args.nproc} processes")
+    run(
+        [
+            *_torchrun(args.nproc),
+            "eval",
+            "ruler",
+            "--run-dir",
+            str(cont),
+            "--lengths",
+            lengths,
+            "--tasks",
+            RULER_TASKS,
+            "--samples",
+            "1" if args.quick else str(RULER_SAMPLES),
+            "--depths",
+            "0.5" if args.quick else RULER_DEPTHS,
+            "--no-progress",
+            "parallel.cp=1",
+        ]
+    )
+
+    banner("6/6 summary")
     minutes = (time.perf_counter() - start) / 60
     text, met = summary(niah_results(pretrain), niah_results(cont), seq_len, resumed_from, minutes)
+    text += "\n\n" + ruler_summary(cont)
     print(text)
     (cont / "demo-summary.txt").write_text(text + "\n")
-    print(f"\nheatmaps: {pretrain}/niah/heatmap.png, {cont}/niah/heatmap.png")
+    print(f"\nheatmaps: {pretrain}/niah/heatmap.png, {cont}/niah/heatmap.png, {cont}/ruler/summary.png")
     # A full demo that misses its targets fails loudly; --quick only checks the plumbing.
     return 0 if met or args.quick else 1
 

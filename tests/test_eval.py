@@ -271,7 +271,8 @@ def test_context_parallel_eval_under_torchrun_equals_one_process(tmp_path, token
 
 def test_demo_quick_runs_every_stage(tmp_path):
     """`python -m longctx.demo --quick`: pretraining at cp=2 killed once and resumed, needle tests in one
-    process and context-parallel, continue-training from the pretrained weights, the summary."""
+    process and context-parallel, continue-training from the pretrained weights, the RULER step on two
+    data-parallel processes, the summary."""
     import subprocess
     import sys
 
@@ -290,3 +291,6 @@ def test_demo_quick_runs_every_stage(tmp_path):
     cont = load_config(root / "demo-continue" / "config.yaml")
     assert cont.train.init_from == str(root / "demo-pretrain") and cont.model.rope.scaling.type == "yarn"
     assert "summary" in (root / "demo-continue" / "demo-summary.txt").read_text()
+    ruler = json.loads((root / "demo-continue" / "ruler" / "results.json").read_text())
+    assert ruler["tasks"] == ["passkey", "niah_multikey"] and ruler["processes"] == {"dp": 2, "cp": 1}
+    assert "RULER-style suite" in (root / "demo-continue" / "demo-summary.txt").read_text()

@@ -3,11 +3,12 @@
     longctx eval niah --run runs/demo-pretrain --lengths 256,512 --depths 0,0.25,0.5,0.75,1 --samples 20
     longctx eval niah --run RUN --lengths 512 model.rope.scaling.type=linear model.rope.scaling.factor=2
     longctx eval ppl --run runs/demo-pretrain --seq-len 512 --batches 8
+    longctx eval ruler --run runs/demo-continue --lengths 256,512 --tasks niah_multikey,vt --samples 8
 
 The model is rebuilt from `RUN/config.yaml` (plus any `key=value` overrides, e.g. a RoPE scaling to
 try) with the run's tokenizer (`RUN/tokenizer.model` or `tokenizer.json`), and its weights come from
 `--checkpoint` (default: the run's own, see `default_checkpoint`). Results go to `--out` (default
-`RUN/niah`, `RUN/ppl`) and the console. Options left out take their value from the run's `eval`
+`RUN/niah`, `RUN/ppl`, `RUN/ruler`) and the console. Options left out take their value from the run's `eval`
 section (`eval.lengths`, `eval.depths`, `eval.samples`, `eval.batch_size`) and `data.passkey_digits`.
 """
 
@@ -68,6 +69,30 @@ def add_eval_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="sample seed (default 0)")
     p.add_argument("--haystack", help="a text file to use as the haystack (default: the run's corpus)")
     p.set_defaults(func=cmd_niah)
+
+    p = ev.add_parser(
+        "ruler", help="RULER-style tasks (needles, multi-hop, aggregation) by greedy generation"
+    )
+    _add_run_args(p)
+    p.add_argument("--tasks", default="all", help="all (default) or comma-separated task names")
+    p.add_argument("--lengths", type=_int_list, help="prompt lengths, e.g. 4096,8192 (default eval.lengths)")
+    p.add_argument("--depths", type=_float_list, help="needle depths in [0, 1] (default eval.depths)")
+    p.add_argument("--samples", type=int, help="samples per task, length and depth (default eval.samples)")
+    p.add_argument("--seed", type=int, default=0, help="sample seed (default 0)")
+    p.add_argument(
+        "--haystack", help="a text file to draw haystacks and words from (default: the run's corpus)"
+    )
+    p.set_defaults(func=cmd_ruler)
+
+    p = ev.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness with the `longctx` model registered: longctx eval lm-eval -- ARGS",
+        description="Runs `lm_eval ARGS` with --model longctx available (--model_args run=RUN,...). "
+        "--make-tasks DIR writes local tasks made from the built-in corpus (use --include_path DIR).",
+    )
+    p.add_argument("--make-tasks", metavar="DIR", help="write the local corpus tasks into DIR and exit")
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm_eval, after --")
+    p.set_defaults(func=cmd_lm_eval)
 
     p = ev.add_parser("ppl", help="validation perplexity by position bucket")
     _add_run_args(p)
@@ -200,9 +225,10 @@ def _prepared(cfg: Config, tokenizer, progress: bool):
     return prepare_dataset(cfg, tokenizer, progress=progress)
 
 
-def _distributed_eval(model, cfg: Config, lengths: list[int]):
+def _distributed_eval(model, cfg: Config, lengths: list[int], whole_blocks: bool = True):
     """Under torchrun: process groups from `parallel.cp` (the other processes split the samples),
-    the model made context-parallel, and the `forward`, `shard` and `reduce` for `evaluate_niah`.
+    the model made context-parallel, and the `forward`, `shard` and `reduce` for `evaluate_niah`
+    (`whole_blocks`: lengths must split into 2 x cp chunks of whole blocks).
     Returns `(info, kwargs)`; one process: `(None, {})`."""
     from longctx.eval.niah import context_parallel_answer_logits
     from longctx.parallel.context import parallelize_model
@@ -216,7 +242,7 @@ def _distributed_eval(model, cfg: Config, lengths: list[int]):
     kwargs = {"shard": (info.dp_rank, info.dp_size), "reduce": lambda v: all_reduce_sum(v, info)}
     if info.cp_size > 1:
         multiple = 2 * info.cp_size * cfg.model.block_multiple()
-        bad = [n for n in lengths if n % multiple]
+        bad = [n for n in lengths if n % multiple and whole_blocks]
         if bad:
             raise ValueError(
                 f"lengths {bad} do not split into {2 * info.cp_size} zigzag chunks of whole "
@@ -273,6 +299,76 @@ def cmd_niah(args) -> int:
 
         shutdown()
     return 0
+
+
+def cmd_ruler(args) -> int:
+    from longctx.eval.ruler import evaluate_ruler, parse_tasks, ruler_table, write_ruler
+
+    tasks = parse_tasks(args.tasks)
+    model, cfg, tok = load_model_for_eval(args.run, args.checkpoint, args.overrides)
+    lengths = args.lengths or cfg.eval.lengths
+    # A prompt's longest prefix of whole blocks is prefilled context-parallel, the rest stepped through.
+    info, dist_kwargs = _distributed_eval(model, cfg, lengths, whole_blocks=False)
+    if dist_kwargs.pop("forward", None) is not None:
+        # Context-parallel: the group prefills each prompt together, then every rank decodes it.
+        from longctx.generation import generate
+        from longctx.model.decoding import context_parallel_prefill
+
+        prefill = context_parallel_prefill(
+            info.cp_rank, info.cp_size, info.cp_group, cfg.model.block_multiple()
+        )
+        dist_kwargs["generate"] = lambda tokens, n: generate(model, tokens, n, prefill_fn=prefill).new_tokens
+    is_main = info is None or info.is_main
+    progress = not args.no_progress and is_main
+    if args.haystack:
+        docs = text_documents(args.haystack, tok)
+    else:
+        from longctx.data import prepare_dataset
+
+        writer = info is None or info.local_rank == 0
+        wait = info.barrier if info is not None else None
+        docs = prepare_dataset(cfg, tok, is_writer=writer, wait_fn=wait, progress=progress).train
+    results = evaluate_ruler(
+        model,
+        tok,
+        docs,
+        tasks=tasks,
+        lengths=lengths,
+        depths=args.depths if args.depths is not None else cfg.eval.depths,
+        samples=args.samples or cfg.eval.samples,
+        seed=args.seed,
+        batch_size=args.batch_size or cfg.eval.batch_size,
+        progress=progress,
+        **dist_kwargs,
+    )
+    if info is not None:
+        results["processes"] = {"dp": info.dp_size, "cp": info.cp_size}
+    if is_main:
+        json_path, _ = write_ruler(results, args.out or Path(args.run) / "ruler")
+        print(ruler_table(results))
+        print(f"wrote {json_path}, heatmap_<task>.png and summary.png in {json_path.parent}")
+    if info is not None:
+        from longctx.train.distributed import shutdown
+
+        shutdown()
+    return 0
+
+
+def cmd_lm_eval(args) -> int:
+    from longctx.eval.lm_eval_adapter import make_tasks, run_lm_eval
+
+    if args.make_tasks:
+        names = make_tasks(args.make_tasks)
+        print(
+            f"wrote {', '.join(names)} to {args.make_tasks}; run them with --include_path {args.make_tasks}"
+        )
+        return 0
+    rest = args.lm_eval_args[1:] if args.lm_eval_args[:1] == ["--"] else args.lm_eval_args
+    if not rest:
+        raise ValueError(
+            "give lm_eval's arguments after --, e.g. -- --model longctx --model_args run=RUN --tasks T"
+        )
+    return run_lm_eval(rest)
 
 
 def cmd_ppl(args) -> int:

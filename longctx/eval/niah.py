@@ -188,8 +188,9 @@ def niah_table(results: dict) -> str:
     return "\n".join([title, *lines])
 
 
-def plot_heatmap(results: dict, path: str | Path) -> Path:
-    """Write a lengths x depths heatmap of exact-match accuracy, each cell annotated."""
+def plot_heatmap(results: dict, path: str | Path, title: str | None = None) -> Path:
+    """Write a lengths x depths heatmap of exact-match accuracy, each cell annotated (exact match, and
+    per-digit accuracy in parentheses)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,7 +205,8 @@ def plot_heatmap(results: dict, path: str | Path) -> Path:
     ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
     ax.set_xlabel("needle depth")
     ax.set_ylabel("context length (tokens)")
-    ax.set_title(f"passkey retrieval, exact match ({results['samples']} samples/cell)")
+    title = title or "passkey retrieval, exact match"
+    ax.set_title(f"{title} ({results['samples']} samples/cell)")
     for i in range(len(lengths)):
         for j in range(len(depths)):
             # The colormap is dark at both ends: light text there, dark in the middle.
