@@ -369,15 +369,21 @@ Config = tuple[int, int, int, int]
 _tuned: dict = {}
 
 
-def _candidates(block_size: int, bd: int, elem_bytes: int = 2) -> list[Config]:
-    """Tile configurations worth timing: the three largest outer tiles (<= 128 rows; a divisor of the
-    block or two blocks), the two largest inner tiles (<= 64 rows, dividing the block). fp32 inputs
-    and head dims over 128 halve the limits (registers and shared memory)."""
+def candidates(name: str, block_size: int, bd: int, elem_bytes: int = 2) -> list[Config]:
+    """Tile configurations worth timing for kernel `name` ("fwd", "dq" or "dkdv"): the three largest
+    outer tiles (<= 128 rows; a divisor of the block or two blocks), the two largest inner tiles (<= 64
+    rows, dividing the block). fp32 inputs and head dims over 128 halve the limits (registers and
+    shared memory)."""
     small = elem_bytes > 2 or bd > 128
     top_outer, top_inner = (64, 32) if small else (128, 64)
     outer = [t for t in (128, 64, 32, 16) if t <= top_outer and (t == 2 * block_size or block_size % t == 0)]
     inner = [t for t in (64, 32, 16) if t <= top_inner and block_size % t == 0]
     return [(o, i, w, s) for o in outer[:3] for i in inner[:2] for w in (4, 8) for s in (2, 3)]
+
+
+def default_config(name: str, block_size: int, bd: int, elem_bytes: int = 2) -> Config:
+    """The config used without tuning (the interpreter, `LONGCTX_TUNE=off`)."""
+    return (min(block_size, 64), min(block_size, 64), 4, 2)
 
 
 def _check_tiles(block_size: int, tiles: tuple[int, int]) -> None:
@@ -394,16 +400,17 @@ def _run_tuned(name: str, key: tuple, launch, block_size: int, bd: int, elem_byt
     """Launch with `tiles` if given (or one fixed config under the interpreter), else the fastest
     candidate for `key`, timed on first use."""
     if tiles is not None or interpreting():
-        outer, inner = tiles if tiles is not None else (min(block_size, 64), min(block_size, 64))
-        _check_tiles(block_size, (outer, inner))
-        launch((outer, inner, 4, 2))
+        if tiles is None:
+            tiles = default_config(name, block_size, bd, elem_bytes)[:2]
+        _check_tiles(block_size, tiles)
+        launch((*tiles, 4, 2))
         return
     best = _tuned.get((name, *key))
     if best is None:
         from triton.testing import do_bench
 
         timings, errors = {}, []
-        for config in _candidates(block_size, bd, elem_bytes):
+        for config in candidates(name, block_size, bd, elem_bytes):
             try:
                 timings[config] = do_bench(lambda c=config: launch(c), warmup=5, rep=20)
             except Exception as e:  # a config that does not compile or fit (shared memory, registers)
