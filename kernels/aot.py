@@ -1,7 +1,7 @@
 """Compile every Triton kernel of longctx for a GPU target on a machine without one, and report it.
 
-    python -m longctx.kernels.aot                  # all families, sm_80 + sm_90, hd 64/96/128/192/256, bf16 + fp16
-    python -m longctx.kernels.aot --quick          # sm_90, hd 128, bf16, each kernel's first config (the test)
+    python -m longctx.kernels.aot           # all four families, sm_80 + sm_90, hd 64..256, bf16 + fp16
+    python -m longctx.kernels.aot --quick   # sm_90, hd 128, bf16, each kernel's first config (the test)
     python -m longctx.kernels.aot --arch 90 --head-dims 128 256 --dtypes bf16 --families flash s2
 
 The CPU tests run the kernels under the Triton interpreter, which checks the numbers but not what only
@@ -70,8 +70,9 @@ class Launch:
         return f"{tiles} w{self.num_warps} s{self.num_stages}"
 
     def key(self) -> tuple:
-        return (self.module, self.name, tuple(sorted(self.signature.items())),
-                tuple(sorted((k, repr(v)) for k, v in self.constexprs.items())), self.num_warps, self.num_stages)  # fmt: skip
+        constexprs = tuple(sorted((k, repr(v)) for k, v in self.constexprs.items()))
+        signature = tuple(sorted(self.signature.items()))
+        return self.module, self.name, signature, constexprs, self.num_warps, self.num_stages
 
 
 @dataclasses.dataclass
@@ -111,9 +112,10 @@ class _Recorder:
         from triton.runtime.autotuner import Autotuner
 
         if isinstance(self.kernel, Autotuner):
-            for config in self.kernel.configs:
-                merged = dict(kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-                self.out.append(self._launch(self.kernel.fn, args, merged, tunable=len(self.kernel.configs) > 1))
+            tunable = len(self.kernel.configs) > 1
+            for c in self.kernel.configs:
+                merged = dict(kwargs, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+                self.out.append(self._launch(self.kernel.fn, args, merged, tunable))
         else:
             self.out.append(self._launch(self.kernel, args, dict(kwargs), tunable=_Recorder.tunable))
 
@@ -141,8 +143,9 @@ class _Recorder:
                     attrs[i] = [["tt.divisibility", 16]]
             else:
                 raise TypeError(f"{self.name}: cannot record argument {name}={value!r}")
-        return Launch(self.family, self.module, self.name, signature, constexprs, attrs, num_warps, num_stages,
-                      tunable)  # fmt: skip
+        return Launch(
+            self.family, self.module, self.name, signature, constexprs, attrs, num_warps, num_stages, tunable
+        )
 
 
 @contextlib.contextmanager
@@ -319,7 +322,6 @@ def compile_launch(launch: Launch, arch: int):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
     from triton.runtime.autotuner import Autotuner
 
     kernel = getattr(importlib.import_module(launch.module), launch.name)
@@ -419,8 +421,8 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dims", type=int, nargs="+", default=None)
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None)
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
-    parser.add_argument("--quick", action="store_true",
-                        help="sm_90, hd 128, bf16, the fixed launches and each tuned kernel's first config")  # fmt: skip
+    quick = "sm_90, hd 128, bf16: the fixed launches and each tuned kernel's first config"
+    parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)), help="compile processes")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":

@@ -88,7 +88,9 @@ def _tile(base, r0, c0, R, C, stride_r, stride_c, BR: tl.constexpr, BC: tl.const
     """Pointers and in-bounds mask of the [BR, BC] tile at (r0, c0) of an [R, C] strided matrix."""
     o_r = r0 + tl.arange(0, BR)
     o_c = c0 + tl.arange(0, BC)
-    p = base + o_r.to(tl.int64)[:, None] * stride_r + o_c[None, :] * stride_c
+    # Both offsets in int64: a token axis may be the columns (k^T tiles, stride H*K), and t*H*K passes
+    # 2^31 at about 1M tokens with H*K = 2048.
+    p = base + o_r.to(tl.int64)[:, None] * stride_r + o_c.to(tl.int64)[None, :] * stride_c
     return p, (o_r < R)[:, None] & (o_c < C)[None, :]
 
 

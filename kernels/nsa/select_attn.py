@@ -342,8 +342,10 @@ def transpose_block_idx(block_idx: torch.Tensor, n_kblk: int, t_k: int, chunk: i
     # A stable sort keeps tokens ascending inside each group (they are ascending in the input).
     group_sorted, order = torch.sort(group, stable=True)
     tokens = (order // n % t).to(torch.int32)
-    counts = torch.bincount(group_sorted, minlength=n_groups + 1)[:n_groups]
-    starts = torch.cumsum(counts, 0) - counts
+    # Group boundaries by binary search in the sorted list (bincount syncs with the host on CUDA).
+    bounds = torch.searchsorted(group_sorted, torch.arange(n_groups + 1, device=dev, dtype=torch.int32))
+    starts = bounds[:-1]
+    counts = bounds[1:] - starts
     n_chunks = (counts + chunk - 1) // chunk
     chunk_end = torch.cumsum(n_chunks, 0)
     n_items = b * h_kv * t * n // chunk + n_groups + 1

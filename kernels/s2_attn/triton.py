@@ -63,6 +63,13 @@ def _load_rows(
 
 
 @triton.jit
+def _base(p, i_b, i_h, stride_b, stride_h):
+    """Pointer to (batch i_b, head i_h) of a [B, T, H, D] tensor, in int64: a head-major layout has
+    stride_h = T*D, and H*T*D passes 2^31 at long contexts."""
+    return p + i_b.to(tl.int64) * stride_b + i_h.to(tl.int64) * stride_h
+
+
+@triton.jit
 def _tile_rows(order, i_p, BS: tl.constexpr, BT: tl.constexpr):
     """The tile (a list row) and the first tensor row of program `i_p` for outer tiles of `BT` rows."""
     if BT <= BS:
@@ -138,10 +145,11 @@ def _s2_fwd_kernel(
     pos_m = qb_m * BS + o_m % BS
     o_d = tl.arange(0, BD)
 
-    p_k = k + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh
-    p_v = v + i_b.to(tl.int64) * stride_vb + i_hk * stride_vh
+    p_k = _base(k, i_b, i_hk, stride_kb, stride_kh)
+    p_v = _base(v, i_b, i_hk, stride_vb, stride_vh)
     b_q = _load_rows(
-        q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh, start, stride_qt, T_q, BM, D, BD, True
+        _base(q, i_b, i_h, stride_qb, stride_qh),
+        start, stride_qt, T_q, BM, D, BD, True,
     )
 
     row = i_h * n_tiles + i_tile
@@ -165,7 +173,8 @@ def _s2_fwd_kernel(
     l_safe = tl.where(seen, l_i, 1.0)
     acc = acc / l_safe[:, None]
     b_lse = tl.where(seen, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
-    p_o = o + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + o_m[:, None].to(tl.int64) * stride_ot
+    p_o = _base(o, i_b, i_h, stride_ob, stride_oh)
+    p_o += o_m[:, None].to(tl.int64) * stride_ot
     tl.store(p_o + o_d[None, :], acc.to(o.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < D))
     tl.store(lse + i_bh.to(tl.int64) * T_q + o_m, b_lse, mask=m_m)
 
@@ -180,8 +189,8 @@ def _s2_bwd_preprocess_kernel(
     i_b, i_h = i_bh // n_heads, i_bh % n_heads
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < T_q
-    p_o = o + i_b.to(tl.int64) * stride_ob + i_h * stride_oh
-    p_do = do + i_b.to(tl.int64) * stride_dob + i_h * stride_doh
+    p_o = _base(o, i_b, i_h, stride_ob, stride_oh)
+    p_do = _base(do, i_b, i_h, stride_dob, stride_doh)
     b_o = _load_rows(p_o, i_m * BM, stride_ot, T_q, BM, D, BD, True).to(tl.float32)
     b_do = _load_rows(p_do, i_m * BM, stride_dot, T_q, BM, D, BD, True).to(tl.float32)
     b_delta = tl.sum(b_o * b_do, 1)
@@ -238,13 +247,15 @@ def _s2_bwd_dq_kernel(
     pos_m = qb_m * BS + o_m % BS
     o_d = tl.arange(0, BD)
 
-    p_k = k + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh
-    p_v = v + i_b.to(tl.int64) * stride_vb + i_hk * stride_vh
+    p_k = _base(k, i_b, i_hk, stride_kb, stride_kh)
+    p_v = _base(v, i_b, i_hk, stride_vb, stride_vh)
     b_q = _load_rows(
-        q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh, start, stride_qt, T_q, BM, D, BD, True
+        _base(q, i_b, i_h, stride_qb, stride_qh),
+        start, stride_qt, T_q, BM, D, BD, True,
     )
     b_do = _load_rows(
-        do + i_b.to(tl.int64) * stride_dob + i_h * stride_doh, start, stride_dot, T_q, BM, D, BD, True
+        _base(do, i_b, i_h, stride_dob, stride_doh),
+        start, stride_dot, T_q, BM, D, BD, True,
     )
     b_lse = tl.load(lse + i_bh.to(tl.int64) * T_q + o_m, mask=m_m, other=float("inf")) * _LOG2E
     # A row that saw no key (lse = -inf) gets p = 0 instead of exp2(+inf).
@@ -266,7 +277,8 @@ def _s2_bwd_dq_kernel(
         hi, T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from, D, BD, BS, BN, True,
         PRECISION,
     )  # fmt: skip
-    p_dq = dq + i_b.to(tl.int64) * stride_dqb + i_h * stride_dqh + o_m[:, None].to(tl.int64) * stride_dqt
+    p_dq = _base(dq, i_b, i_h, stride_dqb, stride_dqh)
+    p_dq += o_m[:, None].to(tl.int64) * stride_dqt
     tl.store(
         p_dq + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < D)
     )
@@ -329,17 +341,17 @@ def _s2_bwd_dkdv_kernel(
     o_d = tl.arange(0, BD)
 
     b_k = _load_rows(
-        k + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh, start, stride_kt, T_k, BN, D, BD, True
+        _base(k, i_b, i_hk, stride_kb, stride_kh), start, stride_kt, T_k, BN, D, BD, True
     )
     b_v = _load_rows(
-        v + i_b.to(tl.int64) * stride_vb + i_hk * stride_vh, start, stride_vt, T_k, BN, D, BD, True
+        _base(v, i_b, i_hk, stride_vb, stride_vh), start, stride_vt, T_k, BN, D, BD, True
     )
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
     for g in range(0, group):
         i_h = i_hk * group + g
-        p_q = q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh
-        p_do = do + i_b.to(tl.int64) * stride_dob + i_h * stride_doh
+        p_q = _base(q, i_b, i_h, stride_qb, stride_qh)
+        p_do = _base(do, i_b, i_h, stride_dob, stride_doh)
         p_lse = lse + (i_b * n_heads + i_h).to(tl.int64) * T_q
         p_delta = delta + (i_b * n_heads + i_h).to(tl.int64) * T_q
         row = i_h * n_tiles + i_tile
@@ -358,9 +370,9 @@ def _s2_bwd_dkdv_kernel(
         )  # fmt: skip
 
     m_store = m_n[:, None] & (o_d[None, :] < D)
-    p_dk = dk + i_b.to(tl.int64) * stride_dkb + i_hk * stride_dkh + o_n[:, None].to(tl.int64) * stride_dkt
+    p_dk = _base(dk, i_b, i_hk, stride_dkb, stride_dkh) + o_n[:, None].to(tl.int64) * stride_dkt
     tl.store(p_dk + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=m_store)
-    p_dv = dv + i_b.to(tl.int64) * stride_dvb + i_hk * stride_dvh + o_n[:, None].to(tl.int64) * stride_dvt
+    p_dv = _base(dv, i_b, i_hk, stride_dvb, stride_dvh) + o_n[:, None].to(tl.int64) * stride_dvt
     tl.store(p_dv + o_d[None, :], b_dv.to(dv.dtype.element_ty), mask=m_store)
 
 
