@@ -111,9 +111,14 @@ class _Recorder:
     def _record(self, *args, **kwargs):
         from triton.runtime.autotuner import Autotuner
 
-        if isinstance(self.kernel, Autotuner):
-            tunable = len(self.kernel.configs) > 1
-            for c in self.kernel.configs:
+        from longctx.kernels.common.tuning import Tuned
+
+        if isinstance(self.kernel, (Autotuner, Tuned)):
+            configs = self.kernel.configs
+            if isinstance(self.kernel, Tuned):
+                configs = self.kernel.candidates(dict(zip(self.kernel.fn.arg_names, args), **kwargs))
+            tunable = len(configs) > 1
+            for c in configs:
                 merged = dict(kwargs, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
                 self.out.append(self._launch(self.kernel.fn, args, merged, tunable))
         else:
@@ -193,13 +198,13 @@ def record_s2(head_dim, dtype, quick):
     def expand(name, key, launch, block_size, bd, elem_bytes, tiles):
         if tiles is not None:
             return original(name, key, launch, block_size, bd, elem_bytes, tiles)
-        _Recorder.tunable = True
+        configs = s2.candidates(name, block_size, bd, elem_bytes)
+        _Recorder.tunable = len(configs) > 1
         try:
-            for config in s2.candidates(name, block_size, bd, elem_bytes):
+            for config in configs:
                 launch(config)
         finally:
             _Recorder.tunable = False
-        launch(s2.default_config(name, block_size, bd, elem_bytes))
 
     s2._run_tuned = expand
     try:
@@ -324,8 +329,10 @@ def compile_launch(launch: Launch, arch: int):
     from triton.compiler import ASTSource
     from triton.runtime.autotuner import Autotuner
 
+    from longctx.kernels.common.tuning import Tuned
+
     kernel = getattr(importlib.import_module(launch.module), launch.name)
-    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    fn = kernel.fn if isinstance(kernel, (Autotuner, Tuned)) else kernel
     names = fn.arg_names
     constexprs = {(names.index(n),): v for n, v in launch.constexprs.items()}
     attrs = {(i,): a for i, a in launch.attrs.items()}
@@ -375,16 +382,15 @@ def failures(results: list[Result]) -> list[str]:
     return out
 
 
-def print_table(results: list[Result]) -> None:
-    header = f"{'family':<6} {'kernel':<28} {'sm':>3} {'hd':>4} {'dtype':<5} {'config':<28} " \
-             f"{'tune':<4} {'regs':>4} {'spill':>6} {'smem':>7} launch"  # fmt: skip
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        status = "ok" if r.can_launch else f"NO: {r.error}"
-        print(f"{r.launch.family:<6} {r.launch.name:<28} {r.arch:>3} {r.head_dim:>4} {r.dtype:<5} "
-              f"{r.launch.label():<28} {'yes' if r.launch.tunable else '-':<4} {r.regs:>4} {r.stack:>6} "
-              f"{r.shared:>7} {status}")  # fmt: skip
+_HEADER = (f"{'family':<6} {'kernel':<28} {'sm':>3} {'hd':>4} {'dtype':<5} {'config':<28} "
+           f"{'tune':<4} {'regs':>4} {'spill':>6} {'smem':>7} launch")  # fmt: skip
+
+
+def row(r: Result) -> str:
+    status = "ok" if r.can_launch else f"NO: {r.error}"
+    return (f"{r.launch.family:<6} {r.launch.name:<28} {r.arch:>3} {r.head_dim:>4} {r.dtype:<5} "
+            f"{r.launch.label():<28} {'yes' if r.launch.tunable else '-':<4} {r.regs:>4} {r.stack:>6} "
+            f"{r.shared:>7} {status}")  # fmt: skip
 
 
 def summary(results: list[Result]) -> str:
@@ -398,21 +404,33 @@ def summary(results: list[Result]) -> str:
     )
 
 
-def run(archs, head_dims, dtypes, families, quick=False, jobs=1, out=sys.stdout):
+def run(archs, head_dims, dtypes, families, quick=False, jobs=1, kernels=None, out=sys.stdout):
     """Record and compile everything asked; returns the results."""
     jobs_list = []
     for family in families:
         for dtype in dtypes:
             for head_dim in head_dims:
                 for launch in record(family, head_dim, DTYPES[dtype], quick):
+                    if kernels and not any(k in launch.name for k in kernels):
+                        continue
                     jobs_list += [(launch, arch, head_dim, dtype) for arch in archs]
     print(f"aot: compiling {len(jobs_list)} launches with {jobs} process(es)", file=out, flush=True)
-    if jobs > 1:
-        import multiprocessing
+    print(_HEADER, file=out)
+    print("-" * len(_HEADER), file=out, flush=True)
+    results = []
+    with contextlib.ExitStack() as stack:
+        if jobs > 1:
+            import multiprocessing
 
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            return list(pool.map(_check_job, jobs_list, chunksize=1))
-    return [check(*job) for job in jobs_list]
+            context = multiprocessing.get_context("fork")
+            pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=context))
+            done = pool.map(_check_job, jobs_list, chunksize=1)
+        else:
+            done = (check(*job) for job in jobs_list)
+        for result in done:
+            print(row(result), file=out, flush=True)
+            results.append(result)
+    return results
 
 
 def main(argv=None) -> int:
@@ -421,6 +439,7 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dims", type=int, nargs="+", default=None)
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None)
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--kernels", nargs="+", default=None, help="only kernels whose name contains one")
     quick = "sm_90, hd 128, bf16: the fixed launches and each tuned kernel's first config"
     parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)), help="compile processes")
@@ -434,8 +453,7 @@ def main(argv=None) -> int:
     head_dims = args.head_dims or ([128] if args.quick else list(HEAD_DIMS))
     dtypes = args.dtypes or (["bf16"] if args.quick else ["bf16", "fp16"])
     start = time.time()
-    results = run(archs, head_dims, dtypes, args.families, args.quick, args.jobs)
-    print_table(results)
+    results = run(archs, head_dims, dtypes, args.families, args.quick, args.jobs, args.kernels)
     bad = failures(results)
     for line in bad:
         print("FAILED:", line)

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from longctx.kernels.common import tuning
 from longctx.kernels.common.backend import interpreting
 from longctx.kernels.s2_attn.blocks import S2BlockLists, TileLists, check_block_ids, s2_block_lists
 
@@ -378,24 +379,29 @@ def _s2_bwd_dkdv_kernel(
 
 # A launch configuration: outer tile rows, inner tile rows, warps, pipeline stages.
 Config = tuple[int, int, int, int]
-_tuned: dict = {}
 
 
 def candidates(name: str, block_size: int, bd: int, elem_bytes: int = 2) -> list[Config]:
-    """Tile configurations worth timing for kernel `name` ("fwd", "dq" or "dkdv"): the three largest
-    outer tiles (<= 128 rows; a divisor of the block or two blocks), the two largest inner tiles (<= 64
-    rows, dividing the block). fp32 inputs and head dims over 128 halve the limits (registers and
-    shared memory)."""
+    """Tile configurations the tuner may pick for kernel `name` ("fwd", "dq" or "dkdv"), the default
+    (`LONGCTX_TUNE=off`) first: among the three largest outer tiles (<= 128 rows; a divisor of the
+    block or two blocks) and the two largest inner tiles (<= 64 rows, dividing the block), with 4 or 8
+    warps and 2 or 3 stages. fp32 inputs and head dims over 128 halve the limits (registers and shared
+    memory). At head dims <= 128 in 16-bit those that spill registers on sm_90 are left out (measured
+    with `python -m longctx.kernels.aot`): 128-row forward / dQ tiles on 4 warps, and every dK/dV tile
+    but the 32-row ones on 8 warps (dK/dV keeps two fp32 accumulators and recomputes P and dP)."""
     small = elem_bytes > 2 or bd > 128
     top_outer, top_inner = (64, 32) if small else (128, 64)
     outer = [t for t in (128, 64, 32, 16) if t <= top_outer and (t == 2 * block_size or block_size % t == 0)]
     inner = [t for t in (64, 32, 16) if t <= top_inner and block_size % t == 0]
-    return [(o, i, w, s) for o in outer[:3] for i in inner[:2] for w in (4, 8) for s in (2, 3)]
-
-
-def default_config(name: str, block_size: int, bd: int, elem_bytes: int = 2) -> Config:
-    """The config used without tuning (the interpreter, `LONGCTX_TUNE=off`)."""
-    return (min(block_size, 64), min(block_size, 64), 4, 2)
+    configs = [(o, i, w, s) for o in outer[:3] for i in inner[:2] for w in (4, 8) for s in (2, 3)]
+    if not small:
+        if name == "dkdv":
+            kept = [c for c in configs if c[0] <= 32 and c[2] == 8]
+        else:
+            kept = [c for c in configs if not (c[0] == 128 and c[2] == 4)]
+        configs = kept or configs[-1:]
+    preferred = (32, 64, 8, 2) if name == "dkdv" and not small else (64, 64, 4, 2)
+    return sorted(configs, key=lambda c: c != preferred)
 
 
 def _check_tiles(block_size: int, tiles: tuple[int, int]) -> None:
@@ -413,25 +419,17 @@ def _run_tuned(name: str, key: tuple, launch, block_size: int, bd: int, elem_byt
     candidate for `key`, timed on first use."""
     if tiles is not None or interpreting():
         if tiles is None:
-            tiles = default_config(name, block_size, bd, elem_bytes)[:2]
+            tiles = (min(block_size, 64), min(block_size, 64))
         _check_tiles(block_size, tiles)
         launch((*tiles, 4, 2))
         return
-    best = _tuned.get((name, *key))
-    if best is None:
+
+    def bench(config: Config) -> float:
         from triton.testing import do_bench
 
-        timings, errors = {}, []
-        for config in candidates(name, block_size, bd, elem_bytes):
-            try:
-                timings[config] = do_bench(lambda c=config: launch(c), warmup=5, rep=20)
-            except Exception as e:  # a config that does not compile or fit (shared memory, registers)
-                errors.append(e)
-        if not timings:
-            raise errors[-1]
-        best = min(timings, key=timings.get)
-        _tuned[(name, *key)] = best
-    launch(best)
+        return do_bench(lambda: launch(config), warmup=5, rep=20)
+
+    launch(tuning.choose(f"s2_{name}", key, candidates(name, block_size, bd, elem_bytes), bench))
 
 
 def _precision(x: torch.Tensor) -> str:
