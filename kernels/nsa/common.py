@@ -26,8 +26,14 @@ def row_tile(n_heads_group: int, rows: int) -> tuple[int, int]:
 def warps_for(head_dim_tile: int, rows: int = 128) -> int:
     """Warps for the attention tiles: with 128-wide heads and 64+ rows, 8 warps keep the tiles in
     registers without spills on sm_90 (checked with ptxas -v, 2 pipeline stages, bf16); smaller
-    tiles fit in 4."""
-    return 8 if head_dim_tile > 64 and rows > 32 else 4
+    tiles fit in 4. 256-wide heads take 8 whatever the rows."""
+    return 8 if (head_dim_tile > 64 and rows > 32) or head_dim_tile > 128 else 4
+
+
+def dkdv_rows(head_dim_tile: int) -> int:
+    """Rows (tokens x heads) per step of the dK/dV kernels: 64, halved for head dims over 128 so the
+    two fp32 accumulators and the recomputed P / dP tiles fit the register file."""
+    return 64 if head_dim_tile <= 128 else 32
 
 
 def dot_precision(dtype: torch.dtype) -> str:

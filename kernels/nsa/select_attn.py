@@ -26,6 +26,7 @@ import triton.language as tl
 
 from longctx.kernels.nsa.common import (
     LOG2E,
+    dkdv_rows,
     dot_precision,
     pow2_at_least_16,
     row_tile,
@@ -383,7 +384,7 @@ def select_attn_bwd(q, k, v, block_idx, o, lse, do, dlse, block_size, scale, q_o
 
     n_kblk = (k_offset + t_k + block_size - 1) // block_size
     # Tokens per step so a step's rows (tokens x heads of the group) fill a 64-row matmul operand.
-    gp, bt = row_tile(g, 64)
+    gp, bt = row_tile(g, dkdv_rows(bd))
     chunk = max(bt, DKDV_CHUNK)
     tokens, starts, counts, item_group, item_chunk, n_groups = transpose_block_idx(
         block_idx, n_kblk, t_k, chunk
