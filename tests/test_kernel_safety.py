@@ -162,3 +162,104 @@ def test_sync_recorder_catches_what_it_must():
     reasons = "\n".join(recorder.bad)
     for word in ("host", "boolean-mask", "bincount", "repeat_interleave", "unique", "nonzero"):
         assert word in reasons, (word, reasons)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Offsets past 2^31
+
+B, T, T_LINEAR, H, D = 1, 2**20, 2**22, 32, 128
+fa = s2 = gla = nsa = None  # the kernel modules, imported by `probes` with the interpreter on
+
+
+@pytest.fixture(scope="module")
+def probes():
+    """Probe kernels calling each family's offset helpers, built with the interpreter on (numpy
+    int32 arithmetic wraps, as the GPU's does)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TRITON_INTERPRET", "1")
+    try:
+        import triton
+        import triton.language as tl
+
+        # Module globals: the interpreter resolves names in a kernel's globals, not its closure.
+        global fa, s2, gla, nsa
+        fa = importlib.import_module("longctx.kernels.flash_attn.triton")
+        s2 = importlib.import_module("longctx.kernels.s2_attn.triton")
+        gla = importlib.import_module("longctx.kernels.gla.chunk")
+        nsa = importlib.import_module("longctx.kernels.nsa.common")
+
+        @triton.jit
+        def flash(out, start, stride_t, BR: tl.constexpr, BD: tl.constexpr):
+            zero = tl.full([], 0, tl.int64)
+            p = fa._rows_ptr(zero, start, stride_t, BR, BD)
+            tl.store(out + tl.arange(0, BR)[:, None] * BD + tl.arange(0, BD)[None, :], p)
+
+        @triton.jit
+        def s2_rows(out, i_b, i_h, stride_b, stride_h, start, stride_t, BR: tl.constexpr, BD: tl.constexpr):
+            zero = tl.full([], 0, tl.int64)
+            p = s2._row_ptrs(s2._base(zero, i_b, i_h, stride_b, stride_h), start, stride_t, BR, BD)
+            tl.store(out + tl.arange(0, BR)[:, None] * BD + tl.arange(0, BD)[None, :], p)
+
+        @triton.jit
+        def gla_tile(out, r0, c0, R, C, stride_r, stride_c, BR: tl.constexpr, BC: tl.constexpr):
+            zero = tl.full([], 0, tl.int64)
+            p, m = gla._tile(zero, r0, c0, R, C, stride_r, stride_c, BR, BC)
+            tl.store(out + tl.arange(0, BR)[:, None] * BC + tl.arange(0, BC)[None, :], p)
+
+        @triton.jit
+        def nsa_rows(out, i_b, T, t0, i_h, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                     BR: tl.constexpr):  # fmt: skip
+            o_r = tl.arange(0, BR)
+            tl.store(out + o_r, nsa.row_offset(i_b, T, t0 + o_r // G, H, i_h, G, o_r % G, D))
+
+    finally:
+        patch.undo()  # the probes stay interpreted; the flag must not leak to other modules (conftest)
+    return dict(flash=flash, s2=s2_rows, gla=gla_tile, nsa=nsa_rows)
+
+
+@pytest.fixture
+def probe(probes, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # launching an interpreted kernel needs it too
+    return probes
+
+
+def _grid_out(rows, cols):
+    return torch.zeros(rows, cols, dtype=torch.int64)
+
+
+def test_flash_row_offsets_fit_at_1m_tokens(probe):
+    # [B, T, H, D] contiguous: the token stride is H * D; the last tile starts 64 rows before T.
+    out = _grid_out(64, D)
+    probe["flash"][(1,)](out, T - 64, H * D, BR=64, BD=D)
+    expect = (torch.arange(T - 64, T)[:, None] * (H * D) + torch.arange(D)[None, :]).long()
+    assert torch.equal(out, expect) and int(out.max()) >= 2**31
+
+
+def test_s2_head_and_row_offsets_fit_at_1m_tokens(probe):
+    # Head-major q ([B, H, T, D] viewed as [B, T, H, D]): head stride T * D, the last head's last rows.
+    out = _grid_out(64, D)
+    probe["s2"][(1,)](out, 0, H - 1, H * T * D, T * D, T - 64, D, BR=64, BD=D)
+    expect = (H - 1) * T * D + torch.arange(T - 64, T)[:, None] * D + torch.arange(D)[None, :]
+    assert torch.equal(out, expect.long()) and int(out.max()) >= 2**31
+
+
+def test_gla_tile_offsets_fit_at_4m_tokens(probe):
+    # The k^T tile: rows are head dims (stride 1), columns tokens (stride H * K), the last chunk.
+    out = _grid_out(64, 64)
+    probe["gla"][(1,)](out, 64, T_LINEAR - 64, D, T_LINEAR, 1, H * D, BR=64, BC=64)
+    rows, cols = torch.arange(64, 128)[:, None], torch.arange(T_LINEAR - 64, T_LINEAR)[None, :]
+    assert torch.equal(out, (rows + cols * (H * D)).long()) and int(out.max()) >= 2**33
+    # The v tile of the last chunk and head: rows tokens, columns the value dims.
+    out = _grid_out(64, 64)
+    probe["gla"][(1,)](out, T_LINEAR - 64, 64, T_LINEAR, D, H * D, 1, BR=64, BC=64)
+    rows, cols = torch.arange(T_LINEAR - 64, T_LINEAR)[:, None], torch.arange(64, 128)[None, :]
+    assert torch.equal(out, (rows * (H * D) + cols).long())
+
+
+def test_nsa_row_offsets_fit_at_1m_tokens(probe):
+    # The last tile's rows: 4 tokens x a group of 8 query heads of the last kv group (32 heads, 4 kv).
+    out = torch.zeros(32, dtype=torch.int64)
+    probe["nsa"][(1,)](out, 0, T, T - 4, 3, H=H, G=8, D=D, BR=32)
+    r = torch.arange(32)
+    expect = ((T - 4 + r // 8) * H + 3 * 8 + r % 8) * D
+    assert torch.equal(out, expect.long()) and int(out.max()) >= 2**31

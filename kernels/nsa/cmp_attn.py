@@ -19,6 +19,7 @@ from longctx.kernels.nsa.common import (
     dkdv_rows,
     dot_precision,
     pow2_at_least_16,
+    row_offset,
     row_tile,
     softmax_delta,
     warps_for,
@@ -57,7 +58,7 @@ def _cmp_fwd_kernel(
     b_pos = o_t + q_offset
     o_d = tl.arange(0, BD)
     m_d = o_d < D
-    o_row = ((i_b * T + o_t).to(tl.int64) * H + i_h * G + o_g) * D
+    o_row = row_offset(i_b, T, o_t, H, i_h, G, o_g, D)
     m_rd = m_r[:, None] & m_d[None, :]
     b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
     kv_base = ((i_b * TC).to(tl.int64) * HKV + i_h) * D
@@ -133,7 +134,7 @@ def _cmp_bwd_dq_kernel(
     b_pos = o_t + q_offset
     o_d = tl.arange(0, BD)
     m_d = o_d < D
-    o_row = ((i_b * T + o_t).to(tl.int64) * H + i_h * G + o_g) * D
+    o_row = row_offset(i_b, T, o_t, H, i_h, G, o_g, D)
     m_rd = m_r[:, None] & m_d[None, :]
     b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
     b_do = tl.load(do + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
@@ -214,7 +215,7 @@ def _cmp_bwd_dkdv_kernel(
     for t0 in range((first // BT) * BT, T, BT):
         o_t = t0 + o_rt
         m_r = (o_t < T) & (o_g < G)
-        o_row = ((i_b * T + o_t).to(tl.int64) * H + i_h * G + o_g) * D
+        o_row = row_offset(i_b, T, o_t, H, i_h, G, o_g, D)
         m_rd = m_r[:, None] & m_d[None, :]
         b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
         b_do = tl.load(do + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)

@@ -44,6 +44,13 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def row_offset(i_b, T, o_t, H, i_h, G, o_g, D):
+    """Element offset of (batch `i_b`, token `o_t`, query head `i_h * G + o_g`) in a `[B, T, H, D]`
+    tensor, in int64 from the token on (`T * H * D` passes 2^31 at 1M tokens, 32 heads of 128)."""
+    return ((i_b * T + o_t).to(tl.int64) * H + i_h * G + o_g) * D
+
+
+@triton.jit
 def _softmax_delta_kernel(
     o,
     do,

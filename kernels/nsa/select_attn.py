@@ -29,6 +29,7 @@ from longctx.kernels.nsa.common import (
     dkdv_rows,
     dot_precision,
     pow2_at_least_16,
+    row_offset,
     row_tile,
     softmax_delta,
     warps_for,
@@ -72,7 +73,7 @@ def _select_fwd_kernel(
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     o_s = tl.arange(0, BSP)
-    o_row = ((i_b * T + o_t).to(tl.int64) * H + i_h * G + o_g) * D
+    o_row = row_offset(i_b, T, o_t, H, i_h, G, o_g, D)
     m_rd = m_r[:, None] & m_d[None, :]
     b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
     kv_base = ((i_b * TK).to(tl.int64) * HKV + i_h) * D
@@ -162,7 +163,7 @@ def _select_bwd_dq_kernel(
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     o_s = tl.arange(0, BSP)
-    o_row = ((i_b * T + o_t).to(tl.int64) * H + i_h * G + o_g) * D
+    o_row = row_offset(i_b, T, o_t, H, i_h, G, o_g, D)
     m_rd = m_r[:, None] & m_d[None, :]
     b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
     b_do = tl.load(do + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
@@ -268,7 +269,7 @@ def _select_bwd_dkdv_kernel(
         for i_s in range(i_lo, i_hi, BT):
             m_r = (o_rg < G) & (i_s + o_rt < i_hi)
             b_t = tl.load(tokens + i_s + o_rt, mask=m_r, other=0)
-            o_row = ((i_b * T + b_t).to(tl.int64) * H + i_h * G + o_rg) * D
+            o_row = row_offset(i_b, T, b_t, H, i_h, G, o_rg, D)
             m_rd = m_r[:, None] & m_d[None, :]
             b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
             b_do = tl.load(do + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)

@@ -44,6 +44,15 @@ _LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _row_ptrs(p_base, start, stride_t, B: tl.constexpr, BD: tl.constexpr):
+    """Pointers to rows `start .. start + B` x `BD` columns: the row offset one int64 scalar, offsets
+    within the tile int32."""
+    o_b = tl.arange(0, B)
+    o_d = tl.arange(0, BD)
+    return p_base + start.to(tl.int64) * stride_t + (o_b[:, None] * stride_t + o_d[None, :])
+
+
+@triton.jit
 def _load_rows(
     p_base, start, stride_t, T, B: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, MASK_T: tl.constexpr
 ):
@@ -53,7 +62,7 @@ def _load_rows(
     """
     o_b = tl.arange(0, B)
     o_d = tl.arange(0, BD)
-    ptrs = p_base + start.to(tl.int64) * stride_t + (o_b[:, None] * stride_t + o_d[None, :])
+    ptrs = _row_ptrs(p_base, start, stride_t, B, BD)
     if MASK_T:
         x = tl.load(ptrs, mask=((start + o_b) < T)[:, None] & (o_d[None, :] < D), other=0.0)
     elif BD != D:
