@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Options go to python -m longctx.kernels.check (e.g. `longctx check --ops flash s2`).",
     )
     p.add_argument("check_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_check, raw=True)
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("export", help="write a checkpoint's full weights (safetensors) and model config")
     p.add_argument("--run", help="run directory (its latest checkpoint unless --checkpoint is given)")
@@ -154,14 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:  # its options go through unchanged, in order
+        return cmd_check(argparse.Namespace(check_args=argv[1:]))
     parser = build_parser()
     # Overrides may come before or after options (launchers append their own arguments).
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "raw", False):
-        if hasattr(args, "check_args"):
-            args.check_args = [*args.check_args, *extra]
-        else:
-            args.bench_args = [*args.bench_args, *extra]
+        args.bench_args = [*args.bench_args, *extra]
         extra = []
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "config")]
     if stray:

@@ -396,8 +396,9 @@ def candidates(name: str, block_size: int, bd: int, elem_bytes: int = 2) -> list
     block or two blocks) and the two largest inner tiles (<= 64 rows, dividing the block), with 4 or 8
     warps and 2 or 3 stages. fp32 inputs and head dims over 128 halve the limits (registers and shared
     memory). At head dims <= 128 in 16-bit those that spill registers on sm_90 are left out (measured
-    with `python -m longctx.kernels.aot`): 128-row forward / dQ tiles on 4 warps, and every dK/dV tile
-    but the 32-row ones on 8 warps (dK/dV keeps two fp32 accumulators and recomputes P and dP)."""
+    with `python -m longctx.kernels.aot`): 128-row forward / dQ tiles on 4 warps, 32x64 on 8 warps and
+    3 stages, and every dK/dV tile but the 32-row ones on 8 warps (dK/dV keeps two fp32 accumulators
+    and recomputes P and dP)."""
     small = elem_bytes > 2 or bd > 128
     top_outer, top_inner = (64, 32) if small else (128, 64)
     outer = [t for t in (128, 64, 32, 16) if t <= top_outer and (t == 2 * block_size or block_size % t == 0)]
@@ -407,7 +408,7 @@ def candidates(name: str, block_size: int, bd: int, elem_bytes: int = 2) -> list
         if name == "dkdv":
             kept = [c for c in configs if c[0] <= 32 and c[2] == 8]
         else:
-            kept = [c for c in configs if not (c[0] == 128 and c[2] == 4)]
+            kept = [c for c in configs if not (c[0] == 128 and c[2] == 4) and c != (32, 64, 8, 3)]
         configs = kept or configs[-1:]
     preferred = (32, 64, 8, 2) if name == "dkdv" and not small else (64, 64, 4, 2)
     return sorted(configs, key=lambda c: c != preferred)
