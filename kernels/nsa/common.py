@@ -31,9 +31,11 @@ def warps_for(head_dim_tile: int, rows: int = 128) -> int:
 
 
 def dkdv_rows(head_dim_tile: int) -> int:
-    """Rows (tokens x heads) per step of the dK/dV kernels: 64, halved for head dims over 128 so the
-    two fp32 accumulators and the recomputed P / dP tiles fit the register file."""
-    return 64 if head_dim_tile <= 128 else 32
+    """Rows (tokens x heads) per step of the dK/dV kernels: 64, and 16 for head dims over 128, where
+    the two fp32 [key block, 256] accumulators fill most of the register file (sm_90, bf16: the
+    compressed dK/dV then spills 0-24 B instead of 96-136, the selected one 104-168 instead of
+    176-216; its 64-key accumulators alone are 128 registers a thread)."""
+    return 64 if head_dim_tile <= 128 else 16
 
 
 def dot_precision(dtype: torch.dtype) -> str:
