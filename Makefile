@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench lint clean aot gpu-check
 
 setup: $(STAMP)
 
@@ -37,6 +37,16 @@ demo: setup
 
 bench: setup
 	$(VENV)/bin/longctx bench comm
+
+# Compile every kernel and tuning config for sm_80 and sm_90 without a GPU (docs/kernels.md).
+aot: setup
+	$(PY) -m longctx.kernels.aot
+
+# On a GPU machine, with its own python3 (no venv, no install): longctx check, the GPU tests, the
+# 16k/64k kernel benchmarks into bench/results/, the README targets table (docs/kernels.md).
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m longctx.bench.gpu_check
 
 lint: setup
 	$(VENV)/bin/ruff check .

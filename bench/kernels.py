@@ -1,7 +1,7 @@
 """Every kernel against its peer in one run: dense vs SDPA flash, S2 vs dense and FlexAttention, NSA vs
 dense, gated linear attention and the gated delta rule vs flash-linear-attention.
 
-    longctx bench kernels [--out FILE] [--only flash_attn,s2_attn]
+    longctx bench kernels [--out FILE] [--only flash_attn,s2_attn] [--quick]
 
 Each benchmark is also runnable alone (`python -m longctx.bench.<name> --help` for its options);
 this runs them with their defaults into one results file. Without CUDA each says why and skips.
@@ -12,12 +12,22 @@ import importlib
 import sys
 
 KERNEL_BENCHES = ("flash_attn", "s2_attn", "nsa", "gla", "gated_delta", "ring")
+# `--quick` (what `make gpu-check` runs): 16k and 64k tokens, the README targets' head dim 128.
+QUICK = {
+    "flash_attn": ["--seqlens", "16384,65536", "--head-dims", "128"],
+    "s2_attn": ["--seq-lens", "16384", "65536"],
+    "nsa": ["--lengths", "16384,65536", "--no-breakdown"],
+    "gla": ["--lengths", "16384", "65536"],
+    "gated_delta": ["--lengths", "16384", "65536"],
+    "ring": ["--seqlens", "32768", "--ranks", "8"],
+}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="longctx bench kernels", description=__doc__.split("\n")[0])
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(KERNEL_BENCHES)}")
     parser.add_argument("--out", help="results JSON (default bench/results/<device>-<date>.json)")
+    parser.add_argument("--quick", action="store_true", help="16k and 64k tokens only (make gpu-check)")
     args = parser.parse_args(argv)
     names = args.only.split(",") if args.only else list(KERNEL_BENCHES)
     unknown = sorted(set(names) - set(KERNEL_BENCHES))
@@ -27,7 +37,8 @@ def main(argv=None) -> int:
     for name in names:
         print(f"== {name}", flush=True)
         module = importlib.import_module(f"longctx.bench.{name}")
-        code |= module.main(["--out", args.out] if args.out else [])
+        extra = QUICK[name] if args.quick else []
+        code |= module.main([*extra, *(["--out", args.out] if args.out else [])])
     return code
 
 

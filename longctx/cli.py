@@ -7,6 +7,7 @@ longctx eval niah --run runs/x --lengths 512,1024 --depths 0,0.5,1 --samples 20
 longctx eval ppl --run runs/x --seq-len 1024
 longctx generate --run runs/x --prompt "The pass key is" --max-new-tokens 16
 longctx export --run runs/x --out exported/x
+longctx check
 """
 
 import argparse
@@ -83,6 +84,12 @@ def cmd_bench(args) -> int:
     return module.main(args.bench_args)
 
 
+def cmd_check(args) -> int:
+    from longctx.kernels.check import main as check_main
+
+    return check_main(args.check_args)
+
+
 def cmd_export(args) -> int:
     from longctx.export import export_checkpoint, find_checkpoint
 
@@ -126,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench, raw=True)
 
+    p = sub.add_parser(
+        "check",
+        help="every Triton kernel against the PyTorch reference on this GPU (interpreter without one)",
+        description="Options go to python -m longctx.kernels.check (e.g. `longctx check --ops flash s2`).",
+    )
+    p.add_argument("check_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_check)
+
     p = sub.add_parser("export", help="write a checkpoint's full weights (safetensors) and model config")
     p.add_argument("--run", help="run directory (its latest checkpoint unless --checkpoint is given)")
     p.add_argument("--checkpoint", help="a checkpoint directory, or its name inside RUN/checkpoints/")
@@ -143,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:  # its options go through unchanged, in order
+        return cmd_check(argparse.Namespace(check_args=argv[1:]))
     parser = build_parser()
     # Overrides may come before or after options (launchers append their own arguments).
     args, extra = parser.parse_known_args(argv)

@@ -32,8 +32,9 @@ Backward, in three launches:
    atomics from the dK/dV kernel (7 instead of 5), and buys deterministic results, no fp32 dQ buffer
    and no atomic traffic.
 
-Every kernel is autotuned over a few block/warp/stage configs keyed on the head dim, causality and the
-window flag (and, by Triton, the dtypes). Under the interpreter (`TRITON_INTERPRET=1`, how the CPU
+Every kernel is tuned over a few block/warp/stage configs keyed on the head dim, causality, the window
+flag and the dtypes (`longctx.kernels.common.tuning`: `LONGCTX_TUNE=on|cache|off`, rank 0 decides under
+torch.distributed). Under the interpreter (`TRITON_INTERPRET=1`, how the CPU
 tests run them) one fixed config is used, so nothing is benchmarked. `tl.dot` accumulates in fp32;
 fp32 inputs use IEEE products (no TF32). Head dims are padded to a power of two >= 16 with masked
 loads. Pointer tiles are rebuilt each step from a 64-bit row offset (no pointer tiles live across
@@ -47,6 +48,7 @@ import triton
 import triton.language as tl
 
 from longctx.kernels.common.backend import interpreting
+from longctx.kernels.common.tuning import tuned
 
 LOG2E = math.log2(math.e)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -61,9 +63,10 @@ def _configs(gpu: list[tuple[int, int, int, int]], interp: tuple[int, int]) -> l
 
 
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW"]
-# Candidates chosen by compiling for sm_90 (Triton 3.9 with its ptxas, no GPU) and keeping those that
-# need no register spills at head dim 128 (e.g. forward 128x64 with 8 warps: 176 registers), plus a few
-# that only suit head dim <= 64 and small ones for head dims up to 256. Forward and dQ take BM queries
+# Candidates chosen by compiling for sm_90 (Triton 3.9 with its ptxas, no GPU: `python -m
+# longctx.kernels.aot`) and keeping those that need no register spills at head dim <= 128 (e.g. forward
+# 128x64 with 8 warps: 176 registers), plus a few that only suit head dim <= 64 and small ones for head
+# dims up to 256. Forward and dQ take BM queries
 # against BN keys per step (BM > BN: the causal diagonal spans a few key blocks); dK/dV the reverse.
 # The interpreter configs keep BM != BN for the same reason, and are large to keep the interpreter fast.
 _FWD_CONFIGS = _configs(
@@ -72,14 +75,13 @@ _FWD_CONFIGS = _configs(
         (128, 64, 8, 4),
         (128, 128, 8, 2),
         (128, 128, 8, 3),
-        (128, 64, 4, 3),
         (64, 64, 4, 3),
         (64, 32, 4, 2),
     ],
     interp=(64, 32),
 )
 _DKDV_CONFIGS = _configs(
-    [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 2), (16, 64, 4, 3)],
+    [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 4, 2), (16, 64, 4, 3)],
     interp=(32, 64),
 )
 _DQ_CONFIGS = _configs(
@@ -266,7 +268,7 @@ def _attn_fwd_inner(
     return b_acc, b_l, b_m
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
+@tuned(_FWD_CONFIGS, _TUNE_KEY)
 @triton.jit
 def _attn_fwd_kernel(
     Q,
@@ -451,7 +453,7 @@ def _attn_bwd_dkdv_inner(
     return b_dk, b_dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY)
+@tuned(_DKDV_CONFIGS, _TUNE_KEY)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q,
@@ -602,7 +604,7 @@ def _attn_bwd_dq_inner(
     return b_dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY)
+@tuned(_DQ_CONFIGS, _TUNE_KEY)
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q,

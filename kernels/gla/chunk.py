@@ -64,6 +64,7 @@ import triton
 import triton.language as tl
 
 from longctx.kernels.common.backend import interpreting
+from longctx.kernels.common.tuning import tuned
 
 # Outputs and workspaces are allocated here; tests replace it with a NaN-filling allocator so that a
 # kernel which skips a write shows up as NaN.
@@ -88,7 +89,9 @@ def _tile(base, r0, c0, R, C, stride_r, stride_c, BR: tl.constexpr, BC: tl.const
     """Pointers and in-bounds mask of the [BR, BC] tile at (r0, c0) of an [R, C] strided matrix."""
     o_r = r0 + tl.arange(0, BR)
     o_c = c0 + tl.arange(0, BC)
-    p = base + o_r.to(tl.int64)[:, None] * stride_r + o_c[None, :] * stride_c
+    # Both offsets in int64: a token axis may be the columns (k^T tiles, stride H*K), and t*H*K passes
+    # 2^31 at about 1M tokens with H*K = 2048.
+    p = base + o_r.to(tl.int64)[:, None] * stride_r + o_c.to(tl.int64)[None, :] * stride_c
     return p, (o_r < R)[:, None] & (o_c < C)[None, :]
 
 
@@ -121,7 +124,7 @@ def chunk_local_cumsum_kernel(g, b, T, H: tl.constexpr, BT: tl.constexpr):
     tl.store(b + o_g, tl.cumsum(b_g, axis=0), mask=m_t)
 
 
-@triton.autotune(configs=_configs({"BK": [32, 64], "BV": [32, 64]}), key=["BT", "K", "V"])
+@tuned(_configs({"BK": [32, 64], "BV": [32, 64]}), ["BT", "K", "V"])
 @triton.jit
 def chunk_fwd_h_kernel(
     k,
@@ -163,7 +166,7 @@ def chunk_fwd_h_kernel(
     tl.store(p_ht, b_h, mask=m_ht)
 
 
-@triton.autotune(configs=_configs({"BK": [32, 64], "BV": [32, 64, 128]}), key=["BT", "K", "V"])
+@tuned(_configs({"BK": [32, 64], "BV": [32, 64, 128]}), ["BT", "K", "V"])
 @triton.jit
 def chunk_fwd_o_kernel(
     q,
@@ -210,7 +213,7 @@ def chunk_fwd_o_kernel(
     tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), mask=m_o)
 
 
-@triton.autotune(configs=_configs({"BK": [32, 64], "BV": [32, 64]}), key=["BT", "K", "V"])
+@tuned(_configs({"BK": [32, 64], "BV": [32, 64]}), ["BT", "K", "V"])
 @triton.jit
 def chunk_bwd_dh_kernel(
     q,
@@ -258,7 +261,7 @@ def chunk_bwd_dh_kernel(
         tl.store(p_dh0, b_dh, mask=m_dh0)
 
 
-@triton.autotune(configs=_configs({"BK": [32, 64], "BV": [32, 64, 128]}), key=["BT", "K", "V"])
+@tuned(_configs({"BK": [32, 64], "BV": [32, 64, 128]}), ["BT", "K", "V"])
 @triton.jit
 def chunk_bwd_dv_kernel(
     q,
@@ -305,7 +308,7 @@ def chunk_bwd_dv_kernel(
     tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), mask=m_dv)
 
 
-@triton.autotune(configs=_configs({"BV": [32, 64]}), key=["BT", "K", "V", "BK"])
+@tuned(_configs({"BV": [32, 64]}), ["BT", "K", "V", "BK"])
 @triton.jit
 def chunk_bwd_dqk_kernel(
     q,

@@ -16,8 +16,10 @@ import triton.language as tl
 
 from longctx.kernels.nsa.common import (
     LOG2E,
+    dkdv_rows,
     dot_precision,
     pow2_at_least_16,
+    row_offset,
     row_tile,
     softmax_delta,
     warps_for,
@@ -56,7 +58,7 @@ def _cmp_fwd_kernel(
     b_pos = o_t + q_offset
     o_d = tl.arange(0, BD)
     m_d = o_d < D
-    o_row = ((i_b * T + o_t).to(tl.int64) * H + i_h * G + o_g) * D
+    o_row = row_offset(i_b, T, o_t, H, i_h, G, o_g, D)
     m_rd = m_r[:, None] & m_d[None, :]
     b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
     kv_base = ((i_b * TC).to(tl.int64) * HKV + i_h) * D
@@ -132,7 +134,7 @@ def _cmp_bwd_dq_kernel(
     b_pos = o_t + q_offset
     o_d = tl.arange(0, BD)
     m_d = o_d < D
-    o_row = ((i_b * T + o_t).to(tl.int64) * H + i_h * G + o_g) * D
+    o_row = row_offset(i_b, T, o_t, H, i_h, G, o_g, D)
     m_rd = m_r[:, None] & m_d[None, :]
     b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
     b_do = tl.load(do + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
@@ -213,7 +215,7 @@ def _cmp_bwd_dkdv_kernel(
     for t0 in range((first // BT) * BT, T, BT):
         o_t = t0 + o_rt
         m_r = (o_t < T) & (o_g < G)
-        o_row = ((i_b * T + o_t).to(tl.int64) * H + i_h * G + o_g) * D
+        o_row = row_offset(i_b, T, o_t, H, i_h, G, o_g, D)
         m_rd = m_r[:, None] & m_d[None, :]
         b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
         b_do = tl.load(do + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
@@ -265,13 +267,15 @@ def cmp_attn_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, cmp_block, cmp_stride, scale
     )
     dq = torch.empty_like(q)
     gp, bt = row_tile(g, 128)
-    # fp32 tiles are twice the bytes: a narrower compressed tile keeps the stages in shared memory.
+    # fp32 tiles and 256-wide heads are twice the bytes: a narrower compressed tile keeps the stages in
+    # shared memory (hd 256 bf16 with 64 needs 256 KiB, over sm_90's 227 KiB).
+    bc = 64 if q.element_size() <= 2 and bd <= 128 else 32
     _cmp_bwd_dq_kernel[(triton.cdiv(t, bt), b * h_kv)](
         q, k_cmp, v_cmp, do, lse, delta, dq, scale, scale * LOG2E, t, t_c, q_offset,
-        GP=gp, BT=bt, BC=64 if q.element_size() <= 2 else 32, num_warps=warps_for(bd), num_stages=2, **common,
+        GP=gp, BT=bt, BC=bc, num_warps=warps_for(bd), num_stages=2, **common,
     )  # fmt: skip
     dk, dv = torch.empty_like(k_cmp), torch.empty_like(v_cmp)
-    gp, bt = row_tile(g, 64)
+    gp, bt = row_tile(g, dkdv_rows(bd))
     _cmp_bwd_dkdv_kernel[(triton.cdiv(t_c, 64), b * h_kv)](
         q, k_cmp, v_cmp, do, lse, delta, dk, dv, scale, scale * LOG2E, t, t_c, q_offset,
         GP=gp, BT=bt, BC=64, num_warps=warps_for(bd), num_stages=2, **common,

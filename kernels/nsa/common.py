@@ -26,8 +26,16 @@ def row_tile(n_heads_group: int, rows: int) -> tuple[int, int]:
 def warps_for(head_dim_tile: int, rows: int = 128) -> int:
     """Warps for the attention tiles: with 128-wide heads and 64+ rows, 8 warps keep the tiles in
     registers without spills on sm_90 (checked with ptxas -v, 2 pipeline stages, bf16); smaller
-    tiles fit in 4."""
-    return 8 if head_dim_tile > 64 and rows > 32 else 4
+    tiles fit in 4. 256-wide heads take 8 whatever the rows."""
+    return 8 if (head_dim_tile > 64 and rows > 32) or head_dim_tile > 128 else 4
+
+
+def dkdv_rows(head_dim_tile: int) -> int:
+    """Rows (tokens x heads) per step of the dK/dV kernels: 64, and 16 for head dims over 128, where
+    the two fp32 [key block, 256] accumulators fill most of the register file (sm_90, bf16: the
+    compressed dK/dV then spills 0-24 B instead of 96-136, the selected one 104-168 instead of
+    176-216; its 64-key accumulators alone are 128 registers a thread)."""
+    return 64 if head_dim_tile <= 128 else 16
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -35,6 +43,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     reference (the block choice compares importances); the default tf32 otherwise, where it only
     names the default (bf16 / fp16 operands are multiplied exactly)."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def row_offset(i_b, T, o_t, H, i_h, G, o_g, D):
+    """Element offset of (batch `i_b`, token `o_t`, query head `i_h * G + o_g`) in a `[B, T, H, D]`
+    tensor, in int64 from the token on (`T * H * D` passes 2^31 at 1M tokens, 32 heads of 128)."""
+    return ((i_b * T + o_t).to(tl.int64) * H + i_h * G + o_g) * D
 
 
 @triton.jit

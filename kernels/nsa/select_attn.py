@@ -26,8 +26,10 @@ import triton.language as tl
 
 from longctx.kernels.nsa.common import (
     LOG2E,
+    dkdv_rows,
     dot_precision,
     pow2_at_least_16,
+    row_offset,
     row_tile,
     softmax_delta,
     warps_for,
@@ -71,7 +73,7 @@ def _select_fwd_kernel(
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     o_s = tl.arange(0, BSP)
-    o_row = ((i_b * T + o_t).to(tl.int64) * H + i_h * G + o_g) * D
+    o_row = row_offset(i_b, T, o_t, H, i_h, G, o_g, D)
     m_rd = m_r[:, None] & m_d[None, :]
     b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
     kv_base = ((i_b * TK).to(tl.int64) * HKV + i_h) * D
@@ -161,7 +163,7 @@ def _select_bwd_dq_kernel(
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     o_s = tl.arange(0, BSP)
-    o_row = ((i_b * T + o_t).to(tl.int64) * H + i_h * G + o_g) * D
+    o_row = row_offset(i_b, T, o_t, H, i_h, G, o_g, D)
     m_rd = m_r[:, None] & m_d[None, :]
     b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
     b_do = tl.load(do + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
@@ -267,7 +269,7 @@ def _select_bwd_dkdv_kernel(
         for i_s in range(i_lo, i_hi, BT):
             m_r = (o_rg < G) & (i_s + o_rt < i_hi)
             b_t = tl.load(tokens + i_s + o_rt, mask=m_r, other=0)
-            o_row = ((i_b * T + b_t).to(tl.int64) * H + i_h * G + o_rg) * D
+            o_row = row_offset(i_b, T, b_t, H, i_h, G, o_rg, D)
             m_rd = m_r[:, None] & m_d[None, :]
             b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
             b_do = tl.load(do + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
@@ -342,8 +344,10 @@ def transpose_block_idx(block_idx: torch.Tensor, n_kblk: int, t_k: int, chunk: i
     # A stable sort keeps tokens ascending inside each group (they are ascending in the input).
     group_sorted, order = torch.sort(group, stable=True)
     tokens = (order // n % t).to(torch.int32)
-    counts = torch.bincount(group_sorted, minlength=n_groups + 1)[:n_groups]
-    starts = torch.cumsum(counts, 0) - counts
+    # Group boundaries by binary search in the sorted list (bincount syncs with the host on CUDA).
+    bounds = torch.searchsorted(group_sorted, torch.arange(n_groups + 1, device=dev, dtype=torch.int32))
+    starts = bounds[:-1]
+    counts = bounds[1:] - starts
     n_chunks = (counts + chunk - 1) // chunk
     chunk_end = torch.cumsum(n_chunks, 0)
     n_items = b * h_kv * t * n // chunk + n_groups + 1
@@ -381,7 +385,7 @@ def select_attn_bwd(q, k, v, block_idx, o, lse, do, dlse, block_size, scale, q_o
 
     n_kblk = (k_offset + t_k + block_size - 1) // block_size
     # Tokens per step so a step's rows (tokens x heads of the group) fill a 64-row matmul operand.
-    gp, bt = row_tile(g, 64)
+    gp, bt = row_tile(g, dkdv_rows(bd))
     chunk = max(bt, DKDV_CHUNK)
     tokens, starts, counts, item_group, item_chunk, n_groups = transpose_block_idx(
         block_idx, n_kblk, t_k, chunk

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longctx.kernels.nsa.common import LOG2E, dot_precision, pow2_at_least_16, row_tile, warps_for
+from longctx.kernels.nsa.common import LOG2E, dot_precision, pow2_at_least_16, row_offset, row_tile, warps_for
 
 
 @triton.jit
@@ -71,7 +71,7 @@ def _select_blocks_kernel(
     b_pos = o_t + q_offset
     o_d = tl.arange(0, BD)
     m_d = o_d < D
-    o_row = ((i_b * T + o_t).to(tl.int64) * H + i_h * G + o_g) * D
+    o_row = row_offset(i_b, T, o_t, H, i_h, G, o_g, D)
     b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)
     o_lse = (i_b * H + i_h * G + o_g).to(tl.int64) * T + o_t
     b_lse2 = tl.load(lse + o_lse, mask=m_r, other=0.0) * 1.4426950408889634

@@ -64,8 +64,10 @@ def check_block_ids(ids, n_tokens: int, block_size: int, name: str) -> torch.Ten
             f"{name} must give one global block index per {block_size} tokens: {n_tokens} tokens need "
             f"{n_blocks} ids, got {ids.numel()}"
         )
-    if n_blocks and (ids[0] < 0 or bool((ids[1:] <= ids[:-1]).any())):
-        raise ValueError(f"{name} must be non-negative and strictly increasing, got {ids.tolist()}")
+    # Checked on a Python list: ids are host data, and tensor comparisons read back through .item().
+    values = ids.tolist()
+    if n_blocks and (values[0] < 0 or any(b <= a for a, b in zip(values, values[1:]))):
+        raise ValueError(f"{name} must be non-negative and strictly increasing, got {values}")
     return ids
 
 

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from longctx.kernels.common import tuning
 from longctx.kernels.common.backend import interpreting
 from longctx.kernels.s2_attn.blocks import S2BlockLists, TileLists, check_block_ids, s2_block_lists
 
@@ -40,6 +41,15 @@ LOG2E = 1.4426950408889634
 # Kernels may only read constexpr globals.
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _row_ptrs(p_base, start, stride_t, B: tl.constexpr, BD: tl.constexpr):
+    """Pointers to rows `start .. start + B` x `BD` columns: the row offset one int64 scalar, offsets
+    within the tile int32."""
+    o_b = tl.arange(0, B)
+    o_d = tl.arange(0, BD)
+    return p_base + start.to(tl.int64) * stride_t + (o_b[:, None] * stride_t + o_d[None, :])
 
 
 @triton.jit
@@ -52,7 +62,7 @@ def _load_rows(
     """
     o_b = tl.arange(0, B)
     o_d = tl.arange(0, BD)
-    ptrs = p_base + start.to(tl.int64) * stride_t + (o_b[:, None] * stride_t + o_d[None, :])
+    ptrs = _row_ptrs(p_base, start, stride_t, B, BD)
     if MASK_T:
         x = tl.load(ptrs, mask=((start + o_b) < T)[:, None] & (o_d[None, :] < D), other=0.0)
     elif BD != D:
@@ -60,6 +70,13 @@ def _load_rows(
     else:
         x = tl.load(ptrs)
     return x
+
+
+@triton.jit
+def _base(p, i_b, i_h, stride_b, stride_h):
+    """Pointer to (batch i_b, head i_h) of a [B, T, H, D] tensor, in int64: a head-major layout has
+    stride_h = T*D, and H*T*D passes 2^31 at long contexts."""
+    return p + i_b.to(tl.int64) * stride_b + i_h.to(tl.int64) * stride_h
 
 
 @triton.jit
@@ -138,10 +155,11 @@ def _s2_fwd_kernel(
     pos_m = qb_m * BS + o_m % BS
     o_d = tl.arange(0, BD)
 
-    p_k = k + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh
-    p_v = v + i_b.to(tl.int64) * stride_vb + i_hk * stride_vh
+    p_k = _base(k, i_b, i_hk, stride_kb, stride_kh)
+    p_v = _base(v, i_b, i_hk, stride_vb, stride_vh)
     b_q = _load_rows(
-        q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh, start, stride_qt, T_q, BM, D, BD, True
+        _base(q, i_b, i_h, stride_qb, stride_qh),
+        start, stride_qt, T_q, BM, D, BD, True,
     )
 
     row = i_h * n_tiles + i_tile
@@ -165,7 +183,8 @@ def _s2_fwd_kernel(
     l_safe = tl.where(seen, l_i, 1.0)
     acc = acc / l_safe[:, None]
     b_lse = tl.where(seen, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
-    p_o = o + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + o_m[:, None].to(tl.int64) * stride_ot
+    p_o = _base(o, i_b, i_h, stride_ob, stride_oh)
+    p_o += o_m[:, None].to(tl.int64) * stride_ot
     tl.store(p_o + o_d[None, :], acc.to(o.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < D))
     tl.store(lse + i_bh.to(tl.int64) * T_q + o_m, b_lse, mask=m_m)
 
@@ -180,8 +199,8 @@ def _s2_bwd_preprocess_kernel(
     i_b, i_h = i_bh // n_heads, i_bh % n_heads
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < T_q
-    p_o = o + i_b.to(tl.int64) * stride_ob + i_h * stride_oh
-    p_do = do + i_b.to(tl.int64) * stride_dob + i_h * stride_doh
+    p_o = _base(o, i_b, i_h, stride_ob, stride_oh)
+    p_do = _base(do, i_b, i_h, stride_dob, stride_doh)
     b_o = _load_rows(p_o, i_m * BM, stride_ot, T_q, BM, D, BD, True).to(tl.float32)
     b_do = _load_rows(p_do, i_m * BM, stride_dot, T_q, BM, D, BD, True).to(tl.float32)
     b_delta = tl.sum(b_o * b_do, 1)
@@ -238,13 +257,15 @@ def _s2_bwd_dq_kernel(
     pos_m = qb_m * BS + o_m % BS
     o_d = tl.arange(0, BD)
 
-    p_k = k + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh
-    p_v = v + i_b.to(tl.int64) * stride_vb + i_hk * stride_vh
+    p_k = _base(k, i_b, i_hk, stride_kb, stride_kh)
+    p_v = _base(v, i_b, i_hk, stride_vb, stride_vh)
     b_q = _load_rows(
-        q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh, start, stride_qt, T_q, BM, D, BD, True
+        _base(q, i_b, i_h, stride_qb, stride_qh),
+        start, stride_qt, T_q, BM, D, BD, True,
     )
     b_do = _load_rows(
-        do + i_b.to(tl.int64) * stride_dob + i_h * stride_doh, start, stride_dot, T_q, BM, D, BD, True
+        _base(do, i_b, i_h, stride_dob, stride_doh),
+        start, stride_dot, T_q, BM, D, BD, True,
     )
     b_lse = tl.load(lse + i_bh.to(tl.int64) * T_q + o_m, mask=m_m, other=float("inf")) * _LOG2E
     # A row that saw no key (lse = -inf) gets p = 0 instead of exp2(+inf).
@@ -266,7 +287,8 @@ def _s2_bwd_dq_kernel(
         hi, T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from, D, BD, BS, BN, True,
         PRECISION,
     )  # fmt: skip
-    p_dq = dq + i_b.to(tl.int64) * stride_dqb + i_h * stride_dqh + o_m[:, None].to(tl.int64) * stride_dqt
+    p_dq = _base(dq, i_b, i_h, stride_dqb, stride_dqh)
+    p_dq += o_m[:, None].to(tl.int64) * stride_dqt
     tl.store(
         p_dq + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < D)
     )
@@ -329,17 +351,17 @@ def _s2_bwd_dkdv_kernel(
     o_d = tl.arange(0, BD)
 
     b_k = _load_rows(
-        k + i_b.to(tl.int64) * stride_kb + i_hk * stride_kh, start, stride_kt, T_k, BN, D, BD, True
+        _base(k, i_b, i_hk, stride_kb, stride_kh), start, stride_kt, T_k, BN, D, BD, True
     )
     b_v = _load_rows(
-        v + i_b.to(tl.int64) * stride_vb + i_hk * stride_vh, start, stride_vt, T_k, BN, D, BD, True
+        _base(v, i_b, i_hk, stride_vb, stride_vh), start, stride_vt, T_k, BN, D, BD, True
     )
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
     for g in range(0, group):
         i_h = i_hk * group + g
-        p_q = q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh
-        p_do = do + i_b.to(tl.int64) * stride_dob + i_h * stride_doh
+        p_q = _base(q, i_b, i_h, stride_qb, stride_qh)
+        p_do = _base(do, i_b, i_h, stride_dob, stride_doh)
         p_lse = lse + (i_b * n_heads + i_h).to(tl.int64) * T_q
         p_delta = delta + (i_b * n_heads + i_h).to(tl.int64) * T_q
         row = i_h * n_tiles + i_tile
@@ -358,26 +380,38 @@ def _s2_bwd_dkdv_kernel(
         )  # fmt: skip
 
     m_store = m_n[:, None] & (o_d[None, :] < D)
-    p_dk = dk + i_b.to(tl.int64) * stride_dkb + i_hk * stride_dkh + o_n[:, None].to(tl.int64) * stride_dkt
+    p_dk = _base(dk, i_b, i_hk, stride_dkb, stride_dkh) + o_n[:, None].to(tl.int64) * stride_dkt
     tl.store(p_dk + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=m_store)
-    p_dv = dv + i_b.to(tl.int64) * stride_dvb + i_hk * stride_dvh + o_n[:, None].to(tl.int64) * stride_dvt
+    p_dv = _base(dv, i_b, i_hk, stride_dvb, stride_dvh) + o_n[:, None].to(tl.int64) * stride_dvt
     tl.store(p_dv + o_d[None, :], b_dv.to(dv.dtype.element_ty), mask=m_store)
 
 
 # A launch configuration: outer tile rows, inner tile rows, warps, pipeline stages.
 Config = tuple[int, int, int, int]
-_tuned: dict = {}
 
 
-def _candidates(block_size: int, bd: int, elem_bytes: int = 2) -> list[Config]:
-    """Tile configurations worth timing: the three largest outer tiles (<= 128 rows; a divisor of the
-    block or two blocks), the two largest inner tiles (<= 64 rows, dividing the block). fp32 inputs
-    and head dims over 128 halve the limits (registers and shared memory)."""
+def candidates(name: str, block_size: int, bd: int, elem_bytes: int = 2) -> list[Config]:
+    """Tile configurations the tuner may pick for kernel `name` ("fwd", "dq" or "dkdv"), the default
+    (`LONGCTX_TUNE=off`) first: among the three largest outer tiles (<= 128 rows; a divisor of the
+    block or two blocks) and the two largest inner tiles (<= 64 rows, dividing the block), with 4 or 8
+    warps and 2 or 3 stages. fp32 inputs and head dims over 128 halve the limits (registers and shared
+    memory). At head dims <= 128 in 16-bit those that spill registers on sm_90 are left out (measured
+    with `python -m longctx.kernels.aot`): 128-row forward / dQ tiles on 4 warps, 32x64 on 8 warps and
+    3 stages, and every dK/dV tile but the 32-row ones on 8 warps (dK/dV keeps two fp32 accumulators
+    and recomputes P and dP)."""
     small = elem_bytes > 2 or bd > 128
     top_outer, top_inner = (64, 32) if small else (128, 64)
     outer = [t for t in (128, 64, 32, 16) if t <= top_outer and (t == 2 * block_size or block_size % t == 0)]
     inner = [t for t in (64, 32, 16) if t <= top_inner and block_size % t == 0]
-    return [(o, i, w, s) for o in outer[:3] for i in inner[:2] for w in (4, 8) for s in (2, 3)]
+    configs = [(o, i, w, s) for o in outer[:3] for i in inner[:2] for w in (4, 8) for s in (2, 3)]
+    if not small:
+        if name == "dkdv":
+            kept = [c for c in configs if c[0] <= 32 and c[2] == 8]
+        else:
+            kept = [c for c in configs if not (c[0] == 128 and c[2] == 4) and c != (32, 64, 8, 3)]
+        configs = kept or configs[-1:]
+    preferred = (32, 64, 8, 2) if name == "dkdv" and not small else (64, 64, 4, 2)
+    return sorted(configs, key=lambda c: c != preferred)
 
 
 def _check_tiles(block_size: int, tiles: tuple[int, int]) -> None:
@@ -394,25 +428,18 @@ def _run_tuned(name: str, key: tuple, launch, block_size: int, bd: int, elem_byt
     """Launch with `tiles` if given (or one fixed config under the interpreter), else the fastest
     candidate for `key`, timed on first use."""
     if tiles is not None or interpreting():
-        outer, inner = tiles if tiles is not None else (min(block_size, 64), min(block_size, 64))
-        _check_tiles(block_size, (outer, inner))
-        launch((outer, inner, 4, 2))
+        if tiles is None:
+            tiles = (min(block_size, 64), min(block_size, 64))
+        _check_tiles(block_size, tiles)
+        launch((*tiles, 4, 2))
         return
-    best = _tuned.get((name, *key))
-    if best is None:
+
+    def bench(config: Config) -> float:
         from triton.testing import do_bench
 
-        timings, errors = {}, []
-        for config in _candidates(block_size, bd, elem_bytes):
-            try:
-                timings[config] = do_bench(lambda c=config: launch(c), warmup=5, rep=20)
-            except Exception as e:  # a config that does not compile or fit (shared memory, registers)
-                errors.append(e)
-        if not timings:
-            raise errors[-1]
-        best = min(timings, key=timings.get)
-        _tuned[(name, *key)] = best
-    launch(best)
+        return do_bench(lambda: launch(config), warmup=5, rep=20)
+
+    launch(tuning.choose(f"s2_{name}", key, candidates(name, block_size, bd, elem_bytes), bench))
 
 
 def _precision(x: torch.Tensor) -> str:

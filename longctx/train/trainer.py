@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from longctx.config import Config, save_config
 from longctx.data import build_samplers, load_tokenizer, prepare_dataset
+from longctx.kernels.common.tuning import synchronize as synchronize_tuning
 from longctx.model import build_model
 from longctx.parallel import SeqLayout, comm_stats, parallelize_model, reset_comm_stats, zigzag_shard
 from longctx.tokenizer import copy_tokenizer
@@ -131,6 +132,7 @@ class Trainer:
         self.device = self.dist.device
         self.run_dir = Path(cfg.train.run_dir)
         self.lock = None
+        self._tuned_in_sync = False
         on_rank0(self.lock_run_dir, self.dist)
         # Before anything is written: the checkpoint to resume, or an error if a fresh start would
         # overwrite an earlier run.
@@ -350,6 +352,10 @@ class Trainer:
                 )
             batch = self.sampler.next_batch()
             out = self.train_step(batch.tokens, batch.answer_mask)
+            if not self._tuned_in_sync:
+                # Every rank has now met its kernels' shapes: adopt rank 0's tuned configs.
+                synchronize_tuning()
+                self._tuned_in_sync = True
             self.step += 1
             self.tokens += out["tokens"]
             record = {"step": self.step}
