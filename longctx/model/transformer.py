@@ -3,12 +3,20 @@
     model = Transformer(cfg.model)          # or on the meta device, then model.init_weights()
     logits = model(tokens)                  # [B, T, vocab]
     hidden = model(tokens, return_hidden=True)  # [B, T, dim], final norm applied; model.output -> logits
+    losses, correct = model(tokens, targets=targets)  # [B, T] fp32 and bool; logits never whole
+
+Activation memory: `model.activation_checkpointing` is "none", "full" (each block recomputed in the
+backward; only block inputs are kept) or "selective" (the MLP half of each block and its norm are
+recomputed, the mixer keeps its saved tensors); `model.activation_offload=True` moves what is saved
+for the backward to pinned host memory (`torch.autograd.graph.save_on_cpu`). `model.loss_chunk` is the
+token chunk of the LM head and loss (`longctx.model.loss`; 0: automatic).
 
 The model runs on one device and knows nothing of process groups. Under context parallelism it is
 given its tokens' `SeqLayout` (their global positions) and its mixers' cores are swapped by
 `longctx.parallel`.
 """
 
+import contextlib
 import math
 
 import torch
@@ -17,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longctx.config import ModelConfig
 from longctx.model.layers import SwiGLU
+from longctx.model.loss import liger_linear_cross_entropy, linear_cross_entropy
 from longctx.model.mixers import build_mixer
 from longctx.model.mixers.nsa import BlockCompressor
 from longctx.model.rope import rope_cos_sin, rope_inv_freq
@@ -32,8 +41,15 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.hidden_dim)
 
-    def forward(self, x, cos, sin, layout):
+    def forward(self, x, cos, sin, layout, selective: bool = False):
         x = x + self.mixer(self.attention_norm(x), cos, sin, layout)
+        if selective:
+            # Recompute the MLP and its norm in the backward: they hold most of a block's saved bytes
+            # at short context and cost a small share of its FLOPs at long context.
+            return checkpoint(self.mlp_half, x, use_reentrant=False)
+        return self.mlp_half(x)
+
+    def mlp_half(self, x):
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -48,7 +64,10 @@ class Transformer(nn.Module):
         self.tie_weights()
         inv_freq, self.rope_mscale = rope_inv_freq(cfg.head_dim, cfg.rope)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
-        self.activation_checkpointing = False
+        self.activation_checkpointing = "none"
+        self.activation_offload = False
+        self.loss_chunk = 0
+        self.loss_impl = "chunked"
 
     def tie_weights(self) -> None:
         """Share the embedding and LM-head matrix if configured (again after `to_empty`)."""
@@ -77,13 +96,22 @@ class Transformer(nn.Module):
         self.rope_inv_freq.copy_(inv_freq)
 
     def forward(
-        self, tokens: torch.Tensor, layout: SeqLayout | None = None, return_hidden: bool = False
-    ) -> torch.Tensor:
+        self,
+        tokens: torch.Tensor,
+        layout: SeqLayout | None = None,
+        return_hidden: bool = False,
+        targets: torch.Tensor | None = None,
+    ):
         """Logits `[B, T, vocab]` for `tokens` `[B, T]` (a whole sequence, or a shard given `layout`).
 
         With `return_hidden` the final-norm hidden states `[B, T, dim]` instead: `model.output` of
         them gives the logits, so a caller that needs a few positions' logits (the needle evaluation)
         projects only those and never holds `[B, T, vocab]`.
+
+        With `targets` `[B, T]` the per-token next-token losses `[B, T]` (fp32) and whether each
+        token's argmax is its target `[B, T]` (bool), computed over `model.loss_chunk`-token chunks so
+        the logits are never whole (the LM head runs inside forward, where FSDP has gathered it).
+        With `model.loss_impl = "liger"` (CUDA), Liger Kernel's fused loss: the summed loss and None.
         """
         if layout is None:
             layout = SeqLayout.full(tokens.shape[1])
@@ -91,13 +119,29 @@ class Transformer(nn.Module):
             raise ValueError(f"got {tokens.shape[1]} tokens but the layout holds {layout.local_len}")
         cos, sin = rope_cos_sin(layout.positions(tokens.device), self.rope_inv_freq, self.rope_mscale)
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, layout, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, layout)
+        mode = self.checkpoint_mode() if torch.is_grad_enabled() else "none"
+        offload = torch.autograd.graph.save_on_cpu(pin_memory=h.is_cuda) if self.activation_offload else None
+        with offload or contextlib.nullcontext():
+            for layer in self.layers:
+                if mode == "full":
+                    h = checkpoint(layer, h, cos, sin, layout, use_reentrant=False)
+                else:
+                    h = layer(h, cos, sin, layout, selective=mode == "selective")
         h = self.norm(h)
+        if targets is not None and self.loss_impl == "liger":
+            return liger_linear_cross_entropy(h, self.output.weight, targets), None
+        if targets is not None:
+            return linear_cross_entropy(h, self.output.weight, targets, self.loss_chunk)
         return h if return_hidden else self.output(h)
+
+    def checkpoint_mode(self) -> str:
+        """ "none" | "full" | "selective" (the boolean of older callers: True is "full")."""
+        mode = self.activation_checkpointing
+        if isinstance(mode, bool):
+            return "full" if mode else "none"
+        if mode not in ("none", "full", "selective"):
+            raise ValueError(f"activation_checkpointing must be none, full or selective, got {mode!r}")
+        return mode
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

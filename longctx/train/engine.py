@@ -16,6 +16,7 @@ DP/CP degree, sharded or not); DeepSpeed writes its own format, converted to its
 the degree changes (`build_engine(..., load_universal=True)`).
 """
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -29,9 +30,10 @@ from longctx.train.optim import build_optimizer, build_scheduler
 
 
 class TorchEngine:
-    def __init__(self, model: nn.Module, cfg: Config, info: DistInfo):
+    def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, grad_accum: int = 1):
         self.module = model
         self.cfg = cfg
+        self.grad_accum = grad_accum
         if cfg.parallel.fsdp:
             self.wrapped = _fully_shard(model, info)
         elif info.enabled:
@@ -47,8 +49,18 @@ class TorchEngine:
     def __call__(self, *args, **kwargs):
         return self.wrapped(*args, **kwargs)
 
+    def accumulating(self, last: bool):
+        """Context for one micro-batch's forward and backward: gradients are reduced across ranks
+        only on the `last` micro-batch of a step (DDP no_sync, FSDP2 set_requires_gradient_sync)."""
+        if hasattr(self.wrapped, "set_requires_gradient_sync"):
+            self.wrapped.set_requires_gradient_sync(last)
+        elif hasattr(self.wrapped, "no_sync") and not last:
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
+
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        """Back-propagate one micro-batch's mean loss; the step's gradient is their mean."""
+        (loss / self.grad_accum if self.grad_accum > 1 else loss).backward()
 
     def step(self) -> float:
         clip = self.cfg.train.grad_clip
@@ -131,7 +143,7 @@ def _fully_shard(model: nn.Module, info: DistInfo) -> nn.Module:
     return model
 
 
-def deepspeed_config(cfg: Config, info: DistInfo) -> dict:
+def deepspeed_config(cfg: Config, info: DistInfo, grad_accum: int = 1) -> dict:
     """The DeepSpeed JSON: the user's file if given, else generated from our config."""
     path = cfg.parallel.deepspeed_config
     if path:
@@ -147,10 +159,15 @@ def deepspeed_config(cfg: Config, info: DistInfo) -> dict:
                 "schedule (train.lr, train.warmup, ...) so both engines train alike"
             )
         ds.setdefault("train_micro_batch_size_per_gpu", cfg.train.batch_size)
+        if ds.setdefault("gradient_accumulation_steps", grad_accum) != grad_accum:
+            raise ValueError(
+                f"{path}: gradient_accumulation_steps={ds['gradient_accumulation_steps']} contradicts "
+                f"train.grad_accum={grad_accum}; remove it from the file (longctx sets it) or make them equal"
+            )
         return ds
     return {
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": cfg.train.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": info.device.type == "cuda"},
@@ -173,7 +190,9 @@ class _DeepSpeedMPU(MegatronMPU):
 
 
 class DeepSpeedEngine:
-    def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, load_universal: bool = False):
+    def __init__(
+        self, model: nn.Module, cfg: Config, info: DistInfo, load_universal: bool = False, grad_accum: int = 1
+    ):
         try:
             import deepspeed
         except ImportError as e:
@@ -181,7 +200,7 @@ class DeepSpeedEngine:
         self.module = model
         optimizer = build_optimizer(model, cfg.train)
         scheduler = build_scheduler(optimizer, cfg.train)
-        ds_config = deepspeed_config(cfg, info)
+        ds_config = deepspeed_config(cfg, info, grad_accum)
         self.load_universal = load_universal
         if load_universal:
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
@@ -196,8 +215,16 @@ class DeepSpeedEngine:
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
 
+    def accumulating(self, last: bool):
+        # DeepSpeed counts micro-batches itself (gradient_accumulation_steps) and syncs on the last.
+        return contextlib.nullcontext()
+
     def backward(self, loss: torch.Tensor) -> None:
+        """DeepSpeed divides the loss by gradient_accumulation_steps; `engine.step()` of a micro-batch
+        before the boundary only advances its micro-step count."""
         self.engine.backward(loss)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
 
     def step(self) -> float:
         self.engine.step()
@@ -236,7 +263,10 @@ class DeepSpeedEngine:
             raise ValueError(f"DeepSpeed found no checkpoint in {str(Path(path) / tag)!r}")
 
 
-def build_engine(model: nn.Module, cfg: Config, info: DistInfo, load_universal: bool = False):
+def build_engine(
+    model: nn.Module, cfg: Config, info: DistInfo, load_universal: bool = False, grad_accum: int = 1
+):
+    """The engine of `parallel.engine`; `grad_accum` micro-batches make one optimizer step."""
     if cfg.parallel.engine == "deepspeed":
-        return DeepSpeedEngine(model, cfg, info, load_universal)
-    return TorchEngine(model, cfg, info)
+        return DeepSpeedEngine(model, cfg, info, load_universal, grad_accum)
+    return TorchEngine(model, cfg, info, grad_accum)
