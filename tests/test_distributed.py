@@ -8,7 +8,7 @@ import torch
 from longctx.cli import main
 from longctx.config import load_config
 from longctx.parallel import SeqLayout, comm_stats, reset_comm_stats, zigzag_shard, zigzag_unshard
-from tests.dist_utils import free_port, losses, run_cli, run_many, spawn
+from tests.dist_utils import free_port, losses, metrics, run_cli, run_many, spawn
 
 
 def test_zigzag_layout_and_shard_round_trip():
@@ -109,6 +109,9 @@ def parallel_runs(tmp_path_factory, cache):
             by_nproc[cp].append((root / f"{scheme}-{cp}", overrides, CONFIG))
     for name, extra in DP2.items():
         by_nproc[2].append((root / name, [*base, "train.steps=3", *extra], CONFIG))
+        # The same 4 sequences a step as micro-batches of 1 per rank (train.grad_accum).
+        accum = ["train.batch_size=1", "train.grad_accum=2"]
+        by_nproc[2].append((root / f"{name}-accum", [*base, "train.steps=3", *extra, *accum], CONFIG))
     zero3 = ["train.steps=3", "parallel.cp=2", "parallel.engine=deepspeed", "parallel.zero_stage=3"]
     by_nproc[4].append((root / "dp2cp2", [*base, *zero3], CONFIG))
     for nproc, batch in by_nproc.items():
@@ -138,6 +141,15 @@ def test_context_parallel_dense_equals_one_process(parallel_runs, single_5_steps
 @pytest.mark.parametrize("engine", list(DP2))
 def test_dp2_engines_equal_one_process_with_twice_the_batch(parallel_runs, single_batch_4, engine):
     assert_close(losses(parallel_runs / engine), single_batch_4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", list(DP2))
+def test_grad_accum_equals_the_large_batch(parallel_runs, engine):
+    accum, large = metrics(parallel_runs / f"{engine}-accum"), metrics(parallel_runs / engine)
+    assert_close([r["loss"] for r in accum], [r["loss"] for r in large], rel=1e-5)
+    # Every micro-batch's tokens count: 2 ranks x 2 micro-batches x 1 sequence x 512 tokens a step.
+    assert [r["tokens"] for r in accum] == [r["tokens"] for r in large] == [2048 * k for k in (1, 2, 3)]
 
 
 @pytest.mark.slow
