@@ -6,6 +6,7 @@ longctx data prepare --config configs/tiny.yaml data.source=corpus/ data.cache_d
 longctx eval niah --run runs/x --lengths 512,1024 --depths 0,0.5,1 --samples 20
 longctx eval ppl --run runs/x --seq-len 1024
 longctx export --run runs/x --out exported/x
+longctx plan --config configs/llama3-8b-128k.yaml --gpus 8 --gpu-memory 80GiB
 """
 
 import argparse
@@ -13,6 +14,7 @@ import sys
 
 from longctx.config import ConfigError, load_config
 from longctx.eval.cli import add_eval_parsers
+from longctx.plan import add_plan_args
 from longctx.train.distributed import DistributedSetupError
 
 
@@ -81,6 +83,13 @@ def cmd_bench(args) -> int:
     return module.main(args.bench_args)
 
 
+def cmd_plan(args) -> int:
+    from longctx.plan import run_plan
+
+    print(run_plan(args.config, args.overrides, args.gpus, args.gpu_memory, args.seq_len))
+    return 0
+
+
 def cmd_export(args) -> int:
     from longctx.export import export_checkpoint, find_checkpoint
 
@@ -135,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
         "cannot express",
     )
     p.set_defaults(func=cmd_export, overrides=[])
+
+    p = sub.add_parser(
+        "plan", help="per-GPU memory of a config by component, the longest sequence that fits, suggestions"
+    )
+    _add_config_args(p)
+    add_plan_args(p)
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
