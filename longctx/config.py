@@ -400,6 +400,9 @@ class ParallelConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     # How long ranks wait for each other (rendezvous, collectives) before failing.
     timeout_s: int = 600
+    # HSDP: FSDP2 / ZeRO-3 shard within groups of (DP x CP) / dp_replicate ranks and replicate across
+    # the groups (a 2D mesh; DeepSpeed's zero_hpz_partition_size), so parameter gathers stay in a node.
+    dp_replicate: int = 1
 
     def __post_init__(self):
         _require(self.cp >= 1, "parallel.cp", f"must be >= 1, got {self.cp}")
@@ -407,6 +410,13 @@ class ParallelConfig:
             self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0-3, got {self.zero_stage}"
         )
         _require(self.timeout_s >= 1, "parallel.timeout_s", f"must be >= 1, got {self.timeout_s}")
+        _require(self.dp_replicate >= 1, "parallel.dp_replicate", f"must be >= 1, got {self.dp_replicate}")
+        _require(
+            self.dp_replicate == 1 or self.fsdp or (self.engine == "deepspeed" and self.zero_stage == 3),
+            "parallel.dp_replicate",
+            f"{self.dp_replicate} replicates sharded parameters; it needs parallel.fsdp=true (torch) or "
+            "parallel.engine=deepspeed with parallel.zero_stage=3",
+        )
         _require(
             not (self.fsdp and self.engine == "deepspeed"),
             "parallel.fsdp",

@@ -37,10 +37,13 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk, dtype):
+        # hidden [N, dim]; the outputs are allocated in the targets' shape (not views of flat ones).
+        out_shape, targets = targets.shape, targets.reshape(-1)
         n = hidden.shape[0]
-        losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        losses_out = torch.empty(out_shape, dtype=torch.float32, device=hidden.device)
+        correct_out = torch.empty(out_shape, dtype=torch.bool, device=hidden.device)
+        losses, correct = losses_out.view(-1), correct_out.view(-1)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
         w = weight.to(dtype)
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
@@ -51,8 +54,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             correct[start:end] = logits.argmax(-1) == targets[start:end]
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk, ctx.dtype = chunk, dtype
-        ctx.mark_non_differentiable(correct)
-        return losses, correct
+        ctx.mark_non_differentiable(correct_out)
+        return losses_out, correct_out
 
     @staticmethod
     def backward(ctx, grad_losses, _grad_correct):
@@ -62,7 +65,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         # fp32 sum over chunks, whatever the weight's dtype.
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_losses = grad_losses.float()
+        grad_losses = grad_losses.reshape(-1).float()
         for start in range(0, hidden.shape[0], chunk):
             end = min(start + chunk, hidden.shape[0])
             h = hidden[start:end].to(dtype)
@@ -97,12 +100,10 @@ def linear_cross_entropy(
     """
     if chunk < 0:
         raise ValueError(f"loss chunk must be >= 0 tokens (0: automatic), got {chunk}")
-    shape = targets.shape
     chunk = chunk or default_chunk(weight.shape[0])
-    losses, correct = ChunkedLinearCrossEntropy.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk, _compute_dtype(hidden)
+    return ChunkedLinearCrossEntropy.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets, chunk, _compute_dtype(hidden)
     )
-    return losses.view(shape), correct.view(shape)
 
 
 def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):

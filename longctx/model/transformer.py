@@ -17,6 +17,7 @@ given its tokens' `SeqLayout` (their global positions) and its mixers' cores are
 """
 
 import contextlib
+import hashlib
 import math
 
 import torch
@@ -74,24 +75,43 @@ class Transformer(nn.Module):
         if self.cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialise every parameter (also after building on the meta device and `to_empty`)."""
+    def init_rules(self) -> dict[str, tuple[str, float]]:
+        """How each parameter starts: `{name: ("normal", std) | ("ones", 0) | ("zeros", 0)}`."""
         std = self.cfg.init_std
         # Residual-branch outputs shrink with depth so the residual stream keeps its scale.
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        rules = {}
         for name, module in self.named_modules():
+            prefix = f"{name}." if name else ""
             if isinstance(module, nn.Linear):
                 is_out = name.endswith(("mixer.wo", "mlp.w2"))
-                nn.init.normal_(module.weight, std=out_std if is_out else std)
+                rules[prefix + "weight"] = ("normal", out_std if is_out else std)
                 if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+                    rules[prefix + "bias"] = ("zeros", 0.0)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=std)
+                rules[prefix + "weight"] = ("normal", std)
             elif isinstance(module, nn.RMSNorm):
-                nn.init.ones_(module.weight)
+                rules[prefix + "weight"] = ("ones", 0.0)
             elif isinstance(module, BlockCompressor):
-                module.init_weights(std)
+                for key, value in module.init_rules(std).items():
+                    rules[prefix + key] = value
+        return rules
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialise every parameter (also after building on the meta device, sharding and `to_empty`).
+
+        Each parameter draws from its own generator seeded by `seed` and its name, on the full-size
+        tensor, of which a sharded (FSDP2 DTensor) parameter keeps its slice: the initial weights
+        depend on the seed and the device type only, not on the number of ranks or the engine.
+        `seed=None` takes one from the global RNG (seed it first).
+        """
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        rules = self.init_rules()
+        for name, param in self.named_parameters():
+            kind, std = rules[name]
+            init_param(param, kind, std, param_seed(seed, name))
         inv_freq, self.rope_mscale = rope_inv_freq(self.cfg.head_dim, self.cfg.rope)
         self.rope_inv_freq.copy_(inv_freq)
 
@@ -147,11 +167,42 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Transformer:
-    """Build on the meta device, materialise on `device`, and initialise (seed the RNG first)."""
+def param_seed(seed: int, name: str) -> int:
+    """A parameter's own generator seed, from the run's seed and the parameter's name."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
+
+
+def init_param(param: torch.Tensor, kind: str, std: float, seed: int) -> None:
+    """Fill `param` (a tensor or a sharded DTensor, whose local slice is written) by `kind`."""
+    local = param.to_local() if hasattr(param, "to_local") else param
+    if kind == "ones":
+        local.fill_(1.0)
+        return
+    if kind == "zeros":
+        local.zero_()
+        return
+    generator = torch.Generator(device=local.device)
+    generator.manual_seed(seed)
+    full = torch.empty(param.shape, dtype=local.dtype, device=local.device).normal_(
+        0.0, std, generator=generator
+    )
+    if local is not param:
+        from torch.distributed.tensor import distribute_tensor
+
+        # The slice this rank keeps, cut locally (no communication).
+        full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+    local.copy_(full)
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = None) -> Transformer:
+    """Build on the meta device, materialise on `device`, and initialise from `seed` (None: from the
+    global RNG, so seed it first). `device="meta"` returns the model unmaterialised."""
     with torch.device("meta"):
         model = Transformer(cfg)
+    if torch.device(device).type == "meta":
+        # Left for the caller to shard, materialise (`to_empty`) and `init_weights(seed)`.
+        return model
     model.to_empty(device=device)
     model.tie_weights()
-    model.init_weights()
+    model.init_weights(seed)
     return model

@@ -35,7 +35,7 @@ class TorchEngine:
         self.cfg = cfg
         self.grad_accum = grad_accum
         if cfg.parallel.fsdp:
-            self.wrapped = _fully_shard(model, info)
+            self.wrapped = _fully_shard(model, info, cfg.parallel.dp_replicate)
         elif info.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -43,6 +43,10 @@ class TorchEngine:
             self.wrapped = DistributedDataParallel(model, device_ids=ids, process_group=info.grad_group)
         else:
             self.wrapped = model
+        if any(p.is_meta for p in model.parameters()):
+            # Built on meta and sharded: each rank materialises and initialises its own shards.
+            model.to_empty(device=info.device)
+            model.init_weights(cfg.train.seed)
         self.optimizer = build_optimizer(model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
 
@@ -126,13 +130,30 @@ class TorchEngine:
         )
 
 
-def _fully_shard(model: nn.Module, info: DistInfo) -> nn.Module:
+def shard_mesh(info: DistInfo, dp_replicate: int = 1):
+    """The DP x CP ranks as FSDP2's mesh: 1D (shard over all), or with `dp_replicate` > 1 a 2D
+    (replicate, shard) mesh whose shard groups are runs of consecutive ranks (a node's GPUs)."""
+    import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
+
+    if dp_replicate == 1:
+        return DeviceMesh.from_group(info.grad_group, info.device.type)
+    ranks = dist.get_process_group_ranks(info.grad_group)
+    if len(ranks) % dp_replicate:
+        raise ValueError(
+            f"parallel.dp_replicate={dp_replicate} does not divide the {len(ranks)} data x context ranks; "
+            f"use one of {[d for d in range(1, len(ranks) + 1) if len(ranks) % d == 0]}"
+        )
+    grid = torch.tensor(ranks).view(dp_replicate, -1)
+    return DeviceMesh(info.device.type, grid, mesh_dim_names=("replicate", "shard"))
+
+
+def _fully_shard(model: nn.Module, info: DistInfo, dp_replicate: int = 1) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not info.enabled:
         raise ValueError("parallel.fsdp=true shards over several processes; launch with torchrun")
-    mesh = DeviceMesh.from_group(info.grad_group, info.device.type)
+    mesh = shard_mesh(info, dp_replicate)
     policy = MixedPrecisionPolicy()
     if info.device.type == "cuda":
         # bf16 compute and all-gathers, fp32 gradient reduction and master weights.
@@ -165,11 +186,21 @@ def deepspeed_config(cfg: Config, info: DistInfo, grad_accum: int = 1) -> dict:
                 f"train.grad_accum={grad_accum}; remove it from the file (longctx sets it) or make them equal"
             )
         return ds
+    zero = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.dp_replicate > 1:
+        # ZeRO++ hierarchical partitioning: a secondary copy of the parameters sharded within groups.
+        degree = info.dp_size * info.cp_size
+        if degree % cfg.parallel.dp_replicate:
+            raise ValueError(
+                f"parallel.dp_replicate={cfg.parallel.dp_replicate} does not divide the {degree} data x "
+                "context ranks"
+            )
+        zero["zero_hpz_partition_size"] = degree // cfg.parallel.dp_replicate
     return {
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": cfg.train.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": info.device.type == "cuda"},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,

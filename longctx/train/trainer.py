@@ -166,7 +166,13 @@ class Trainer:
             )
 
         resume_from = on_rank0(lambda: find_resume(cfg, self.run_dir), self.dist)
-        model = build_model(cfg.model, self.device)
+        # FSDP2 with no weights to load: every rank builds on meta and materialises its shard only.
+        meta = (
+            cfg.parallel.fsdp
+            and not cfg.model.tie_embeddings
+            and not (resume_from is None and cfg.train.init_from)
+        )
+        model = build_model(cfg.model, "meta" if meta else self.device, seed=cfg.train.seed)
         model.activation_checkpointing = cfg.train.activation_checkpointing
         model.activation_offload = cfg.train.activation_offload
         model.loss_chunk, model.loss_impl = cfg.train.loss_chunk, cfg.train.loss_impl
