@@ -166,13 +166,11 @@ class Trainer:
             )
 
         resume_from = on_rank0(lambda: find_resume(cfg, self.run_dir), self.dist)
-        # FSDP2 with no weights to load: every rank builds on meta and materialises its shard only.
-        meta = (
-            cfg.parallel.fsdp
-            and not cfg.model.tie_embeddings
-            and not (resume_from is None and cfg.train.init_from)
-        )
-        model = build_model(cfg.model, "meta" if meta else self.device, seed=cfg.train.seed)
+        # FSDP2: every rank builds on meta and materialises its shards only; Hugging Face weights of an
+        # all-dense model are then read slice by slice (other init_from sources load whole, first).
+        load_whole = resume_from is None and cfg.train.init_from and not self.sharded_init_from()
+        on_meta = cfg.parallel.fsdp and not cfg.model.tie_embeddings and not load_whole
+        model = build_model(cfg.model, "meta" if on_meta else self.device, seed=cfg.train.seed)
         model.activation_checkpointing = cfg.train.activation_checkpointing
         model.activation_offload = cfg.train.activation_offload
         model.loss_chunk, model.loss_impl = cfg.train.loss_chunk, cfg.train.loss_impl
@@ -180,7 +178,7 @@ class Trainer:
         self.grad_accum = cfg.train.accum_steps(cfg.data.seq_len, self.dist.dp_size)
         self.param_shapes = param_shapes(model)
         init_note = ""
-        if resume_from is None and cfg.train.init_from:
+        if resume_from is None and cfg.train.init_from and not on_meta:
             init_note = self.init_weights(model, cfg.train.init_from)
         if self.dist.cp_size > 1:
             parallelize_model(model, self.dist.cp_group, cfg.parallel.cp_comm)
@@ -189,6 +187,8 @@ class Trainer:
         self.engine = build_engine(
             model, cfg, self.dist, load_universal=universal, grad_accum=self.grad_accum
         )
+        if resume_from is None and cfg.train.init_from and on_meta:
+            init_note = self.init_weights(model, cfg.train.init_from)
         self.checkpointer = Checkpointer(self.run_dir, cfg, self.dist)
         self.step = 0
         self.tokens = 0
@@ -238,6 +238,10 @@ class Trainer:
         self.sampler.position = (step - start) * self.sampler.global_batch * self.grad_accum
         self.stage = stage
         return True
+
+    def sharded_init_from(self) -> bool:
+        """Whether train.init_from is read per shard: a Hugging Face model kept all dense."""
+        return self.cfg.train.init_from.startswith("hf:") and set(self.cfg.model.pattern) == {"D"}
 
     def init_weights(self, model, path: str) -> str:
         """Load only the weights of checkpoint (or run directory) `path` into `model` (before it is
