@@ -8,6 +8,7 @@ longctx eval ppl --run runs/x --seq-len 1024
 longctx generate --run runs/x --prompt "The pass key is" --max-new-tokens 16
 longctx export --run runs/x --out exported/x
 longctx check
+longctx plan --config configs/llama3-8b-128k.yaml --gpus 8 --gpu-memory 80GiB
 """
 
 import argparse
@@ -16,6 +17,7 @@ import sys
 from longctx.config import ConfigError, load_config
 from longctx.eval.cli import add_eval_parsers
 from longctx.generation import add_generate_parser
+from longctx.plan import add_plan_args
 from longctx.train.distributed import DistributedSetupError
 
 
@@ -90,6 +92,13 @@ def cmd_check(args) -> int:
     return check_main(args.check_args)
 
 
+def cmd_plan(args) -> int:
+    from longctx.plan import run_plan
+
+    print(run_plan(args.config, args.overrides, args.gpus, args.gpu_memory, args.seq_len))
+    return 0
+
+
 def cmd_export(args) -> int:
     from longctx.export import export_checkpoint, find_checkpoint
 
@@ -154,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
         "cannot express",
     )
     p.set_defaults(func=cmd_export, overrides=[])
+
+    p = sub.add_parser(
+        "plan", help="per-GPU memory of a config by component, the longest sequence that fits, suggestions"
+    )
+    _add_config_args(p)
+    add_plan_args(p)
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

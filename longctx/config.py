@@ -318,7 +318,20 @@ class TrainConfig:
     init_from: str = ""
     # Write torch-engine checkpoints on a background thread while training goes on.
     async_ckpt: bool = False
-    activation_checkpointing: bool = False
+    # none | full (recompute every block in the backward) | selective (recompute the MLPs and their
+    # norms, keep the mixers' saved tensors); true/false of older configs mean full/none.
+    activation_checkpointing: bool | Literal["none", "full", "selective"] = "none"
+    # Keep what the backward needs in pinned host memory (torch.autograd.graph.save_on_cpu).
+    activation_offload: bool = False
+    # Tokens per chunk of the LM head + cross-entropy (0: a chunk's fp32 logits are ~256 MiB).
+    loss_chunk: int = 0
+    # chunked (longctx.model.loss, any device) | liger (Liger Kernel's fused kernel, CUDA only).
+    loss_impl: Literal["chunked", "liger"] = "chunked"
+    # Micro-batches of train.batch_size per optimizer step (gradients sync on the last only).
+    grad_accum: int = 1
+    # Tokens per optimizer step over all data-parallel ranks (0: unset); sets grad_accum from
+    # batch_size x data.seq_len x the data-parallel size, which must divide it.
+    global_batch_tokens: int = 0
     wandb: bool = True
     wandb_mode: Literal["offline", "online"] = "offline"
     wandb_project: str = "longctx"
@@ -341,6 +354,18 @@ class TrainConfig:
             "train.answer_loss_weight",
             f"must be >= 0 (1.0: plain loss), got {self.answer_loss_weight}",
         )
+        if isinstance(self.activation_checkpointing, bool):
+            self.activation_checkpointing = "full" if self.activation_checkpointing else "none"
+        for name in ("loss_chunk", "global_batch_tokens"):
+            value = getattr(self, name)
+            _require(value >= 0, f"train.{name}", f"must be >= 0 (0: automatic), got {value}")
+        _require(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _require(
+            self.loss_impl == "chunked" or self.answer_loss_weight == 1.0,
+            "train.loss_impl",
+            "liger's fused loss cannot weight single tokens; use train.loss_impl=chunked with "
+            f"train.answer_loss_weight={self.answer_loss_weight}",
+        )
         _require(
             self.resume != "",
             "train.resume",
@@ -351,6 +376,27 @@ class TrainConfig:
             "train.overwrite",
             f"replaces the run in run_dir, so it needs train.resume=none (got train.resume={self.resume})",
         )
+
+    def accum_steps(self, seq_len: int, dp_size: int) -> int:
+        """Micro-batches per optimizer step: train.grad_accum, or derived from global_batch_tokens."""
+        if not self.global_batch_tokens:
+            return self.grad_accum
+        micro = self.batch_size * seq_len * dp_size
+        steps = self.global_batch_tokens // micro
+        if steps * micro != self.global_batch_tokens:
+            near = [micro * max(1, steps), micro * (steps + 1)]
+            raise ConfigError(
+                f"train.global_batch_tokens: {self.global_batch_tokens} is not a whole number of "
+                f"micro-batches of {micro} tokens (train.batch_size={self.batch_size} x data.seq_len="
+                f"{seq_len} x {dp_size} data-parallel ranks); use e.g. {near[0]} or {near[1]}, or set "
+                "train.grad_accum"
+            )
+        if self.grad_accum not in (1, steps):
+            raise ConfigError(
+                f"train.grad_accum={self.grad_accum} contradicts train.global_batch_tokens="
+                f"{self.global_batch_tokens}, which gives {steps} micro-batches; set only one of them"
+            )
+        return steps
 
 
 @dataclass
@@ -367,6 +413,9 @@ class ParallelConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     # How long ranks wait for each other (rendezvous, collectives) before failing.
     timeout_s: int = 600
+    # HSDP: FSDP2 / ZeRO-3 shard within groups of (DP x CP) / dp_replicate ranks and replicate across
+    # the groups (a 2D mesh; DeepSpeed's zero_hpz_partition_size), so parameter gathers stay in a node.
+    dp_replicate: int = 1
 
     def __post_init__(self):
         _require(self.cp >= 1, "parallel.cp", f"must be >= 1, got {self.cp}")
@@ -374,6 +423,13 @@ class ParallelConfig:
             self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0-3, got {self.zero_stage}"
         )
         _require(self.timeout_s >= 1, "parallel.timeout_s", f"must be >= 1, got {self.timeout_s}")
+        _require(self.dp_replicate >= 1, "parallel.dp_replicate", f"must be >= 1, got {self.dp_replicate}")
+        _require(
+            self.dp_replicate == 1 or self.fsdp or (self.engine == "deepspeed" and self.zero_stage == 3),
+            "parallel.dp_replicate",
+            f"{self.dp_replicate} replicates sharded parameters; it needs parallel.fsdp=true (torch) or "
+            "parallel.engine=deepspeed with parallel.zero_stage=3",
+        )
         _require(
             not (self.fsdp and self.engine == "deepspeed"),
             "parallel.fsdp",

@@ -320,13 +320,19 @@ def load_hf_weights(model, source: str | Path) -> list[str]:
                         unexpected.append(key)
                     continue
                 param = params[names[key]]
-                tensor = f.get_tensor(key)
-                if tuple(tensor.shape) != tuple(param.shape):
+                view = f.get_slice(key)
+                shape = list(view.get_shape())
+                if shape != list(param.shape):
                     raise HFCheckpointError(
-                        f"{str(shard)!r}: {key} has shape {list(tensor.shape)} but longctx's {names[key]} "
+                        f"{str(shard)!r}: {key} has shape {shape} but longctx's {names[key]} "
                         f"is {list(param.shape)}; config.json and the weights disagree"
                     )
-                param.copy_(tensor)
+                if hasattr(param, "to_local"):
+                    # A sharded (FSDP2) parameter: read only the rows this rank keeps.
+                    start, stop = local_rows(param)
+                    param.to_local().copy_(view[start:stop])
+                else:
+                    param.copy_(view[:])
                 loaded.add(key)
     dense_missing = [k for k in names if k not in loaded and ".longctx." not in k]
     if unexpected or dense_missing:
@@ -340,6 +346,24 @@ def load_hf_weights(model, source: str | Path) -> list[str]:
             f"{'; '.join(problems)}"
         )
     return sorted(names[k] for k in names if k not in loaded)
+
+
+def local_rows(param) -> tuple[int, int]:
+    """The rows `[start, stop)` of a dim-0-sharded DTensor parameter that this rank keeps (FSDP2's
+    `torch.chunk` split, over one mesh dimension; replicated dimensions keep every row)."""
+    from torch.distributed.tensor import Shard
+
+    start, stop = 0, param.shape[0]
+    for dim, placement in enumerate(param.placements):
+        if isinstance(placement, Shard):
+            if placement.dim != 0:
+                raise ValueError(f"expected parameters sharded on dim 0, got {param.placements}")
+            parts = param.device_mesh.size(dim)
+            size = -(-(stop - start) // parts)
+            first = start + min(param.device_mesh.get_local_rank(dim) * size, stop - start)
+            start, stop = first, min(first + size, stop)
+    assert stop - start == param.to_local().shape[0], (start, stop, param.to_local().shape)
+    return start, stop
 
 
 @torch.no_grad()

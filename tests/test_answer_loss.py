@@ -13,40 +13,46 @@ from longctx.config import ConfigError, load_config
 from longctx.data import builtin_documents
 from longctx.data.indexed import TokenDocuments
 from longctx.data.sampler import PackedSampler, PasskeyMixture
+from longctx.model.loss import linear_cross_entropy
 from longctx.tokenizer import Tokenizer, train_tokenizer
-from longctx.train.trainer import answer_weighted_loss, lm_loss
+from longctx.train.trainer import answer_weighted_loss
 from tests.dist_utils import metrics, run_cli
 
 
 def test_answer_weighted_loss_matches_brute_force():
     torch.manual_seed(0)
-    logits = torch.randn(2, 12, 16, requires_grad=True)
+    hidden = torch.randn(2, 12, 8, requires_grad=True)
+    weight = torch.randn(16, 8)
+    logits = (hidden @ weight.t()).detach()  # [2, 12, 16]: what the chunked LM head never holds
     targets = torch.randint(0, 16, (2, 12))
     answers = torch.zeros(2, 12, dtype=torch.bool)
     answers[0, 9:] = True
     answers[1, 4:6] = True
+    losses, correct = linear_cross_entropy(hidden, weight, targets, chunk=5)
 
-    weighted, plain, (answer_sum, n_answers, right) = answer_weighted_loss(logits, targets, answers, 1.0)
-    reference, _ = lm_loss(logits, targets)
-    assert weighted is plain and plain.item() == reference.item()
+    weighted, plain, (answer_sum, n_answers, right) = answer_weighted_loss(losses, correct, answers, 1.0)
+    reference = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    assert weighted is plain and plain.item() == pytest.approx(reference.item(), rel=1e-6)
 
-    weighted, plain, (answer_sum, n_answers, right) = answer_weighted_loss(logits, targets, answers, 4.0)
+    weighted, plain, (answer_sum, n_answers, right) = answer_weighted_loss(losses, correct, answers, 4.0)
     per_token = F.cross_entropy(logits.double().flatten(0, 1), targets.flatten(), reduction="none")
     mask = answers.flatten().double()
     # fp32 sums of 24 terms of size ~3: a few ulps of the total.
     torch.testing.assert_close(weighted.double(), (per_token * (1 + 3 * mask)).sum(), rtol=1e-5, atol=0)
     torch.testing.assert_close(plain.double(), per_token.sum(), rtol=1e-5, atol=0)
-    assert answer_sum == pytest.approx((per_token * mask).sum().item(), rel=1e-5)
-    assert n_answers == 5
-    assert right == (logits.argmax(-1) == targets)[answers].sum().item()
+    assert answer_sum.item() == pytest.approx((per_token * mask).sum().item(), rel=1e-5)
+    assert n_answers.item() == 5
+    assert right.item() == (logits.argmax(-1) == targets)[answers].sum().item()
 
-    (grad,) = torch.autograd.grad(weighted, logits, retain_graph=True)
-    logits64 = logits.detach().double().requires_grad_()
-    expected = F.cross_entropy(logits64.flatten(0, 1), targets.flatten(), reduction="none")
-    (expected_grad,) = torch.autograd.grad((expected * (1 + 3 * mask)).sum(), logits64)
+    (grad,) = torch.autograd.grad(weighted, hidden, retain_graph=True)
+    hidden64 = hidden.detach().double().requires_grad_()
+    expected = F.cross_entropy(
+        (hidden64 @ weight.double().t()).flatten(0, 1), targets.flatten(), reduction="none"
+    )
+    (expected_grad,) = torch.autograd.grad((expected * (1 + 3 * mask)).sum(), hidden64)
     torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-7)
     # The answer positions' gradient is 4x the plain one, the others' unchanged.
-    (plain_grad,) = torch.autograd.grad(plain, logits)
+    (plain_grad,) = torch.autograd.grad(plain, hidden)
     torch.testing.assert_close(grad[answers], 4 * plain_grad[answers])
     torch.testing.assert_close(grad[~answers], plain_grad[~answers])
 

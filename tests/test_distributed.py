@@ -8,7 +8,7 @@ import torch
 from longctx.cli import main
 from longctx.config import load_config
 from longctx.parallel import SeqLayout, comm_stats, reset_comm_stats, zigzag_shard, zigzag_unshard
-from tests.dist_utils import free_port, losses, run_cli, run_many, spawn
+from tests.dist_utils import free_port, losses, metrics, run_cli, run_many, spawn
 
 
 def test_zigzag_layout_and_shard_round_trip():
@@ -96,6 +96,13 @@ DP2 = {
 }
 
 
+HSDP = {
+    "hsdp": ["parallel.fsdp=true"],
+    "hpz": ["parallel.engine=deepspeed", "parallel.zero_stage=3"],
+}
+SHORT = ["data.seq_len=128", "train.steps=3"]
+
+
 @pytest.fixture(scope="module")
 def parallel_runs(tmp_path_factory, cache):
     """Every torchrun-launched run of this module, batched into one launch per process count
@@ -109,8 +116,16 @@ def parallel_runs(tmp_path_factory, cache):
             by_nproc[cp].append((root / f"{scheme}-{cp}", overrides, CONFIG))
     for name, extra in DP2.items():
         by_nproc[2].append((root / name, [*base, "train.steps=3", *extra], CONFIG))
+        # The same 4 sequences a step as micro-batches of 1 per rank (train.grad_accum).
+        accum = ["train.batch_size=1", "train.grad_accum=2"]
+        by_nproc[2].append((root / f"{name}-accum", [*base, "train.steps=3", *extra, *accum], CONFIG))
     zero3 = ["train.steps=3", "parallel.cp=2", "parallel.engine=deepspeed", "parallel.zero_stage=3"]
     by_nproc[4].append((root / "dp2cp2", [*base, *zero3], CONFIG))
+    # HSDP: shard within pairs of ranks, replicate across the two pairs (short sequences: 4 processes).
+    for name, extra in HSDP.items():
+        by_nproc[4].append(
+            (root / name, [*base, *SHORT, "parallel.cp=2", "parallel.dp_replicate=2", *extra], CONFIG)
+        )
     for nproc, batch in by_nproc.items():
         run_many(batch, nproc, root)
     return root
@@ -138,6 +153,39 @@ def test_context_parallel_dense_equals_one_process(parallel_runs, single_5_steps
 @pytest.mark.parametrize("engine", list(DP2))
 def test_dp2_engines_equal_one_process_with_twice_the_batch(parallel_runs, single_batch_4, engine):
     assert_close(losses(parallel_runs / engine), single_batch_4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", list(DP2))
+def test_grad_accum_equals_the_large_batch(parallel_runs, engine):
+    accum, large = metrics(parallel_runs / f"{engine}-accum"), metrics(parallel_runs / engine)
+    assert_close([r["loss"] for r in accum], [r["loss"] for r in large], rel=1e-5)
+    # Every micro-batch's tokens count: 2 ranks x 2 micro-batches x 1 sequence x 512 tokens a step.
+    assert [r["tokens"] for r in accum] == [r["tokens"] for r in large] == [2048 * k for k in (1, 2, 3)]
+
+
+@pytest.mark.slow
+def test_fsdp_meta_init_equals_one_process_weights(parallel_runs, single_batch_4):
+    # FSDP2 runs build the model on meta and initialise only their shards; step 1's loss comes before
+    # any update, so it shows the initial weights equal the one-process model's.
+    for name in ("fsdp", "fsdp-accum"):
+        assert losses(parallel_runs / name)[0] == pytest.approx(single_batch_4[0], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(HSDP))
+def test_hsdp_equals_one_process(parallel_runs, cache, tmp_path, name):
+    # dp 2 x cp 2 with batch 2 a rank: one process with batch 4 sees the same sequences.
+    single = train(tmp_path, "single", cache, *SHORT, "train.batch_size=4")
+    assert_close(losses(parallel_runs / name), single, rel=1e-5)
+    if name == "hsdp":
+        import torch.distributed.checkpoint as dcp
+
+        # The checkpoint holds each weight once per shard group: 2 row halves, not 4 quarters.
+        state = parallel_runs / name / "checkpoints" / "step_0000003" / "state"
+        chunks = dcp.FileSystemReader(str(state)).read_metadata().state_dict_metadata
+        w1 = chunks["model.layers.0.mlp.w1.weight"].chunks
+        assert sorted((c.offsets[0], c.sizes[0]) for c in w1) == [(0, 176), (176, 176)]
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ DP/CP degree, sharded or not); DeepSpeed writes its own format, converted to its
 the degree changes (`build_engine(..., load_universal=True)`).
 """
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -29,11 +30,12 @@ from longctx.train.optim import build_optimizer, build_scheduler
 
 
 class TorchEngine:
-    def __init__(self, model: nn.Module, cfg: Config, info: DistInfo):
+    def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, grad_accum: int = 1):
         self.module = model
         self.cfg = cfg
+        self.grad_accum = grad_accum
         if cfg.parallel.fsdp:
-            self.wrapped = _fully_shard(model, info)
+            self.wrapped = _fully_shard(model, info, cfg.parallel.dp_replicate)
         elif info.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -41,14 +43,28 @@ class TorchEngine:
             self.wrapped = DistributedDataParallel(model, device_ids=ids, process_group=info.grad_group)
         else:
             self.wrapped = model
+        if any(p.is_meta for p in model.parameters()):
+            # Built on meta and sharded: each rank materialises and initialises its own shards.
+            model.to_empty(device=info.device)
+            model.init_weights(cfg.train.seed)
         self.optimizer = build_optimizer(model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
 
     def __call__(self, *args, **kwargs):
         return self.wrapped(*args, **kwargs)
 
+    def accumulating(self, last: bool):
+        """Context for one micro-batch's forward and backward: gradients are reduced across ranks
+        only on the `last` micro-batch of a step (DDP no_sync, FSDP2 set_requires_gradient_sync)."""
+        if hasattr(self.wrapped, "set_requires_gradient_sync"):
+            self.wrapped.set_requires_gradient_sync(last)
+        elif hasattr(self.wrapped, "no_sync") and not last:
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
+
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        """Back-propagate one micro-batch's mean loss; the step's gradient is their mean."""
+        (loss / self.grad_accum if self.grad_accum > 1 else loss).backward()
 
     def step(self) -> float:
         clip = self.cfg.train.grad_clip
@@ -114,13 +130,30 @@ class TorchEngine:
         )
 
 
-def _fully_shard(model: nn.Module, info: DistInfo) -> nn.Module:
+def shard_mesh(info: DistInfo, dp_replicate: int = 1):
+    """The DP x CP ranks as FSDP2's mesh: 1D (shard over all), or with `dp_replicate` > 1 a 2D
+    (replicate, shard) mesh whose shard groups are runs of consecutive ranks (a node's GPUs)."""
+    import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
+
+    if dp_replicate == 1:
+        return DeviceMesh.from_group(info.grad_group, info.device.type)
+    ranks = dist.get_process_group_ranks(info.grad_group)
+    if len(ranks) % dp_replicate:
+        raise ValueError(
+            f"parallel.dp_replicate={dp_replicate} does not divide the {len(ranks)} data x context ranks; "
+            f"use one of {[d for d in range(1, len(ranks) + 1) if len(ranks) % d == 0]}"
+        )
+    grid = torch.tensor(ranks).view(dp_replicate, -1)
+    return DeviceMesh(info.device.type, grid, mesh_dim_names=("replicate", "shard"))
+
+
+def _fully_shard(model: nn.Module, info: DistInfo, dp_replicate: int = 1) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not info.enabled:
         raise ValueError("parallel.fsdp=true shards over several processes; launch with torchrun")
-    mesh = DeviceMesh.from_group(info.grad_group, info.device.type)
+    mesh = shard_mesh(info, dp_replicate)
     policy = MixedPrecisionPolicy()
     if info.device.type == "cuda":
         # bf16 compute and all-gathers, fp32 gradient reduction and master weights.
@@ -131,7 +164,7 @@ def _fully_shard(model: nn.Module, info: DistInfo) -> nn.Module:
     return model
 
 
-def deepspeed_config(cfg: Config, info: DistInfo) -> dict:
+def deepspeed_config(cfg: Config, info: DistInfo, grad_accum: int = 1) -> dict:
     """The DeepSpeed JSON: the user's file if given, else generated from our config."""
     path = cfg.parallel.deepspeed_config
     if path:
@@ -147,12 +180,27 @@ def deepspeed_config(cfg: Config, info: DistInfo) -> dict:
                 "schedule (train.lr, train.warmup, ...) so both engines train alike"
             )
         ds.setdefault("train_micro_batch_size_per_gpu", cfg.train.batch_size)
+        if ds.setdefault("gradient_accumulation_steps", grad_accum) != grad_accum:
+            raise ValueError(
+                f"{path}: gradient_accumulation_steps={ds['gradient_accumulation_steps']} contradicts "
+                f"train.grad_accum={grad_accum}; remove it from the file (longctx sets it) or make them equal"
+            )
         return ds
+    zero = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.dp_replicate > 1:
+        # ZeRO++ hierarchical partitioning: a secondary copy of the parameters sharded within groups.
+        degree = info.dp_size * info.cp_size
+        if degree % cfg.parallel.dp_replicate:
+            raise ValueError(
+                f"parallel.dp_replicate={cfg.parallel.dp_replicate} does not divide the {degree} data x "
+                "context ranks"
+            )
+        zero["zero_hpz_partition_size"] = degree // cfg.parallel.dp_replicate
     return {
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": cfg.train.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": info.device.type == "cuda"},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -173,7 +221,9 @@ class _DeepSpeedMPU(MegatronMPU):
 
 
 class DeepSpeedEngine:
-    def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, load_universal: bool = False):
+    def __init__(
+        self, model: nn.Module, cfg: Config, info: DistInfo, load_universal: bool = False, grad_accum: int = 1
+    ):
         try:
             import deepspeed
         except ImportError as e:
@@ -181,7 +231,7 @@ class DeepSpeedEngine:
         self.module = model
         optimizer = build_optimizer(model, cfg.train)
         scheduler = build_scheduler(optimizer, cfg.train)
-        ds_config = deepspeed_config(cfg, info)
+        ds_config = deepspeed_config(cfg, info, grad_accum)
         self.load_universal = load_universal
         if load_universal:
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
@@ -196,8 +246,16 @@ class DeepSpeedEngine:
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
 
+    def accumulating(self, last: bool):
+        # DeepSpeed counts micro-batches itself (gradient_accumulation_steps) and syncs on the last.
+        return contextlib.nullcontext()
+
     def backward(self, loss: torch.Tensor) -> None:
+        """DeepSpeed divides the loss by gradient_accumulation_steps; `engine.step()` of a micro-batch
+        before the boundary only advances its micro-step count."""
         self.engine.backward(loss)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
 
     def step(self) -> float:
         self.engine.step()
@@ -236,7 +294,10 @@ class DeepSpeedEngine:
             raise ValueError(f"DeepSpeed found no checkpoint in {str(Path(path) / tag)!r}")
 
 
-def build_engine(model: nn.Module, cfg: Config, info: DistInfo, load_universal: bool = False):
+def build_engine(
+    model: nn.Module, cfg: Config, info: DistInfo, load_universal: bool = False, grad_accum: int = 1
+):
+    """The engine of `parallel.engine`; `grad_accum` micro-batches make one optimizer step."""
     if cfg.parallel.engine == "deepspeed":
-        return DeepSpeedEngine(model, cfg, info, load_universal)
-    return TorchEngine(model, cfg, info)
+        return DeepSpeedEngine(model, cfg, info, load_universal, grad_accum)
+    return TorchEngine(model, cfg, info, grad_accum)

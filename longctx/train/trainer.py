@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from longctx.config import Config, save_config
 from longctx.data import build_samplers, load_tokenizer, prepare_dataset
@@ -99,29 +98,23 @@ def _test_kill_hook(step: int, rank: int, run_dir: Path) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy (fp32) and the number of target tokens."""
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
-    return loss, targets.numel()
-
-
 def answer_weighted_loss(
-    logits: torch.Tensor, targets: torch.Tensor, answers: torch.Tensor, weight: float
-) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    losses: torch.Tensor, correct: torch.Tensor | None, answers: torch.Tensor, weight: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The training objective when passkey answer digits weigh `weight` times an ordinary token.
 
-    Returns the weighted summed loss (what is back-propagated, divided by the token count), the
-    plain summed loss (what is reported; exactly `lm_loss`), and `[answer loss sum, answer tokens,
-    answers right]` for the log. `answers` `[B, T]` bool marks target positions that are answer digits.
+    `losses` `[B, T]` are the per-token fp32 losses and `correct` `[B, T]` the argmax hits of the
+    chunked LM head (`Transformer.forward(..., targets=)`); `answers` `[B, T]` bool marks target
+    positions that are answer digits. Returns the weighted summed loss (what is back-propagated,
+    divided by the token count), the plain summed loss (what is reported), and the 0-dim tensors
+    `[answer loss sum, answer tokens, answers right]` for the log (no host sync here).
     """
-    plain, _ = lm_loss(logits, targets)
-    picked = answers.flatten().nonzero().squeeze(1)
-    answer_logits = logits.flatten(0, 1)[picked].float()  # [n_answers, vocab]
-    answer_targets = targets.flatten()[picked]
-    answer_sum = F.cross_entropy(answer_logits, answer_targets, reduction="sum")
+    plain = losses.sum()
+    mask = answers.to(losses.dtype)
+    answer_sum = (losses * mask).sum()
     weighted = plain if weight == 1.0 else plain + (weight - 1.0) * answer_sum
-    right = (answer_logits.argmax(-1) == answer_targets).sum()
-    return weighted, plain, [answer_sum.item(), float(len(picked)), right.item()]
+    right = (correct & answers).sum() if correct is not None else torch.zeros((), device=losses.device)
+    return weighted, plain, torch.stack([answer_sum.detach(), mask.sum(), right.to(mask.dtype)])
 
 
 class Trainer:
@@ -161,17 +154,29 @@ class Trainer:
                 "or set train.eval_every=0"
             )
 
-        model = build_model(cfg.model, self.device)
+        # FSDP2: every rank builds on meta and materialises its shards only; Hugging Face weights of an
+        # all-dense model are then read slice by slice (other init_from sources load whole, first).
+        load_whole = resume_from is None and cfg.train.init_from and not self.sharded_init_from()
+        on_meta = cfg.parallel.fsdp and not cfg.model.tie_embeddings and not load_whole
+        model = build_model(cfg.model, "meta" if on_meta else self.device, seed=cfg.train.seed)
         model.activation_checkpointing = cfg.train.activation_checkpointing
+        model.activation_offload = cfg.train.activation_offload
+        model.loss_chunk, model.loss_impl = cfg.train.loss_chunk, cfg.train.loss_impl
+        # Micro-batches per optimizer step; the global batch is batch_size x grad_accum x dp.
+        self.grad_accum = cfg.train.accum_steps(cfg.data.seq_len, self.dist.dp_size)
         self.param_shapes = param_shapes(model)
         init_note = ""
-        if resume_from is None and cfg.train.init_from:
+        if resume_from is None and cfg.train.init_from and not on_meta:
             init_note = self.init_weights(model, cfg.train.init_from)
         if self.dist.cp_size > 1:
             parallelize_model(model, self.dist.cp_group, cfg.parallel.cp_comm)
         self.model = model
         universal = resume_from is not None and self.needs_universal(resume_from)
-        self.engine = build_engine(model, cfg, self.dist, load_universal=universal)
+        self.engine = build_engine(
+            model, cfg, self.dist, load_universal=universal, grad_accum=self.grad_accum
+        )
+        if resume_from is None and cfg.train.init_from and on_meta:
+            init_note = self.init_weights(model, cfg.train.init_from)
         self.checkpointer = Checkpointer(self.run_dir, cfg, self.dist)
         self.step = 0
         self.tokens = 0
@@ -233,9 +238,13 @@ class Trainer:
             self.sampler, _ = build_samplers(
                 self.cfg, self.data, self.tokenizer, self.dist.dp_rank, self.dist.dp_size, seq_len=seq_len
             )
-        self.sampler.position = (step - start) * self.sampler.global_batch
+        self.sampler.position = (step - start) * self.sampler.global_batch * self.grad_accum
         self.stage = stage
         return True
+
+    def sharded_init_from(self) -> bool:
+        """Whether train.init_from is read per shard: a Hugging Face model kept all dense."""
+        return self.cfg.train.init_from.startswith("hf:") and set(self.cfg.model.pattern) == {"D"}
 
     def init_weights(self, model, path: str) -> str:
         """Load only the weights of checkpoint (or run directory) `path` into `model` (before it is
@@ -293,30 +302,35 @@ class Trainer:
             layout,
         )
 
-    def train_step(self, batch: torch.Tensor, answer_mask: torch.Tensor | None = None) -> dict:
-        """One optimizer step; returns the global mean loss, grad norm, tokens and bytes sent, and
-        the loss and accuracy on passkey answer digits when `answer_mask` `[B, seq_len + 1]` has any."""
-        inputs, targets, layout = self.shard(batch.to(self.device))
-        if answer_mask is None:
-            answer_mask = torch.zeros_like(batch, dtype=torch.bool)
-        # The mask marks answer tokens of the full sequence: their targets, sharded like the targets.
-        _, answers, _ = self.shard(answer_mask.to(self.device))
+    def train_step(self, batches: list) -> dict:
+        """One optimizer step over `grad_accum` micro-batches (`PackedBatch`es; gradients sync on the
+        last); returns the global mean loss, grad norm, tokens and bytes sent, and the loss and
+        accuracy on passkey answer digits when the batches have any."""
+        weight = self.cfg.train.answer_loss_weight
+        loss_sum = torch.zeros((), device=self.device)
+        answer_stats = torch.zeros(3, device=self.device)
+        count = 0
         reset_comm_stats()
-        with self.autocast():
-            logits = self.engine(inputs, layout)
-        count = targets.numel()
-        weighted, loss_sum, answer_stats = answer_weighted_loss(
-            logits, targets, answers, self.cfg.train.answer_loss_weight
-        )
-        # The local mean: engines average gradients over DP x CP ranks, whose token counts are equal.
-        self.engine.backward(weighted / count)
+        for index, batch in enumerate(batches):
+            inputs, targets, layout = self.shard(batch.tokens.to(self.device))
+            # The mask marks answer tokens of the full sequence: their targets, sharded like the targets.
+            _, answers, _ = self.shard(batch.answer_mask.to(self.device))
+            with self.engine.accumulating(last=index == len(batches) - 1), self.autocast():
+                losses, correct = self.engine(inputs, layout, targets=targets)
+                weighted, plain, stats = answer_weighted_loss(losses, correct, answers, weight)
+                # The local mean: engines average gradients over DP x CP ranks, whose token counts are
+                # equal, and divide by the micro-batches of the step.
+                self.engine.backward(weighted / targets.numel())
+            loss_sum += plain.detach()
+            answer_stats += stats
+            count += targets.numel()
         comm = comm_stats()["bytes_sent"]
         grad_norm = self.engine.step()
         total, n_tokens, answer_loss, n_answers, right = all_reduce_sum(
-            [loss_sum.item(), float(count), *answer_stats], self.dist
+            [loss_sum.item(), float(count), *answer_stats.tolist()], self.dist
         )
         out = {"loss": total / n_tokens, "grad_norm": grad_norm, "tokens": int(n_tokens), "comm_bytes": comm}
-        if n_answers:
+        if n_answers and self.cfg.train.loss_impl == "chunked":
             out.update(answer_loss=answer_loss / n_answers, answer_acc=right / n_answers)
         return out
 
@@ -330,9 +344,8 @@ class Trainer:
             batch = self.val_sampler.get_batch(index).tokens.to(self.device)
             inputs, targets, layout = self.shard(batch)
             with self.autocast():
-                logits = self.engine(inputs, layout)
-            batch_loss, batch_count = lm_loss(logits, targets)
-            loss_sum, count = loss_sum + batch_loss.item(), count + batch_count
+                losses, _ = self.engine(inputs, layout, targets=targets)
+            loss_sum, count = loss_sum + losses.sum().item(), count + targets.numel()
         self.model.train()
         total, n_tokens = all_reduce_sum([loss_sum, float(count)], self.dist)
         return total / n_tokens
@@ -350,8 +363,7 @@ class Trainer:
                     f"step {self.step + 1}: seq_len {self.sampler.seq_len} "
                     f"(data.seq_len_schedule stage {self.stage + 1} of {len(self.stages)})"
                 )
-            batch = self.sampler.next_batch()
-            out = self.train_step(batch.tokens, batch.answer_mask)
+            out = self.train_step([self.sampler.next_batch() for _ in range(self.grad_accum)])
             if not self._tuned_in_sync:
                 # Every rank has now met its kernels' shapes: adopt rank 0's tuned configs.
                 synchronize_tuning()

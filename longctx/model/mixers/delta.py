@@ -32,6 +32,14 @@ DT_RANGE = (1e-3, 1e-1)
 A_RANGE = (1.0, 16.0)
 
 
+def _decay_init(n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(A_log, dt_bias)` `[H]`: A and dt spaced over A_RANGE and DT_RANGE (dt geometrically)."""
+    a = torch.linspace(*A_RANGE, n_heads)
+    dt = torch.exp(torch.linspace(math.log(DT_RANGE[0]), math.log(DT_RANGE[1]), n_heads))
+    # softplus(dt_bias) = dt.
+    return torch.log(a), dt + torch.log(-torch.expm1(-dt))
+
+
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, halo: torch.Tensor | None) -> torch.Tensor:
     """Depthwise causal convolution. x `[B, T, C]`, weight `[C, 1, W]` (the last tap on the current
     token), halo `[B, W - 1, C]`: the inputs before the first token (None: zeros)."""
@@ -92,6 +100,21 @@ class GatedDeltaNet(nn.Module):
         self.core = GatedDeltaCore(self.n_heads, self.n_kv_heads, self.head_dim)
         self.init_delta_parameters()
 
+    def init_rules(self) -> dict:
+        """Each own parameter's start for `Transformer.init_weights` (the linear layers are its own
+        business): the decay spans of `init_delta_parameters`, PyTorch's default convolution init."""
+        h, width = self.n_heads, CONV_WIDTH
+        a_log, dt_bias = _decay_init(h)
+        # nn.Conv1d's default (kaiming uniform, a=sqrt(5)) for a depthwise filter: bound 1/sqrt(width).
+        conv = ("uniform", width**-0.5)
+        return {
+            "A_log": ("fn", lambda shape: a_log),
+            "dt_bias": ("fn", lambda shape: dt_bias),
+            "q_conv.weight": conv,
+            "k_conv.weight": conv,
+            "v_conv.weight": conv,
+        }
+
     @torch.no_grad()
     def init_delta_parameters(self) -> None:
         """Decay and convolution init (the linear layers are the model's `init_weights`' business).
@@ -99,12 +122,9 @@ class GatedDeltaNet(nn.Module):
         Head h gets `A` and `dt` spaced from the low to the high end of A_RANGE and DT_RANGE
         (geometric for dt), as Mamba-2 draws them at random: every layer then holds decays from
         ~exp(-1e-3) per token (long memory) to ~exp(-1.6) (a few tokens)."""
-        h = self.n_heads
-        a = torch.linspace(*A_RANGE, h)
-        dt = torch.exp(torch.linspace(math.log(DT_RANGE[0]), math.log(DT_RANGE[1]), h))
-        self.A_log.copy_(torch.log(a))
-        # softplus(dt_bias) = dt.
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        a_log, dt_bias = _decay_init(self.n_heads)
+        self.A_log.copy_(a_log)
+        self.dt_bias.copy_(dt_bias)
         for conv in (self.q_conv, self.k_conv, self.v_conv):
             conv.reset_parameters()
 

@@ -34,9 +34,12 @@ class BlockCompressor(nn.Module):
         self.w2 = nn.Parameter(torch.empty(head_dim, hidden))
 
     def init_weights(self, std: float) -> None:
-        nn.init.normal_(self.pos_emb, std=std)
-        nn.init.normal_(self.w1, std=(self.w1.shape[1]) ** -0.5)
-        nn.init.normal_(self.w2, std=std)
+        for name, (_, value) in self.init_rules(std).items():
+            nn.init.normal_(getattr(self, name), std=value)
+
+    def init_rules(self, std: float) -> dict[str, tuple[str, float]]:
+        """Each parameter's start (`Transformer.init_weights` draws them per parameter)."""
+        return {"pos_emb": ("normal", std), "w1": ("normal", self.w1.shape[1] ** -0.5), "w2": ("normal", std)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nsa_compress(x, self.pos_emb, self.w1, self.w2, self.cmp_block, self.cmp_stride)

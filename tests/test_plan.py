@@ -1,0 +1,83 @@
+"""`longctx plan`: its activation figures against the bytes autograd saves (the Triton kernels run in
+the interpreter, as GPUs would run them), and the report for the shipped Llama-3 configs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from longctx.cli import main
+from longctx.config import load_config
+from longctx.plan import GiB, layer_bytes_per_token, parse_bytes
+from tests.dist_utils import REPO
+
+SEQ_LEN = 64
+CASES = [("D", "none"), ("S", "none"), ("N", "none"), ("L", "none"), ("D", "selective"),
+         ("L", "full")]  # fmt: skip
+MEASURE = """
+import json, sys
+from longctx.config import load_config
+from longctx.plan import measure_block_bytes
+cfg = load_config("configs/tiny.yaml", ["model.dim=64"]).model
+print(json.dumps([measure_block_bytes(cfg, letter, {seq_len}, mode) for letter, mode in {cases}]))
+"""
+
+
+@pytest.fixture(scope="module")
+def measured():
+    """Saved bytes of one block per case, measured in a process where the kernels are Triton's."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "LONGCTX_KERNEL_BACKEND": "triton", "OMP_NUM_THREADS": "1"}
+    code = MEASURE.format(seq_len=SEQ_LEN, cases=CASES)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(zip(CASES, json.loads(proc.stdout.splitlines()[-1])))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{letter}-{mode}" for letter, mode in CASES])
+def test_plan_activation_bytes_match_measured_saved_bytes(measured, case):
+    letter, mode = case
+    cfg = load_config("configs/tiny.yaml", ["model.dim=64"]).model
+    planned = layer_bytes_per_token(cfg, letter, mode, act=4)["saved"] * SEQ_LEN
+    assert abs(planned - measured[case]) <= 0.2 * measured[case], (planned, measured[case])
+    # The tolerance tells dtypes apart: the bf16 figure is far from the fp32 measurement.
+    bf16 = layer_bytes_per_token(cfg, letter, mode, act=2)["saved"] * SEQ_LEN
+    assert abs(bf16 - measured[case]) > 0.2 * measured[case]
+
+
+def test_plan_llama3_8b_on_8_gpus(capsys):
+    assert (
+        main(["plan", "--config", "configs/llama3-8b-128k.yaml", "--gpus", "8", "--gpu-memory", "80GiB"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "8.03B parameters" in out and "seq_len 131072" in out and "cp 8 x dp 1" in out
+    # FSDP over 8 GPUs: fp32 master weights 4 bytes x 8.03e9 / 8 = 3.74 GiB; AdamW twice that.
+    assert "parameters (fp32 master)                             3.74 GiB" in out
+    assert "optimizer state (AdamW, fp32)                        7.48 GiB" in out
+    # Full checkpointing keeps one bf16 [16384, 4096] block input per layer: 32 x 128 MiB.
+    assert "activations: 32 x D layers (full)                    4.00 GiB" in out
+    assert "verdict: FITS" in out and "longest sequence that fits this setup" in out
+    assert "suggestion: parallel.cp=" in out
+
+
+def test_plan_says_when_nothing_fits(capsys):
+    args = ["plan", "--config", "configs/llama3-70b-128k.yaml", "--gpus", "8", "--gpu-memory", "80GiB"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    # 70.55e9 parameters x 16 bytes / 8 GPUs is 131 GiB before any activation.
+    assert "verdict: DOES NOT FIT" in out and "suggestion: nothing fits" in out
+    assert main(["plan", "--config", "configs/tiny.yaml", "--gpus", "3", "parallel.cp=2"]) == 2
+    assert "multiple of parallel.cp=2" in capsys.readouterr().err
+
+
+def test_parse_bytes():
+    assert (
+        parse_bytes("80GiB") == 80 * GiB
+        and parse_bytes("80GB") == 80 * 10**9
+        and parse_bytes("141G") == 141e9
+    )
+    with pytest.raises(ValueError, match="is not a size"):
+        parse_bytes("eighty")
