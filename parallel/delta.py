@@ -60,6 +60,10 @@ class StatePassingDeltaCore(nn.Module):
         self.local = core
         self.group = group
 
+    def prepare(self, qkv, conv_weight, halo):
+        """The local core's convolution, norms and head sharing (decoding steps use it)."""
+        return self.local.prepare(qkv, conv_weight, halo)
+
     def forward(self, qkv, g, beta, conv_weight, layout):
         rank, size = check_zigzag(layout, self.group)
         halo = conv_weight.shape[-1] - 1

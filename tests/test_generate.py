@@ -36,7 +36,9 @@ CASES = {
     "S": dict(layers="S"),
     "N": dict(layers="N"),
     "L": dict(layers="L"),
+    "G": dict(layers="G"),
     "DSNL-yarn": dict(layers="DSNLLD", rope=YARN),
+    "GD": dict(layers="GGD"),
 }
 
 

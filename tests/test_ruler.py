@@ -133,7 +133,7 @@ def test_cli_eval_ruler_context_parallel_equals_one_process(tmp_path, tokenizer,
     from longctx.cli import main
     from tests.dist_utils import run_cli
 
-    run = make_run(tmp_path, tokenizer, small_model("DSNL", seed=3))
+    run = make_run(tmp_path, tokenizer, small_model("DSNLG", seed=3))
     hay = tmp_path / "hay.txt"
     hay.write_text("\n".join(list(builtin_documents())[:5]))
     args = ["eval", "ruler", "--run-dir", str(run), "--lengths", "264", "--depths", "0,1", "--samples", "2"]

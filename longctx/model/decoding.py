@@ -22,6 +22,8 @@ reports the bytes it holds (`nbytes`), so memory per generated token is measured
   once its `cmp_block`-token block is complete. Each step selects its `slc_top` blocks from the
   compression branch's probabilities and attends the gathered blocks, and the window's keys.
 - L: the `[B, H, Dk, Dv]` fp32 state, the same size whatever the context length.
+- G: the delta rule's `[B, H, Dk, Dv]` fp32 state plus the last 3 pre-convolution inputs (the
+  convolution's window), also constant in size.
 """
 
 import torch
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 
 from longctx.kernels import (
     flash_attn_chunk,
+    gated_delta_rule,
     gated_linear_attn,
     gated_linear_attn_step,
     nsa_cmp_attn,
@@ -360,6 +363,88 @@ class LinearDecoder(Decoder):
         o, cache.state = gated_linear_attn_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], cache.state)
         cache.length += 1
         return self._output(mixer, x, o[:, None])
+
+
+class DeltaCache:
+    """G's fp32 state `[B, H, Dk, Dv]` and convolution window `[B, 3, C]`, constant in size."""
+
+    def __init__(self):
+        self.window = self.state = None
+        self.pending = None  # after a context-parallel prefill, until `gather`
+        self.length = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.window, self.state) if t is not None)
+
+
+@register_decoder("G")
+class DeltaDecoder(Decoder):
+    def init_cache(self, mixer, batch):
+        return DeltaCache()
+
+    def prefill(self, mixer, x, cos, sin, layout, cache):
+        cache.length = x.shape[1]
+        if layout.is_full:
+            out, (cache.window, cache.state) = mixer.prefill(x)
+            return out
+        # The context-parallel core computes the outputs; `gather` rebuilds the prompt's state from
+        # each local segment's inputs (kept until then: this rank's share of the prompt only).
+        qkv, g, beta = mixer.gates(x)
+        cache.pending, local = [], 0
+        for start, n in layout.segments:
+            part = slice(local, local + n)
+            cache.pending.append((start, qkv[:, part], g[:, part], beta[:, part]))
+            local += n
+        return mixer(x, cos, sin, layout)
+
+    def gather(self, mixer, cache, layout, group):
+        """Compose the prompt's state from every segment's affine map `S_end = A S_start + B`
+        (`longctx.parallel.delta`), each segment's convolution seeing the 3 inputs before it."""
+        from longctx.parallel.comm import all_gather_tensor as all_gather
+
+        width = mixer.q_conv.weight.shape[-1]
+        halo = width - 1
+        starts = [s for s, _, _, _ in cache.pending]
+        if min(qkv.shape[1] for _, qkv, _, _ in cache.pending) < halo:
+            raise ValueError(f"G layers need context-parallel prefill segments of at least {halo} tokens")
+        tails = all_gather(torch.stack([qkv[:, -halo:] for _, qkv, _, _ in cache.pending]), group)
+        where = all_gather(torch.tensor(starts, dtype=torch.float64, device=tails.device), group)
+        lengths = all_gather(
+            torch.tensor([q.shape[1] for _, q, _, _ in cache.pending], dtype=torch.float64, device=tails.device),
+            group,
+        )
+        # The segment ending where this one starts supplies its halo.
+        tail_at = {
+            int(where[p, i] + lengths[p, i]): tails[p, i]
+            for p in range(where.shape[0])
+            for i in range(where.shape[1])
+        }
+        maps = []
+        for start, qkv, g, beta in cache.pending:
+            q, k, v = mixer.core.prepare(qkv, mixer.conv_weight(), tail_at.get(start))
+            b, _, h, dk = q.shape
+            dv = v.shape[-1]
+            work = g.dtype
+            v_aug = torch.cat([v, v.new_zeros(b, v.shape[1], h, dk)], dim=-1)
+            eye = torch.eye(dk, dtype=work, device=q.device).expand(b, h, dk, dk)
+            init = torch.cat([eye.new_zeros(b, h, dk, dv), eye], dim=-1)
+            _, ab = gated_delta_rule(q, k, v_aug, g, beta, initial_state=init, output_final_state=True)
+            maps.append(ab.to(work))  # [B | A]: [B, H, Dk, Dv + Dk]
+        gathered = all_gather(torch.stack(maps), group).flatten(0, 1)
+        order = torch.argsort(where.flatten()).tolist()
+        state = torch.zeros_like(gathered[0][..., :dv])
+        for c in order:
+            state = gathered[c][..., dv:] @ state + gathered[c][..., :dv]
+        last = order[-1]
+        cache.state = state
+        cache.window = tails.flatten(0, 1)[last]
+        cache.pending = None
+        cache.length = layout.seq_len
+
+    def step(self, mixer, x, cos, sin, cache):
+        out, (cache.window, cache.state) = mixer.step(x[:, 0], (cache.window, cache.state))
+        cache.length += 1
+        return out[:, None]
 
 
 class ModelCache:
