@@ -409,10 +409,8 @@ class DeltaDecoder(Decoder):
             raise ValueError(f"G layers need context-parallel prefill segments of at least {halo} tokens")
         tails = all_gather(torch.stack([qkv[:, -halo:] for _, qkv, _, _ in cache.pending]), group)
         where = all_gather(torch.tensor(starts, dtype=torch.float64, device=tails.device), group)
-        lengths = all_gather(
-            torch.tensor([q.shape[1] for _, q, _, _ in cache.pending], dtype=torch.float64, device=tails.device),
-            group,
-        )
+        sizes = [qkv.shape[1] for _, qkv, _, _ in cache.pending]
+        lengths = all_gather(torch.tensor(sizes, dtype=torch.float64, device=tails.device), group)
         # The segment ending where this one starts supplies its halo.
         tail_at = {
             int(where[p, i] + lengths[p, i]): tails[p, i]
