@@ -1,5 +1,4 @@
-"""Chunked gated delta rule in Triton: the forward kernel, and a backward that recomputes the chunked
-PyTorch form (`naive.gated_delta_chunk_ref`) under autograd.
+"""Chunked gated delta rule in Triton: the forward kernel and the backward kernels.
 
 Use it through `longctx.kernels.gated_delta_rule`, which picks this path on CUDA (or under
 `TRITON_INTERPRET=1`); this module is imported lazily, so it is only loaded where Triton runs.
@@ -22,10 +21,21 @@ head's chunks in order carrying the `[Dk, BV]` fp32 state: the one sequential pa
 (at most 256), because `W H` needs the whole key dimension. The quadratic intra-chunk work is
 repeated per Dv tile; with Dv <= BV (the usual head dims) there is one tile.
 
-Backward: a full Triton backward is not written yet. `ChunkGatedDeltaRuleFunction.backward`
-recomputes the forward with the chunked PyTorch form (matmuls and a batched triangular solve over all
-chunks at once, a Python loop over chunks for the state pass) and differentiates it with autograd,
-in fp32 whatever the input dtype. It is exact (same math) but slower than a fused kernel on the GPU.
+Backward (two kernels, fp32 accumulation, no atomics). The forward also stores the state entering
+each chunk (`[B, H, NT, Dk, Dv]` fp32). With `M = (Q K^T) * D` and `dH'` the gradient of the state
+leaving a chunk:
+
+    dU = scale M^T dO + (K * exp(b_last - b)) dH'
+    dH = scale (diag(exp b) Q)^T dO + exp(b_last) dH' - W^T dU
+
+- `chunk_gated_delta_bwd_dh_kernel`, grid `[NV, B * H]`: the reverse sequential pass. Each program
+  walks its head's chunks from the last, carrying `dH` (`[Dk, BV]`), rebuilds the chunk's `T` and `W`,
+  stores `dH'` per chunk and finally the initial state's gradient.
+- `chunk_gated_delta_bwd_kernel`, grid `[NT, B * H]`: chunks are independent given `H` and `dH'`. It
+  rebuilds `T`, `W`, `U0`, `U`, loops over Dv tiles (storing dV and summing the Dv contractions dW,
+  dA, dM, dO H^T, U dH'^T in registers) and then forms dQ, dK, dbeta and d b; the triangular solves'
+  gradients are `dR = T^T dX`, `dA = -dR X^T` (strictly lower). `dg` is the reverse cumulative sum
+  of d b within the chunk (`b_last` is the chunk's last row, padding included, where `g = 0`).
 
 Document masking (a state reset at each document start) is not implemented yet (issue #21 builds the
 boundaries); in this form it is a per-token reset flag that zeroes `H` entering the token and the
@@ -39,7 +49,6 @@ import triton
 import triton.language as tl
 
 from longctx.kernels.common.backend import interpreting
-from longctx.kernels.gated_delta.naive import gated_delta_chunk_ref
 
 # Outputs are allocated here; tests replace it with a NaN-filling allocator so that a kernel which
 # skips a write shows up as NaN.
@@ -69,6 +78,7 @@ def chunk_gated_delta_fwd_kernel(
     h0,
     o,
     ht,
+    hs,
     scale,
     T,
     NT,
@@ -79,6 +89,7 @@ def chunk_gated_delta_fwd_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     USE_H0: tl.constexpr,
+    STORE_STATES: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
@@ -95,6 +106,9 @@ def chunk_gated_delta_fwd_kernel(
         p_h0, m_h0 = _tile(h0 + i_bh.to(tl.int64) * K * V, 0, i_v * BV, K, V, V, 1, BK, BV)
         b_h += tl.load(p_h0, mask=m_h0, other=0.0)
     for i_t in range(NT):
+        if STORE_STATES:  # the state entering chunk i_t, for the backward
+            p_hs, m_hs = _tile(hs + (i_bh.to(tl.int64) * NT + i_t) * K * V, 0, i_v * BV, K, V, V, 1, BK, BV)
+            tl.store(p_hs, b_h, mask=m_hs)
         o_t = i_t * BT + o_i
         m_t = o_t < T
         p_q, m_q = _tile(q + o_k, i_t * BT, 0, T, K, H * K, 1, BT, BK)
@@ -133,56 +147,291 @@ def chunk_gated_delta_fwd_kernel(
     tl.store(p_ht, b_h, mask=m_ht)
 
 
-def chunk_gated_delta_fwd(q, k, v, g, beta, scale: float, initial_state, chunk_size: int):
+@triton.jit
+def _ut_transform(b_A, n_valid, BT: tl.constexpr):
+    """`(I + A)^-1` for strictly lower-triangular `A` [BT, BT], by forward substitution over the
+    first `n_valid` rows (rows past them have `A = 0` and stay identity rows)."""
+    o_i = tl.arange(0, BT)
+    b_T = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+    for i in range(1, tl.minimum(BT, n_valid)):
+        b_a = tl.sum(tl.where(o_i[:, None] == i, b_A, 0.0), axis=0)  # row i of A
+        b_row = tl.where(o_i == i, 1.0, 0.0) - tl.sum(b_a[:, None] * b_T, axis=0)
+        b_T = tl.where(o_i[:, None] == i, b_row[None, :], b_T)
+    return b_T
+
+
+@triton.jit
+def chunk_gated_delta_bwd_dh_kernel(
+    q,
+    k,
+    g,
+    beta,
+    do,
+    dht,
+    dhs,
+    dh0,
+    scale,
+    T,
+    NT,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_DHT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The reverse state pass: grid `[NV, B * H]`, each program walks its head's chunks from the last,
+    carrying `dH` (the gradient of the state leaving the chunk, `[Dk, BV]` fp32), stores it per chunk
+    in `dhs` and the gradient of the initial state in `dh0`."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = (i_b.to(tl.int64) * T * H + i_h) * K
+    o_v = (i_b.to(tl.int64) * T * H + i_h) * V
+    o_g = i_b.to(tl.int64) * T * H + i_h
+    o_i = tl.arange(0, BT)
+    m_strict = o_i[:, None] > o_i[None, :]
+    m_incl = o_i[:, None] >= o_i[None, :]
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        p_dht, m_dht = _tile(dht + i_bh.to(tl.int64) * K * V, 0, i_v * BV, K, V, V, 1, BK, BV)
+        b_dh += tl.load(p_dht, mask=m_dht, other=0.0)
+    for j in range(NT):
+        i_t = NT - 1 - j
+        p_dhs, m_dhs = _tile(dhs + (i_bh.to(tl.int64) * NT + i_t) * K * V, 0, i_v * BV, K, V, V, 1, BK, BV)
+        tl.store(p_dhs, b_dh, mask=m_dhs)
+        o_t = i_t * BT + o_i
+        m_t = o_t < T
+        p_q, m_q = _tile(q + o_k, i_t * BT, 0, T, K, H * K, 1, BT, BK)
+        p_k, m_k = _tile(k + o_k, i_t * BT, 0, T, K, H * K, 1, BT, BK)
+        p_do, m_do = _tile(do + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        b_q = tl.load(p_q, mask=m_q, other=0.0).to(tl.float32)
+        b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
+        b_do = tl.load(p_do, mask=m_do, other=0.0).to(tl.float32)
+        b_beta = tl.load(beta + o_g + o_t * H, mask=m_t, other=0.0)
+        b_b = tl.cumsum(tl.load(g + o_g + o_t * H, mask=m_t, other=0.0).to(tl.float64), axis=0)
+        b_last = tl.sum(tl.where(o_i == BT - 1, b_b, 0.0), axis=0)
+        b_dec = tl.exp(tl.where(m_incl, b_b[:, None] - b_b[None, :], float("-inf")).to(tl.float32))
+        b_eb = tl.exp(b_b.to(tl.float32))
+        b_to_end = tl.exp((b_last - b_b).to(tl.float32))
+        b_A = tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
+        b_A = tl.where(m_strict, b_beta[:, None] * b_A * b_dec, 0.0)
+        b_T = _ut_transform(b_A, T - i_t * BT, BT)
+        b_w = tl.dot(b_T, (b_beta * b_eb)[:, None] * b_k, input_precision=PRECISION)
+        b_m = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * b_dec
+        # dU = scale M^T dO + (K exp(b_last - b)) dH_next; dH = scale (exp(b) Q)^T dO
+        #      + exp(b_last) dH_next - W^T dU
+        b_du = scale * tl.dot(tl.trans(b_m), b_do, input_precision=PRECISION)
+        b_du += tl.dot(b_k * b_to_end[:, None], b_dh, input_precision=PRECISION)
+        b_dh = b_dh * tl.exp(b_last.to(tl.float32))
+        b_dh += scale * tl.dot(tl.trans(b_q * b_eb[:, None]), b_do, input_precision=PRECISION)
+        b_dh -= tl.dot(tl.trans(b_w), b_du, input_precision=PRECISION)
+    p_dh0, m_dh0 = _tile(dh0 + i_bh.to(tl.int64) * K * V, 0, i_v * BV, K, V, V, 1, BK, BV)
+    tl.store(p_dh0, b_dh, mask=m_dh0)
+
+
+@triton.jit
+def chunk_gated_delta_bwd_kernel(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    do,
+    hs,
+    dhs,
+    dq,
+    dk,
+    dv,
+    dg,
+    dbeta,
+    scale,
+    T,
+    NT,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The per-chunk gradients: grid `[NT, B * H]`, chunks independent given the state entering each
+    (`hs`) and the gradient of the state leaving it (`dhs`). Loops over Dv tiles, summing the
+    quantities that contract over Dv (dW, dA, dM, dQ, d(K decayed)) in fp32 registers; no atomics."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = (i_b.to(tl.int64) * T * H + i_h) * K
+    o_v = (i_b.to(tl.int64) * T * H + i_h) * V
+    o_g = i_b.to(tl.int64) * T * H + i_h
+    o_s = (i_bh.to(tl.int64) * NT + i_t) * K * V
+    o_i = tl.arange(0, BT)
+    o_t = i_t * BT + o_i
+    m_t = o_t < T
+    m_strict = o_i[:, None] > o_i[None, :]
+    m_incl = o_i[:, None] >= o_i[None, :]
+    p_q, m_q = _tile(q + o_k, i_t * BT, 0, T, K, H * K, 1, BT, BK)
+    p_k, m_k = _tile(k + o_k, i_t * BT, 0, T, K, H * K, 1, BT, BK)
+    b_q = tl.load(p_q, mask=m_q, other=0.0).to(tl.float32)
+    b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
+    b_beta = tl.load(beta + o_g + o_t * H, mask=m_t, other=0.0)
+    b_b = tl.cumsum(tl.load(g + o_g + o_t * H, mask=m_t, other=0.0).to(tl.float64), axis=0)
+    b_last = tl.sum(tl.where(o_i == BT - 1, b_b, 0.0), axis=0)
+    b_dec = tl.exp(tl.where(m_incl, b_b[:, None] - b_b[None, :], float("-inf")).to(tl.float32))
+    b_eb = tl.exp(b_b.to(tl.float32))
+    b_to_end = tl.exp((b_last - b_b).to(tl.float32))
+    b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
+    b_T = _ut_transform(tl.where(m_strict, b_beta[:, None] * b_kk * b_dec, 0.0), T - i_t * BT, BT)
+    b_w = tl.dot(b_T, (b_beta * b_eb)[:, None] * b_k, input_precision=PRECISION)
+    b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
+    b_m = b_qk * b_dec
+    b_kd = b_k * b_to_end[:, None]
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)  # dL/dW
+    b_dqh = tl.zeros([BT, BK], dtype=tl.float32)  # dO H^T
+    b_dkd = tl.zeros([BT, BK], dtype=tl.float32)  # dL/d(K exp(b_last - b)) = U dH_next^T
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dm = tl.zeros([BT, BT], dtype=tl.float32)  # dO U^T
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    b_dlast = tl.zeros([BK, BV], dtype=tl.float32)  # dH_next * H, summed after the loop
+    for i_v in range(tl.cdiv(V, BV)):
+        p_h, m_h = _tile(hs + o_s, 0, i_v * BV, K, V, V, 1, BK, BV)
+        p_dh, m_dh = _tile(dhs + o_s, 0, i_v * BV, K, V, V, 1, BK, BV)
+        p_v, m_v = _tile(v + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        p_do, m_do = _tile(do + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        b_h = tl.load(p_h, mask=m_h, other=0.0)
+        b_dh = tl.load(p_dh, mask=m_dh, other=0.0)
+        b_v = tl.load(p_v, mask=m_v, other=0.0).to(tl.float32)
+        b_do = tl.load(p_do, mask=m_do, other=0.0).to(tl.float32)
+        b_u0 = tl.dot(b_T, b_beta[:, None] * b_v, input_precision=PRECISION)
+        b_u = b_u0 - tl.dot(b_w, b_h, input_precision=PRECISION)
+        b_du = scale * tl.dot(tl.trans(b_m), b_do, input_precision=PRECISION)
+        b_du += tl.dot(b_kd, b_dh, input_precision=PRECISION)
+        b_dw -= tl.dot(b_du, tl.trans(b_h), input_precision=PRECISION)
+        # U0 = T R with R = diag(beta) V: dR = T^T dU0, dA -= dR U0^T.
+        b_dr = tl.dot(tl.trans(b_T), b_du, input_precision=PRECISION)
+        p_dv, m_dv = _tile(dv + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        tl.store(p_dv, (b_beta[:, None] * b_dr).to(p_dv.dtype.element_ty), mask=m_dv)
+        b_dbeta += tl.sum(b_dr * b_v, axis=1)
+        b_dA -= tl.dot(b_dr, tl.trans(b_u0), input_precision=PRECISION)
+        b_dm += tl.dot(b_do, tl.trans(b_u), input_precision=PRECISION)
+        b_dqh += tl.dot(b_do, tl.trans(b_h), input_precision=PRECISION)
+        b_dkd += tl.dot(b_u, tl.trans(b_dh), input_precision=PRECISION)
+        b_dlast += b_dh * b_h
+    # W = T R with R = diag(beta exp(b)) K.
+    b_dr = tl.dot(tl.trans(b_T), b_dw, input_precision=PRECISION)
+    b_dA -= tl.dot(b_dr, tl.trans(b_w), input_precision=PRECISION)
+    b_dA = tl.where(m_strict, b_dA, 0.0)
+    b_s = tl.sum(b_dr * b_k, axis=1)
+    b_dk = (b_beta * b_eb)[:, None] * b_dr
+    b_dbeta += b_s * b_eb
+    b_db = b_beta * b_eb * b_s
+    # O = scale (diag(exp b) Q H + M U), M = (Q K^T) * D.
+    b_dm = tl.where(m_incl, b_dm * scale, 0.0)
+    b_dmd = b_dm * b_dec
+    b_dq = scale * b_eb[:, None] * b_dqh + tl.dot(b_dmd, b_k, input_precision=PRECISION)
+    b_dk += tl.dot(tl.trans(b_dmd), b_q, input_precision=PRECISION)
+    b_db += scale * b_eb * tl.sum(b_q * b_dqh, axis=1)
+    # H_next = exp(b_last) H + (K exp(b_last - b))^T U.
+    b_dk += b_to_end[:, None] * b_dkd
+    b_s = tl.sum(b_dkd * b_k, axis=1) * b_to_end
+    b_db -= b_s
+    b_dblast = tl.sum(tl.sum(b_dlast, axis=1), axis=0) * tl.exp(b_last.to(tl.float32)) + tl.sum(b_s, axis=0)
+    b_db += tl.where(o_i == BT - 1, b_dblast, 0.0)
+    # A = beta_t (K K^T) * D, strictly lower.
+    b_dkk = b_dA * b_beta[:, None] * b_dec
+    b_dk += tl.dot(b_dkk, b_k, input_precision=PRECISION)
+    b_dk += tl.dot(tl.trans(b_dkk), b_k, input_precision=PRECISION)
+    b_dbeta += tl.sum(b_dA * b_dec * b_kk, axis=1)
+    # D[t, s] = exp(b_t - b_s); then b_t = sum_{s <= t} g_s, so dg_s = sum_{t >= s} db_t.
+    b_p = (b_dm * b_qk + b_dA * b_beta[:, None] * b_kk) * b_dec
+    b_p = tl.where(m_incl, b_p, 0.0)
+    b_db += tl.sum(b_p, axis=1) - tl.sum(b_p, axis=0)
+    b_dg = tl.sum(b_db, axis=0) - tl.cumsum(b_db, axis=0) + b_db
+    p_dq, _ = _tile(dq + o_k, i_t * BT, 0, T, K, H * K, 1, BT, BK)
+    p_dk, _ = _tile(dk + o_k, i_t * BT, 0, T, K, H * K, 1, BT, BK)
+    tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), mask=m_q)
+    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), mask=m_k)
+    tl.store(dg + o_g + o_t * H, b_dg, mask=m_t)
+    tl.store(dbeta + o_g + o_t * H, b_dbeta, mask=m_t)
+
+
+def _tiles(K, V):
+    return max(16, triton.next_power_of_2(K)), min(_BV, max(16, triton.next_power_of_2(V)))
+
+
+def chunk_gated_delta_fwd(q, k, v, g, beta, scale: float, initial_state, chunk_size: int, save_states=False):
     """Launch the forward kernel. q, k `[B, T, H, K]`, v `[B, T, H, V]` (one dtype), g, beta
     `[B, T, H]` fp32, initial_state `[B, H, K, V]` fp32 or None; all contiguous.
 
-    Returns `o [B, T, H, V]` in v's dtype and the final state `[B, H, K, V]` fp32.
+    Returns `o [B, T, H, V]` in v's dtype, the final state `[B, H, K, V]` fp32 and, with
+    `save_states`, the state entering each chunk `[B, H, NT, K, V]` fp32 (else None).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, chunk_size)
-    BK = max(16, triton.next_power_of_2(K))
-    BV = min(_BV, max(16, triton.next_power_of_2(V)))
+    BK, BV = _tiles(K, V)
     o = _empty(B, T, H, V, dtype=v.dtype, device=q.device)
     final_state = _empty(B, H, K, V, dtype=torch.float32, device=q.device)
+    states = _empty(B, H, NT, K, V, dtype=torch.float32, device=q.device) if save_states else None
     chunk_gated_delta_fwd_kernel[(triton.cdiv(V, BV), B * H)](
-        q, k, v, g, beta, initial_state, o, final_state, scale, T, NT, H=H, K=K, V=V,
-        BT=chunk_size, BK=BK, BV=BV, USE_H0=initial_state is not None,
+        q, k, v, g, beta, initial_state, o, final_state, states, scale, T, NT, H=H, K=K, V=V,
+        BT=chunk_size, BK=BK, BV=BV, USE_H0=initial_state is not None, STORE_STATES=save_states,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
     )  # fmt: skip
-    return o, final_state
+    return o, final_state, states
+
+
+def chunk_gated_delta_bwd(q, k, v, g, beta, states, do, dht, scale: float, chunk_size: int):
+    """Launch the backward: the reverse state pass, then the per-chunk gradients.
+
+    Returns `dq, dk, dv` (q's dtype), `dg, dbeta` fp32 and the initial state's gradient fp32.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(T, chunk_size)
+    BK, BV = _tiles(K, V)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    do = do.to(v.dtype).contiguous()
+    if dht is not None:
+        dht = dht.float().contiguous()
+    dstates = _empty(B, H, NT, K, V, dtype=torch.float32, device=q.device)
+    dh0 = _empty(B, H, K, V, dtype=torch.float32, device=q.device)
+    chunk_gated_delta_bwd_dh_kernel[(triton.cdiv(V, BV), B * H)](
+        q, k, g, beta, do, dht, dstates, dh0, scale, T, NT, H=H, K=K, V=V, BT=chunk_size, BK=BK,
+        BV=BV, USE_DHT=dht is not None, PRECISION=precision, num_warps=4,
+    )  # fmt: skip
+    dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
+    dk = _empty(*k.shape, dtype=k.dtype, device=q.device)
+    dv = _empty(*v.shape, dtype=v.dtype, device=q.device)
+    dg = _empty(*g.shape, dtype=torch.float32, device=q.device)
+    dbeta = _empty(*beta.shape, dtype=torch.float32, device=q.device)
+    chunk_gated_delta_bwd_kernel[(NT, B * H)](
+        q, k, v, g, beta, do, states, dstates, dq, dk, dv, dg, dbeta, scale, T, NT, H=H, K=K, V=V,
+        BT=chunk_size, BK=BK, BV=BV, PRECISION=precision, num_warps=4,
+    )  # fmt: skip
+    return dq, dk, dv, dg, dbeta, dh0
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
-    """Triton forward; backward by autograd through the chunked PyTorch form (module docstring)."""
+    """Triton forward (saving the state entering each chunk) and Triton backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size):
-        o, final_state = chunk_gated_delta_fwd(q, k, v, g, beta, scale, initial_state, chunk_size)
-        ctx.save_for_backward(q, k, v, g, beta, initial_state)
-        ctx.scale, ctx.chunk_size = scale, chunk_size
+        o, final_state, states = chunk_gated_delta_fwd(
+            q, k, v, g, beta, scale, initial_state, chunk_size, save_states=True
+        )
+        ctx.save_for_backward(q, k, v, g, beta, states)
+        ctx.scale, ctx.chunk_size, ctx.has_h0 = scale, chunk_size, initial_state is not None
         return o, (final_state if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, initial_state = ctx.saved_tensors
-        inputs = [x.detach().float().requires_grad_() for x in (q, k, v, g, beta)]
-        state = None if initial_state is None else initial_state.detach().requires_grad_()
-        with torch.enable_grad():
-            o, final_state = gated_delta_chunk_ref(
-                *inputs, scale=ctx.scale, initial_state=state, output_final_state=True,
-                chunk_size=ctx.chunk_size,
-            )  # fmt: skip
-            loss = (o * do.float()).sum()
-            if dht is not None:
-                loss = loss + (final_state * dht.float()).sum()
-            leaves = inputs + ([state] if state is not None else [])
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        grads = [torch.zeros_like(x) if d is None else d for d, x in zip(grads, leaves)]
-        dq, dk, dv, dg, dbeta = (d.to(x.dtype) for d, x in zip(grads[:5], (q, k, v, g, beta)))
-        dh0 = grads[5] if state is not None else None
-        return dq, dk, dv, dg, dbeta, None, dh0, None, None
+        q, k, v, g, beta, states = ctx.saved_tensors
+        dq, dk, dv, dg, dbeta, dh0 = chunk_gated_delta_bwd(
+            q, k, v, g, beta, states, do, dht, ctx.scale, ctx.chunk_size
+        )
+        return dq, dk, dv, dg, dbeta, None, (dh0 if ctx.has_h0 else None), None, None
 
 
 def chunk_gated_delta_rule(
