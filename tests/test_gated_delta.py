@@ -121,16 +121,19 @@ def test_gated_delta_references_match_brute_force(t, chunk):
         assert_close(errors_against_brute_force(fn, q, k, v, g, beta, s0, torch.float64, "cpu"), 1e-10)
 
 
-CASES = [(37, 16, "weak", True), (50, 32, "mixed", True), (40, 16, "mixed", False)]
+CASES = [(37, 16, "weak", True, 16), (50, 32, "mixed", True, 24), (40, 16, "mixed", False, 32)]
 
 
 @pytest.mark.parametrize(
-    "t,chunk,decay,with_state", CASES, ids=[f"T{t}-C{c}-{d}-{'h0' if s else 'no_h0'}" for t, c, d, s in CASES]
+    "t,chunk,decay,with_state,dk",
+    CASES,
+    ids=[f"T{t}-C{c}-{d}-{'h0' if s else 'no_h0'}-K{dk}" for t, c, d, s, dk in CASES],
 )
-def test_gated_delta_rule_matches_brute_force(t, chunk, decay, with_state):
+def test_gated_delta_rule_matches_brute_force(t, chunk, decay, with_state, dk):
     """The Triton path in fp32 (forward and backward kernels): o, final state and all six gradients
-    within 1e-4 of fp64. Dv = 24 spans two of the interpreter's 16-wide Dv tiles."""
-    q, k, v, g, beta, s0 = make_inputs(1, t, 2, 16, 24, decay, with_state)
+    within 1e-4 of fp64. Dv = 24 spans two of the interpreter's 16-wide Dv tiles; Dk = 24 and 32 span
+    two of the backward's 16-wide Dk tiles (24: a partial one)."""
+    q, k, v, g, beta, s0 = make_inputs(1, t, 2, dk, 24, decay, with_state)
 
     def kernel(*args, initial_state):
         return gated_delta_rule(*args, initial_state=initial_state, output_final_state=True, chunk_size=chunk)

@@ -56,6 +56,9 @@ _empty = torch.empty
 
 # Small Dv tiles under the interpreter make the CPU tests cover the loop over several tiles.
 _BV = 16 if interpreting() else 64
+# Dk tile of the backward's per-chunk kernel (the others hold Dk whole), small under the interpreter
+# for the same reason.
+_BK_BWD = 16 if interpreting() else 64
 MAX_HEAD_DIM_K = 256
 
 
@@ -79,6 +82,7 @@ def chunk_gated_delta_fwd_kernel(
     o,
     ht,
     hs,
+    us,
     scale,
     T,
     NT,
@@ -140,6 +144,9 @@ def chunk_gated_delta_fwd_kernel(
         b_o = b_eb[:, None] * tl.dot(b_q, b_h, input_precision=PRECISION)
         b_o += tl.dot(b_qk, b_u, input_precision=PRECISION)
         p_o, m_o = _tile(o + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        if STORE_STATES:
+            p_u, _ = _tile(us + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+            tl.store(p_u, b_u, mask=m_o)
         tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), mask=m_o)
         b_kd = b_k * b_to_end[:, None]
         b_h = b_h * tl.exp(b_last.to(tl.float32)) + tl.dot(tl.trans(b_kd), b_u, input_precision=PRECISION)
@@ -169,6 +176,7 @@ def chunk_gated_delta_bwd_dh_kernel(
     do,
     dht,
     dhs,
+    dus,
     dh0,
     scale,
     T,
@@ -224,6 +232,8 @@ def chunk_gated_delta_bwd_dh_kernel(
         #      + exp(b_last) dH_next - W^T dU
         b_du = scale * tl.dot(tl.trans(b_m), b_do, input_precision=PRECISION)
         b_du += tl.dot(b_k * b_to_end[:, None], b_dh, input_precision=PRECISION)
+        p_du, _ = _tile(dus + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        tl.store(p_du, b_du, mask=m_do)
         b_dh = b_dh * tl.exp(b_last.to(tl.float32))
         b_dh += scale * tl.dot(tl.trans(b_q * b_eb[:, None]), b_do, input_precision=PRECISION)
         b_dh -= tl.dot(tl.trans(b_w), b_du, input_precision=PRECISION)
@@ -241,6 +251,8 @@ def chunk_gated_delta_bwd_kernel(
     do,
     hs,
     dhs,
+    us,
+    dus,
     dq,
     dk,
     dv,
@@ -258,8 +270,10 @@ def chunk_gated_delta_bwd_kernel(
     PRECISION: tl.constexpr,
 ):
     """The per-chunk gradients: grid `[NT, B * H]`, chunks independent given the state entering each
-    (`hs`) and the gradient of the state leaving it (`dhs`). Loops over Dv tiles, summing the
-    quantities that contract over Dv (dW, dA, dM, dQ, d(K decayed)) in fp32 registers; no atomics."""
+    (`hs`), the gradient of the state leaving it (`dhs`), `U` (`us`, from the forward) and `dU`
+    (`dus`, from the reverse pass). Dk and Dv are both tiled (`[BT, BK]`, `[BT, BV]`, `[BK, BV]`
+    tiles); the contractions over them are summed in fp32 registers, no atomics. dK is written in
+    fp32 in two steps (its `dA` term needs every Dk tile first), by the same program."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_k = (i_b.to(tl.int64) * T * H + i_h) * K
@@ -271,89 +285,112 @@ def chunk_gated_delta_bwd_kernel(
     m_t = o_t < T
     m_strict = o_i[:, None] > o_i[None, :]
     m_incl = o_i[:, None] >= o_i[None, :]
-    p_q, m_q = _tile(q + o_k, i_t * BT, 0, T, K, H * K, 1, BT, BK)
-    p_k, m_k = _tile(k + o_k, i_t * BT, 0, T, K, H * K, 1, BT, BK)
-    b_q = tl.load(p_q, mask=m_q, other=0.0).to(tl.float32)
-    b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
     b_beta = tl.load(beta + o_g + o_t * H, mask=m_t, other=0.0)
     b_b = tl.cumsum(tl.load(g + o_g + o_t * H, mask=m_t, other=0.0).to(tl.float64), axis=0)
     b_last = tl.sum(tl.where(o_i == BT - 1, b_b, 0.0), axis=0)
     b_dec = tl.exp(tl.where(m_incl, b_b[:, None] - b_b[None, :], float("-inf")).to(tl.float32))
     b_eb = tl.exp(b_b.to(tl.float32))
     b_to_end = tl.exp((b_last - b_b).to(tl.float32))
-    b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
+    # 1. K K^T and Q K^T over the Dk tiles; T = (I + A)^-1.
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_qk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        p_q, m_q = _tile(q + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        p_k, m_k = _tile(k + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        b_q = tl.load(p_q, mask=m_q, other=0.0).to(tl.float32)
+        b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
+        b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
+        b_qk += tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
     b_T = _ut_transform(tl.where(m_strict, b_beta[:, None] * b_kk * b_dec, 0.0), T - i_t * BT, BT)
-    b_w = tl.dot(b_T, (b_beta * b_eb)[:, None] * b_k, input_precision=PRECISION)
-    b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
-    b_m = b_qk * b_dec
-    b_kd = b_k * b_to_end[:, None]
-    b_dw = tl.zeros([BT, BK], dtype=tl.float32)  # dL/dW
-    b_dqh = tl.zeros([BT, BK], dtype=tl.float32)  # dO H^T
-    b_dkd = tl.zeros([BT, BK], dtype=tl.float32)  # dL/d(K exp(b_last - b)) = U dH_next^T
+    # 2. Over the Dv tiles: U0 = T R with R = diag(beta) V, so dR = T^T dU, dA -= dR U0^T; dV; dO U^T.
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dm = tl.zeros([BT, BT], dtype=tl.float32)  # dO U^T
+    b_dm = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
-    b_dlast = tl.zeros([BK, BV], dtype=tl.float32)  # dH_next * H, summed after the loop
     for i_v in range(tl.cdiv(V, BV)):
-        p_h, m_h = _tile(hs + o_s, 0, i_v * BV, K, V, V, 1, BK, BV)
-        p_dh, m_dh = _tile(dhs + o_s, 0, i_v * BV, K, V, V, 1, BK, BV)
         p_v, m_v = _tile(v + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
-        p_do, m_do = _tile(do + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
-        b_h = tl.load(p_h, mask=m_h, other=0.0)
-        b_dh = tl.load(p_dh, mask=m_dh, other=0.0)
+        p_u, _ = _tile(us + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        p_du, _ = _tile(dus + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        p_do, _ = _tile(do + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
         b_v = tl.load(p_v, mask=m_v, other=0.0).to(tl.float32)
-        b_do = tl.load(p_do, mask=m_do, other=0.0).to(tl.float32)
+        b_u = tl.load(p_u, mask=m_v, other=0.0)
+        b_du = tl.load(p_du, mask=m_v, other=0.0)
+        b_do = tl.load(p_do, mask=m_v, other=0.0).to(tl.float32)
         b_u0 = tl.dot(b_T, b_beta[:, None] * b_v, input_precision=PRECISION)
-        b_u = b_u0 - tl.dot(b_w, b_h, input_precision=PRECISION)
-        b_du = scale * tl.dot(tl.trans(b_m), b_do, input_precision=PRECISION)
-        b_du += tl.dot(b_kd, b_dh, input_precision=PRECISION)
-        b_dw -= tl.dot(b_du, tl.trans(b_h), input_precision=PRECISION)
-        # U0 = T R with R = diag(beta) V: dR = T^T dU0, dA -= dR U0^T.
         b_dr = tl.dot(tl.trans(b_T), b_du, input_precision=PRECISION)
-        p_dv, m_dv = _tile(dv + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
-        tl.store(p_dv, (b_beta[:, None] * b_dr).to(p_dv.dtype.element_ty), mask=m_dv)
+        p_dv, _ = _tile(dv + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        tl.store(p_dv, (b_beta[:, None] * b_dr).to(p_dv.dtype.element_ty), mask=m_v)
         b_dbeta += tl.sum(b_dr * b_v, axis=1)
         b_dA -= tl.dot(b_dr, tl.trans(b_u0), input_precision=PRECISION)
         b_dm += tl.dot(b_do, tl.trans(b_u), input_precision=PRECISION)
-        b_dqh += tl.dot(b_do, tl.trans(b_h), input_precision=PRECISION)
-        b_dkd += tl.dot(b_u, tl.trans(b_dh), input_precision=PRECISION)
-        b_dlast += b_dh * b_h
-    # W = T R with R = diag(beta exp(b)) K.
-    b_dr = tl.dot(tl.trans(b_T), b_dw, input_precision=PRECISION)
-    b_dA -= tl.dot(b_dr, tl.trans(b_w), input_precision=PRECISION)
-    b_dA = tl.where(m_strict, b_dA, 0.0)
-    b_s = tl.sum(b_dr * b_k, axis=1)
-    b_dk = (b_beta * b_eb)[:, None] * b_dr
-    b_dbeta += b_s * b_eb
-    b_db = b_beta * b_eb * b_s
     # O = scale (diag(exp b) Q H + M U), M = (Q K^T) * D.
     b_dm = tl.where(m_incl, b_dm * scale, 0.0)
     b_dmd = b_dm * b_dec
-    b_dq = scale * b_eb[:, None] * b_dqh + tl.dot(b_dmd, b_k, input_precision=PRECISION)
-    b_dk += tl.dot(tl.trans(b_dmd), b_q, input_precision=PRECISION)
-    b_db += scale * b_eb * tl.sum(b_q * b_dqh, axis=1)
-    # H_next = exp(b_last) H + (K exp(b_last - b))^T U.
-    b_dk += b_to_end[:, None] * b_dkd
-    b_s = tl.sum(b_dkd * b_k, axis=1) * b_to_end
-    b_db -= b_s
-    b_dblast = tl.sum(tl.sum(b_dlast, axis=1), axis=0) * tl.exp(b_last.to(tl.float32)) + tl.sum(b_s, axis=0)
-    b_db += tl.where(o_i == BT - 1, b_dblast, 0.0)
+    # 3. Over the Dk tiles (each with a loop over Dv): W = T diag(beta exp(b)) K, dW = -dU H^T;
+    #    H_next = exp(b_last) H + (K exp(b_last - b))^T U. dQ is complete here, dK but for its dA term.
+    b_srw = tl.zeros([BT], dtype=tl.float32)  # sum(dR_w * K) per row
+    b_skd = tl.zeros([BT], dtype=tl.float32)  # sum(dL/d(K exp(b_last - b)) * K) per row
+    b_sqh = tl.zeros([BT], dtype=tl.float32)  # sum(Q * dO H^T) per row
+    b_dlast = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)  # sum(dH_next * H)
+    for i_k in range(tl.cdiv(K, BK)):
+        p_q, m_q = _tile(q + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        p_k, m_k = _tile(k + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        b_q = tl.load(p_q, mask=m_q, other=0.0).to(tl.float32)
+        b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
+        b_w = tl.dot(b_T, (b_beta * b_eb)[:, None] * b_k, input_precision=PRECISION)
+        b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dqh = tl.zeros([BT, BK], dtype=tl.float32)  # dO H^T
+        b_dkd = tl.zeros([BT, BK], dtype=tl.float32)  # U dH_next^T
+        for i_v in range(tl.cdiv(V, BV)):
+            p_h, m_h = _tile(hs + o_s, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
+            p_dh, _ = _tile(dhs + o_s, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
+            p_u, m_u = _tile(us + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+            p_du, _ = _tile(dus + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+            p_do, _ = _tile(do + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+            b_h = tl.load(p_h, mask=m_h, other=0.0)
+            b_dh = tl.load(p_dh, mask=m_h, other=0.0)
+            b_u = tl.load(p_u, mask=m_u, other=0.0)
+            b_du = tl.load(p_du, mask=m_u, other=0.0)
+            b_do = tl.load(p_do, mask=m_u, other=0.0).to(tl.float32)
+            b_dw -= tl.dot(b_du, tl.trans(b_h), input_precision=PRECISION)
+            b_dqh += tl.dot(b_do, tl.trans(b_h), input_precision=PRECISION)
+            b_dkd += tl.dot(b_u, tl.trans(b_dh), input_precision=PRECISION)
+            b_dlast += tl.sum(tl.sum(b_dh * b_h, axis=1), axis=0)
+        b_drw = tl.dot(tl.trans(b_T), b_dw, input_precision=PRECISION)
+        b_dA -= tl.dot(b_drw, tl.trans(b_w), input_precision=PRECISION)
+        b_srw += tl.sum(b_drw * b_k, axis=1)
+        b_skd += tl.sum(b_dkd * b_k, axis=1)
+        b_sqh += tl.sum(b_q * b_dqh, axis=1)
+        b_dq = scale * b_eb[:, None] * b_dqh + tl.dot(b_dmd, b_k, input_precision=PRECISION)
+        b_dk = (b_beta * b_eb)[:, None] * b_drw + b_to_end[:, None] * b_dkd
+        b_dk += tl.dot(tl.trans(b_dmd), b_q, input_precision=PRECISION)
+        p_dq, _ = _tile(dq + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        p_dk, _ = _tile(dk + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), mask=m_q)
+        tl.store(p_dk, b_dk, mask=m_k)
     # A = beta_t (K K^T) * D, strictly lower.
+    b_dA = tl.where(m_strict, b_dA, 0.0)
     b_dkk = b_dA * b_beta[:, None] * b_dec
-    b_dk += tl.dot(b_dkk, b_k, input_precision=PRECISION)
-    b_dk += tl.dot(tl.trans(b_dkk), b_k, input_precision=PRECISION)
-    b_dbeta += tl.sum(b_dA * b_dec * b_kk, axis=1)
-    # D[t, s] = exp(b_t - b_s); then b_t = sum_{s <= t} g_s, so dg_s = sum_{t >= s} db_t.
-    b_p = (b_dm * b_qk + b_dA * b_beta[:, None] * b_kk) * b_dec
-    b_p = tl.where(m_incl, b_p, 0.0)
+    b_dbeta += b_srw * b_eb + tl.sum(b_dA * b_dec * b_kk, axis=1)
+    # d b: from W's diag(exp b), O's diag(exp b), K exp(b_last - b), b_last, and D = exp(b_t - b_s).
+    b_db = b_beta * b_eb * b_srw + scale * b_eb * b_sqh - b_skd * b_to_end
+    b_dblast = b_dlast * tl.exp(b_last.to(tl.float32)) + tl.sum(b_skd * b_to_end, axis=0)
+    b_db += tl.where(o_i == BT - 1, b_dblast, 0.0)
+    b_p = tl.where(m_incl, (b_dm * b_qk + b_dA * b_beta[:, None] * b_kk) * b_dec, 0.0)
     b_db += tl.sum(b_p, axis=1) - tl.sum(b_p, axis=0)
+    # b_t = sum_{s <= t} g_s, so dg_s = sum_{t >= s} db_t.
     b_dg = tl.sum(b_db, axis=0) - tl.cumsum(b_db, axis=0) + b_db
-    p_dq, _ = _tile(dq + o_k, i_t * BT, 0, T, K, H * K, 1, BT, BK)
-    p_dk, _ = _tile(dk + o_k, i_t * BT, 0, T, K, H * K, 1, BT, BK)
-    tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), mask=m_q)
-    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), mask=m_k)
     tl.store(dg + o_g + o_t * H, b_dg, mask=m_t)
     tl.store(dbeta + o_g + o_t * H, b_dbeta, mask=m_t)
+    # 4. dK's dA term: dK += dKK K + dKK^T K, dKK = dA * beta_t * D (the partial dK was written above).
+    tl.debug_barrier()
+    for i_k in range(tl.cdiv(K, BK)):
+        p_k, m_k = _tile(k + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        p_dk, _ = _tile(dk + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
+        b_dk = tl.load(p_dk, mask=m_k, other=0.0)
+        b_dk += tl.dot(b_dkk, b_k, input_precision=PRECISION)
+        b_dk += tl.dot(tl.trans(b_dkk), b_k, input_precision=PRECISION)
+        tl.store(p_dk, b_dk, mask=m_k)
 
 
 def _tiles(K, V):
@@ -365,7 +402,8 @@ def chunk_gated_delta_fwd(q, k, v, g, beta, scale: float, initial_state, chunk_s
     `[B, T, H]` fp32, initial_state `[B, H, K, V]` fp32 or None; all contiguous.
 
     Returns `o [B, T, H, V]` in v's dtype, the final state `[B, H, K, V]` fp32 and, with
-    `save_states`, the state entering each chunk `[B, H, NT, K, V]` fp32 (else None).
+    `save_states`, `(the state entering each chunk [B, H, NT, K, V], U [B, T, H, V])` fp32 (else
+    None).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -373,16 +411,19 @@ def chunk_gated_delta_fwd(q, k, v, g, beta, scale: float, initial_state, chunk_s
     BK, BV = _tiles(K, V)
     o = _empty(B, T, H, V, dtype=v.dtype, device=q.device)
     final_state = _empty(B, H, K, V, dtype=torch.float32, device=q.device)
-    states = _empty(B, H, NT, K, V, dtype=torch.float32, device=q.device) if save_states else None
+    states = us = None
+    if save_states:
+        states = _empty(B, H, NT, K, V, dtype=torch.float32, device=q.device)
+        us = _empty(B, T, H, V, dtype=torch.float32, device=q.device)
     chunk_gated_delta_fwd_kernel[(triton.cdiv(V, BV), B * H)](
-        q, k, v, g, beta, initial_state, o, final_state, states, scale, T, NT, H=H, K=K, V=V,
+        q, k, v, g, beta, initial_state, o, final_state, states, us, scale, T, NT, H=H, K=K, V=V,
         BT=chunk_size, BK=BK, BV=BV, USE_H0=initial_state is not None, STORE_STATES=save_states,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
     )  # fmt: skip
-    return o, final_state, states
+    return o, final_state, (states, us) if save_states else None
 
 
-def chunk_gated_delta_bwd(q, k, v, g, beta, states, do, dht, scale: float, chunk_size: int):
+def chunk_gated_delta_bwd(q, k, v, g, beta, states, us, do, dht, scale: float, chunk_size: int):
     """Launch the backward: the reverse state pass, then the per-chunk gradients.
 
     Returns `dq, dk, dv` (q's dtype), `dg, dbeta` fp32 and the initial state's gradient fp32.
@@ -396,21 +437,22 @@ def chunk_gated_delta_bwd(q, k, v, g, beta, states, do, dht, scale: float, chunk
     if dht is not None:
         dht = dht.float().contiguous()
     dstates = _empty(B, H, NT, K, V, dtype=torch.float32, device=q.device)
+    dus = _empty(B, T, H, V, dtype=torch.float32, device=q.device)
     dh0 = _empty(B, H, K, V, dtype=torch.float32, device=q.device)
     chunk_gated_delta_bwd_dh_kernel[(triton.cdiv(V, BV), B * H)](
-        q, k, g, beta, do, dht, dstates, dh0, scale, T, NT, H=H, K=K, V=V, BT=chunk_size, BK=BK,
+        q, k, g, beta, do, dht, dstates, dus, dh0, scale, T, NT, H=H, K=K, V=V, BT=chunk_size, BK=BK,
         BV=BV, USE_DHT=dht is not None, PRECISION=precision, num_warps=4,
     )  # fmt: skip
     dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
-    dk = _empty(*k.shape, dtype=k.dtype, device=q.device)
+    dk = _empty(*k.shape, dtype=torch.float32, device=q.device)  # written in two steps, kept fp32
     dv = _empty(*v.shape, dtype=v.dtype, device=q.device)
     dg = _empty(*g.shape, dtype=torch.float32, device=q.device)
     dbeta = _empty(*beta.shape, dtype=torch.float32, device=q.device)
     chunk_gated_delta_bwd_kernel[(NT, B * H)](
-        q, k, v, g, beta, do, states, dstates, dq, dk, dv, dg, dbeta, scale, T, NT, H=H, K=K, V=V,
-        BT=chunk_size, BK=BK, BV=BV, PRECISION=precision, num_warps=4,
+        q, k, v, g, beta, do, states, dstates, us, dus, dq, dk, dv, dg, dbeta, scale, T, NT, H=H, K=K,
+        V=V, BT=chunk_size, BK=min(BK, _BK_BWD), BV=BV, PRECISION=precision, num_warps=4,
     )  # fmt: skip
-    return dq, dk, dv, dg, dbeta, dh0
+    return dq, dk.to(k.dtype), dv, dg, dbeta, dh0
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
@@ -418,18 +460,18 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size):
-        o, final_state, states = chunk_gated_delta_fwd(
+        o, final_state, (states, us) = chunk_gated_delta_fwd(
             q, k, v, g, beta, scale, initial_state, chunk_size, save_states=True
         )
-        ctx.save_for_backward(q, k, v, g, beta, states)
+        ctx.save_for_backward(q, k, v, g, beta, states, us)
         ctx.scale, ctx.chunk_size, ctx.has_h0 = scale, chunk_size, initial_state is not None
         return o, (final_state if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, states = ctx.saved_tensors
+        q, k, v, g, beta, states, us = ctx.saved_tensors
         dq, dk, dv, dg, dbeta, dh0 = chunk_gated_delta_bwd(
-            q, k, v, g, beta, states, do, dht, ctx.scale, ctx.chunk_size
+            q, k, v, g, beta, states, us, do, dht, ctx.scale, ctx.chunk_size
         )
         return dq, dk, dv, dg, dbeta, None, (dh0 if ctx.has_h0 else None), None, None
 
