@@ -22,20 +22,23 @@ head's chunks in order carrying the `[Dk, BV]` fp32 state: the one sequential pa
 repeated per Dv tile; with Dv <= BV (the usual head dims) there is one tile.
 
 Backward (two kernels, fp32 accumulation, no atomics). The forward also stores the state entering
-each chunk (`[B, H, NT, Dk, Dv]` fp32). With `M = (Q K^T) * D` and `dH'` the gradient of the state
-leaving a chunk:
+each chunk (`[B, H, NT, Dk, Dv]`) and `U` (`[B, T, H, Dv]`), fp32. With `M = (Q K^T) * D` and `dH'`
+the gradient of the state leaving a chunk:
 
     dU = scale M^T dO + (K * exp(b_last - b)) dH'
     dH = scale (diag(exp b) Q)^T dO + exp(b_last) dH' - W^T dU
 
 - `chunk_gated_delta_bwd_dh_kernel`, grid `[NV, B * H]`: the reverse sequential pass. Each program
   walks its head's chunks from the last, carrying `dH` (`[Dk, BV]`), rebuilds the chunk's `T` and `W`,
-  stores `dH'` per chunk and finally the initial state's gradient.
-- `chunk_gated_delta_bwd_kernel`, grid `[NT, B * H]`: chunks are independent given `H` and `dH'`. It
-  rebuilds `T`, `W`, `U0`, `U`, loops over Dv tiles (storing dV and summing the Dv contractions dW,
-  dA, dM, dO H^T, U dH'^T in registers) and then forms dQ, dK, dbeta and d b; the triangular solves'
-  gradients are `dR = T^T dX`, `dA = -dR X^T` (strictly lower). `dg` is the reverse cumulative sum
-  of d b within the chunk (`b_last` is the chunk's last row, padding included, where `g = 0`).
+  stores `dH'` and `dU` per chunk and finally the initial state's gradient. Dk is one tile, as in
+  the forward.
+- `chunk_gated_delta_bwd_kernel`, grid `[NT, B * H]`: chunks are independent given `H`, `dH'`, `U`
+  and `dU`. Dk and Dv are both tiled (`BK`, `BV` <= 64): it sums `K K^T`, `Q K^T` over Dk tiles and
+  rebuilds `T`; over Dv tiles it stores dV and sums dA, `dO U^T`; over Dk tiles (each looping over
+  Dv) it forms `W`, `dW = -dU H^T`, `dO H^T`, `U dH'^T`, stores dQ and a partial dK (fp32), and
+  finally adds dK's `dA` term. The triangular solves' gradients are `dR = T^T dX`, `dA = -dR X^T`
+  (strictly lower). `dg` is the reverse cumulative sum of d b within the chunk (`b_last` is the
+  chunk's last row, padding included, where `g = 0`).
 
 Document masking (a state reset at each document start) is not implemented yet (issue #21 builds the
 boundaries); in this form it is a per-token reset flag that zeroes `H` entering the token and the
