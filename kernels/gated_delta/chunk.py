@@ -171,6 +171,44 @@ def _ut_transform(b_A, n_valid, BT: tl.constexpr):
 
 
 @triton.jit
+def _load_bk(x, o_k, i_t, i_k, T, H, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """Rows of chunk i_t, Dk tile i_k of a `[B, T, H, K]` tensor, in fp32 (zero outside)."""
+    p, m = _tile(x + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+    return tl.load(p, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_block(base, b_x, i_k, i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    p, m = _tile(base, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
+    tl.store(p, b_x, mask=m)
+
+
+@triton.jit
+def _load_block(base, i_k, i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    p, m = _tile(base, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
+    return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
+def _du_block(b_dh, k, o_k, i_t, i_k, T, H, b_to_end, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+              PRECISION: tl.constexpr):  # fmt: skip
+    """(K exp(b_last - b)) dH' restricted to Dk tile i_k."""
+    b_k = _load_bk(k, o_k, i_t, i_k, T, H, K, BT, BK)
+    return tl.dot(b_k * b_to_end[:, None], b_dh, input_precision=PRECISION)
+
+
+@triton.jit
+def _dh_block(b_dh, q, k, o_k, i_t, i_k, T, H, b_T, b_beta, b_eb, b_el, b_do, b_du, scale,
+              K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """Dk tile i_k of dH = scale (diag(exp b) Q)^T dO + exp(b_last) dH' - W^T dU."""
+    b_q = _load_bk(q, o_k, i_t, i_k, T, H, K, BT, BK)
+    b_k = _load_bk(k, o_k, i_t, i_k, T, H, K, BT, BK)
+    b_w = tl.dot(b_T, (b_beta * b_eb)[:, None] * b_k, input_precision=PRECISION)
+    b_dh = b_dh * b_el + scale * tl.dot(tl.trans(b_q * b_eb[:, None]), b_do, input_precision=PRECISION)
+    return b_dh - tl.dot(tl.trans(b_w), b_du, input_precision=PRECISION)
+
+
+@triton.jit
 def chunk_gated_delta_bwd_dh_kernel(
     q,
     k,
@@ -194,8 +232,9 @@ def chunk_gated_delta_bwd_dh_kernel(
     PRECISION: tl.constexpr,
 ):
     """The reverse state pass: grid `[NV, B * H]`, each program walks its head's chunks from the last,
-    carrying `dH` (the gradient of the state leaving the chunk, `[Dk, BV]` fp32), stores it per chunk
-    in `dhs` and the gradient of the initial state in `dh0`."""
+    carrying `dH` (the gradient of the state leaving the chunk, `[Dk, BV]` fp32, held as up to four
+    `[BK, BV]` blocks, `Dk <= 4 BK`), stores it and `dU` per chunk (`dhs`, `dus`) and the gradient
+    of the initial state in `dh0`. q, k and W are loaded and formed one `[BT, BK]` tile at a time."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_k = (i_b.to(tl.int64) * T * H + i_h) * K
@@ -204,21 +243,32 @@ def chunk_gated_delta_bwd_dh_kernel(
     o_i = tl.arange(0, BT)
     m_strict = o_i[:, None] > o_i[None, :]
     m_incl = o_i[:, None] >= o_i[None, :]
-    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dh1 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dh2 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dh3 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dh4 = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
-        p_dht, m_dht = _tile(dht + i_bh.to(tl.int64) * K * V, 0, i_v * BV, K, V, V, 1, BK, BV)
-        b_dh += tl.load(p_dht, mask=m_dht, other=0.0)
+        p_dht = dht + i_bh.to(tl.int64) * K * V
+        b_dh1 += _load_block(p_dht, 0, i_v, K, V, BK, BV)
+        if K > BK:
+            b_dh2 += _load_block(p_dht, 1, i_v, K, V, BK, BV)
+        if K > 2 * BK:
+            b_dh3 += _load_block(p_dht, 2, i_v, K, V, BK, BV)
+        if K > 3 * BK:
+            b_dh4 += _load_block(p_dht, 3, i_v, K, V, BK, BV)
     for j in range(NT):
         i_t = NT - 1 - j
-        p_dhs, m_dhs = _tile(dhs + (i_bh.to(tl.int64) * NT + i_t) * K * V, 0, i_v * BV, K, V, V, 1, BK, BV)
-        tl.store(p_dhs, b_dh, mask=m_dhs)
+        p_dhs = dhs + (i_bh.to(tl.int64) * NT + i_t) * K * V
+        _store_block(p_dhs, b_dh1, 0, i_v, K, V, BK, BV)
+        if K > BK:
+            _store_block(p_dhs, b_dh2, 1, i_v, K, V, BK, BV)
+        if K > 2 * BK:
+            _store_block(p_dhs, b_dh3, 2, i_v, K, V, BK, BV)
+        if K > 3 * BK:
+            _store_block(p_dhs, b_dh4, 3, i_v, K, V, BK, BV)
         o_t = i_t * BT + o_i
         m_t = o_t < T
-        p_q, m_q = _tile(q + o_k, i_t * BT, 0, T, K, H * K, 1, BT, BK)
-        p_k, m_k = _tile(k + o_k, i_t * BT, 0, T, K, H * K, 1, BT, BK)
         p_do, m_do = _tile(do + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
-        b_q = tl.load(p_q, mask=m_q, other=0.0).to(tl.float32)
-        b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
         b_do = tl.load(p_do, mask=m_do, other=0.0).to(tl.float32)
         b_beta = tl.load(beta + o_g + o_t * H, mask=m_t, other=0.0)
         b_b = tl.cumsum(tl.load(g + o_g + o_t * H, mask=m_t, other=0.0).to(tl.float64), axis=0)
@@ -226,22 +276,45 @@ def chunk_gated_delta_bwd_dh_kernel(
         b_dec = tl.exp(tl.where(m_incl, b_b[:, None] - b_b[None, :], float("-inf")).to(tl.float32))
         b_eb = tl.exp(b_b.to(tl.float32))
         b_to_end = tl.exp((b_last - b_b).to(tl.float32))
-        b_A = tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
-        b_A = tl.where(m_strict, b_beta[:, None] * b_A * b_dec, 0.0)
-        b_T = _ut_transform(b_A, T - i_t * BT, BT)
-        b_w = tl.dot(b_T, (b_beta * b_eb)[:, None] * b_k, input_precision=PRECISION)
-        b_m = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * b_dec
-        # dU = scale M^T dO + (K exp(b_last - b)) dH_next; dH = scale (exp(b) Q)^T dO
-        #      + exp(b_last) dH_next - W^T dU
-        b_du = scale * tl.dot(tl.trans(b_m), b_do, input_precision=PRECISION)
-        b_du += tl.dot(b_k * b_to_end[:, None], b_dh, input_precision=PRECISION)
+        b_el = tl.exp(b_last.to(tl.float32))
+        b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+        b_qk = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            b_q = _load_bk(q, o_k, i_t, i_k, T, H, K, BT, BK)
+            b_k = _load_bk(k, o_k, i_t, i_k, T, H, K, BT, BK)
+            b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
+            b_qk += tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
+        b_T = _ut_transform(tl.where(m_strict, b_beta[:, None] * b_kk * b_dec, 0.0), T - i_t * BT, BT)
+        # dU = scale M^T dO + (K exp(b_last - b)) dH', M = (Q K^T) * D.
+        b_du = scale * tl.dot(tl.trans(b_qk * b_dec), b_do, input_precision=PRECISION)
+        b_du += _du_block(b_dh1, k, o_k, i_t, 0, T, H, b_to_end, K, BT, BK, PRECISION)
+        if K > BK:
+            b_du += _du_block(b_dh2, k, o_k, i_t, 1, T, H, b_to_end, K, BT, BK, PRECISION)
+        if K > 2 * BK:
+            b_du += _du_block(b_dh3, k, o_k, i_t, 2, T, H, b_to_end, K, BT, BK, PRECISION)
+        if K > 3 * BK:
+            b_du += _du_block(b_dh4, k, o_k, i_t, 3, T, H, b_to_end, K, BT, BK, PRECISION)
         p_du, _ = _tile(dus + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
         tl.store(p_du, b_du, mask=m_do)
-        b_dh = b_dh * tl.exp(b_last.to(tl.float32))
-        b_dh += scale * tl.dot(tl.trans(b_q * b_eb[:, None]), b_do, input_precision=PRECISION)
-        b_dh -= tl.dot(tl.trans(b_w), b_du, input_precision=PRECISION)
-    p_dh0, m_dh0 = _tile(dh0 + i_bh.to(tl.int64) * K * V, 0, i_v * BV, K, V, V, 1, BK, BV)
-    tl.store(p_dh0, b_dh, mask=m_dh0)
+        b_dh1 = _dh_block(b_dh1, q, k, o_k, i_t, 0, T, H, b_T, b_beta, b_eb, b_el, b_do, b_du, scale,
+                          K, BT, BK, PRECISION)  # fmt: skip
+        if K > BK:
+            b_dh2 = _dh_block(b_dh2, q, k, o_k, i_t, 1, T, H, b_T, b_beta, b_eb, b_el, b_do, b_du, scale,
+                              K, BT, BK, PRECISION)  # fmt: skip
+        if K > 2 * BK:
+            b_dh3 = _dh_block(b_dh3, q, k, o_k, i_t, 2, T, H, b_T, b_beta, b_eb, b_el, b_do, b_du, scale,
+                              K, BT, BK, PRECISION)  # fmt: skip
+        if K > 3 * BK:
+            b_dh4 = _dh_block(b_dh4, q, k, o_k, i_t, 3, T, H, b_T, b_beta, b_eb, b_el, b_do, b_du, scale,
+                              K, BT, BK, PRECISION)  # fmt: skip
+    p_dh0 = dh0 + i_bh.to(tl.int64) * K * V
+    _store_block(p_dh0, b_dh1, 0, i_v, K, V, BK, BV)
+    if K > BK:
+        _store_block(p_dh0, b_dh2, 1, i_v, K, V, BK, BV)
+    if K > 2 * BK:
+        _store_block(p_dh0, b_dh3, 2, i_v, K, V, BK, BV)
+    if K > 3 * BK:
+        _store_block(p_dh0, b_dh4, 3, i_v, K, V, BK, BV)
 
 
 @triton.jit
@@ -443,8 +516,9 @@ def chunk_gated_delta_bwd(q, k, v, g, beta, states, us, do, dht, scale: float, c
     dus = _empty(B, T, H, V, dtype=torch.float32, device=q.device)
     dh0 = _empty(B, H, K, V, dtype=torch.float32, device=q.device)
     chunk_gated_delta_bwd_dh_kernel[(triton.cdiv(V, BV), B * H)](
-        q, k, g, beta, do, dht, dstates, dus, dh0, scale, T, NT, H=H, K=K, V=V, BT=chunk_size, BK=BK,
-        BV=BV, USE_DHT=dht is not None, PRECISION=precision, num_warps=4,
+        q, k, g, beta, do, dht, dstates, dus, dh0, scale, T, NT, H=H, K=K, V=V, BT=chunk_size,
+        BK=max(min(BK, _BK_BWD), BK // 4), BV=BV, USE_DHT=dht is not None, PRECISION=precision,
+        num_warps=4,
     )  # fmt: skip
     dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
     dk = _empty(*k.shape, dtype=torch.float32, device=q.device)  # written in two steps, kept fp32
