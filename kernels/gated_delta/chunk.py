@@ -29,9 +29,9 @@ the gradient of the state leaving a chunk:
     dH = scale (diag(exp b) Q)^T dO + exp(b_last) dH' - W^T dU
 
 - `chunk_gated_delta_bwd_dh_kernel`, grid `[NV, B * H]`: the reverse sequential pass. Each program
-  walks its head's chunks from the last, carrying `dH` (`[Dk, BV]`), rebuilds the chunk's `T` and `W`,
-  stores `dH'` and `dU` per chunk and finally the initial state's gradient. Dk is one tile, as in
-  the forward.
+  walks its head's chunks from the last, carrying `dH` (`[Dk, BV]`, as up to four `[BK, BV]`
+  blocks), rebuilds the chunk's `T` and `W` one Dk tile at a time, stores `dH'` and `dU` per chunk
+  and finally the initial state's gradient.
 - `chunk_gated_delta_bwd_kernel`, grid `[NT, B * H]`: chunks are independent given `H`, `dH'`, `U`
   and `dU`. Dk and Dv are both tiled (`BK`, `BV` <= 64): it sums `K K^T`, `Q K^T` over Dk tiles and
   rebuilds `T`; over Dv tiles it stores dV and sums dA, `dO U^T`; over Dk tiles (each looping over
