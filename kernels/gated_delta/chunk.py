@@ -537,10 +537,11 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size):
-        o, final_state, (states, us) = chunk_gated_delta_fwd(
-            q, k, v, g, beta, scale, initial_state, chunk_size, save_states=True
+        # The per-chunk states and U are only kept when a gradient will be asked for.
+        o, final_state, saved = chunk_gated_delta_fwd(
+            q, k, v, g, beta, scale, initial_state, chunk_size, save_states=any(ctx.needs_input_grad)
         )
-        ctx.save_for_backward(q, k, v, g, beta, states, us)
+        ctx.save_for_backward(q, k, v, g, beta, *(saved or (None, None)))
         ctx.scale, ctx.chunk_size, ctx.has_h0 = scale, chunk_size, initial_state is not None
         return o, (final_state if output_final_state else None)
 
