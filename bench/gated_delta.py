@@ -9,9 +9,8 @@ Each batch holds `--tokens` tokens (B = tokens // T), so time per token compares
 Records (ms, tokens/s, ns per token, the speed-up over flash-linear-attention and the relative
 difference of output and gradients) go to bench/results/<device>-<date>.json under "gated_delta".
 flash-linear-attention is optional (`pip install flash-linear-attention`): without it that peer is
-reported missing and skipped. Needs CUDA; without it the script says so and exits. longctx's backward
-is still the chunked PyTorch form recomputed under autograd (kernels/gated_delta/chunk.py), so its
-backward times measure that, not a fused kernel.
+reported missing and skipped. Needs CUDA; without it the script says so and exits. longctx's forward
+and backward are both Triton kernels (kernels/gated_delta/chunk.py).
 """
 
 import argparse

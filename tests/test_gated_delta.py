@@ -1,6 +1,6 @@
-"""Gated delta rule: the chunked Triton forward (and its recomputing backward) and the chunked
-PyTorch form against an fp64 brute force of the product form `S_t = exp(g_t) (I - beta_t k_t k_t^T)
-S_{t-1} + beta_t k_t v_t^T`, written here independently of `longctx.kernels`.
+"""Gated delta rule: the chunked Triton forward and backward kernels and the chunked PyTorch form
+against an fp64 brute force of the product form `S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1}
++ beta_t k_t v_t^T`, written here independently of `longctx.kernels`.
 
 Without CUDA the kernel runs under the Triton interpreter (`TRITON_INTERPRET=1`, set by a fixture for
 this module only), in fp32; on a GPU machine the same tests run the compiled kernel. Kernel outputs
@@ -121,16 +121,19 @@ def test_gated_delta_references_match_brute_force(t, chunk):
         assert_close(errors_against_brute_force(fn, q, k, v, g, beta, s0, torch.float64, "cpu"), 1e-10)
 
 
-CASES = [(37, 16, "weak", True), (50, 32, "mixed", True), (40, 16, "mixed", False)]
+CASES = [(37, 16, "weak", True, 16), (40, 32, "mixed", True, 24), (20, 16, "mixed", False, 32)]
 
 
 @pytest.mark.parametrize(
-    "t,chunk,decay,with_state", CASES, ids=[f"T{t}-C{c}-{d}-{'h0' if s else 'no_h0'}" for t, c, d, s in CASES]
+    "t,chunk,decay,with_state,dk",
+    CASES,
+    ids=[f"T{t}-C{c}-{d}-{'h0' if s else 'no_h0'}-K{dk}" for t, c, d, s, dk in CASES],
 )
-def test_gated_delta_rule_matches_brute_force(t, chunk, decay, with_state):
-    """The Triton path in fp32: o, final state and all six gradients within 1e-4 of fp64. Dv = 24
-    spans two of the interpreter's 16-wide Dv tiles."""
-    q, k, v, g, beta, s0 = make_inputs(1, t, 2, 16, 24, decay, with_state)
+def test_gated_delta_rule_matches_brute_force(t, chunk, decay, with_state, dk):
+    """The Triton path in fp32 (forward and backward kernels): o, final state and all six gradients
+    within 1e-4 of fp64. Dv = 24 spans two of the interpreter's 16-wide Dv tiles; Dk = 24 and 32 span
+    two of the backward's 16-wide Dk tiles (24: a partial one)."""
+    q, k, v, g, beta, s0 = make_inputs(1, t, 2, dk, 24, decay, with_state)
 
     def kernel(*args, initial_state):
         return gated_delta_rule(*args, initial_state=initial_state, output_final_state=True, chunk_size=chunk)
@@ -171,20 +174,21 @@ def test_gated_delta_step_continues_the_chunked_form():
 
 
 def test_gated_delta_rule_runs_the_triton_kernel(monkeypatch, chunk_module):
-    """The public op launches the kernel unless the reference is forced."""
+    """The public op launches the forward and backward kernels unless the reference is forced."""
     calls = []
-    real = chunk_module.chunk_gated_delta_fwd
-    monkeypatch.setattr(
-        chunk_module, "chunk_gated_delta_fwd", lambda *a, **kw: calls.append(1) or real(*a, **kw)
-    )
+    for name in ("chunk_gated_delta_fwd", "chunk_gated_delta_bwd"):
+        real = getattr(chunk_module, name)
+        monkeypatch.setattr(
+            chunk_module, name, lambda *a, _n=name, _f=real, **kw: calls.append(_n[-3:]) or _f(*a, **kw)
+        )
     q, k, v, g, beta, _ = make_inputs(1, 20, 2, 16, 16, "weak", False, dtype=torch.float32)
     q.requires_grad_()
     o, final_state = gated_delta_rule(q, k, v, g, beta, chunk_size=16)
     o.sum().backward()
-    assert final_state is None and calls == [1]
+    assert final_state is None and calls == ["fwd", "bwd"]
     with backend("naive"):
         gated_delta_rule(q, k, v, g, beta)[0].sum().backward()
-    assert calls == [1]
+    assert calls == ["fwd", "bwd"]
 
 
 def test_gated_delta_rule_rejects_bad_arguments():

@@ -1,6 +1,6 @@
 """Gated delta rule (the G mixer): delta-rule linear attention with a scalar decay, state in and out.
 
-`gated_delta_rule` runs the chunked Triton forward (`chunk.py`) on CUDA or under `TRITON_INTERPRET=1`
+`gated_delta_rule` runs the chunked Triton kernels (`chunk.py`) on CUDA or under `TRITON_INTERPRET=1`
 and the chunked PyTorch form (`naive.py`) elsewhere; `gated_delta_rule_step` is the one-token
 recurrence for decoding. The Triton module is imported on first use, so that `TRITON_INTERPRET` set
 after `longctx.kernels` was imported still takes effect.

@@ -1,5 +1,4 @@
-"""Chunked gated delta rule in Triton: the forward kernel, and a backward that recomputes the chunked
-PyTorch form (`naive.gated_delta_chunk_ref`) under autograd.
+"""Chunked gated delta rule in Triton: the forward kernel and the backward kernels.
 
 Use it through `longctx.kernels.gated_delta_rule`, which picks this path on CUDA (or under
 `TRITON_INTERPRET=1`); this module is imported lazily, so it is only loaded where Triton runs.
@@ -22,10 +21,24 @@ head's chunks in order carrying the `[Dk, BV]` fp32 state: the one sequential pa
 (at most 256), because `W H` needs the whole key dimension. The quadratic intra-chunk work is
 repeated per Dv tile; with Dv <= BV (the usual head dims) there is one tile.
 
-Backward: a full Triton backward is not written yet. `ChunkGatedDeltaRuleFunction.backward`
-recomputes the forward with the chunked PyTorch form (matmuls and a batched triangular solve over all
-chunks at once, a Python loop over chunks for the state pass) and differentiates it with autograd,
-in fp32 whatever the input dtype. It is exact (same math) but slower than a fused kernel on the GPU.
+Backward (two kernels, fp32 accumulation, no atomics). The forward also stores the state entering
+each chunk (`[B, H, NT, Dk, Dv]`) and `U` (`[B, T, H, Dv]`), fp32. With `M = (Q K^T) * D` and `dH'`
+the gradient of the state leaving a chunk:
+
+    dU = scale M^T dO + (K * exp(b_last - b)) dH'
+    dH = scale (diag(exp b) Q)^T dO + exp(b_last) dH' - W^T dU
+
+- `chunk_gated_delta_bwd_dh_kernel`, grid `[NV, B * H]`: the reverse sequential pass. Each program
+  walks its head's chunks from the last, carrying `dH` (`[Dk, BV]`, as up to four `[BK, BV]`
+  blocks), rebuilds the chunk's `T` and `W` one Dk tile at a time, stores `dH'` and `dU` per chunk
+  and finally the initial state's gradient.
+- `chunk_gated_delta_bwd_kernel`, grid `[NT, B * H]`: chunks are independent given `H`, `dH'`, `U`
+  and `dU`. Dk and Dv are both tiled (`BK`, `BV` <= 64): it sums `K K^T`, `Q K^T` over Dk tiles and
+  rebuilds `T`; over Dv tiles it stores dV and sums dA, `dO U^T`; over Dk tiles (each looping over
+  Dv) it forms `W`, `dW = -dU H^T`, `dO H^T`, `U dH'^T`, stores dQ and a partial dK (fp32), and
+  finally adds dK's `dA` term. The triangular solves' gradients are `dR = T^T dX`, `dA = -dR X^T`
+  (strictly lower). `dg` is the reverse cumulative sum of d b within the chunk (`b_last` is the
+  chunk's last row, padding included, where `g = 0`).
 
 Document masking (a state reset at each document start) is not implemented yet (issue #21 builds the
 boundaries); in this form it is a per-token reset flag that zeroes `H` entering the token and the
@@ -39,7 +52,6 @@ import triton
 import triton.language as tl
 
 from longctx.kernels.common.backend import interpreting
-from longctx.kernels.gated_delta.naive import gated_delta_chunk_ref
 
 # Outputs are allocated here; tests replace it with a NaN-filling allocator so that a kernel which
 # skips a write shows up as NaN.
@@ -47,6 +59,9 @@ _empty = torch.empty
 
 # Small Dv tiles under the interpreter make the CPU tests cover the loop over several tiles.
 _BV = 16 if interpreting() else 64
+# Dk tile of the backward's per-chunk kernel (the others hold Dk whole), small under the interpreter
+# for the same reason.
+_BK_BWD = 16 if interpreting() else 64
 MAX_HEAD_DIM_K = 256
 
 
@@ -69,6 +84,8 @@ def chunk_gated_delta_fwd_kernel(
     h0,
     o,
     ht,
+    hs,
+    us,
     scale,
     T,
     NT,
@@ -79,6 +96,7 @@ def chunk_gated_delta_fwd_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     USE_H0: tl.constexpr,
+    STORE_STATES: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
@@ -95,6 +113,9 @@ def chunk_gated_delta_fwd_kernel(
         p_h0, m_h0 = _tile(h0 + i_bh.to(tl.int64) * K * V, 0, i_v * BV, K, V, V, 1, BK, BV)
         b_h += tl.load(p_h0, mask=m_h0, other=0.0)
     for i_t in range(NT):
+        if STORE_STATES:  # the state entering chunk i_t, for the backward
+            p_hs, m_hs = _tile(hs + (i_bh.to(tl.int64) * NT + i_t) * K * V, 0, i_v * BV, K, V, V, 1, BK, BV)
+            tl.store(p_hs, b_h, mask=m_hs)
         o_t = i_t * BT + o_i
         m_t = o_t < T
         p_q, m_q = _tile(q + o_k, i_t * BT, 0, T, K, H * K, 1, BT, BK)
@@ -126,6 +147,9 @@ def chunk_gated_delta_fwd_kernel(
         b_o = b_eb[:, None] * tl.dot(b_q, b_h, input_precision=PRECISION)
         b_o += tl.dot(b_qk, b_u, input_precision=PRECISION)
         p_o, m_o = _tile(o + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        if STORE_STATES:
+            p_u, _ = _tile(us + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+            tl.store(p_u, b_u, mask=m_o)
         tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), mask=m_o)
         b_kd = b_k * b_to_end[:, None]
         b_h = b_h * tl.exp(b_last.to(tl.float32)) + tl.dot(tl.trans(b_kd), b_u, input_precision=PRECISION)
@@ -133,56 +157,401 @@ def chunk_gated_delta_fwd_kernel(
     tl.store(p_ht, b_h, mask=m_ht)
 
 
-def chunk_gated_delta_fwd(q, k, v, g, beta, scale: float, initial_state, chunk_size: int):
+@triton.jit
+def _ut_transform(b_A, n_valid, BT: tl.constexpr):
+    """`(I + A)^-1` for strictly lower-triangular `A` [BT, BT], by forward substitution over the
+    first `n_valid` rows (rows past them have `A = 0` and stay identity rows)."""
+    o_i = tl.arange(0, BT)
+    b_T = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+    for i in range(1, tl.minimum(BT, n_valid)):
+        b_a = tl.sum(tl.where(o_i[:, None] == i, b_A, 0.0), axis=0)  # row i of A
+        b_row = tl.where(o_i == i, 1.0, 0.0) - tl.sum(b_a[:, None] * b_T, axis=0)
+        b_T = tl.where(o_i[:, None] == i, b_row[None, :], b_T)
+    return b_T
+
+
+@triton.jit
+def _load_bk(x, o_k, i_t, i_k, T, H, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """Rows of chunk i_t, Dk tile i_k of a `[B, T, H, K]` tensor, in fp32 (zero outside)."""
+    p, m = _tile(x + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+    return tl.load(p, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_block(base, b_x, i_k, i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    p, m = _tile(base, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
+    tl.store(p, b_x, mask=m)
+
+
+@triton.jit
+def _load_block(base, i_k, i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    p, m = _tile(base, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
+    return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
+def _du_block(b_dh, k, o_k, i_t, i_k, T, H, b_to_end, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+              PRECISION: tl.constexpr):  # fmt: skip
+    """(K exp(b_last - b)) dH' restricted to Dk tile i_k."""
+    b_k = _load_bk(k, o_k, i_t, i_k, T, H, K, BT, BK)
+    return tl.dot(b_k * b_to_end[:, None], b_dh, input_precision=PRECISION)
+
+
+@triton.jit
+def _dh_block(b_dh, q, k, o_k, i_t, i_k, T, H, b_T, b_beta, b_eb, b_el, b_do, b_du, scale,
+              K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """Dk tile i_k of dH = scale (diag(exp b) Q)^T dO + exp(b_last) dH' - W^T dU."""
+    b_q = _load_bk(q, o_k, i_t, i_k, T, H, K, BT, BK)
+    b_k = _load_bk(k, o_k, i_t, i_k, T, H, K, BT, BK)
+    b_w = tl.dot(b_T, (b_beta * b_eb)[:, None] * b_k, input_precision=PRECISION)
+    b_dh = b_dh * b_el + scale * tl.dot(tl.trans(b_q * b_eb[:, None]), b_do, input_precision=PRECISION)
+    return b_dh - tl.dot(tl.trans(b_w), b_du, input_precision=PRECISION)
+
+
+@triton.jit
+def chunk_gated_delta_bwd_dh_kernel(
+    q,
+    k,
+    g,
+    beta,
+    do,
+    dht,
+    dhs,
+    dus,
+    dh0,
+    scale,
+    T,
+    NT,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_DHT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The reverse state pass: grid `[NV, B * H]`, each program walks its head's chunks from the last,
+    carrying `dH` (the gradient of the state leaving the chunk, `[Dk, BV]` fp32, held as up to four
+    `[BK, BV]` blocks, `Dk <= 4 BK`), stores it and `dU` per chunk (`dhs`, `dus`) and the gradient
+    of the initial state in `dh0`. q, k and W are loaded and formed one `[BT, BK]` tile at a time."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = (i_b.to(tl.int64) * T * H + i_h) * K
+    o_v = (i_b.to(tl.int64) * T * H + i_h) * V
+    o_g = i_b.to(tl.int64) * T * H + i_h
+    o_i = tl.arange(0, BT)
+    m_strict = o_i[:, None] > o_i[None, :]
+    m_incl = o_i[:, None] >= o_i[None, :]
+    b_dh1 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dh2 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dh3 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dh4 = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        p_dht = dht + i_bh.to(tl.int64) * K * V
+        b_dh1 += _load_block(p_dht, 0, i_v, K, V, BK, BV)
+        if K > BK:
+            b_dh2 += _load_block(p_dht, 1, i_v, K, V, BK, BV)
+        if K > 2 * BK:
+            b_dh3 += _load_block(p_dht, 2, i_v, K, V, BK, BV)
+        if K > 3 * BK:
+            b_dh4 += _load_block(p_dht, 3, i_v, K, V, BK, BV)
+    for j in range(NT):
+        i_t = NT - 1 - j
+        p_dhs = dhs + (i_bh.to(tl.int64) * NT + i_t) * K * V
+        _store_block(p_dhs, b_dh1, 0, i_v, K, V, BK, BV)
+        if K > BK:
+            _store_block(p_dhs, b_dh2, 1, i_v, K, V, BK, BV)
+        if K > 2 * BK:
+            _store_block(p_dhs, b_dh3, 2, i_v, K, V, BK, BV)
+        if K > 3 * BK:
+            _store_block(p_dhs, b_dh4, 3, i_v, K, V, BK, BV)
+        o_t = i_t * BT + o_i
+        m_t = o_t < T
+        p_do, m_do = _tile(do + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        b_do = tl.load(p_do, mask=m_do, other=0.0).to(tl.float32)
+        b_beta = tl.load(beta + o_g + o_t * H, mask=m_t, other=0.0)
+        b_b = tl.cumsum(tl.load(g + o_g + o_t * H, mask=m_t, other=0.0).to(tl.float64), axis=0)
+        b_last = tl.sum(tl.where(o_i == BT - 1, b_b, 0.0), axis=0)
+        b_dec = tl.exp(tl.where(m_incl, b_b[:, None] - b_b[None, :], float("-inf")).to(tl.float32))
+        b_eb = tl.exp(b_b.to(tl.float32))
+        b_to_end = tl.exp((b_last - b_b).to(tl.float32))
+        b_el = tl.exp(b_last.to(tl.float32))
+        b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+        b_qk = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            b_q = _load_bk(q, o_k, i_t, i_k, T, H, K, BT, BK)
+            b_k = _load_bk(k, o_k, i_t, i_k, T, H, K, BT, BK)
+            b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
+            b_qk += tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
+        b_T = _ut_transform(tl.where(m_strict, b_beta[:, None] * b_kk * b_dec, 0.0), T - i_t * BT, BT)
+        # dU = scale M^T dO + (K exp(b_last - b)) dH', M = (Q K^T) * D.
+        b_du = scale * tl.dot(tl.trans(b_qk * b_dec), b_do, input_precision=PRECISION)
+        b_du += _du_block(b_dh1, k, o_k, i_t, 0, T, H, b_to_end, K, BT, BK, PRECISION)
+        if K > BK:
+            b_du += _du_block(b_dh2, k, o_k, i_t, 1, T, H, b_to_end, K, BT, BK, PRECISION)
+        if K > 2 * BK:
+            b_du += _du_block(b_dh3, k, o_k, i_t, 2, T, H, b_to_end, K, BT, BK, PRECISION)
+        if K > 3 * BK:
+            b_du += _du_block(b_dh4, k, o_k, i_t, 3, T, H, b_to_end, K, BT, BK, PRECISION)
+        p_du, _ = _tile(dus + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        tl.store(p_du, b_du, mask=m_do)
+        b_dh1 = _dh_block(b_dh1, q, k, o_k, i_t, 0, T, H, b_T, b_beta, b_eb, b_el, b_do, b_du, scale,
+                          K, BT, BK, PRECISION)  # fmt: skip
+        if K > BK:
+            b_dh2 = _dh_block(b_dh2, q, k, o_k, i_t, 1, T, H, b_T, b_beta, b_eb, b_el, b_do, b_du, scale,
+                              K, BT, BK, PRECISION)  # fmt: skip
+        if K > 2 * BK:
+            b_dh3 = _dh_block(b_dh3, q, k, o_k, i_t, 2, T, H, b_T, b_beta, b_eb, b_el, b_do, b_du, scale,
+                              K, BT, BK, PRECISION)  # fmt: skip
+        if K > 3 * BK:
+            b_dh4 = _dh_block(b_dh4, q, k, o_k, i_t, 3, T, H, b_T, b_beta, b_eb, b_el, b_do, b_du, scale,
+                              K, BT, BK, PRECISION)  # fmt: skip
+    p_dh0 = dh0 + i_bh.to(tl.int64) * K * V
+    _store_block(p_dh0, b_dh1, 0, i_v, K, V, BK, BV)
+    if K > BK:
+        _store_block(p_dh0, b_dh2, 1, i_v, K, V, BK, BV)
+    if K > 2 * BK:
+        _store_block(p_dh0, b_dh3, 2, i_v, K, V, BK, BV)
+    if K > 3 * BK:
+        _store_block(p_dh0, b_dh4, 3, i_v, K, V, BK, BV)
+
+
+@triton.jit
+def chunk_gated_delta_bwd_kernel(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    do,
+    hs,
+    dhs,
+    us,
+    dus,
+    dq,
+    dk,
+    dv,
+    dg,
+    dbeta,
+    scale,
+    T,
+    NT,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The per-chunk gradients: grid `[NT, B * H]`, chunks independent given the state entering each
+    (`hs`), the gradient of the state leaving it (`dhs`), `U` (`us`, from the forward) and `dU`
+    (`dus`, from the reverse pass). Dk and Dv are both tiled (`[BT, BK]`, `[BT, BV]`, `[BK, BV]`
+    tiles); the contractions over them are summed in fp32 registers, no atomics. dK is written in
+    fp32 in two steps (its `dA` term needs every Dk tile first), by the same program."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = (i_b.to(tl.int64) * T * H + i_h) * K
+    o_v = (i_b.to(tl.int64) * T * H + i_h) * V
+    o_g = i_b.to(tl.int64) * T * H + i_h
+    o_s = (i_bh.to(tl.int64) * NT + i_t) * K * V
+    o_i = tl.arange(0, BT)
+    o_t = i_t * BT + o_i
+    m_t = o_t < T
+    m_strict = o_i[:, None] > o_i[None, :]
+    m_incl = o_i[:, None] >= o_i[None, :]
+    b_beta = tl.load(beta + o_g + o_t * H, mask=m_t, other=0.0)
+    b_b = tl.cumsum(tl.load(g + o_g + o_t * H, mask=m_t, other=0.0).to(tl.float64), axis=0)
+    b_last = tl.sum(tl.where(o_i == BT - 1, b_b, 0.0), axis=0)
+    b_dec = tl.exp(tl.where(m_incl, b_b[:, None] - b_b[None, :], float("-inf")).to(tl.float32))
+    b_eb = tl.exp(b_b.to(tl.float32))
+    b_to_end = tl.exp((b_last - b_b).to(tl.float32))
+    # 1. K K^T and Q K^T over the Dk tiles; T = (I + A)^-1.
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_qk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        p_q, m_q = _tile(q + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        p_k, m_k = _tile(k + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        b_q = tl.load(p_q, mask=m_q, other=0.0).to(tl.float32)
+        b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
+        b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
+        b_qk += tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
+    b_T = _ut_transform(tl.where(m_strict, b_beta[:, None] * b_kk * b_dec, 0.0), T - i_t * BT, BT)
+    # 2. Over the Dv tiles: U0 = T R with R = diag(beta) V, so dR = T^T dU, dA -= dR U0^T; dV; dO U^T.
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dm = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        p_v, m_v = _tile(v + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        p_u, _ = _tile(us + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        p_du, _ = _tile(dus + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        p_do, _ = _tile(do + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        b_v = tl.load(p_v, mask=m_v, other=0.0).to(tl.float32)
+        b_u = tl.load(p_u, mask=m_v, other=0.0)
+        b_du = tl.load(p_du, mask=m_v, other=0.0)
+        b_do = tl.load(p_do, mask=m_v, other=0.0).to(tl.float32)
+        b_u0 = tl.dot(b_T, b_beta[:, None] * b_v, input_precision=PRECISION)
+        b_dr = tl.dot(tl.trans(b_T), b_du, input_precision=PRECISION)
+        p_dv, _ = _tile(dv + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        tl.store(p_dv, (b_beta[:, None] * b_dr).to(p_dv.dtype.element_ty), mask=m_v)
+        b_dbeta += tl.sum(b_dr * b_v, axis=1)
+        b_dA -= tl.dot(b_dr, tl.trans(b_u0), input_precision=PRECISION)
+        b_dm += tl.dot(b_do, tl.trans(b_u), input_precision=PRECISION)
+    # O = scale (diag(exp b) Q H + M U), M = (Q K^T) * D.
+    b_dm = tl.where(m_incl, b_dm * scale, 0.0)
+    b_dmd = b_dm * b_dec
+    # 3. Over the Dk tiles (each with a loop over Dv): W = T diag(beta exp(b)) K, dW = -dU H^T;
+    #    H_next = exp(b_last) H + (K exp(b_last - b))^T U. dQ is complete here, dK but for its dA term.
+    b_srw = tl.zeros([BT], dtype=tl.float32)  # sum(dR_w * K) per row
+    b_skd = tl.zeros([BT], dtype=tl.float32)  # sum(dL/d(K exp(b_last - b)) * K) per row
+    b_sqh = tl.zeros([BT], dtype=tl.float32)  # sum(Q * dO H^T) per row
+    b_dlast = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)  # sum(dH_next * H)
+    for i_k in range(tl.cdiv(K, BK)):
+        p_q, m_q = _tile(q + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        p_k, m_k = _tile(k + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        b_q = tl.load(p_q, mask=m_q, other=0.0).to(tl.float32)
+        b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
+        b_w = tl.dot(b_T, (b_beta * b_eb)[:, None] * b_k, input_precision=PRECISION)
+        b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dqh = tl.zeros([BT, BK], dtype=tl.float32)  # dO H^T
+        b_dkd = tl.zeros([BT, BK], dtype=tl.float32)  # U dH_next^T
+        for i_v in range(tl.cdiv(V, BV)):
+            p_h, m_h = _tile(hs + o_s, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
+            p_dh, _ = _tile(dhs + o_s, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
+            p_u, m_u = _tile(us + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+            p_du, _ = _tile(dus + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+            p_do, _ = _tile(do + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+            b_h = tl.load(p_h, mask=m_h, other=0.0)
+            b_dh = tl.load(p_dh, mask=m_h, other=0.0)
+            b_u = tl.load(p_u, mask=m_u, other=0.0)
+            b_du = tl.load(p_du, mask=m_u, other=0.0)
+            b_do = tl.load(p_do, mask=m_u, other=0.0).to(tl.float32)
+            b_dw -= tl.dot(b_du, tl.trans(b_h), input_precision=PRECISION)
+            b_dqh += tl.dot(b_do, tl.trans(b_h), input_precision=PRECISION)
+            b_dkd += tl.dot(b_u, tl.trans(b_dh), input_precision=PRECISION)
+            b_dlast += tl.sum(tl.sum(b_dh * b_h, axis=1), axis=0)
+        b_drw = tl.dot(tl.trans(b_T), b_dw, input_precision=PRECISION)
+        b_dA -= tl.dot(b_drw, tl.trans(b_w), input_precision=PRECISION)
+        b_srw += tl.sum(b_drw * b_k, axis=1)
+        b_skd += tl.sum(b_dkd * b_k, axis=1)
+        b_sqh += tl.sum(b_q * b_dqh, axis=1)
+        b_dq = scale * b_eb[:, None] * b_dqh + tl.dot(b_dmd, b_k, input_precision=PRECISION)
+        b_dk = (b_beta * b_eb)[:, None] * b_drw + b_to_end[:, None] * b_dkd
+        b_dk += tl.dot(tl.trans(b_dmd), b_q, input_precision=PRECISION)
+        p_dq, _ = _tile(dq + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        p_dk, _ = _tile(dk + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), mask=m_q)
+        tl.store(p_dk, b_dk, mask=m_k)
+    # A = beta_t (K K^T) * D, strictly lower.
+    b_dA = tl.where(m_strict, b_dA, 0.0)
+    b_dkk = b_dA * b_beta[:, None] * b_dec
+    b_dbeta += b_srw * b_eb + tl.sum(b_dA * b_dec * b_kk, axis=1)
+    # d b: from W's diag(exp b), O's diag(exp b), K exp(b_last - b), b_last, and D = exp(b_t - b_s).
+    b_db = b_beta * b_eb * b_srw + scale * b_eb * b_sqh - b_skd * b_to_end
+    b_dblast = b_dlast * tl.exp(b_last.to(tl.float32)) + tl.sum(b_skd * b_to_end, axis=0)
+    b_db += tl.where(o_i == BT - 1, b_dblast, 0.0)
+    b_p = tl.where(m_incl, (b_dm * b_qk + b_dA * b_beta[:, None] * b_kk) * b_dec, 0.0)
+    b_db += tl.sum(b_p, axis=1) - tl.sum(b_p, axis=0)
+    # b_t = sum_{s <= t} g_s, so dg_s = sum_{t >= s} db_t.
+    b_dg = tl.sum(b_db, axis=0) - tl.cumsum(b_db, axis=0) + b_db
+    tl.store(dg + o_g + o_t * H, b_dg, mask=m_t)
+    tl.store(dbeta + o_g + o_t * H, b_dbeta, mask=m_t)
+    # 4. dK's dA term: dK += dKK K + dKK^T K, dKK = dA * beta_t * D (the partial dK was written above).
+    tl.debug_barrier()
+    for i_k in range(tl.cdiv(K, BK)):
+        p_k, m_k = _tile(k + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        p_dk, _ = _tile(dk + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
+        b_dk = tl.load(p_dk, mask=m_k, other=0.0)
+        b_dk += tl.dot(b_dkk, b_k, input_precision=PRECISION)
+        b_dk += tl.dot(tl.trans(b_dkk), b_k, input_precision=PRECISION)
+        tl.store(p_dk, b_dk, mask=m_k)
+
+
+def _tiles(K, V):
+    return max(16, triton.next_power_of_2(K)), min(_BV, max(16, triton.next_power_of_2(V)))
+
+
+def chunk_gated_delta_fwd(q, k, v, g, beta, scale: float, initial_state, chunk_size: int, save_states=False):
     """Launch the forward kernel. q, k `[B, T, H, K]`, v `[B, T, H, V]` (one dtype), g, beta
     `[B, T, H]` fp32, initial_state `[B, H, K, V]` fp32 or None; all contiguous.
 
-    Returns `o [B, T, H, V]` in v's dtype and the final state `[B, H, K, V]` fp32.
+    Returns `o [B, T, H, V]` in v's dtype, the final state `[B, H, K, V]` fp32 and, with
+    `save_states`, `(the state entering each chunk [B, H, NT, K, V], U [B, T, H, V])` fp32 (else
+    None).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, chunk_size)
-    BK = max(16, triton.next_power_of_2(K))
-    BV = min(_BV, max(16, triton.next_power_of_2(V)))
+    BK, BV = _tiles(K, V)
     o = _empty(B, T, H, V, dtype=v.dtype, device=q.device)
     final_state = _empty(B, H, K, V, dtype=torch.float32, device=q.device)
+    states = us = None
+    if save_states:
+        states = _empty(B, H, NT, K, V, dtype=torch.float32, device=q.device)
+        us = _empty(B, T, H, V, dtype=torch.float32, device=q.device)
     chunk_gated_delta_fwd_kernel[(triton.cdiv(V, BV), B * H)](
-        q, k, v, g, beta, initial_state, o, final_state, scale, T, NT, H=H, K=K, V=V,
-        BT=chunk_size, BK=BK, BV=BV, USE_H0=initial_state is not None,
+        q, k, v, g, beta, initial_state, o, final_state, states, us, scale, T, NT, H=H, K=K, V=V,
+        BT=chunk_size, BK=BK, BV=BV, USE_H0=initial_state is not None, STORE_STATES=save_states,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
     )  # fmt: skip
-    return o, final_state
+    return o, final_state, (states, us) if save_states else None
+
+
+def chunk_gated_delta_bwd(q, k, v, g, beta, states, us, do, dht, scale: float, chunk_size: int):
+    """Launch the backward: the reverse state pass, then the per-chunk gradients.
+
+    Returns `dq, dk, dv` (q's dtype), `dg, dbeta` fp32 and the initial state's gradient fp32.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(T, chunk_size)
+    BK, BV = _tiles(K, V)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    do = do.to(v.dtype).contiguous()
+    if dht is not None:
+        dht = dht.float().contiguous()
+    dstates = _empty(B, H, NT, K, V, dtype=torch.float32, device=q.device)
+    dus = _empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    dh0 = _empty(B, H, K, V, dtype=torch.float32, device=q.device)
+    chunk_gated_delta_bwd_dh_kernel[(triton.cdiv(V, BV), B * H)](
+        q, k, g, beta, do, dht, dstates, dus, dh0, scale, T, NT, H=H, K=K, V=V, BT=chunk_size,
+        BK=max(min(BK, _BK_BWD), BK // 4), BV=BV, USE_DHT=dht is not None, PRECISION=precision,
+        num_warps=4,
+    )  # fmt: skip
+    dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
+    dk = _empty(*k.shape, dtype=torch.float32, device=q.device)  # written in two steps, kept fp32
+    dv = _empty(*v.shape, dtype=v.dtype, device=q.device)
+    dg = _empty(*g.shape, dtype=torch.float32, device=q.device)
+    dbeta = _empty(*beta.shape, dtype=torch.float32, device=q.device)
+    chunk_gated_delta_bwd_kernel[(NT, B * H)](
+        q, k, v, g, beta, do, states, dstates, us, dus, dq, dk, dv, dg, dbeta, scale, T, NT, H=H, K=K,
+        V=V, BT=chunk_size, BK=min(BK, _BK_BWD), BV=BV, PRECISION=precision, num_warps=4,
+    )  # fmt: skip
+    return dq, dk.to(k.dtype), dv, dg, dbeta, dh0
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
-    """Triton forward; backward by autograd through the chunked PyTorch form (module docstring)."""
+    """Triton forward (saving the state entering each chunk) and Triton backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size):
-        o, final_state = chunk_gated_delta_fwd(q, k, v, g, beta, scale, initial_state, chunk_size)
-        ctx.save_for_backward(q, k, v, g, beta, initial_state)
-        ctx.scale, ctx.chunk_size = scale, chunk_size
+        # The per-chunk states and U are only kept when a gradient will be asked for.
+        o, final_state, saved = chunk_gated_delta_fwd(
+            q, k, v, g, beta, scale, initial_state, chunk_size, save_states=any(ctx.needs_input_grad)
+        )
+        ctx.save_for_backward(q, k, v, g, beta, *(saved or (None, None)))
+        ctx.scale, ctx.chunk_size, ctx.has_h0 = scale, chunk_size, initial_state is not None
         return o, (final_state if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, initial_state = ctx.saved_tensors
-        inputs = [x.detach().float().requires_grad_() for x in (q, k, v, g, beta)]
-        state = None if initial_state is None else initial_state.detach().requires_grad_()
-        with torch.enable_grad():
-            o, final_state = gated_delta_chunk_ref(
-                *inputs, scale=ctx.scale, initial_state=state, output_final_state=True,
-                chunk_size=ctx.chunk_size,
-            )  # fmt: skip
-            loss = (o * do.float()).sum()
-            if dht is not None:
-                loss = loss + (final_state * dht.float()).sum()
-            leaves = inputs + ([state] if state is not None else [])
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        grads = [torch.zeros_like(x) if d is None else d for d, x in zip(grads, leaves)]
-        dq, dk, dv, dg, dbeta = (d.to(x.dtype) for d, x in zip(grads[:5], (q, k, v, g, beta)))
-        dh0 = grads[5] if state is not None else None
-        return dq, dk, dv, dg, dbeta, None, dh0, None, None
+        q, k, v, g, beta, states, us = ctx.saved_tensors
+        dq, dk, dv, dg, dbeta, dh0 = chunk_gated_delta_bwd(
+            q, k, v, g, beta, states, us, do, dht, ctx.scale, ctx.chunk_size
+        )
+        return dq, dk, dv, dg, dbeta, None, (dh0 if ctx.has_h0 else None), None, None
 
 
 def chunk_gated_delta_rule(

@@ -1,5 +1,5 @@
 """Reference gated delta rule in plain PyTorch: the token-by-token recurrence, its one-token decoding
-step, and the chunked (WY / UT-transform) form the CPU path and the Triton backward use.
+step, and the chunked (WY / UT-transform) form the CPU path uses.
 
 Per head a state `S` (`Dk x Dv`), `q, k` L2-normalised by the caller, `g_t <= 0`, `beta_t` in (0, 1):
 
@@ -66,7 +66,7 @@ def gated_delta_chunk_ref(
         H_next = exp(b_last) H + (K * exp(b_last - b))^T U
 
     Every exponent is `<= 0`. Same arguments and results as `gated_delta_recurrent_ref`;
-    differentiable by autograd (the Triton path's backward runs it).
+    differentiable by autograd (the CPU path).
     """
     work = _work_dtype(q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
