@@ -91,7 +91,9 @@ def failed_ops(key: str) -> frozenset:
     try:
         entry = json.loads(path.read_text()).get(key, {})
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read the longctx check cache {path} ({e}); delete it or rerun longctx check")
+        raise ValueError(
+            f"cannot read the longctx check cache {path} ({e}); delete it or rerun longctx check"
+        ) from e
     return frozenset(op for op, ok in entry.get("ops", {}).items() if not ok)
 
 
