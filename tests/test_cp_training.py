@@ -19,7 +19,7 @@ def runs(tmp_path_factory):
         args = [*base, f"model.layers={pattern}", "train.steps=5", f"train.run_dir={run_dir}"]
         assert main(["train", "--config", "configs/tiny.yaml", *args]) == 0
     # train.kernels=flex (D and S on FlexAttention) against the default kernels, one process and cp=2.
-    dsds = [*base, "model.layers=DSDS", "train.steps=3"]
+    dsds = [*base, "model.layers=DSDS", "train.steps=3", "data.seq_len=256"]
     for kernels in ("auto", "flex"):
         args = [*dsds, f"train.kernels={kernels}", f"train.run_dir={root / f'DSDS-{kernels}-single'}"]
         assert main(["train", "--config", "configs/tiny.yaml", *args]) == 0
