@@ -39,10 +39,16 @@ def _compiled():
     return torch.compile(_flex().flex_attention, dynamic=False)
 
 
-def dense_mask(q_offset: int, k_offset: int, causal: bool, window: int | None):
-    """`mask_mod(b, h, q_idx, kv_idx)` of causal / windowed attention at global offsets, or None."""
+def dense_mask(q_offset: int, k_offset: int, causal: bool, window: int | None, device=None):
+    """`mask_mod(b, h, q_idx, kv_idx)` of causal / windowed attention at global offsets, or None.
+
+    The offsets are captured as tensors, so that a compiled FlexAttention does not specialize (and
+    recompile) on each chunk pair's offsets.
+    """
     if not causal and window is None:
         return None
+    q_offset = torch.tensor(q_offset, device=device)
+    k_offset = torch.tensor(k_offset, device=device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         q_pos, k_pos = q_idx + q_offset, kv_idx + k_offset

@@ -120,3 +120,11 @@ def test_auto_falls_back_to_flex_when_check_failed(tmp_path, monkeypatch, caplog
             assert backend_mod.op_backend("flash", x) == "triton"
     finally:
         backend_mod.failed_ops.cache_clear()
+
+
+def test_train_kernels_is_validated():
+    from longctx.config import load_config
+
+    assert load_config("configs/tiny.yaml", ["train.kernels=flex"]).train.kernels == "flex"
+    with pytest.raises(ValueError, match="train.kernels"):
+        load_config("configs/tiny.yaml", ["train.kernels=cuda"])

@@ -61,7 +61,7 @@ def _forward(q, k, v, q_offset, k_offset, causal, scale, window, where):
             (b, n_heads, t_q), float("-inf"), dtype=lse_dtype, device=q.device
         )
     if where == "flex":
-        return flex.forward(q, k, v, flex.dense_mask(q_offset, k_offset, causal, window), scale)
+        return flex.forward(q, k, v, flex.dense_mask(q_offset, k_offset, causal, window, q.device), scale)
     if where == "triton":
         from longctx.kernels.flash_attn.triton import attn_fwd
 
@@ -75,7 +75,7 @@ def _backward(do, q, k, v, o, lse, q_offset, k_offset, causal, scale, window, dl
     if _pair_is_empty(q.shape[1], k.shape[1], q_offset, k_offset, causal, window):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if where == "flex":
-        mask = flex.dense_mask(q_offset, k_offset, causal, window)
+        mask = flex.dense_mask(q_offset, k_offset, causal, window, q.device)
         return flex.backward(do, q, k, v, o, lse, mask, scale, dlse)
     if where == "triton":
         from longctx.kernels.flash_attn.triton import attn_bwd
@@ -109,7 +109,7 @@ def _attention(q, k, v, q_offset, k_offset, causal, scale, window, return_lse):
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     where = _where(q, k, v)
     if where == "flex":
-        mask = flex.dense_mask(int(q_offset), int(k_offset), causal, window)
+        mask = flex.dense_mask(int(q_offset), int(k_offset), causal, window, q.device)
         o, lse = flex.attention(q, k, v, mask, scale)
         return (o, lse) if return_lse else o
     if where == "triton":
