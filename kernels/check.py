@@ -8,7 +8,9 @@ For each op and shape (GQA, sliding windows, context-parallel offsets and block 
 compares both with the reference in fp64 on the same (bf16-rounded) inputs. The bound is derived from
 the reference's own bf16 error: `max(4 x error of the reference run on bf16 inputs, 2^-7)`, errors
 measured as the largest absolute difference over the largest absolute value of the fp64 result. It
-prints a table (op, shape, tensor, error, bound, pass) and exits 1 on any failure.
+prints a table (op, shape, tensor, error, bound, pass) and exits 1 on any failure. It records which
+ops passed on this device in the check cache (`~/.cache/longctx/check.json`, `LONGCTX_CHECK_CACHE`
+overrides), which `train.kernels=auto` reads to run a failed op on `flex` or the reference instead.
 
 On CPU the interpreter runs in fp32 (numpy has no bf16), with bounds from the fp32 reference's error.
 Kernels run with their default configs (`LONGCTX_TUNE=off` unless set): compiling every tuning
@@ -17,6 +19,7 @@ so and runs the Triton interpreter on tiny shapes instead (in a subprocess with 
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -195,6 +198,26 @@ def print_table(rows) -> None:
         print(f"{op:<18} {shape:<40} {name:<24} {error:>10.2e} {bound:>10.2e}  {'yes' if ok else 'NO'}")
 
 
+def write_cache(device, rows) -> None:
+    """Record per op whether every row passed, under this device's key, keeping other devices' entries."""
+    import longctx.kernels.common  # noqa: F401
+
+    backend_mod = sys.modules["longctx.kernels.common.backend"]  # the module (the package exports a function)
+    path = backend_mod.check_cache_path()
+    ops = {}
+    for op, *_rest, ok in rows:
+        family = op.split("_")[0].split(".")[0]
+        ops[family] = ops.get(family, True) and bool(ok)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    entry = data.setdefault(backend_mod.device_key(device), {"ops": {}})
+    entry["ops"].update(ops)
+    entry["torch"], entry["time"] = torch.__version__, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, sort_keys=True))
+    backend_mod.failed_ops.cache_clear()
+    print(f"check: results recorded in {path}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="longctx check", description=__doc__.split("\n")[0])
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
@@ -220,6 +243,7 @@ def main(argv=None) -> int:
         rows += CHECKS[op](device, tiny=not cuda)
     print_table(rows)
     failed = [r for r in rows if not r[5]]
+    write_cache(device, rows)
     print(f"check: {len(rows) - len(failed)}/{len(rows)} passed in {time.time() - start:.0f} s"
           f"{' (interpreter)' if not cuda else ''}")  # fmt: skip
     return 1 if failed else 0

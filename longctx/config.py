@@ -336,6 +336,9 @@ class TrainConfig:
     wandb_mode: Literal["offline", "online"] = "offline"
     wandb_project: str = "longctx"
     progress: bool = True
+    # Attention kernels: auto (Triton where it runs, the reference elsewhere; an op `longctx check`
+    # failed on this GPU runs on flex / the reference) | triton | flex (D and S on FlexAttention).
+    kernels: Literal["auto", "triton", "flex"] = "auto"
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every", "eval_batches"):

@@ -18,6 +18,11 @@ def runs(tmp_path_factory):
         run_dir = root / f"{pattern}-single"
         args = [*base, f"model.layers={pattern}", "train.steps=5", f"train.run_dir={run_dir}"]
         assert main(["train", "--config", "configs/tiny.yaml", *args]) == 0
+    # train.kernels=flex (D and S on FlexAttention) against the default kernels, one process and cp=2.
+    dsds = [*base, "model.layers=DSDS", "train.steps=3", "data.seq_len=256"]
+    for kernels in ("auto", "flex"):
+        args = [*dsds, f"train.kernels={kernels}", f"train.run_dir={root / f'DSDS-{kernels}-single'}"]
+        assert main(["train", "--config", "configs/tiny.yaml", *args]) == 0
     by_nproc = {2: [], 4: []}
     for cp in (2, 4):
         for pattern in PATTERNS:
@@ -27,6 +32,7 @@ def runs(tmp_path_factory):
                     [*base, f"model.layers={pattern}", "train.steps=5", f"parallel.cp={cp}"],
                 )
             )
+    by_nproc[2].append((root / "DSDS-flex-cp2", [*dsds, "train.kernels=flex", "parallel.cp=2"]))
     # Communication: S2 (vert_stride 8, local 1) against the dense ring at cp=4, seq_len 2048.
     s2 = ["model.s2.vert_stride=8", "model.s2.local_blocks=1", "data.seq_len=2048", "train.steps=1"]
     by_nproc[4] += [
@@ -52,6 +58,15 @@ def test_hybrid_losses_equal_one_process(runs, pattern, cp):
     single, parallel = losses(runs / f"{pattern}-single"), losses(runs / f"{pattern}-cp{cp}")
     assert len(parallel) == 5
     assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(parallel, single)), (parallel, single)
+
+
+@pytest.mark.slow
+def test_flex_kernels_train_like_the_default(runs):
+    default = losses(runs / "DSDS-auto-single")
+    for run in ("DSDS-flex-single", "DSDS-flex-cp2"):
+        flex = losses(runs / run)
+        assert len(flex) == 3
+        assert all(abs(a - b) <= 1e-5 for a, b in zip(flex, default)), (run, flex, default)
 
 
 def _bytes(run_dir) -> int:

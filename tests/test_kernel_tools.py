@@ -2,6 +2,7 @@
 source tree without an install and without the training-only packages (what `make gpu-check` does on
 a GPU machine's own Python)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -54,13 +55,17 @@ def test_aot_quick_compiles_every_family_for_sm90():
 
 
 @pytest.mark.slow
-def test_check_from_a_source_tree_without_training_packages():
-    """`longctx check` on CPU says it runs the interpreter, and passes (GLA: the quickest op)."""
+def test_check_from_a_source_tree_without_training_packages(tmp_path):
+    """`longctx check` on CPU says it runs the interpreter, and passes (GLA: the quickest op); it
+    records the result in the check cache that `train.kernels=auto` reads."""
     cmd = [sys.executable, "-c", HIDDEN, str(ROOT), "check", "--ops", "gla"]
-    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd="/")
+    cache = tmp_path / "check.json"
+    env = {**_env(), "LONGCTX_CHECK_CACHE": str(cache)}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd="/")
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
     assert "no GPU here" in out and "interpreter" in out and "passed" in out, out
+    assert json.loads(cache.read_text())["cpu-interpreter"]["ops"] == {"gla": True}
 
 
 def test_check_fails_when_a_kernel_is_off():

@@ -6,7 +6,8 @@ attention is built from, and the lse merge of partial results.
     o, lse = merge_partials([o_a, o_b], [lse_a, lse_b])
 
 Each op runs the Triton kernels (`triton.py`) on CUDA or under `TRITON_INTERPRET=1`, and the plain
-PyTorch reference (`naive.py`) elsewhere; `longctx.kernels.backend("naive" | "triton")` forces one.
+PyTorch reference (`naive.py`) elsewhere; `longctx.kernels.backend("naive" | "triton")` forces one, and
+`backend("flex")` runs them through FlexAttention (`longctx.kernels.flex`, fp64 included).
 On the reference, `flash_attn` and `flash_attn_chunk` differentiate `attention_ref` by autograd and
 `flash_attn_chunk_bwd` runs the explicit `attention_bwd_ref` (no autograd graph, as ring attention
 needs). fp64 inputs always take the reference (the kernels compute in fp32). The kernel module is imported
@@ -15,7 +16,8 @@ on first use, so that it is built for the mode (compiled or interpreted) the pro
 
 import torch
 
-from longctx.kernels.common import use_triton
+from longctx.kernels import flex
+from longctx.kernels.common.backend import op_backend
 from longctx.kernels.flash_attn.naive import attention_bwd_ref, attention_ref
 
 
@@ -34,8 +36,10 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | N
         raise ValueError(f"window must be >= 1 or None, got {window}")
 
 
-def _kernel(*tensors: torch.Tensor) -> bool:
-    return use_triton(*tensors) and tensors[0].dtype != torch.float64
+def _where(*tensors: torch.Tensor) -> str:
+    """'triton', 'flex' or 'naive' for these inputs (fp64 never takes the Triton kernels)."""
+    where = op_backend("flash", *tensors)
+    return "naive" if where == "triton" and tensors[0].dtype == torch.float64 else where
 
 
 def _pair_is_empty(
@@ -49,14 +53,16 @@ def _pair_is_empty(
     return window is not None and k_offset + t_k - 1 <= q_offset - window
 
 
-def _forward(q, k, v, q_offset, k_offset, causal, scale, window, kernel):
+def _forward(q, k, v, q_offset, k_offset, causal, scale, window, where):
     if _pair_is_empty(q.shape[1], k.shape[1], q_offset, k_offset, causal, window):
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         b, t_q, n_heads, _ = q.shape
         return torch.zeros_like(q), torch.full(
             (b, n_heads, t_q), float("-inf"), dtype=lse_dtype, device=q.device
         )
-    if kernel:
+    if where == "flex":
+        return flex.forward(q, k, v, flex.dense_mask(q_offset, k_offset, causal, window, q.device), scale)
+    if where == "triton":
         from longctx.kernels.flash_attn.triton import attn_fwd
 
         return attn_fwd(q, k, v, q_offset - k_offset, causal, scale, window)
@@ -65,10 +71,13 @@ def _forward(q, k, v, q_offset, k_offset, causal, scale, window, kernel):
     )
 
 
-def _backward(do, q, k, v, o, lse, q_offset, k_offset, causal, scale, window, dlse, kernel):
+def _backward(do, q, k, v, o, lse, q_offset, k_offset, causal, scale, window, dlse, where):
     if _pair_is_empty(q.shape[1], k.shape[1], q_offset, k_offset, causal, window):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    if kernel:
+    if where == "flex":
+        mask = flex.dense_mask(q_offset, k_offset, causal, window, q.device)
+        return flex.backward(do, q, k, v, o, lse, mask, scale, dlse)
+    if where == "triton":
         from longctx.kernels.flash_attn.triton import attn_bwd
 
         return attn_bwd(do, q, k, v, o, lse, q_offset - k_offset, causal, scale, window, dlse=dlse)
@@ -80,7 +89,7 @@ class FlashAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, q_offset, k_offset, causal, scale, window):
-        o, lse = _forward(q, k, v, q_offset, k_offset, causal, scale, window, kernel=True)
+        o, lse = _forward(q, k, v, q_offset, k_offset, causal, scale, window, where="triton")
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.args = (q_offset, k_offset, causal, scale, window)
         # An unused output's gradient arrives as None instead of a tensor of zeros.
@@ -91,14 +100,19 @@ class FlashAttnFunction(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         do = torch.zeros_like(o) if do is None else do
-        dq, dk, dv = _backward(do, q, k, v, o, lse, *ctx.args, dlse=dlse, kernel=True)
+        dq, dk, dv = _backward(do, q, k, v, o, lse, *ctx.args, dlse=dlse, where="triton")
         return dq, dk, dv, None, None, None, None, None
 
 
 def _attention(q, k, v, q_offset, k_offset, causal, scale, window, return_lse):
     _validate(q, k, v, window)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if _kernel(q, k, v):
+    where = _where(q, k, v)
+    if where == "flex":
+        mask = flex.dense_mask(int(q_offset), int(k_offset), causal, window, q.device)
+        o, lse = flex.attention(q, k, v, mask, scale)
+        return (o, lse) if return_lse else o
+    if where == "triton":
         o, lse = FlashAttnFunction.apply(q, k, v, int(q_offset), int(k_offset), causal, scale, window)
         return (o, lse) if return_lse else o
     # The reference under autograd: on CPU this beats the explicit backward, which recomputes the scores.
@@ -152,7 +166,7 @@ def flash_attn_chunk_fwd(q, k, v, q_offset, k_offset, causal=True, scale=None, w
     _validate(q, k, v, window)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     with torch.no_grad():
-        return _forward(q, k, v, int(q_offset), int(k_offset), causal, scale, window, _kernel(q, k, v))
+        return _forward(q, k, v, int(q_offset), int(k_offset), causal, scale, window, _where(q, k, v))
 
 
 def flash_attn_chunk_bwd(
@@ -177,10 +191,10 @@ def flash_attn_chunk_bwd(
     """
     _validate(q, k, v, window)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    kernel = _kernel(q, k, v, do)
+    where = _where(q, k, v, do)
     with torch.no_grad():
         return _backward(
-            do, q, k, v, o, lse, int(q_offset), int(k_offset), causal, scale, window, dlse, kernel
+            do, q, k, v, o, lse, int(q_offset), int(k_offset), causal, scale, window, dlse, where
         )
 
 

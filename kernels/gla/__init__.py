@@ -8,7 +8,7 @@ after `longctx.kernels` was imported still takes effect.
 
 import torch
 
-from longctx.kernels.common import use_triton
+from longctx.kernels.common.backend import op_backend
 from longctx.kernels.gla.naive import gla_chunk_ref, gla_recurrent_ref, gla_step_ref
 
 
@@ -45,7 +45,7 @@ def gated_linear_attn(q, k, v, g, scale=None, initial_state=None, output_final_s
         `(o [B, T, H, Dv] in v's dtype, final_state [B, H, Dk, Dv] fp32 or None)`.
     """
     _check_shapes(q, k, v, g, initial_state)
-    if use_triton(q, k, v, g) and q.dtype != torch.float64:
+    if op_backend("gla", q, k, v, g) == "triton" and q.dtype != torch.float64:
         from longctx.kernels.gla.chunk import chunk_gated_linear_attn
 
         return chunk_gated_linear_attn(

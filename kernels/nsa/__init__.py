@@ -14,7 +14,7 @@ reference of `naive.py` otherwise; `longctx.kernels.backend("naive" | "triton")`
 
 import torch
 
-from longctx.kernels.common import use_triton
+from longctx.kernels.common.backend import op_backend
 from longctx.kernels.nsa.naive import (
     cmp_attn_ref,
     compress_ref,
@@ -66,7 +66,7 @@ def nsa_cmp_attn(q, k_cmp, v_cmp, cmp_block=32, cmp_stride=16, scale=None, retur
     """
     _check_heads(q, k_cmp, "k_cmp")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if not use_triton(q, k_cmp, v_cmp):
+    if op_backend("nsa", q, k_cmp, v_cmp) != "triton":
         return cmp_attn_ref(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, return_lse, q_offset)
     from longctx.kernels.nsa.cmp_attn import cmp_attn
 
@@ -92,7 +92,7 @@ def nsa_select_blocks(
     """
     _check_heads(q, k_cmp, "k_cmp")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if use_triton(q, k_cmp, lse_cmp):
+    if op_backend("nsa", q, k_cmp, lse_cmp) == "triton":
         from longctx.kernels.nsa import select_blocks as kernel
 
         # With no compressed token yet (T < cmp_block) every importance is 0: nothing to compute.
@@ -127,7 +127,7 @@ def nsa_select_attn(q, k, v, block_idx, block_size=64, scale=None, return_lse=Fa
             f"got {tuple(block_idx.shape)}"
         )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if not use_triton(q, k, v, block_idx):
+    if op_backend("nsa", q, k, v, block_idx) != "triton":
         return select_attn_ref(q, k, v, block_idx, block_size, scale, return_lse, q_offset, k_offset)
     from longctx.kernels.nsa.select_attn import select_attn
 

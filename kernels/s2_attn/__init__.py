@@ -7,9 +7,11 @@ package imports on any machine and the interpreter setting is read when a kernel
 
 import torch
 
-from longctx.kernels.common import get_backend, use_triton
+from longctx.kernels import flex
+from longctx.kernels.common import get_backend
+from longctx.kernels.common.backend import op_backend
 from longctx.kernels.s2_attn.blocks import check_block_ids
-from longctx.kernels.s2_attn.naive import s2_attn_ref, s2_block_mask, s2_token_mask
+from longctx.kernels.s2_attn.naive import s2_attn_ref, s2_block_mask, s2_token_mask, token_positions
 
 
 def _check_args(q, k, v, block_size, local_blocks, vert_stride, dense_heads):
@@ -93,10 +95,17 @@ def s2_attn(
         q_block_ids = check_block_ids(q_block_ids, q.shape[1], block_size, "q_block_ids")
     if k_block_ids is not None:
         k_block_ids = check_block_ids(k_block_ids, k.shape[1], block_size, "k_block_ids")
+    where = op_backend("s2", q, k, v)
+    if where == "flex":
+        q_pos = token_positions(q.shape[1], block_size, 0, q_block_ids, q.device)
+        k_pos = token_positions(k.shape[1], block_size, 0, k_block_ids, q.device)
+        mask = flex.s2_mask(q.shape[2], block_size, local_blocks, vert_stride, dense_heads, q_pos, k_pos)
+        o, lse = flex.attention(q, k, v, mask, scale, per_head=True)
+        return (o, lse) if return_lse else o
     reason = _triton_limits(q, k, block_size)
     if reason is not None and get_backend() == "triton":
         raise ValueError(f"the Triton backend was forced but cannot run: {reason}")
-    if reason is None and use_triton(q, k, v):
+    if reason is None and where == "triton":
         from longctx.kernels.s2_attn.triton import s2_attn_triton
 
         o, lse = s2_attn_triton(

@@ -27,6 +27,7 @@ import torch
 
 from longctx.config import Config, save_config
 from longctx.data import build_samplers, load_tokenizer, prepare_dataset
+from longctx.kernels.common import set_backend as set_kernel_backend
 from longctx.kernels.common.tuning import synchronize as synchronize_tuning
 from longctx.model import build_model
 from longctx.parallel import SeqLayout, comm_stats, parallelize_model, reset_comm_stats, zigzag_shard
@@ -120,6 +121,7 @@ def answer_weighted_loss(
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        set_kernel_backend(None if cfg.train.kernels == "auto" else cfg.train.kernels)
         self.dist = init_distributed(cfg)
         check_same_config(cfg, self.dist)
         self.device = self.dist.device
