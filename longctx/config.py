@@ -228,6 +228,11 @@ class DataConfig:
     # Shorter contexts first: stages "LENxSTEPS" (train LEN tokens for STEPS steps), in order, then
     # data.seq_len for the remaining steps. E.g. ["128x300", "256x300"]. Empty: data.seq_len throughout.
     seq_len_schedule: list[str] = field(default_factory=list)
+    # Packed documents stay apart: every mixer attends (or carries state) only within a token's own
+    # document, in training and evaluation (docs/documents.md). false: attend across documents.
+    doc_mask: bool = True
+    # RoPE positions: `global` (the position in the packed sequence) or `per_doc` (from the document start).
+    doc_positions: Literal["global", "per_doc"] = "global"
 
     def __post_init__(self):
         _require(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")

@@ -6,7 +6,8 @@
 
 The model runs on one device and knows nothing of process groups. Under context parallelism it is
 given its tokens' `SeqLayout` (their global positions) and its mixers' cores are swapped by
-`longctx.parallel`.
+`longctx.parallel`. A layout with `docs` (packed documents) keeps every mixer inside each token's
+document, and with `docs.per_doc_positions` RoPE positions restart at each document start.
 """
 
 import math
@@ -89,7 +90,11 @@ class Transformer(nn.Module):
             layout = SeqLayout.full(tokens.shape[1])
         if tokens.shape[1] != layout.local_len:
             raise ValueError(f"got {tokens.shape[1]} tokens but the layout holds {layout.local_len}")
-        cos, sin = rope_cos_sin(layout.positions(tokens.device), self.rope_inv_freq, self.rope_mscale)
+        positions = layout.positions(tokens.device)
+        if layout.docs is not None:
+            # Global, or counted from each document's start (data.doc_positions): [T] or [B, T].
+            positions = layout.docs.rope_positions(positions)
+        cos, sin = rope_cos_sin(positions, self.rope_inv_freq, self.rope_mscale)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():

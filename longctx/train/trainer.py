@@ -29,6 +29,7 @@ from longctx.config import Config, save_config
 from longctx.data import build_samplers, load_tokenizer, prepare_dataset
 from longctx.model import build_model
 from longctx.parallel import SeqLayout, comm_stats, parallelize_model, reset_comm_stats, zigzag_shard
+from longctx.parallel.layout import Documents
 from longctx.tokenizer import copy_tokenizer
 from longctx.train.checkpoint import (
     Checkpointer,
@@ -277,23 +278,35 @@ class Trainer:
         # bf16 compute with fp32 master weights on GPU; plain fp32 on CPU.
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
-    def shard(self, tokens: torch.Tensor):
+    def documents(self, doc_starts: torch.Tensor | None) -> Documents | None:
+        """The input tokens' document boundaries from the sampler's `[B, seq_len + 1]` starts mask, or
+        None (one document per sequence) when `data.doc_mask=false` or no mask is given. The target of
+        a document's last token (EOS -> the next document's first token) stays in the loss."""
+        if doc_starts is None or not self.cfg.data.doc_mask:
+            return None
+        return Documents.from_starts(doc_starts[:, :-1], self.cfg.data.doc_positions == "per_doc")
+
+    def shard(self, tokens: torch.Tensor, docs: Documents | None = None):
         """This rank's inputs, targets and layout from full sequences `[B, seq_len + 1]`."""
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         info = self.dist
         if info.cp_size == 1:
-            return inputs, targets, SeqLayout.full(inputs.shape[1])
-        layout = SeqLayout.zigzag(inputs.shape[1], info.cp_rank, info.cp_size)
+            return inputs, targets, SeqLayout.full(inputs.shape[1]).with_docs(docs)
+        layout = SeqLayout.zigzag(inputs.shape[1], info.cp_rank, info.cp_size).with_docs(docs)
         return (
             zigzag_shard(inputs, info.cp_rank, info.cp_size),
             zigzag_shard(targets, info.cp_rank, info.cp_size),
             layout,
         )
 
-    def train_step(self, batch: torch.Tensor, answer_mask: torch.Tensor | None = None) -> dict:
-        """One optimizer step; returns the global mean loss, grad norm, tokens and bytes sent, and
-        the loss and accuracy on passkey answer digits when `answer_mask` `[B, seq_len + 1]` has any."""
-        inputs, targets, layout = self.shard(batch.to(self.device))
+    def train_step(
+        self, batch: torch.Tensor, answer_mask: torch.Tensor | None = None, doc_starts: torch.Tensor | None = None
+    ) -> dict:
+        """One optimizer step; returns the global mean loss, grad norm, tokens and bytes sent, the loss
+        and accuracy on passkey answer digits when `answer_mask` `[B, seq_len + 1]` has any, and the
+        mean documents per sample when `doc_starts` `[B, seq_len + 1]` is given."""
+        docs = self.documents(doc_starts)
+        inputs, targets, layout = self.shard(batch.to(self.device), docs)
         if answer_mask is None:
             answer_mask = torch.zeros_like(batch, dtype=torch.bool)
         # The mask marks answer tokens of the full sequence: their targets, sharded like the targets.
@@ -309,10 +322,15 @@ class Trainer:
         self.engine.backward(weighted / count)
         comm = comm_stats()["bytes_sent"]
         grad_norm = self.engine.step()
-        total, n_tokens, answer_loss, n_answers, right = all_reduce_sum(
-            [loss_sum.item(), float(count), *answer_stats], self.dist
+        n_docs = 0.0
+        if doc_starts is not None:
+            n_docs = float(Documents.from_starts(doc_starts[:, :-1]).num_docs().sum())
+        total, n_tokens, answer_loss, n_answers, right, docs_sum, n_samples = all_reduce_sum(
+            [loss_sum.item(), float(count), *answer_stats, n_docs, float(batch.shape[0])], self.dist
         )
         out = {"loss": total / n_tokens, "grad_norm": grad_norm, "tokens": int(n_tokens), "comm_bytes": comm}
+        if doc_starts is not None:
+            out["docs_per_sample"] = docs_sum / n_samples
         if n_answers:
             out.update(answer_loss=answer_loss / n_answers, answer_acc=right / n_answers)
         return out
@@ -324,8 +342,8 @@ class Trainer:
         self.model.eval()
         loss_sum, count = 0.0, 0
         for index in range(self.cfg.train.eval_batches):
-            batch = self.val_sampler.get_batch(index).tokens.to(self.device)
-            inputs, targets, layout = self.shard(batch)
+            batch = self.val_sampler.get_batch(index)
+            inputs, targets, layout = self.shard(batch.tokens.to(self.device), self.documents(batch.doc_starts))
             with self.autocast():
                 logits = self.engine(inputs, layout)
             batch_loss, batch_count = lm_loss(logits, targets)
@@ -348,7 +366,7 @@ class Trainer:
                     f"(data.seq_len_schedule stage {self.stage + 1} of {len(self.stages)})"
                 )
             batch = self.sampler.next_batch()
-            out = self.train_step(batch.tokens, batch.answer_mask)
+            out = self.train_step(batch.tokens, batch.answer_mask, batch.doc_starts)
             self.step += 1
             self.tokens += out["tokens"]
             record = {"step": self.step}
@@ -368,7 +386,7 @@ class Trainer:
                         "elapsed_s": now - start,
                     }
                 )
-                record.update({k: out[k] for k in ("answer_loss", "answer_acc") if k in out})
+                record.update({k: out[k] for k in ("answer_loss", "answer_acc", "docs_per_sample") if k in out})
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 eval_start = time.perf_counter()
                 record["val_loss"] = self.evaluate()
