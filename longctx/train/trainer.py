@@ -300,7 +300,10 @@ class Trainer:
         )
 
     def train_step(
-        self, batch: torch.Tensor, answer_mask: torch.Tensor | None = None, doc_starts: torch.Tensor | None = None
+        self,
+        batch: torch.Tensor,
+        answer_mask: torch.Tensor | None = None,
+        doc_starts: torch.Tensor | None = None,
     ) -> dict:
         """One optimizer step; returns the global mean loss, grad norm, tokens and bytes sent, the loss
         and accuracy on passkey answer digits when `answer_mask` `[B, seq_len + 1]` has any, and the
@@ -343,7 +346,8 @@ class Trainer:
         loss_sum, count = 0.0, 0
         for index in range(self.cfg.train.eval_batches):
             batch = self.val_sampler.get_batch(index)
-            inputs, targets, layout = self.shard(batch.tokens.to(self.device), self.documents(batch.doc_starts))
+            docs = self.documents(batch.doc_starts)
+            inputs, targets, layout = self.shard(batch.tokens.to(self.device), docs)
             with self.autocast():
                 logits = self.engine(inputs, layout)
             batch_loss, batch_count = lm_loss(logits, targets)
@@ -386,7 +390,8 @@ class Trainer:
                         "elapsed_s": now - start,
                     }
                 )
-                record.update({k: out[k] for k in ("answer_loss", "answer_acc", "docs_per_sample") if k in out})
+                extra = ("answer_loss", "answer_acc", "docs_per_sample")
+                record.update({k: out[k] for k in extra if k in out})
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 eval_start = time.perf_counter()
                 record["val_loss"] = self.evaluate()
