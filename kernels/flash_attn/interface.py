@@ -16,6 +16,7 @@ on first use, so that it is built for the mode (compiled or interpreted) the pro
 import torch
 
 from longctx.kernels.common import use_triton
+from longctx.kernels.common.docs import check_cu_seqlens, doc_bounds
 from longctx.kernels.flash_attn.naive import attention_bwd_ref, attention_ref
 
 
@@ -34,6 +35,37 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | N
         raise ValueError(f"window must be >= 1 or None, got {window}")
 
 
+class _Docs:
+    """Document bounds of one (query chunk, key chunk) pair from `cu_seqlens`: for the kernels, per
+    query the first key index it may see (its document's start) and per key the query index past its
+    document's end; for the reference, the `[B, 1, Tq, Tk]` same-document mask."""
+
+    def __init__(self, cu_seqlens, t_q, t_k, q_offset, k_offset, causal, device):
+        if not causal:
+            raise ValueError("cu_seqlens (document masking) needs causal=True")
+        self.cu_seqlens = cu_seqlens
+        self.q_pos = torch.arange(q_offset, q_offset + t_q, device=device)
+        self.k_pos = torch.arange(k_offset, k_offset + t_k, device=device)
+        self.q_offset, self.k_offset = q_offset, k_offset
+
+    def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor]:
+        q_start, _ = doc_bounds(self.cu_seqlens, self.q_pos)
+        _, k_end = doc_bounds(self.cu_seqlens, self.k_pos)
+        return q_start - self.k_offset, k_end - self.q_offset
+
+    def mask(self) -> torch.Tensor:
+        q_start, _ = doc_bounds(self.cu_seqlens, self.q_pos)
+        k_start, _ = doc_bounds(self.cu_seqlens, self.k_pos)
+        return (q_start[:, :, None] == k_start[:, None, :])[:, None]
+
+
+def _docs(cu_seqlens, q, k, q_offset, k_offset, causal):
+    if cu_seqlens is None:
+        return None
+    check_cu_seqlens(cu_seqlens, q.shape[0])
+    return _Docs(cu_seqlens, q.shape[1], k.shape[1], q_offset, k_offset, causal, q.device)
+
+
 def _kernel(*tensors: torch.Tensor) -> bool:
     return use_triton(*tensors) and tensors[0].dtype != torch.float64
 
@@ -49,7 +81,7 @@ def _pair_is_empty(
     return window is not None and k_offset + t_k - 1 <= q_offset - window
 
 
-def _forward(q, k, v, q_offset, k_offset, causal, scale, window, kernel):
+def _forward(q, k, v, q_offset, k_offset, causal, scale, window, kernel, docs=None):
     if _pair_is_empty(q.shape[1], k.shape[1], q_offset, k_offset, causal, window):
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         b, t_q, n_heads, _ = q.shape
@@ -59,30 +91,39 @@ def _forward(q, k, v, q_offset, k_offset, causal, scale, window, kernel):
     if kernel:
         from longctx.kernels.flash_attn.triton import attn_fwd
 
-        return attn_fwd(q, k, v, q_offset - k_offset, causal, scale, window)
+        doc_args = None if docs is None else docs.kernel_args()
+        return attn_fwd(q, k, v, q_offset - k_offset, causal, scale, window, docs=doc_args)
     return attention_ref(
-        q, k, v, causal, scale, window, return_lse=True, q_offset=q_offset, k_offset=k_offset
-    )
+        q, k, v, causal, scale, window, return_lse=True, q_offset=q_offset, k_offset=k_offset,
+        mask=None if docs is None else docs.mask(),
+    )  # fmt: skip
 
 
-def _backward(do, q, k, v, o, lse, q_offset, k_offset, causal, scale, window, dlse, kernel):
+def _backward(do, q, k, v, o, lse, q_offset, k_offset, causal, scale, window, dlse, kernel, docs=None):
     if _pair_is_empty(q.shape[1], k.shape[1], q_offset, k_offset, causal, window):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if kernel:
         from longctx.kernels.flash_attn.triton import attn_bwd
 
-        return attn_bwd(do, q, k, v, o, lse, q_offset - k_offset, causal, scale, window, dlse=dlse)
-    return attention_bwd_ref(do, q, k, v, o, lse, q_offset, k_offset, causal, scale, window, dlse=dlse)
+        doc_args = None if docs is None else docs.kernel_args()
+        return attn_bwd(
+            do, q, k, v, o, lse, q_offset - k_offset, causal, scale, window, dlse=dlse, docs=doc_args
+        )
+    return attention_bwd_ref(
+        do, q, k, v, o, lse, q_offset, k_offset, causal, scale, window, dlse=dlse,
+        mask=None if docs is None else docs.mask(),
+    )  # fmt: skip
 
 
 class FlashAttnFunction(torch.autograd.Function):
     """The kernels' `(o, lse)` of a query chunk against a key chunk, differentiable in both outputs."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_offset, k_offset, causal, scale, window):
-        o, lse = _forward(q, k, v, q_offset, k_offset, causal, scale, window, kernel=True)
+    def forward(ctx, q, k, v, q_offset, k_offset, causal, scale, window, docs):
+        o, lse = _forward(q, k, v, q_offset, k_offset, causal, scale, window, kernel=True, docs=docs)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.args = (q_offset, k_offset, causal, scale, window)
+        ctx.docs = docs
         # An unused output's gradient arrives as None instead of a tensor of zeros.
         ctx.set_materialize_grads(False)
         return o, lse
@@ -91,21 +132,24 @@ class FlashAttnFunction(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         do = torch.zeros_like(o) if do is None else do
-        dq, dk, dv = _backward(do, q, k, v, o, lse, *ctx.args, dlse=dlse, kernel=True)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = _backward(do, q, k, v, o, lse, *ctx.args, dlse=dlse, kernel=True, docs=ctx.docs)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-def _attention(q, k, v, q_offset, k_offset, causal, scale, window, return_lse):
+def _attention(q, k, v, q_offset, k_offset, causal, scale, window, return_lse, cu_seqlens=None):
     _validate(q, k, v, window)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q_offset, k_offset = int(q_offset), int(k_offset)
+    docs = _docs(cu_seqlens, q, k, q_offset, k_offset, causal)
     if _kernel(q, k, v):
-        o, lse = FlashAttnFunction.apply(q, k, v, int(q_offset), int(k_offset), causal, scale, window)
+        o, lse = FlashAttnFunction.apply(q, k, v, q_offset, k_offset, causal, scale, window, docs)
         return (o, lse) if return_lse else o
     # The reference under autograd: on CPU this beats the explicit backward, which recomputes the scores.
-    return attention_ref(q, k, v, causal, scale, window, return_lse, int(q_offset), int(k_offset))
+    mask = None if docs is None else docs.mask()
+    return attention_ref(q, k, v, causal, scale, window, return_lse, q_offset, k_offset, mask=mask)
 
 
-def flash_attn_chunk(q, k, v, q_offset, k_offset, causal=True, scale=None, window=None):
+def flash_attn_chunk(q, k, v, q_offset, k_offset, causal=True, scale=None, window=None, cu_seqlens=None):
     """Attention of a query chunk over a key chunk at global positions, differentiable in `o` and `lse`.
 
     Query row `i` sits at position `q_offset + i`, key `j` at `k_offset + j`; query `i` sees key `j` iff
@@ -115,15 +159,15 @@ def flash_attn_chunk(q, k, v, q_offset, k_offset, causal=True, scale=None, windo
     Args:
         q: `[B, Tq, H, D]`; k, v: `[B, Tk, H_kv, D]` with `H % H_kv == 0`.
         q_offset, k_offset: global positions of the first query and the first key.
-        causal, scale, window: as `flash_attn`.
+        causal, scale, window, cu_seqlens: as `flash_attn` (document offsets are global positions).
     Returns:
         `(o, lse)`: `o` `[B, Tq, H, D]` in q's dtype, `lse` `[B, H, Tq]` fp32 (`-inf` for rows that see
         no key, whose `o` is 0). Merge chunks over disjoint keys with `merge_partials`.
     """
-    return _attention(q, k, v, q_offset, k_offset, causal, scale, window, return_lse=True)
+    return _attention(q, k, v, q_offset, k_offset, causal, scale, window, True, cu_seqlens)
 
 
-def flash_attn(q, k, v, causal=True, scale=None, window=None, return_lse=False):
+def flash_attn(q, k, v, causal=True, scale=None, window=None, return_lse=False, cu_seqlens=None):
     """Dense softmax attention in FlashAttention's layout.
 
     Args:
@@ -134,13 +178,16 @@ def flash_attn(q, k, v, causal=True, scale=None, window=None, return_lse=False):
         scale: logit scale, `D ** -0.5` when None.
         window: sliding window; query `i` sees keys `j` with `i - window < j` (and `j <= i` if causal).
         return_lse: also return the fp32 log-sum-exp `[B, H, T]` (differentiable too).
+        cu_seqlens: `[B, N + 1]` int32 document start offsets per sequence (`kernels.common.docs`), or
+            None: a query sees only keys of its own document (causal only); the window stops at the
+            document start. Key tiles before the query tile's first document are never visited.
     Returns:
         `o` `[B, T, H, D]` in `q.dtype`, or `(o, lse)`. Rows that see no key give `o = 0`, `lse = -inf`.
     """
-    return _attention(q, k, v, 0, 0, causal, scale, window, return_lse)
+    return _attention(q, k, v, 0, 0, causal, scale, window, return_lse, cu_seqlens)
 
 
-def flash_attn_chunk_fwd(q, k, v, q_offset, k_offset, causal=True, scale=None, window=None):
+def flash_attn_chunk_fwd(q, k, v, q_offset, k_offset, causal=True, scale=None, window=None, cu_seqlens=None):
     """Forward of `flash_attn_chunk` without autograd (ring attention drives its own backward).
 
     Args:
@@ -151,12 +198,13 @@ def flash_attn_chunk_fwd(q, k, v, q_offset, k_offset, causal=True, scale=None, w
     """
     _validate(q, k, v, window)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    docs = _docs(cu_seqlens, q, k, int(q_offset), int(k_offset), causal)
     with torch.no_grad():
-        return _forward(q, k, v, int(q_offset), int(k_offset), causal, scale, window, _kernel(q, k, v))
+        return _forward(q, k, v, int(q_offset), int(k_offset), causal, scale, window, _kernel(q, k, v), docs)
 
 
 def flash_attn_chunk_bwd(
-    do, q, k, v, o, lse, q_offset, k_offset, causal=True, scale=None, window=None, dlse=None
+    do, q, k, v, o, lse, q_offset, k_offset, causal=True, scale=None, window=None, dlse=None, cu_seqlens=None
 ):
     """Gradients of one chunk pair, given the output and lse of the WHOLE row.
 
@@ -178,9 +226,10 @@ def flash_attn_chunk_bwd(
     _validate(q, k, v, window)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     kernel = _kernel(q, k, v, do)
+    docs = _docs(cu_seqlens, q, k, int(q_offset), int(k_offset), causal)
     with torch.no_grad():
         return _backward(
-            do, q, k, v, o, lse, int(q_offset), int(k_offset), causal, scale, window, dlse, kernel
+            do, q, k, v, o, lse, int(q_offset), int(k_offset), causal, scale, window, dlse, kernel, docs
         )
 
 
