@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-KERNEL_BENCHES = ("flash_attn", "s2_attn", "nsa", "gla", "ring")
+KERNEL_BENCHES = ("flash_attn", "s2_attn", "nsa", "gla", "ring", "varlen")
 
 
 def main(argv=None) -> int:

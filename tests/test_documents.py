@@ -1,6 +1,7 @@
 """Packed documents stay apart: the batch's boundaries, per-document positions, every mixer core under
 context parallelism (P = 2 and 4 gloo processes, fp64 reference path) against one process and against
-each document alone, a model whose outputs for one document ignore another, and training.
+each document alone, and a model whose outputs for one document ignore another (one process and
+P = 2). Training with documents at cp = 2 and 4 against one process is tests/test_cp_training.py.
 
 Documents (T = 128): row 0 has one shorter than a block, one starting at a CP chunk's first token
 (position 32: chunk 2 at P = 4, chunk 1 at P = 2) and one longer than a chunk; row 1 is one document.
@@ -16,7 +17,7 @@ from longctx.config import ConfigError, load_config
 from longctx.parallel import SeqLayout, zigzag_shard, zigzag_unshard
 from longctx.parallel.layout import Documents
 from tests.conftest import rel_err
-from tests.dist_utils import losses, metrics, run_many, spawn
+from tests.dist_utils import spawn
 
 T = 128
 LENGTHS = [[5, 27, 3, 50, 43], [T]]
@@ -117,7 +118,7 @@ def _run(core, name, layout, shard=lambda x: x):
 
 
 def _cp_worker(rank, world):
-    out = {}
+    out = {"model": _model_worker(rank, world) if world == 2 else None}
     docs = Documents(cu_seqlens())
     layout = SeqLayout.zigzag(T, rank, world).with_docs(docs)
     for name, (_, make) in _cores().items():
@@ -137,10 +138,22 @@ def one_process():
     return {name: _one_process(name, core) for name, (core, _) in _cores().items()}
 
 
+_SPAWNED: dict = {}
+
+
+def cp_results(world):
+    """Every rank's results of `_cp_worker` (one launch per process count, shared by the tests)."""
+    if world not in _SPAWNED:
+        _SPAWNED[world] = spawn(_cp_worker, world)
+    return _SPAWNED[world]
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_every_core_with_documents_matches_one_process(world, one_process):
-    results = spawn(_cp_worker, world)
+    results = cp_results(world)
     for name in results[0]:
+        if name == "model":
+            continue
         o = zigzag_unshard([r[name][0] for r in results])
         grads = [zigzag_unshard([r[name][1][i] for r in results]) for i in range(len(results[0][name][1]))]
         ref_o, ref_grads, ref_params = one_process[name]
@@ -166,3 +179,67 @@ def test_packed_core_matches_each_document_alone(name, one_process):
         assert rel_err(ref_o[b : b + 1, start : start + n], o.detach()) < TOL, (name, start)
         for g, x in zip(ref_grads, part):
             assert rel_err(g[b : b + 1, start : start + n], x.grad) < TOL, (name, start)
+
+
+# Three documents; the model test replaces the first and watches the second.
+MODEL_DOCS = [[40, 50, 38]]
+
+
+def _model(letter):
+    from longctx.model import build_model
+
+    cfg = load_config("configs/tiny.yaml", [f"model.layers={letter}", "model.n_layers=1", "model.dim=32"])
+    torch.manual_seed(0)
+    return build_model(cfg.model).double()
+
+
+def _two_batches():
+    torch.manual_seed(2)
+    tokens = torch.randint(0, 1024, (1, T))
+    swapped = tokens.clone()
+    swapped[0, :40] = torch.randint(0, 1024, (40,))
+    return tokens, swapped
+
+
+def _logits(model, tokens, rank=0, world=1):
+    docs = Documents(cu_seqlens(MODEL_DOCS))
+    if world == 1:
+        return model(tokens, SeqLayout.full(T).with_docs(docs))
+    layout = SeqLayout.zigzag(T, rank, world).with_docs(docs)
+    return model(zigzag_shard(tokens, rank, world), layout)
+
+
+def _model_worker(rank, world):
+    from longctx.parallel import parallelize_model
+
+    out = {}
+    for letter in "DSNL":
+        model = parallelize_model(_model(letter), None, "ring")
+        with torch.no_grad():
+            out[letter] = [_logits(model, x, rank, world) for x in _two_batches()]
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_replacing_one_document_leaves_the_next_unchanged(world):
+    if world == 1:
+        with torch.no_grad():
+            per_letter = {letter: [_logits(_model(letter), x) for x in _two_batches()] for letter in "DSNL"}
+    else:
+        results = [r["model"] for r in cp_results(world)]
+        per_letter = {
+            letter: [zigzag_unshard([r[letter][i] for r in results]) for i in range(2)] for letter in "DSNL"
+        }
+    for letter, (before, after) in per_letter.items():
+        # Document 2 (tokens 40..89) sees nothing of document 1; document 1 itself changed.
+        assert torch.equal(before[:, 40:90], after[:, 40:90]), letter
+        assert not torch.allclose(before[:, :40], after[:, :40]), letter
+
+
+def test_doc_mask_false_attends_across_documents():
+    # The same swap leaks into document 2 without masking: the test above can fail.
+    model = _model("D")
+    tokens, swapped = _two_batches()
+    with torch.no_grad():
+        before, after = (model(x, SeqLayout.full(T)) for x in (tokens, swapped))
+    assert not torch.allclose(before[:, 40:90], after[:, 40:90])
