@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-KERNEL_BENCHES = ("flash_attn", "s2_attn", "nsa", "gla", "gated_delta", "ring")
+KERNEL_BENCHES = ("flash_attn", "s2_attn", "nsa", "gla", "gated_delta", "ring", "varlen")
 # `--quick` (what `make gpu-check` runs): 16k and 64k tokens, the README targets' head dim 128.
 QUICK = {
     "flash_attn": ["--seqlens", "16384,65536", "--head-dims", "128"],
@@ -20,6 +20,7 @@ QUICK = {
     "gla": ["--lengths", "16384", "65536"],
     "gated_delta": ["--lengths", "16384", "65536"],
     "ring": ["--seqlens", "32768", "--ranks", "8"],
+    "varlen": [],
 }
 
 

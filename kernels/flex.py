@@ -39,13 +39,22 @@ def _compiled():
     return torch.compile(_flex().flex_attention, dynamic=False)
 
 
-def dense_mask(q_offset: int, k_offset: int, causal: bool, window: int | None, device=None):
+def _batched(mask_mod, doc_start: torch.Tensor):
+    """Mark a mask as per sequence (document masking): its BlockMask and dense form take the batch."""
+    mask_mod.batch = doc_start.shape[0]
+    return mask_mod
+
+
+def dense_mask(
+    q_offset: int, k_offset: int, causal: bool, window: int | None, device=None, doc_start=None
+):
     """`mask_mod(b, h, q_idx, kv_idx)` of causal / windowed attention at global offsets, or None.
 
-    The offsets are captured as tensors, so that a compiled FlexAttention does not specialize (and
-    recompile) on each chunk pair's offsets.
+    `doc_start` `[B, Tq]`: the global position of each query's document start (document masking; keys
+    before it are hidden). The offsets are captured as tensors, so that a compiled FlexAttention does
+    not specialize (and recompile) on each chunk pair's offsets.
     """
-    if not causal and window is None:
+    if not causal and window is None and doc_start is None:
         return None
     q_offset = torch.tensor(q_offset, device=device)
     k_offset = torch.tensor(k_offset, device=device)
@@ -55,13 +64,16 @@ def dense_mask(q_offset: int, k_offset: int, causal: bool, window: int | None, d
         allowed = (k_pos <= q_pos) if causal else (k_pos >= 0)
         if window is not None:
             allowed = allowed & (k_pos > q_pos - window)
+        if doc_start is not None:
+            allowed = allowed & (k_pos >= doc_start[b, q_idx])
         return allowed
 
-    return mask_mod
+    return mask_mod if doc_start is None else _batched(mask_mod, doc_start)
 
 
-def s2_mask(n_heads, block_size, local_blocks, vert_stride, dense_heads, q_pos, k_pos):
-    """`mask_mod` of S2 (DESIGN.md, `s2_attn.naive`) for tokens at global positions `q_pos`, `k_pos`."""
+def s2_mask(n_heads, block_size, local_blocks, vert_stride, dense_heads, q_pos, k_pos, doc_start=None):
+    """`mask_mod` of S2 (DESIGN.md, `s2_attn.naive`) for tokens at global positions `q_pos`, `k_pos`;
+    `doc_start` `[B, Tq]` hides keys before each query's document start."""
     head_step = max(1, vert_stride // n_heads)
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -69,19 +81,30 @@ def s2_mask(n_heads, block_size, local_blocks, vert_stride, dense_heads, q_pos, 
         i, j = qp // block_size, kp // block_size
         pattern = ((i - j) < local_blocks) | ((j + 1 + h * head_step) % vert_stride == 0)
         pattern = pattern | (h >= n_heads - dense_heads)
-        return (kp <= qp) & pattern
+        allowed = (kp <= qp) & pattern
+        if doc_start is not None:
+            allowed = allowed & (kp >= doc_start[b, q_idx])
+        return allowed
 
-    return mask_mod
+    return mask_mod if doc_start is None else _batched(mask_mod, doc_start)
+
+
+def _batch(mask_mod):
+    """The BlockMask's batch size: None (one mask for every sequence) unless document-masked."""
+    return getattr(mask_mod, "batch", None)
 
 
 def _dense_bool(mask_mod, n_heads, t_q, t_k, device) -> torch.Tensor | None:
-    """The mask evaluated on every (head, query, key): `[H, Tq, Tk]` bool, or None (all allowed)."""
+    """The mask evaluated on every (sequence, head, query, key): `[B or 1, H, Tq, Tk]` bool, or None
+    (all allowed)."""
     if mask_mod is None:
         return None
-    h = torch.arange(n_heads, device=device).view(-1, 1, 1)
-    i = torch.arange(t_q, device=device).view(1, -1, 1)
-    j = torch.arange(t_k, device=device).view(1, 1, -1)
-    return mask_mod(0, h, i, j).expand(n_heads, t_q, t_k)
+    n_b = _batch(mask_mod) or 1
+    b = torch.arange(n_b, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(n_heads, device=device).view(1, -1, 1, 1)
+    i = torch.arange(t_q, device=device).view(1, 1, -1, 1)
+    j = torch.arange(t_k, device=device).view(1, 1, 1, -1)
+    return mask_mod(b, h, i, j).expand(n_b, n_heads, t_q, t_k)
 
 
 def _forward(q, k, v, mask_mod, scale, per_head: bool):
@@ -92,8 +115,9 @@ def _forward(q, k, v, mask_mod, scale, per_head: bool):
     block_mask = None
     if mask_mod is not None:
         block_mask = fa.create_block_mask(
-            mask_mod, None, n_heads if per_head else None, t_q, t_k, device=q.device, BLOCK_SIZE=_BLOCK
-        )
+            mask_mod, _batch(mask_mod), n_heads if per_head or _batch(mask_mod) else None, t_q, t_k,
+            device=q.device, BLOCK_SIZE=_BLOCK,
+        )  # fmt: skip
     run = _compiled() if q.is_cuda else fa.flex_attention
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
@@ -122,7 +146,7 @@ def backward(do, q, k, v, o, lse, mask_mod, scale, dlse=None):
     lse_w = lse.to(work)[..., None]
     p = torch.exp(scores - lse_w.masked_fill(torch.isneginf(lse_w), 0.0))
     allowed = _dense_bool(mask_mod, n_heads, t_q, t_k, q.device)
-    keep = torch.isfinite(lse_w) if allowed is None else (allowed[None] & torch.isfinite(lse_w))
+    keep = torch.isfinite(lse_w) if allowed is None else (allowed & torch.isfinite(lse_w))
     p = p * keep
     delta = (dof * o.to(work).transpose(1, 2)).sum(-1, keepdim=True)
     if dlse is not None:
@@ -157,8 +181,9 @@ class FlexFunction(torch.autograd.Function):
             fa = _flex()
             with torch.enable_grad():
                 xs = [x.detach().requires_grad_() for x in (q, k, v)]
+                heads = q.shape[2] if per_head or _batch(mask_mod) else None
                 bm = None if mask_mod is None else fa.create_block_mask(
-                    mask_mod, None, q.shape[2] if per_head else None, q.shape[1], k.shape[1], device=q.device
+                    mask_mod, _batch(mask_mod), heads, q.shape[1], k.shape[1], device=q.device
                 )  # fmt: skip
                 o2, aux = _compiled()(
                     *[x.transpose(1, 2) for x in xs], block_mask=bm, scale=scale,

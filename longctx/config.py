@@ -233,6 +233,11 @@ class DataConfig:
     # Train on a corpus shorter than one sample (seq_len + 1 tokens) by repeating it within each
     # sample (a warning gives the repetition factor); off: such a corpus is an error.
     allow_repeat: bool = False
+    # Packed documents stay apart: every mixer attends (or carries state) only within a token's own
+    # document, in training and evaluation (docs/documents.md). false: attend across documents.
+    doc_mask: bool = True
+    # RoPE positions: `global` (the position in the packed sequence) or `per_doc` (from the document start).
+    doc_positions: Literal["global", "per_doc"] = "global"
 
     def __post_init__(self):
         _require(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")

@@ -2,7 +2,8 @@
 
 `allgather`: every rank gathers the keys and values of the whole sequence, then attends its own
 query chunks at their global offsets. Simple and exact; it moves `(P - 1) / P` of all K, V per layer
-like a ring, but holds the whole K, V at once.
+like a ring, but holds the whole K, V at once. With documents, a query chunk attends only the keys
+from the start of its first token's document on (nothing earlier is shared with it).
 """
 
 import torch
@@ -41,13 +42,18 @@ class AllGatherDenseCore(nn.Module):
         check_zigzag(layout, self.group)
         kv = gather_sequence(torch.cat([k, v], dim=2), self.group)  # [B, T, 2 * Hkv, D]
         k_all, v_all = kv.chunk(2, dim=2)
+        docs = layout.docs
+        cu_seqlens = None if docs is None else docs.on(q.device)
         outs, start_q = [], 0
         for start, n in layout.segments:
             end = start + n
-            # Causal: keys after this chunk are never seen, so they are not attended at all.
+            # Causal: keys after this chunk are never seen, so they are not attended at all; nor are
+            # keys before the document of its first query.
+            first = 0 if docs is None else docs.first_visible(start, n)
             o, _ = flash_attn_chunk(
-                q[:, start_q : start_q + n], k_all[:, :end], v_all[:, :end], start, 0, window=self.window
-            )
+                q[:, start_q : start_q + n], k_all[:, first:end], v_all[:, first:end], start, first,
+                window=self.window, cu_seqlens=cu_seqlens,
+            )  # fmt: skip
             outs.append(o)
             start_q += n
         return torch.cat(outs, dim=1)

@@ -14,7 +14,12 @@ the decayed contribution of `H_c`:
 
 Every exponent is a sum of log-decays (<= 0). The backward is autograd through the same steps: the
 all-gather's backward reduce-scatters the gradients of the gathered states back to their owners, and
-the kernel carries them from `S_c` into that chunk's q, k, v, g. Communication per layer is
+the kernel carries them from `S_c` into that chunk's q, k, v, g.
+
+Documents. A document start inside chunk `c` resets the state (the kernel gives that token the decay
+exp(-1e4) = 0, `reset_at_documents`). The same reset enters `a_c` and `b_t`, so `exp(a_c)` and the
+carry `exp(b_t)` of every token from the start on are exactly 0: a chunk after a boundary ignores the
+prefix state, with no extra communication. Communication per layer is
 `P x 2 x B x H x Dk x Dv` floats forward (and the same backward), independent of the sequence length.
 """
 
@@ -22,6 +27,7 @@ import torch
 from torch import nn
 
 from longctx.kernels import gated_linear_attn
+from longctx.kernels.gla import reset_at_documents
 from longctx.parallel.comm import all_gather
 from longctx.parallel.dense import check_zigzag
 
@@ -58,15 +64,21 @@ class StatePassingLinearCore(nn.Module):
         dv = v.shape[-1]
         # States are fp32 (fp64 when the inputs are): the carry must not lose what the kernel kept.
         work = torch.promote_types(q.dtype, torch.float32)
-        outs, packed, segments = [], [], []
+        cu_seqlens = None if layout.docs is None else layout.docs.on(q.device)
+        outs, packed, segments, decays = [], [], [], []
         start = 0
-        for _, n in layout.segments:
+        for offset, n in layout.segments:
             seg = slice(start, start + n)
             start += n
-            o, state = gated_linear_attn(q[:, seg], k[:, seg], v[:, seg], g[:, seg], output_final_state=True)
+            o, state = gated_linear_attn(
+                q[:, seg], k[:, seg], v[:, seg], g[:, seg], output_final_state=True,
+                cu_seqlens=cu_seqlens, offset=offset,
+            )  # fmt: skip
             outs.append(o)
             segments.append(seg)
-            decay = g[:, seg].to(work).sum(dim=1)  # [B, H]
+            g_seg = g[:, seg] if cu_seqlens is None else reset_at_documents(g[:, seg], cu_seqlens, offset)
+            decays.append(g_seg)
+            decay = g_seg.to(work).sum(dim=1)  # [B, H]
             packed.append(torch.cat([state.to(work).flatten(2), decay[..., None]], dim=-1))
         # One all-gather of both chunks' (state, decay): [P, 2, B, H, Dk * Dv + 1].
         gathered = all_gather(torch.stack(packed), self.group)
@@ -78,9 +90,9 @@ class StatePassingLinearCore(nn.Module):
         entering = entering_states(chunks[..., :-1].view(2 * size, b, h, dk, dv), chunks[..., -1])
         scale = dk**-0.5
         result = []
-        for slot, (o, seg) in enumerate(zip(outs, segments)):
+        for slot, (o, seg, g_seg) in enumerate(zip(outs, segments, decays)):
             h_in = entering[zigzag_chunk_ids(rank, size)[slot]]  # [B, H, Dk, Dv]
-            cum = torch.cumsum(g[:, seg].to(work), dim=1)  # [B, n, H]
+            cum = torch.cumsum(g_seg.to(work), dim=1)  # [B, n, H]
             carry = torch.einsum("bthk,bhkv->bthv", q[:, seg].to(work) * torch.exp(cum)[..., None], h_in)
             result.append((o.to(work) + scale * carry).to(o.dtype))
         return torch.cat(result, dim=1)

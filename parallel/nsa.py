@@ -17,6 +17,11 @@ Per layer, on the zigzag shard of rank `r` (chunks `r` and `2P-1-r`, each `n` to
 Communication per layer: the halos and the compressed tokens (`(P - 1) / P` of `T / s` tokens), the
 need masks (one byte per block and kv head), and the blocks actually selected or in a window halo.
 The backward mirrors every step through autograd.
+
+Documents (`layout.docs`, global boundaries known to every rank): every branch gets `cu_seqlens` and
+masks to each query's document; blocks are fetched only if some local query selected them (selection
+ranks only blocks of the query's document) or its window reaches them, and the window halo starts
+no earlier than the document of the chunk's first query.
 """
 
 import torch
@@ -76,35 +81,43 @@ class ContextParallelNSACore(nn.Module):
         c = self.cfg
         n_kv, groups = k.shape[2], q.shape[2] // k.shape[2]
         k_cmp, v_cmp = self.compress(k, v, compress_k, compress_v, layout, rank, size)
+        docs = layout.docs
+        cu = None if docs is None else docs.on(q.device)
 
         o_cmp, block_idx = [], []
         need = torch.zeros(n_kv, layout.seq_len // c.slc_block, dtype=torch.bool, device=q.device)
         for rows, begin, _ in _segments(layout):
             o, lse = nsa_cmp_attn(
-                q[:, rows], k_cmp, v_cmp, c.cmp_block, c.cmp_stride, return_lse=True, q_offset=begin
-            )
+                q[:, rows], k_cmp, v_cmp, c.cmp_block, c.cmp_stride, return_lse=True, q_offset=begin,
+                cu_seqlens=cu,
+            )  # fmt: skip
             o_cmp.append(o)
             idx = nsa_select_blocks(
                 q[:, rows].detach(), k_cmp.detach(), lse.detach(), c.cmp_block, c.cmp_stride,
-                c.slc_block, c.slc_top, q_offset=begin,
+                c.slc_block, c.slc_top, q_offset=begin, cu_seqlens=cu,
             )  # fmt: skip
             block_idx.append(idx)
             chosen = idx.long().permute(2, 0, 1, 3).reshape(n_kv, -1)  # [H_kv, B * n * top]
             for g in range(n_kv):
                 ids = chosen[g][chosen[g] >= 0]
                 need[g, ids] = True
-            first = max(0, begin - c.window + 1) // c.slc_block
+            first = self.window_start(begin, docs) // c.slc_block
             need[:, first : begin // c.slc_block] = True
 
         b, t_local, _, d = k.shape
         packed = torch.stack([k, v], dim=3).reshape(b, t_local, n_kv, 2 * d)
         fetched, table = exchange_blocks(packed, need, layout, c.slc_block, self.group)
 
-        o_slc = self.selected(q, fetched, table, block_idx, layout, n_kv, groups, d)
-        o_win = self.window(q, k, v, fetched, table, layout, n_kv, d)
+        o_slc = self.selected(q, fetched, table, block_idx, layout, n_kv, groups, d, cu)
+        o_win = self.window(q, k, v, fetched, table, layout, n_kv, d, cu)
         return mix_branches(gates, torch.cat(o_cmp, dim=1), o_slc, o_win)
 
-    def selected(self, q, fetched, table, block_idx, layout, n_kv, groups, d):
+    def window_start(self, begin: int, docs) -> int:
+        """The first key any query of the chunk at `begin` sees through its window."""
+        first = max(0, begin - self.cfg.window + 1)
+        return first if docs is None else max(first, docs.first_visible(begin, 1))
+
+    def selected(self, q, fetched, table, block_idx, layout, n_kv, groups, d, cu=None):
         """Selected-block attention, one kv head at a time over a sequence-long sparse buffer."""
         c = self.cfg
         bs = c.slc_block
@@ -118,19 +131,21 @@ class ContextParallelNSACore(nn.Module):
             k_g, v_g = buffer[:, :, None, :d], buffer[:, :, None, d:]
             heads = slice(g * groups, (g + 1) * groups)
             outs = [
-                nsa_select_attn(q[:, rows, heads], k_g, v_g, idx[:, :, g : g + 1], bs, q_offset=begin)
+                nsa_select_attn(
+                    q[:, rows, heads], k_g, v_g, idx[:, :, g : g + 1], bs, q_offset=begin, cu_seqlens=cu
+                )
                 for (rows, begin, _), idx in zip(_segments(layout), block_idx)
             ]
             per_head.append(torch.cat(outs, dim=1))
         return torch.cat(per_head, dim=2)
 
-    def window(self, q, k, v, fetched, table, layout, n_kv, d):
+    def window(self, q, k, v, fetched, table, layout, n_kv, d, cu=None):
         """Sliding-window attention over each local chunk and the fetched blocks before it."""
         c = self.cfg
         bs = c.slc_block
         outs = []
         for rows, begin, _ in _segments(layout):
-            first = max(0, begin - c.window + 1) // bs
+            first = self.window_start(begin, layout.docs) // bs
             halo_ids = torch.arange(first, begin // bs, device=q.device)
             k_win, v_win = k[:, rows], v[:, rows]
             if len(halo_ids):
@@ -142,6 +157,8 @@ class ContextParallelNSACore(nn.Module):
                 halo = halo.flatten(1, 2)  # [B, n * bs, H_kv, 2D]
                 k_win = torch.cat([halo[..., :d], k_win], dim=1)
                 v_win = torch.cat([halo[..., d:], v_win], dim=1)
-            o, _ = flash_attn_chunk(q[:, rows], k_win, v_win, begin, first * bs, window=c.window)
+            o, _ = flash_attn_chunk(
+                q[:, rows], k_win, v_win, begin, first * bs, window=c.window, cu_seqlens=cu
+            )
             outs.append(o)
         return torch.cat(outs, dim=1)

@@ -7,6 +7,14 @@ it). Each step the rank attends its two query chunks to the two key chunks it ho
 offsets: a key chunk after a query chunk is skipped, the same chunk is causal, an earlier one is full.
 With the zigzag layout every step costs every rank the same two chunk-pairs of work.
 
+Documents. Every rank knows the global document boundaries (`layout.docs`, on the host). A pair whose
+key chunk ends before the document of the query chunk's first token shares no document with it and
+is skipped (no kernel launch, in forward and backward; a query chunk always keeps the pair with
+its own keys, so every row gets a result); the others pass `cu_seqlens` to the kernel,
+which skips key tiles outside each query tile's document. The key/values still travel the whole
+ring: each rank's chunk is needed by some later rank unless whole chunks are document-disjoint from
+every later query chunk, which a fixed ring schedule cannot exploit without changing who sends what.
+
 Partial results merge by log-sum-exp in fp32, whatever the activation dtype, so the error does not
 grow with `P` (the bf16 drift of accumulating in the activation dtype does not happen here).
 
@@ -42,6 +50,7 @@ class _Ring:
         self.next = ranks[(self.rank + 1) % self.size]
         self.prev = ranks[(self.rank - 1) % self.size]
         self.chunk = layout.segments[0][1]
+        self.docs = layout.docs
 
     def chunk_ids(self, owner: int) -> tuple[int, int]:
         return owner, 2 * self.size - 1 - owner
@@ -51,8 +60,15 @@ class _Ring:
         owner = (self.rank - step) % self.size
         for qi, q_id in enumerate(self.chunk_ids(self.rank)):
             for ki, k_id in enumerate(self.chunk_ids(owner)):
-                if k_id <= q_id:
-                    yield qi, ki, q_id * self.chunk, k_id * self.chunk
+                q_off, k_off = q_id * self.chunk, k_id * self.chunk
+                if k_id > q_id:
+                    continue
+                if self.docs is not None and k_off + self.chunk <= self.docs.first_visible(q_off, self.chunk):
+                    continue
+                yield qi, ki, q_off, k_off
+
+    def cu_seqlens(self, device):
+        return None if self.docs is None else self.docs.on(device)
 
     def shift(self, tensor: torch.Tensor):
         """Send `tensor` to the next rank and receive the previous rank's into a new buffer."""
@@ -66,6 +82,7 @@ class RingAttention(torch.autograd.Function):
         ring = _Ring(group, layout)
         c = ring.chunk
         n_kv = k.shape[2]
+        cu_seqlens = ring.cu_seqlens(q.device)
         kv = torch.cat([k, v], dim=2).contiguous()  # [B, 2 chunks, 2 * Hkv, D] travels as one message
         # Partials merge in fp32 (fp64 for fp64 inputs), whatever the activation dtype.
         work = torch.promote_types(q.dtype, torch.float32)
@@ -77,7 +94,7 @@ class RingAttention(torch.autograd.Function):
                 k_c = kv[:, ki * c : (ki + 1) * c, :n_kv]
                 v_c = kv[:, ki * c : (ki + 1) * c, n_kv:]
                 o, lse = flash_attn_chunk_fwd(
-                    q[:, qi * c : (qi + 1) * c], k_c, v_c, q_off, k_off, window=window
+                    q[:, qi * c : (qi + 1) * c], k_c, v_c, q_off, k_off, window=window, cu_seqlens=cu_seqlens
                 )
                 if outs[qi] is None:
                     outs[qi], lses[qi] = o.to(work), lse
@@ -100,6 +117,7 @@ class RingAttention(torch.autograd.Function):
         ring = _Ring(ctx.group, ctx.layout)
         c = ring.chunk
         n_kv = k.shape[2]
+        cu_seqlens = ring.cu_seqlens(q.device)
         kv = torch.cat([k, v], dim=2).contiguous()
         work = torch.promote_types(q.dtype, torch.float32)
         dq = torch.zeros_like(q, dtype=work)
@@ -113,7 +131,7 @@ class RingAttention(torch.autograd.Function):
                 cols = slice(ki * c, (ki + 1) * c)
                 dq_p, dk_p, dv_p = flash_attn_chunk_bwd(
                     do[:, rows], q[:, rows], kv[:, cols, :n_kv], kv[:, cols, n_kv:], o[:, rows],
-                    lse[:, :, rows], q_off, k_off, window=ctx.window,
+                    lse[:, :, rows], q_off, k_off, window=ctx.window, cu_seqlens=cu_seqlens,
                 )  # fmt: skip
                 dq[:, rows] += dq_p
                 contrib[:, cols, :n_kv] += dk_p

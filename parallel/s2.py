@@ -13,6 +13,11 @@ union of all kv heads' blocks, each head's unneeded blocks left zero. The kernel
 head `h` visits only blocks its pattern allows, and those are exactly the ones fetched for its kv
 head. Communication is therefore about `1 / vert_stride` of a dense ring per strided residue a kv
 group holds, plus the halo; `dense_heads` need every earlier block.
+
+Documents: a key block is fetched only if it shares a document with some local query block that
+may attend it, i.e. it ends after the start of that query block's first document in some sequence
+of the batch (`Documents.first_visible`, decided on the host from the global boundaries every rank
+holds). The kernel then masks each query to its own document.
 """
 
 import torch
@@ -24,11 +29,19 @@ from longctx.parallel.blocks import ZigzagBlocks, exchange_blocks
 from longctx.parallel.dense import check_zigzag
 
 
-def s2_needed_blocks(cfg, n_heads: int, n_kv: int, q_ids: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    """`[H_kv, n_blocks]` bool: the key blocks any query head of each kv group may attend from `q_ids`."""
+def s2_needed_blocks(
+    cfg, n_heads: int, n_kv: int, q_ids: torch.Tensor, n_blocks: int, docs=None
+) -> torch.Tensor:
+    """`[H_kv, n_blocks]` bool: the key blocks any query head of each kv group may attend from `q_ids`
+    (with `docs`, only blocks sharing a document with the query block)."""
     allowed = s2_block_mask(
         n_heads, q_ids, torch.arange(n_blocks), cfg.local_blocks, cfg.vert_stride, cfg.dense_heads
     )  # [H, n_q, n_blocks]
+    if docs is not None:
+        bs = cfg.block_size
+        first = torch.tensor([docs.first_visible(int(i) * bs, bs) for i in q_ids])  # [n_q]
+        block_end = (torch.arange(n_blocks) + 1) * bs
+        allowed = allowed & (block_end[None, :] > first[:, None])[None]
     per_head = allowed.any(dim=1)
     return per_head.view(n_kv, n_heads // n_kv, n_blocks).any(dim=1)
 
@@ -47,7 +60,8 @@ class ContextParallelS2Core(nn.Module):
         b, t_local, n_kv, d = k.shape
         geo = ZigzagBlocks(layout.seq_len, size, bs)
         q_ids = geo.held_by(rank)  # ascending: chunk r's blocks, then chunk 2P-1-r's
-        need = s2_needed_blocks(c, q.shape[2], n_kv, q_ids, geo.n_blocks).to(q.device)
+        docs = layout.docs
+        need = s2_needed_blocks(c, q.shape[2], n_kv, q_ids, geo.n_blocks, docs).to(q.device)
         packed = torch.stack([k, v], dim=3).reshape(b, t_local, n_kv, 2 * d)
         fetched, table = exchange_blocks(packed, need, layout, bs, self.group)
 
@@ -64,4 +78,5 @@ class ContextParallelS2Core(nn.Module):
         return s2_attn(
             q, keys[..., :d], keys[..., d:], bs, c.local_blocks, c.vert_stride, c.dense_heads,
             q_block_ids=q_ids, k_block_ids=union.cpu(),
+            cu_seqlens=None if docs is None else docs.on(q.device),
         )  # fmt: skip

@@ -67,5 +67,7 @@ class UlyssesDenseCore(nn.Module):
         if repeat > 1:
             k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
         q_h, k_h, v_h = (seq_to_heads(x, self.group, size) for x in (q, k, v))
-        o = flash_attn(q_h, k_h, v_h, causal=True, window=self.window)
+        # Whole sequences of a few heads: documents are masked as on one device.
+        cu_seqlens = None if layout.docs is None else layout.docs.on(q.device)
+        o = flash_attn(q_h, k_h, v_h, causal=True, window=self.window, cu_seqlens=cu_seqlens)
         return heads_to_seq(o, self.group, size)

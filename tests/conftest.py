@@ -49,7 +49,14 @@ def _seed():
 
 
 _USER_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_KERNEL_MODULES = {"test_flash_attn", "test_s2_attn", "test_nsa", "test_gla", "test_gated_delta"}
+_KERNEL_MODULES = {
+    "test_flash_attn",
+    "test_s2_attn",
+    "test_nsa",
+    "test_gla",
+    "test_gated_delta",
+    "test_doc_kernels",
+}
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,8 @@
 """A hybrid stack trains context-parallel end to end: 5-step losses of S, N, L, G and LSND models at
 cp = 2 and 4 equal one process, and the logged bytes show each mixer's scheme (S2 a fraction of a
-dense ring, linear and delta-rule layers independent of the sequence length)."""
+dense ring, linear and delta-rule layers independent of the sequence length). The runs pack several
+documents per sample with document masking on (`data.doc_mask`, the default), so they are also the
+acceptance runs of packed-document training under context parallelism."""
 
 import pytest
 
@@ -94,3 +96,13 @@ def test_delta_bytes_do_not_grow_with_length(runs):
     g_short, g_long = _bytes(runs / "comm-G1024"), _bytes(runs / "comm-G4096")
     print(f"G: {g_short:,} -> {g_long:,} bytes (1024 -> 4096 tokens)")
     assert g_short > 0 and g_long == g_short
+
+
+@pytest.mark.slow
+def test_runs_mask_several_documents_per_sample(runs):
+    # The CP runs above train with data.doc_mask=true (the default) on samples of several documents.
+    for run in ("LSND-single", "LSND-cp2"):
+        assert "doc_mask: true" in (runs / run / "config.yaml").read_text()
+        docs = [m["docs_per_sample"] for m in metrics(runs / run)]
+        # Step 1's samples cross a document boundary (1.5 documents a sample on the built-in corpus).
+        assert len(docs) == 5 and max(docs) > 1, docs

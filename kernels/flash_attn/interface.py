@@ -18,6 +18,7 @@ import torch
 
 from longctx.kernels import flex
 from longctx.kernels.common.backend import op_backend
+from longctx.kernels.common.docs import check_cu_seqlens, doc_bounds
 from longctx.kernels.flash_attn.naive import attention_bwd_ref, attention_ref
 
 
@@ -42,6 +43,45 @@ def _where(*tensors: torch.Tensor) -> str:
     return "naive" if where == "triton" and tensors[0].dtype == torch.float64 else where
 
 
+class _Docs:
+    """Document bounds of one (query chunk, key chunk) pair from `cu_seqlens`: for the kernels, per
+    query the first key index it may see (its document's start) and per key the query index past its
+    document's end; for the reference, the `[B, 1, Tq, Tk]` same-document mask."""
+
+    def __init__(self, cu_seqlens, t_q, t_k, q_offset, k_offset, causal, device):
+        if not causal:
+            raise ValueError("cu_seqlens (document masking) needs causal=True")
+        self.cu_seqlens = cu_seqlens
+        self.q_pos = torch.arange(q_offset, q_offset + t_q, device=device)
+        self.k_pos = torch.arange(k_offset, k_offset + t_k, device=device)
+        self.q_offset, self.k_offset = q_offset, k_offset
+
+    def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor]:
+        q_start, _ = doc_bounds(self.cu_seqlens, self.q_pos)
+        _, k_end = doc_bounds(self.cu_seqlens, self.k_pos)
+        return q_start - self.k_offset, k_end - self.q_offset
+
+    def q_start(self) -> torch.Tensor:
+        """`[B, Tq]` the global position of each query's document start (FlexAttention's mask)."""
+        return doc_bounds(self.cu_seqlens, self.q_pos)[0]
+
+    def mask(self) -> torch.Tensor:
+        q_start, _ = doc_bounds(self.cu_seqlens, self.q_pos)
+        k_start, _ = doc_bounds(self.cu_seqlens, self.k_pos)
+        return (q_start[:, :, None] == k_start[:, None, :])[:, None]
+
+
+def _docs(cu_seqlens, q, k, q_offset, k_offset, causal):
+    if cu_seqlens is None:
+        return None
+    check_cu_seqlens(cu_seqlens, q.shape[0])
+    return _Docs(cu_seqlens, q.shape[1], k.shape[1], q_offset, k_offset, causal, q.device)
+
+
+def _q_start(docs):
+    return None if docs is None else docs.q_start()
+
+
 def _pair_is_empty(
     t_q: int, t_k: int, q_offset: int, k_offset: int, causal: bool, window: int | None
 ) -> bool:
@@ -53,7 +93,7 @@ def _pair_is_empty(
     return window is not None and k_offset + t_k - 1 <= q_offset - window
 
 
-def _forward(q, k, v, q_offset, k_offset, causal, scale, window, where):
+def _forward(q, k, v, q_offset, k_offset, causal, scale, window, where, docs=None):
     if _pair_is_empty(q.shape[1], k.shape[1], q_offset, k_offset, causal, window):
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         b, t_q, n_heads, _ = q.shape
@@ -61,37 +101,47 @@ def _forward(q, k, v, q_offset, k_offset, causal, scale, window, where):
             (b, n_heads, t_q), float("-inf"), dtype=lse_dtype, device=q.device
         )
     if where == "flex":
-        return flex.forward(q, k, v, flex.dense_mask(q_offset, k_offset, causal, window, q.device), scale)
+        mask = flex.dense_mask(q_offset, k_offset, causal, window, q.device, _q_start(docs))
+        return flex.forward(q, k, v, mask, scale)
     if where == "triton":
         from longctx.kernels.flash_attn.triton import attn_fwd
 
-        return attn_fwd(q, k, v, q_offset - k_offset, causal, scale, window)
+        doc_args = None if docs is None else docs.kernel_args()
+        return attn_fwd(q, k, v, q_offset - k_offset, causal, scale, window, docs=doc_args)
     return attention_ref(
-        q, k, v, causal, scale, window, return_lse=True, q_offset=q_offset, k_offset=k_offset
-    )
+        q, k, v, causal, scale, window, return_lse=True, q_offset=q_offset, k_offset=k_offset,
+        mask=None if docs is None else docs.mask(),
+    )  # fmt: skip
 
 
-def _backward(do, q, k, v, o, lse, q_offset, k_offset, causal, scale, window, dlse, where):
+def _backward(do, q, k, v, o, lse, q_offset, k_offset, causal, scale, window, dlse, where, docs=None):
     if _pair_is_empty(q.shape[1], k.shape[1], q_offset, k_offset, causal, window):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if where == "flex":
-        mask = flex.dense_mask(q_offset, k_offset, causal, window, q.device)
+        mask = flex.dense_mask(q_offset, k_offset, causal, window, q.device, _q_start(docs))
         return flex.backward(do, q, k, v, o, lse, mask, scale, dlse)
     if where == "triton":
         from longctx.kernels.flash_attn.triton import attn_bwd
 
-        return attn_bwd(do, q, k, v, o, lse, q_offset - k_offset, causal, scale, window, dlse=dlse)
-    return attention_bwd_ref(do, q, k, v, o, lse, q_offset, k_offset, causal, scale, window, dlse=dlse)
+        doc_args = None if docs is None else docs.kernel_args()
+        return attn_bwd(
+            do, q, k, v, o, lse, q_offset - k_offset, causal, scale, window, dlse=dlse, docs=doc_args
+        )
+    return attention_bwd_ref(
+        do, q, k, v, o, lse, q_offset, k_offset, causal, scale, window, dlse=dlse,
+        mask=None if docs is None else docs.mask(),
+    )  # fmt: skip
 
 
 class FlashAttnFunction(torch.autograd.Function):
     """The kernels' `(o, lse)` of a query chunk against a key chunk, differentiable in both outputs."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_offset, k_offset, causal, scale, window):
-        o, lse = _forward(q, k, v, q_offset, k_offset, causal, scale, window, where="triton")
+    def forward(ctx, q, k, v, q_offset, k_offset, causal, scale, window, docs):
+        o, lse = _forward(q, k, v, q_offset, k_offset, causal, scale, window, where="triton", docs=docs)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.args = (q_offset, k_offset, causal, scale, window)
+        ctx.docs = docs
         # An unused output's gradient arrives as None instead of a tensor of zeros.
         ctx.set_materialize_grads(False)
         return o, lse
@@ -100,26 +150,29 @@ class FlashAttnFunction(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         do = torch.zeros_like(o) if do is None else do
-        dq, dk, dv = _backward(do, q, k, v, o, lse, *ctx.args, dlse=dlse, where="triton")
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = _backward(do, q, k, v, o, lse, *ctx.args, dlse=dlse, where="triton", docs=ctx.docs)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-def _attention(q, k, v, q_offset, k_offset, causal, scale, window, return_lse):
+def _attention(q, k, v, q_offset, k_offset, causal, scale, window, return_lse, cu_seqlens=None):
     _validate(q, k, v, window)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q_offset, k_offset = int(q_offset), int(k_offset)
+    docs = _docs(cu_seqlens, q, k, q_offset, k_offset, causal)
     where = _where(q, k, v)
     if where == "flex":
-        mask = flex.dense_mask(int(q_offset), int(k_offset), causal, window, q.device)
+        mask = flex.dense_mask(q_offset, k_offset, causal, window, q.device, _q_start(docs))
         o, lse = flex.attention(q, k, v, mask, scale)
         return (o, lse) if return_lse else o
     if where == "triton":
-        o, lse = FlashAttnFunction.apply(q, k, v, int(q_offset), int(k_offset), causal, scale, window)
+        o, lse = FlashAttnFunction.apply(q, k, v, q_offset, k_offset, causal, scale, window, docs)
         return (o, lse) if return_lse else o
     # The reference under autograd: on CPU this beats the explicit backward, which recomputes the scores.
-    return attention_ref(q, k, v, causal, scale, window, return_lse, int(q_offset), int(k_offset))
+    mask = None if docs is None else docs.mask()
+    return attention_ref(q, k, v, causal, scale, window, return_lse, q_offset, k_offset, mask=mask)
 
 
-def flash_attn_chunk(q, k, v, q_offset, k_offset, causal=True, scale=None, window=None):
+def flash_attn_chunk(q, k, v, q_offset, k_offset, causal=True, scale=None, window=None, cu_seqlens=None):
     """Attention of a query chunk over a key chunk at global positions, differentiable in `o` and `lse`.
 
     Query row `i` sits at position `q_offset + i`, key `j` at `k_offset + j`; query `i` sees key `j` iff
@@ -129,15 +182,15 @@ def flash_attn_chunk(q, k, v, q_offset, k_offset, causal=True, scale=None, windo
     Args:
         q: `[B, Tq, H, D]`; k, v: `[B, Tk, H_kv, D]` with `H % H_kv == 0`.
         q_offset, k_offset: global positions of the first query and the first key.
-        causal, scale, window: as `flash_attn`.
+        causal, scale, window, cu_seqlens: as `flash_attn` (document offsets are global positions).
     Returns:
         `(o, lse)`: `o` `[B, Tq, H, D]` in q's dtype, `lse` `[B, H, Tq]` fp32 (`-inf` for rows that see
         no key, whose `o` is 0). Merge chunks over disjoint keys with `merge_partials`.
     """
-    return _attention(q, k, v, q_offset, k_offset, causal, scale, window, return_lse=True)
+    return _attention(q, k, v, q_offset, k_offset, causal, scale, window, True, cu_seqlens)
 
 
-def flash_attn(q, k, v, causal=True, scale=None, window=None, return_lse=False):
+def flash_attn(q, k, v, causal=True, scale=None, window=None, return_lse=False, cu_seqlens=None):
     """Dense softmax attention in FlashAttention's layout.
 
     Args:
@@ -148,13 +201,16 @@ def flash_attn(q, k, v, causal=True, scale=None, window=None, return_lse=False):
         scale: logit scale, `D ** -0.5` when None.
         window: sliding window; query `i` sees keys `j` with `i - window < j` (and `j <= i` if causal).
         return_lse: also return the fp32 log-sum-exp `[B, H, T]` (differentiable too).
+        cu_seqlens: `[B, N + 1]` int32 document start offsets per sequence (`kernels.common.docs`), or
+            None: a query sees only keys of its own document (causal only); the window stops at the
+            document start. Key tiles before the query tile's first document are never visited.
     Returns:
         `o` `[B, T, H, D]` in `q.dtype`, or `(o, lse)`. Rows that see no key give `o = 0`, `lse = -inf`.
     """
-    return _attention(q, k, v, 0, 0, causal, scale, window, return_lse)
+    return _attention(q, k, v, 0, 0, causal, scale, window, return_lse, cu_seqlens)
 
 
-def flash_attn_chunk_fwd(q, k, v, q_offset, k_offset, causal=True, scale=None, window=None):
+def flash_attn_chunk_fwd(q, k, v, q_offset, k_offset, causal=True, scale=None, window=None, cu_seqlens=None):
     """Forward of `flash_attn_chunk` without autograd (ring attention drives its own backward).
 
     Args:
@@ -165,12 +221,13 @@ def flash_attn_chunk_fwd(q, k, v, q_offset, k_offset, causal=True, scale=None, w
     """
     _validate(q, k, v, window)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    docs = _docs(cu_seqlens, q, k, int(q_offset), int(k_offset), causal)
     with torch.no_grad():
-        return _forward(q, k, v, int(q_offset), int(k_offset), causal, scale, window, _where(q, k, v))
+        return _forward(q, k, v, int(q_offset), int(k_offset), causal, scale, window, _where(q, k, v), docs)
 
 
 def flash_attn_chunk_bwd(
-    do, q, k, v, o, lse, q_offset, k_offset, causal=True, scale=None, window=None, dlse=None
+    do, q, k, v, o, lse, q_offset, k_offset, causal=True, scale=None, window=None, dlse=None, cu_seqlens=None
 ):
     """Gradients of one chunk pair, given the output and lse of the WHOLE row.
 
@@ -192,9 +249,10 @@ def flash_attn_chunk_bwd(
     _validate(q, k, v, window)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     where = _where(q, k, v, do)
+    docs = _docs(cu_seqlens, q, k, int(q_offset), int(k_offset), causal)
     with torch.no_grad():
         return _backward(
-            do, q, k, v, o, lse, int(q_offset), int(k_offset), causal, scale, window, dlse, where
+            do, q, k, v, o, lse, int(q_offset), int(k_offset), causal, scale, window, dlse, where, docs
         )
 
 

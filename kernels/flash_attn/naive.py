@@ -121,6 +121,7 @@ def attention_bwd_ref(
     scale: float | None = None,
     window: int | None = None,
     dlse: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ):
     """Gradients of `attention_ref` from the FlashAttention-2 formulas, without autograd.
 
@@ -136,6 +137,7 @@ def attention_bwd_ref(
         q: `[B, Tq, H, D]`; k, v: `[B, Tk, H_kv, D]`; o: `[B, Tq, H, D]`; lse: `[B, H, Tq]`.
         q_offset, k_offset, causal, scale, window: as `attention_ref`.
         dlse: optional `[B, H, Tq]` gradient of `lse`.
+        mask: optional bool tensor broadcastable to `[B, H, Tq, Tk]`, True where allowed.
     Returns:
         `(dq, dk, dv)` in the dtypes and shapes of `q`, `k`, `v` (dk, dv summed over each kv group).
     """
@@ -153,6 +155,8 @@ def attention_bwd_ref(
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, H, Tq, Tk]
     probs = torch.exp(scores - lse.masked_fill(empty, 0.0)).masked_fill(empty, 0.0)
     allowed = position_mask(t_q, t_k, q_offset, k_offset, causal, window, q.device)
+    if mask is not None:
+        allowed = mask if allowed is None else allowed & mask
     if allowed is not None:
         probs = probs.masked_fill(~allowed, 0.0)
     delta = (dof * o.to(work).transpose(1, 2)).sum(-1, keepdim=True)  # [B, H, Tq, 1]

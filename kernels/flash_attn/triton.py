@@ -62,7 +62,7 @@ def _configs(gpu: list[tuple[int, int, int, int]], interp: tuple[int, int]) -> l
     return [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu]
 
 
-_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW"]
+_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOCS"]
 # Candidates chosen by compiling for sm_90 (Triton 3.9 with its ptxas, no GPU: `python -m
 # longctx.kernels.aot`) and keeping those that need no register spills at head dim <= 128 (e.g. forward
 # 128x64 with 8 warps: 176 registers), plus a few that only suit head dim <= 64 and small ones for head
@@ -162,15 +162,20 @@ def _key_range(
     n_k,
     off,
     window,
+    doc_first,
+    doc_last,
     BM: tl.constexpr,
     BN: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
 ):
     """Key loop bounds for queries `[m0, m0 + BM)`: `[lo, a)` masked, `[a, b)` seen by every row
     (unmasked), `[b, hi)` masked. `lo`, `a`, `b` are multiples of BN (or `a = b = hi`); together they
     cover every visible key. Values are clamped at 0 before dividing (integer division of negative
-    numbers rounds differently on the GPU and in the interpreter)."""
+    numbers rounds differently on the GPU and in the interpreter). With documents, `doc_first` and
+    `doc_last` are the first visible key of the first and the last row (their documents' starts):
+    key blocks before the first row's document are never visited."""
     m_last = tl.minimum(m0 + BM, n_q) - 1
     hi = n_k
     full_hi = n_k
@@ -182,6 +187,9 @@ def _key_range(
     if HAS_WINDOW:
         lo = tl.maximum(m0 + off - window + 1, 0)
         full_lo = tl.maximum(m_last + off - window + 1, 0)
+    if HAS_DOCS:
+        lo = tl.maximum(lo, doc_first)
+        full_lo = tl.maximum(full_lo, doc_last)
     lo = (lo // BN) * BN
     a = tl.minimum(tl.cdiv(full_lo, BN) * BN, hi)
     b = tl.maximum((full_hi // BN) * BN, a)
@@ -195,13 +203,18 @@ def _query_range(
     n_k,
     off,
     window,
+    doc_first,
+    doc_last,
     BM: tl.constexpr,
     BN: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
 ):
     """Query loop bounds for keys `[n0, n0 + BN)`, split like `_key_range`: `[lo, a)` masked (the causal
-    diagonal), `[a, b)` unmasked, `[b, hi)` masked (window edge and the query tail)."""
+    diagonal), `[a, b)` unmasked, `[b, hi)` masked (window edge and the query tail). With documents,
+    `doc_first` and `doc_last` are the query ends (exclusive) of the first and the last key's
+    documents: query blocks after the last key's document are never visited."""
     n_last = tl.minimum(n0 + BN, n_k) - 1
     lo = 0
     full_lo = 0
@@ -213,10 +226,28 @@ def _query_range(
     if HAS_WINDOW:
         hi = tl.minimum(hi, tl.maximum(n_last - off + window, 0))
         full_hi = tl.minimum(full_hi, tl.maximum(n0 - off + window, 0))
+    if HAS_DOCS:
+        hi = tl.minimum(hi, tl.maximum(doc_last, 0))
+        full_hi = tl.minimum(full_hi, tl.maximum(doc_first, 0))
     lo = (lo // BM) * BM
     a = tl.minimum(tl.cdiv(full_lo, BM) * BM, hi)
     b = tl.maximum((full_hi // BM) * BM, a)
     return lo, a, b, hi
+
+
+@triton.jit
+def _doc_lo(DOC_LO, i_b, m0, o_m, n_q, BM: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """Per row of queries `[m0, m0 + BM)` the first key it may see (its document's start, in key
+    indices), and that of the first and the last row; zeros without documents."""
+    b_dlo = tl.zeros([BM], dtype=tl.int32)
+    doc_first = 0
+    doc_last = 0
+    if HAS_DOCS:
+        p_dlo = DOC_LO + i_b.to(tl.int64) * n_q
+        b_dlo = tl.load(p_dlo + o_m, mask=o_m < n_q, other=0)
+        doc_first = tl.maximum(tl.load(p_dlo + m0), 0)
+        doc_last = tl.maximum(tl.load(p_dlo + tl.minimum(m0 + BM, n_q) - 1), 0)
+    return b_dlo, doc_first, doc_last
 
 
 @triton.jit
@@ -234,6 +265,7 @@ def _attn_fwd_inner(
     b,
     hi,
     o_m,
+    b_dlo,
     n_k,
     off,
     window,
@@ -243,6 +275,7 @@ def _attn_fwd_inner(
     BN: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     EVEN_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -257,6 +290,8 @@ def _attn_fwd_inner(
         if (start_n < a) | (start_n >= b):
             o_n = start_n + tl.arange(0, BN)
             m_s = _visible(o_m[:, None], o_n[None, :], n_k, off, window, True, CAUSAL, HAS_WINDOW)
+            if HAS_DOCS:
+                m_s = m_s & (o_n[None, :] >= b_dlo[:, None])
             b_s = tl.where(m_s, b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         b_m_use = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
@@ -295,10 +330,12 @@ def _attn_fwd_kernel(
     off,
     window,
     qk_scale,
+    DOC_LO,
     HEAD_DIM: tl.constexpr,
     BD: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     PRECISION: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -321,7 +358,10 @@ def _attn_fwd_kernel(
     b_acc = tl.zeros([BM, BD], dtype=tl.float32)
     b_l = tl.zeros([BM], dtype=tl.float32)
     b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
-    lo, a, b, hi = _key_range(m0, n_q, n_k, off, window, BM, BN, CAUSAL, HAS_WINDOW)
+    b_dlo, doc_first, doc_last = _doc_lo(DOC_LO, i_b, m0, o_m, n_q, BM, HAS_DOCS)
+    lo, a, b, hi = _key_range(
+        m0, n_q, n_k, off, window, doc_first, doc_last, BM, BN, CAUSAL, HAS_WINDOW, HAS_DOCS
+    )
     b_acc, b_l, b_m = _attn_fwd_inner(
         b_acc,
         b_l,
@@ -336,6 +376,7 @@ def _attn_fwd_kernel(
         b,
         hi,
         o_m,
+        b_dlo,
         n_k,
         off,
         window,
@@ -345,6 +386,7 @@ def _attn_fwd_kernel(
         BN,
         CAUSAL,
         HAS_WINDOW,
+        HAS_DOCS,
         EVEN_D,
         PRECISION,
     )
@@ -410,6 +452,7 @@ def _attn_bwd_dkdv_inner(
     do_base,
     lse2_base,
     delta_base,
+    dlo_base,
     stride_qt,
     stride_dot,
     lo,
@@ -427,6 +470,7 @@ def _attn_bwd_dkdv_inner(
     BM: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     EVEN_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -445,6 +489,9 @@ def _attn_bwd_dkdv_inner(
         if CAUSAL or HAS_WINDOW:
             if (start_m < a) | (start_m >= b):
                 m_s = _visible(o_m[None, :], o_n[:, None], n_k, off, window, False, CAUSAL, HAS_WINDOW)
+                if HAS_DOCS:
+                    b_dlo = tl.load(dlo_base + o_m, mask=o_m < n_q, other=0)
+                    m_s = m_s & (o_n[:, None] >= b_dlo[None, :])
                 b_pt = tl.where(m_s, b_pt, 0.0)
         b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
         b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, BM]
@@ -490,10 +537,13 @@ def _attn_bwd_dkdv_kernel(
     window,
     qk_scale,
     scale,
+    DOC_LO,
+    DOC_HI,
     HEAD_DIM: tl.constexpr,
     BD: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     PRECISION: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -513,7 +563,16 @@ def _attn_bwd_dkdv_kernel(
     b_v = _load(_rows_ptr(v_base, n0, stride_vt, BN, BD), n0, n_k, HEAD_DIM, BN, BD, True, EVEN_D)
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
-    lo, a, b, hi = _query_range(n0, n_q, n_k, off, window, BM, BN, CAUSAL, HAS_WINDOW)
+    doc_first = 0
+    doc_last = 0
+    if HAS_DOCS:
+        # The query end (exclusive) of the first and the last key's documents.
+        p_dhi = DOC_HI + i_b.to(tl.int64) * n_k
+        doc_first = tl.load(p_dhi + n0)
+        doc_last = tl.load(p_dhi + tl.minimum(n0 + BN, n_k) - 1)
+    lo, a, b, hi = _query_range(
+        n0, n_q, n_k, off, window, doc_first, doc_last, BM, BN, CAUSAL, HAS_WINDOW, HAS_DOCS
+    )
     # The query heads of this kv head's group all add into the same dK, dV.
     for g in range(0, n_group):
         i_h = i_hk * n_group + g
@@ -521,6 +580,7 @@ def _attn_bwd_dkdv_kernel(
         do_base = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
         lse2_base = LSE2 + (i_b * n_heads + i_h).to(tl.int64) * n_q
         delta_base = DELTA + (i_b * n_heads + i_h).to(tl.int64) * n_q
+        dlo_base = DOC_LO + i_b.to(tl.int64) * n_q
         b_dk, b_dv = _attn_bwd_dkdv_inner(
             b_dk,
             b_dv,
@@ -530,6 +590,7 @@ def _attn_bwd_dkdv_kernel(
             do_base,
             lse2_base,
             delta_base,
+            dlo_base,
             stride_qt,
             stride_dot,
             lo,
@@ -547,6 +608,7 @@ def _attn_bwd_dkdv_kernel(
             BM,
             CAUSAL,
             HAS_WINDOW,
+            HAS_DOCS,
             EVEN_D,
             PRECISION,
         )
@@ -573,6 +635,7 @@ def _attn_bwd_dq_inner(
     b,
     hi,
     o_m,
+    b_dlo,
     n_k,
     off,
     window,
@@ -582,6 +645,7 @@ def _attn_bwd_dq_inner(
     BN: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     EVEN_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -597,6 +661,8 @@ def _attn_bwd_dq_inner(
         if (start_n < a) | (start_n >= b):
             o_n = start_n + tl.arange(0, BN)
             m_s = _visible(o_m[:, None], o_n[None, :], n_k, off, window, True, CAUSAL, HAS_WINDOW)
+            if HAS_DOCS:
+                m_s = m_s & (o_n[None, :] >= b_dlo[:, None])
             b_p = tl.where(m_s, b_p, 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -637,10 +703,13 @@ def _attn_bwd_dq_kernel(
     window,
     qk_scale,
     scale,
+    DOC_LO,
+    DOC_HI,
     HEAD_DIM: tl.constexpr,
     BD: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     PRECISION: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -666,7 +735,10 @@ def _attn_bwd_dq_kernel(
     v_base = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
 
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
-    lo, a, b, hi = _key_range(m0, n_q, n_k, off, window, BM, BN, CAUSAL, HAS_WINDOW)
+    b_dlo, doc_first, doc_last = _doc_lo(DOC_LO, i_b, m0, o_m, n_q, BM, HAS_DOCS)
+    lo, a, b, hi = _key_range(
+        m0, n_q, n_k, off, window, doc_first, doc_last, BM, BN, CAUSAL, HAS_WINDOW, HAS_DOCS
+    )
     b_dq = _attn_bwd_dq_inner(
         b_dq,
         b_q,
@@ -682,6 +754,7 @@ def _attn_bwd_dq_kernel(
         b,
         hi,
         o_m,
+        b_dlo,
         n_k,
         off,
         window,
@@ -691,6 +764,7 @@ def _attn_bwd_dq_kernel(
         BN,
         CAUSAL,
         HAS_WINDOW,
+        HAS_DOCS,
         EVEN_D,
         PRECISION,
     )
@@ -731,8 +805,19 @@ def _strides(*tensors: torch.Tensor) -> list[int]:
     return [x for t in tensors for x in (t.stride(0), t.stride(1), t.stride(2))]
 
 
-def attn_fwd(q, k, v, off: int, causal: bool, scale: float, window: int | None):
-    """Launch the forward. `off = q_offset - k_offset`.
+def _doc_args(q: torch.Tensor, docs) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """`(DOC_LO, DOC_HI, HAS_DOCS)`: per query the first key index it may see and per key the query
+    index past its document (int32 `[B, Tq]`, `[B, Tk]`), or placeholders without documents."""
+    if docs is None:
+        dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+        return dummy, dummy, False
+    doc_lo, doc_hi = docs
+    return doc_lo.to(torch.int32).contiguous(), doc_hi.to(torch.int32).contiguous(), True
+
+
+def attn_fwd(q, k, v, off: int, causal: bool, scale: float, window: int | None, docs=None):
+    """Launch the forward. `off = q_offset - k_offset`. `docs`: None, or `(doc_lo [B, Tq], doc_hi
+    [B, Tk])` int32 (`_doc_args`); causal only.
 
     Returns `o` `[B, Tq, H, D]` in q's dtype and `lse` `[B, H, Tq]` fp32.
     """
@@ -743,6 +828,7 @@ def attn_fwd(q, k, v, off: int, causal: bool, scale: float, window: int | None):
     o = torch.empty_like(q)
     lse = torch.empty(b, n_heads, t_q, dtype=torch.float32, device=q.device)
     meta, n_group = _common(q, k, window)
+    doc_lo, _, has_docs = _doc_args(q, docs)
     grid = lambda META: (triton.cdiv(t_q, META["BM"]), b * n_heads)
     _attn_fwd_kernel[grid](
         q,
@@ -758,13 +844,17 @@ def attn_fwd(q, k, v, off: int, causal: bool, scale: float, window: int | None):
         off,
         window or 0,
         scale * LOG2E,
+        doc_lo,
         CAUSAL=causal,
+        HAS_DOCS=has_docs,
         **meta,
     )
     return o, lse
 
 
-def attn_bwd(do, q, k, v, o, lse, off: int, causal: bool, scale: float, window: int | None, dlse=None):
+def attn_bwd(
+    do, q, k, v, o, lse, off: int, causal: bool, scale: float, window: int | None, dlse=None, docs=None
+):
     """Launch the backward. `o`, `lse` may be the merged output and lse of a larger key set.
 
     Returns `(dq, dk, dv)` in the dtypes and shapes of `q`, `k`, `v`.
@@ -798,7 +888,8 @@ def attn_bwd(do, q, k, v, o, lse, off: int, causal: bool, scale: float, window: 
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    args = (t_q, t_k, n_heads, n_group, off, window or 0, scale * LOG2E, scale)
+    doc_lo, doc_hi, has_docs = _doc_args(q, docs)
+    args = (t_q, t_k, n_heads, n_group, off, window or 0, scale * LOG2E, scale, doc_lo, doc_hi)
     grid = lambda META: (triton.cdiv(t_k, META["BN"]), b * n_kv_heads)
     _attn_bwd_dkdv_kernel[grid](
         q,
@@ -812,6 +903,7 @@ def attn_bwd(do, q, k, v, o, lse, off: int, causal: bool, scale: float, window: 
         *_strides(q, k, v, do, dk, dv),
         *args,
         CAUSAL=causal,
+        HAS_DOCS=has_docs,
         **meta,
     )
     grid = lambda META: (triton.cdiv(t_q, META["BM"]), b * n_heads)
@@ -826,6 +918,7 @@ def attn_bwd(do, q, k, v, o, lse, off: int, causal: bool, scale: float, window: 
         *_strides(q, k, v, do, dq),
         *args,
         CAUSAL=causal,
+        HAS_DOCS=has_docs,
         **meta,
     )
     return dq, dk, dv

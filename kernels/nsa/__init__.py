@@ -15,6 +15,7 @@ reference of `naive.py` otherwise; `longctx.kernels.backend("naive" | "triton")`
 import torch
 
 from longctx.kernels.common.backend import op_backend
+from longctx.kernels.common.docs import check_cu_seqlens, doc_bounds
 from longctx.kernels.nsa.naive import (
     cmp_attn_ref,
     compress_ref,
@@ -33,6 +34,14 @@ def _check_heads(q: torch.Tensor, k: torch.Tensor, what: str) -> None:
         )
 
 
+def _doc_start(q, cu_seqlens, q_offset):
+    """`[B, T]` int32 document start of each query (global positions), or None."""
+    if cu_seqlens is None:
+        return None
+    check_cu_seqlens(cu_seqlens, q.shape[0])
+    return doc_bounds(cu_seqlens, torch.arange(q_offset, q_offset + q.shape[1], device=q.device))[0]
+
+
 def nsa_compress(x, pos_emb, w1, w2, cmp_block=32, cmp_stride=16):
     """Compress keys or values block by block.
 
@@ -49,7 +58,9 @@ def nsa_compress(x, pos_emb, w1, w2, cmp_block=32, cmp_stride=16):
     return compress_ref(x, pos_emb, w1, w2, cmp_block, cmp_stride)
 
 
-def nsa_cmp_attn(q, k_cmp, v_cmp, cmp_block=32, cmp_stride=16, scale=None, return_lse=False, q_offset=0):
+def nsa_cmp_attn(
+    q, k_cmp, v_cmp, cmp_block=32, cmp_stride=16, scale=None, return_lse=False, q_offset=0, cu_seqlens=None
+):
     """Attention of each query over the compressed tokens whose block ends at or before it.
 
     Args:
@@ -61,22 +72,29 @@ def nsa_cmp_attn(q, k_cmp, v_cmp, cmp_block=32, cmp_stride=16, scale=None, retur
         scale: logit scale, `D ** -0.5` when None.
         return_lse: also return the fp32 log-sum-exp `[B, H, T]` (`-inf` where no token is visible).
         q_offset: global position of `q[:, 0]`.
+        cu_seqlens: `[B, N + 1]` int32 global document starts per sequence, or None: a query sees only
+            compressed tokens whose block starts at or after its document's start (blocks crossing
+            a document boundary are masked for both documents).
     Returns:
         `o` `[B, T, H, D]` (zero where no token is visible), or `(o, lse)`.
     """
     _check_heads(q, k_cmp, "k_cmp")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    doc_start = _doc_start(q, cu_seqlens, q_offset)
     if op_backend("nsa", q, k_cmp, v_cmp) != "triton":
-        return cmp_attn_ref(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, return_lse, q_offset)
+        return cmp_attn_ref(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, return_lse, q_offset, doc_start)
     from longctx.kernels.nsa.cmp_attn import cmp_attn
 
-    o, lse = cmp_attn(q, k_cmp.to(q.dtype), v_cmp.to(q.dtype), cmp_block, cmp_stride, scale, q_offset)
+    o, lse = cmp_attn(
+        q, k_cmp.to(q.dtype), v_cmp.to(q.dtype), cmp_block, cmp_stride, scale, q_offset, doc_start
+    )
     return (o, lse) if return_lse else o
 
 
 def nsa_select_blocks(
-    q, k_cmp, lse_cmp, cmp_block=32, cmp_stride=16, slc_block=64, slc_top=16, scale=None, q_offset=0
-):
+    q, k_cmp, lse_cmp, cmp_block=32, cmp_stride=16, slc_block=64, slc_top=16, scale=None, q_offset=0,
+    cu_seqlens=None,
+):  # fmt: skip
     """The selection blocks of each query and kv group, from the compression branch's attention.
 
     Args:
@@ -86,12 +104,15 @@ def nsa_select_blocks(
             blocks always among them, never a block after the query's).
         scale: the logit scale used for `lse_cmp`.
         q_offset: global position of `q[:, 0]`.
+        cu_seqlens: `[B, N + 1]` document starts, or None: only blocks from the first block of the
+            query's document on are ranked, and that block is forced in place of block 0.
     Returns:
         `[B, T, H_kv, slc_top]` int32 global block indices, ascending, `-1` for unused slots. Importance
         ties go to the lower block index. Not differentiable.
     """
     _check_heads(q, k_cmp, "k_cmp")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    doc_start = _doc_start(q, cu_seqlens, q_offset)
     if op_backend("nsa", q, k_cmp, lse_cmp) == "triton":
         from longctx.kernels.nsa import select_blocks as kernel
 
@@ -99,12 +120,16 @@ def nsa_select_blocks(
         if kernel.supported(cmp_block, cmp_stride, slc_block) and k_cmp.shape[1] > 0:
             with torch.no_grad():
                 return kernel.select_blocks(
-                    q, k_cmp, lse_cmp, cmp_block, cmp_stride, slc_block, slc_top, scale, q_offset
+                    q, k_cmp, lse_cmp, cmp_block, cmp_stride, slc_block, slc_top, scale, q_offset, doc_start
                 )
-    return select_blocks_ref(q, k_cmp, lse_cmp, cmp_block, cmp_stride, slc_block, slc_top, scale, q_offset)
+    return select_blocks_ref(
+        q, k_cmp, lse_cmp, cmp_block, cmp_stride, slc_block, slc_top, scale, q_offset, doc_start
+    )
 
 
-def nsa_select_attn(q, k, v, block_idx, block_size=64, scale=None, return_lse=False, q_offset=0, k_offset=0):
+def nsa_select_attn(
+    q, k, v, block_idx, block_size=64, scale=None, return_lse=False, q_offset=0, k_offset=0, cu_seqlens=None
+):
     """Causal attention of each query over the key blocks listed for its kv group.
 
     Args:
@@ -117,6 +142,8 @@ def nsa_select_attn(q, k, v, block_idx, block_size=64, scale=None, return_lse=Fa
         scale: logit scale, `D ** -0.5` when None.
         return_lse: also return the fp32 log-sum-exp `[B, H, T]`.
         q_offset, k_offset: global positions of `q[:, 0]` and `k[:, 0]`.
+        cu_seqlens: `[B, N + 1]` document starts, or None: keys before the query's document start
+            are masked in every listed block.
     Returns:
         `o` `[B, T, H, D]`, or `(o, lse)`.
     """
@@ -127,11 +154,16 @@ def nsa_select_attn(q, k, v, block_idx, block_size=64, scale=None, return_lse=Fa
             f"got {tuple(block_idx.shape)}"
         )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    doc_start = _doc_start(q, cu_seqlens, q_offset)
     if op_backend("nsa", q, k, v, block_idx) != "triton":
-        return select_attn_ref(q, k, v, block_idx, block_size, scale, return_lse, q_offset, k_offset)
+        return select_attn_ref(
+            q, k, v, block_idx, block_size, scale, return_lse, q_offset, k_offset, doc_start
+        )
     from longctx.kernels.nsa.select_attn import select_attn
 
-    o, lse = select_attn(q, k.to(q.dtype), v.to(q.dtype), block_idx, block_size, scale, q_offset, k_offset)
+    o, lse = select_attn(
+        q, k.to(q.dtype), v.to(q.dtype), block_idx, block_size, scale, q_offset, k_offset, doc_start
+    )
     return (o, lse) if return_lse else o
 
 

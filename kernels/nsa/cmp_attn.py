@@ -27,6 +27,21 @@ from longctx.kernels.nsa.common import (
 
 
 @triton.jit
+def _doc_rows(doc_start, i_b, i_tt, o_t, m_r, T, BT: tl.constexpr, BC: tl.constexpr, CMP_STRIDE: tl.constexpr,
+              HAS_DOCS: tl.constexpr):  # fmt: skip
+    """Each row's document start (global position) and the first compressed tile worth visiting: the
+    tile's first query's document starts at or before every other row's, and compressed tokens whose
+    block starts before a row's document are not visible to it."""
+    b_dstart = tl.zeros(o_t.shape, dtype=tl.int32)
+    c_first = 0
+    if HAS_DOCS:
+        b_dstart = tl.load(doc_start + i_b.to(tl.int64) * T + o_t, mask=m_r, other=0)
+        ds_first = tl.load(doc_start + i_b.to(tl.int64) * T + i_tt * BT)
+        c_first = (tl.cdiv(ds_first, CMP_STRIDE) // BC) * BC
+    return b_dstart, c_first
+
+
+@triton.jit
 def _cmp_fwd_kernel(
     q,
     k,
@@ -37,6 +52,7 @@ def _cmp_fwd_kernel(
     T,
     TC,
     q_offset,
+    doc_start,
     H: tl.constexpr,
     HKV: tl.constexpr,
     G: tl.constexpr,
@@ -48,6 +64,7 @@ def _cmp_fwd_kernel(
     BC: tl.constexpr,
     BD: tl.constexpr,
     DOT: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
 ):
     i_tt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
@@ -70,11 +87,12 @@ def _cmp_fwd_kernel(
     last_pos = tl.minimum(i_tt * BT + BT, T) - 1 + q_offset
     n_vis = tl.where(last_pos >= CMP_BLOCK - 1, (last_pos - CMP_BLOCK + 1) // CMP_STRIDE + 1, 0)
     n_vis = tl.minimum(n_vis, TC)
+    b_dstart, c_first = _doc_rows(doc_start, i_b, i_tt, o_t, m_r, T, BT, BC, CMP_STRIDE, HAS_DOCS)
 
     b_m = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BT * GP], dtype=tl.float32)
     b_acc = tl.zeros([BT * GP, BD], dtype=tl.float32)
-    for c0 in range(0, n_vis, BC):
+    for c0 in range(c_first, n_vis, BC):
         o_c = c0 + o_cb
         m_c = o_c < TC
         o_tile = kv_base + c0 * (HKV * D)
@@ -83,6 +101,8 @@ def _cmp_fwd_kernel(
         b_v = tl.load(v + o_tile + o_cd, mask=m_cd, other=0.0)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * scale_log2
         m_vis = m_c[None, :] & (o_c[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= b_pos[:, None])
+        if HAS_DOCS:
+            m_vis = m_vis & (o_c[None, :] * CMP_STRIDE >= b_dstart[:, None])
         b_s = tl.where(m_vis, b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
@@ -113,6 +133,7 @@ def _cmp_bwd_dq_kernel(
     T,
     TC,
     q_offset,
+    doc_start,
     H: tl.constexpr,
     HKV: tl.constexpr,
     G: tl.constexpr,
@@ -124,6 +145,7 @@ def _cmp_bwd_dq_kernel(
     BC: tl.constexpr,
     BD: tl.constexpr,
     DOT: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
 ):
     i_tt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
@@ -149,9 +171,10 @@ def _cmp_bwd_dq_kernel(
     last_pos = tl.minimum(i_tt * BT + BT, T) - 1 + q_offset
     n_vis = tl.where(last_pos >= CMP_BLOCK - 1, (last_pos - CMP_BLOCK + 1) // CMP_STRIDE + 1, 0)
     n_vis = tl.minimum(n_vis, TC)
+    b_dstart, c_first = _doc_rows(doc_start, i_b, i_tt, o_t, m_r, T, BT, BC, CMP_STRIDE, HAS_DOCS)
 
     b_dq = tl.zeros([BT * GP, BD], dtype=tl.float32)
-    for c0 in range(0, n_vis, BC):
+    for c0 in range(c_first, n_vis, BC):
         o_c = c0 + o_cb
         m_c = o_c < TC
         o_tile = kv_base + c0 * (HKV * D)
@@ -160,6 +183,8 @@ def _cmp_bwd_dq_kernel(
         b_v = tl.load(v + o_tile + o_cd, mask=m_cd, other=0.0)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * scale_log2
         m_vis = m_r[:, None] & m_c[None, :] & (o_c[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= b_pos[:, None])
+        if HAS_DOCS:
+            m_vis = m_vis & (o_c[None, :] * CMP_STRIDE >= b_dstart[:, None])
         b_p = tl.where(m_vis, tl.exp2(b_s - b_lse2[:, None]), 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT)
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -182,6 +207,7 @@ def _cmp_bwd_dkdv_kernel(
     T,
     TC,
     q_offset,
+    doc_start,
     H: tl.constexpr,
     HKV: tl.constexpr,
     G: tl.constexpr,
@@ -193,6 +219,7 @@ def _cmp_bwd_dkdv_kernel(
     BC: tl.constexpr,
     BD: tl.constexpr,
     DOT: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
 ):
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
@@ -228,6 +255,9 @@ def _cmp_bwd_dkdv_kernel(
             & m_r[None, :]
             & (o_c[:, None] * CMP_STRIDE + CMP_BLOCK - 1 <= o_t[None, :] + q_offset)
         )
+        if HAS_DOCS:
+            b_dstart = tl.load(doc_start + i_b.to(tl.int64) * T + o_t, mask=m_r, other=0)
+            m_vis = m_vis & (o_c[:, None] * CMP_STRIDE >= b_dstart[None, :])
         b_pt = tl.where(m_vis, tl.exp2(b_st - b_lse2[None, :]), 0.0)
         b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT)
         b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT)
@@ -237,7 +267,13 @@ def _cmp_bwd_dkdv_kernel(
     tl.store(dv + o_kv[:, None] + o_d[None, :], b_dv.to(dv.dtype.element_ty), mask=m_cd)
 
 
-def cmp_attn_fwd(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, q_offset):
+def _doc_arg(q, doc_start):
+    if doc_start is None:
+        return torch.zeros(1, dtype=torch.int32, device=q.device), False
+    return doc_start.to(torch.int32).contiguous(), True
+
+
+def cmp_attn_fwd(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, q_offset, doc_start=None):
     b, t, h, d = q.shape
     t_c, h_kv = k_cmp.shape[1], k_cmp.shape[2]
     gp, bt = row_tile(h // h_kv, 128)
@@ -246,15 +282,17 @@ def cmp_attn_fwd(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, q_offset):
     if t_c == 0:
         return o.zero_(), lse.fill_(float("-inf"))
     bd = pow2_at_least_16(d)
+    doc_start, has_docs = _doc_arg(q, doc_start)
     _cmp_fwd_kernel[(triton.cdiv(t, bt), b * h_kv)](
-        q, k_cmp, v_cmp, o, lse, scale * LOG2E, t, t_c, q_offset,
+        q, k_cmp, v_cmp, o, lse, scale * LOG2E, t, t_c, q_offset, doc_start,
         H=h, HKV=h_kv, G=h // h_kv, GP=gp, D=d, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
-        BT=bt, BC=64, BD=bd, DOT=dot_precision(q.dtype), num_warps=warps_for(bd), num_stages=2,
+        BT=bt, BC=64, BD=bd, DOT=dot_precision(q.dtype), HAS_DOCS=has_docs,
+        num_warps=warps_for(bd), num_stages=2,
     )  # fmt: skip
     return o, lse
 
 
-def cmp_attn_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, cmp_block, cmp_stride, scale, q_offset):
+def cmp_attn_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, cmp_block, cmp_stride, scale, q_offset, doc_start=None):
     b, t, h, d = q.shape
     t_c, h_kv = k_cmp.shape[1], k_cmp.shape[2]
     g = h // h_kv
@@ -262,22 +300,24 @@ def cmp_attn_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, cmp_block, cmp_stride, scale
         return torch.zeros_like(q), torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
     delta = softmax_delta(o, do, dlse)  # [B, H, T]
     bd = pow2_at_least_16(d)
+    doc_start, has_docs = _doc_arg(q, doc_start)
     common = dict(
-        H=h, HKV=h_kv, G=g, D=d, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride, BD=bd, DOT=dot_precision(q.dtype)
-    )
+        H=h, HKV=h_kv, G=g, D=d, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride, BD=bd,
+        DOT=dot_precision(q.dtype), HAS_DOCS=has_docs,
+    )  # fmt: skip
     dq = torch.empty_like(q)
     gp, bt = row_tile(g, 128)
     # fp32 tiles and 256-wide heads are twice the bytes: a narrower compressed tile keeps the stages in
     # shared memory (hd 256 bf16 with 64 needs 256 KiB, over sm_90's 227 KiB).
     bc = 64 if q.element_size() <= 2 and bd <= 128 else 32
     _cmp_bwd_dq_kernel[(triton.cdiv(t, bt), b * h_kv)](
-        q, k_cmp, v_cmp, do, lse, delta, dq, scale, scale * LOG2E, t, t_c, q_offset,
+        q, k_cmp, v_cmp, do, lse, delta, dq, scale, scale * LOG2E, t, t_c, q_offset, doc_start,
         GP=gp, BT=bt, BC=bc, num_warps=warps_for(bd), num_stages=2, **common,
     )  # fmt: skip
     dk, dv = torch.empty_like(k_cmp), torch.empty_like(v_cmp)
     gp, bt = row_tile(g, dkdv_rows(bd))
     _cmp_bwd_dkdv_kernel[(triton.cdiv(t_c, 64), b * h_kv)](
-        q, k_cmp, v_cmp, do, lse, delta, dk, dv, scale, scale * LOG2E, t, t_c, q_offset,
+        q, k_cmp, v_cmp, do, lse, delta, dk, dv, scale, scale * LOG2E, t, t_c, q_offset, doc_start,
         GP=gp, BT=bt, BC=64, num_warps=warps_for(bd), num_stages=2, **common,
     )  # fmt: skip
     return dq, dk, dv
@@ -285,20 +325,22 @@ def cmp_attn_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, cmp_block, cmp_stride, scale
 
 class CmpAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, q_offset):
+    def forward(ctx, q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, q_offset, doc_start):
         q, k_cmp, v_cmp = (x.contiguous() for x in (q, k_cmp, v_cmp))
-        o, lse = cmp_attn_fwd(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, q_offset)
+        o, lse = cmp_attn_fwd(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, q_offset, doc_start)
         ctx.save_for_backward(q, k_cmp, v_cmp, o, lse)
-        ctx.args = (cmp_block, cmp_stride, scale, q_offset)
+        ctx.args = (cmp_block, cmp_stride, scale, q_offset, doc_start)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k_cmp, v_cmp, o, lse = ctx.saved_tensors
         dq, dk, dv = cmp_attn_bwd(q, k_cmp, v_cmp, o, lse, do.contiguous(), dlse, *ctx.args)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
-def cmp_attn(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, q_offset=0):
-    """`(o, lse)` of the Triton compression attention, differentiable in q, k_cmp, v_cmp (and via lse)."""
-    return CmpAttnFunction.apply(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, q_offset)
+def cmp_attn(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, q_offset=0, doc_start=None):
+    """`(o, lse)` of the Triton compression attention, differentiable in q, k_cmp, v_cmp (and via lse).
+    `doc_start` `[B, T]` int32: each query's document start; compressed tokens whose block starts
+    before it are masked (a block that crosses a document boundary is seen by neither document)."""
+    return CmpAttnFunction.apply(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, q_offset, doc_start)

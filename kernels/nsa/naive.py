@@ -8,6 +8,12 @@
   the `slc_top` most important blocks at or before each query, always block 0 and the two local ones.
 - `select_attn_ref`: attention over the tokens of the listed blocks, causal.
 The window branch is `flash_attn(window=...)`.
+
+Documents: `doc_start` `[B, T]` (each query's document start, global) keeps every branch inside the
+query's document. Compression blocks stay at global multiples of `cmp_stride`; a compressed token
+whose block starts before the query's document is masked (a block crossing a boundary is therefore
+seen by neither document); selection ranks only blocks from the document's first block on, forcing
+that block (in place of block 0) and the local ones; selected attention masks keys before the start.
 """
 
 import torch
@@ -56,9 +62,19 @@ def cmp_token_mask(t_q: int, n_cmp: int, cmp_block: int, cmp_stride: int, q_offs
     return block_end <= q_pos
 
 
-def cmp_attn_ref(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale=None, return_lse=False, q_offset=0):
+def cmp_doc_mask(doc_start: torch.Tensor, n_cmp: int, cmp_stride: int) -> torch.Tensor:
+    """`[B, 1, T, Tc]`: compressed token `i` lies inside the query's document (starts at or after it)."""
+    starts = torch.arange(n_cmp, device=doc_start.device) * cmp_stride
+    return (starts[None, None, :] >= doc_start[:, :, None])[:, None]
+
+
+def cmp_attn_ref(
+    q, k_cmp, v_cmp, cmp_block, cmp_stride, scale=None, return_lse=False, q_offset=0, doc_start=None
+):
     """Attention over compressed tokens. q `[B, T, H, D]`, k_cmp/v_cmp `[B, Tc, H_kv, D]`."""
     mask = cmp_token_mask(q.shape[1], k_cmp.shape[1], cmp_block, cmp_stride, q_offset, q.device)
+    if doc_start is not None:
+        mask = mask & cmp_doc_mask(doc_start, k_cmp.shape[1], cmp_stride)
     return attention_ref(q, k_cmp, v_cmp, causal=False, scale=scale, return_lse=return_lse, mask=mask)
 
 
@@ -80,6 +96,7 @@ def select_blocks_ref(
     slc_top: int,
     scale: float | None = None,
     q_offset: int = 0,
+    doc_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Top-k selection blocks per query and kv group.
 
@@ -99,6 +116,8 @@ def select_blocks_ref(
         kf = k_cmp.float().repeat_interleave(n_heads // n_kv, dim=2).transpose(1, 2)
         scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, H, T, Tc]
         mask = cmp_token_mask(t, k_cmp.shape[1], cmp_block, cmp_stride, q_offset, q.device)
+        if doc_start is not None:
+            mask = mask & cmp_doc_mask(doc_start, k_cmp.shape[1], cmp_stride)
         lse = lse_cmp.float()
         safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
         probs = torch.exp(scores - safe[..., None]).masked_fill(~mask, 0.0)
@@ -108,9 +127,13 @@ def select_blocks_ref(
     else:
         importance = q.new_zeros(b, n_kv, t, n_slc, dtype=torch.float32)
     j = torch.arange(n_slc, device=q.device)[None, :]
-    forced = (j == 0) | (j == q_block[:, None]) | (j == q_block[:, None] - 1)
+    # The first block of the query's document ([B, 1, T, 1]; block 0 without documents).
+    first = torch.zeros(1, dtype=torch.long, device=q.device)
+    if doc_start is not None:
+        first = (doc_start.long() // slc_block)[:, None, :, None]
+    forced = (j == first) | (j == q_block[:, None]) | (j == q_block[:, None] - 1)
     importance = importance.masked_fill(forced, float("inf"))
-    importance = importance.masked_fill(j > q_block[:, None], float("-inf"))
+    importance = importance.masked_fill((j > q_block[:, None]) | (j < first), float("-inf"))
     n_pick = min(slc_top, n_slc)
     values, order = torch.sort(importance, dim=-1, descending=True, stable=True)
     idx = torch.where(values[..., :n_pick] == float("-inf"), -1, order[..., :n_pick])
@@ -134,7 +157,9 @@ def block_membership(block_idx: torch.Tensor, n_blocks: int) -> torch.Tensor:
     return member[..., :n_blocks]
 
 
-def select_attn_ref(q, k, v, block_idx, block_size=64, scale=None, return_lse=False, q_offset=0, k_offset=0):
+def select_attn_ref(
+    q, k, v, block_idx, block_size=64, scale=None, return_lse=False, q_offset=0, k_offset=0, doc_start=None
+):
     """Causal attention restricted to the listed key blocks.
 
     Args:
@@ -149,6 +174,9 @@ def select_attn_ref(q, k, v, block_idx, block_size=64, scale=None, return_lse=Fa
     key_block = (torch.arange(t_k, device=q.device) + k_offset) // block_size
     mask = member[..., key_block]  # [B, T, H_kv, Tk]
     mask = mask.repeat_interleave(n_heads // n_kv, dim=2).permute(0, 2, 1, 3)  # [B, H, T, Tk]
+    if doc_start is not None:
+        k_pos = torch.arange(t_k, device=q.device) + k_offset
+        mask = mask & (k_pos[None, None, None, :] >= doc_start[:, None, :, None])
     return attention_ref(
         q,
         k,

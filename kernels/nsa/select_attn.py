@@ -49,6 +49,7 @@ def _select_fwd_kernel(
     TK,
     q_offset,
     k_offset,
+    doc_start,
     H: tl.constexpr,
     HKV: tl.constexpr,
     G: tl.constexpr,
@@ -61,6 +62,7 @@ def _select_fwd_kernel(
     BT: tl.constexpr,
     BD: tl.constexpr,
     DOT: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
 ):
     i_tt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
@@ -70,6 +72,10 @@ def _select_fwd_kernel(
     o_g = o_r % GP
     m_r = (o_t < T) & (o_g < G)
     b_pos = o_t + q_offset
+    b_dstart = tl.zeros([BT * GP], dtype=tl.int32)
+    if HAS_DOCS:
+        # Each row's document start: the document's first selection block may hold earlier tokens.
+        b_dstart = tl.load(doc_start + i_b.to(tl.int64) * T + o_t, mask=m_r, other=0)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     o_s = tl.arange(0, BSP)
@@ -104,6 +110,8 @@ def _select_fwd_kernel(
         b_k = tl.load(k + o_blk + o_kd, mask=m_kd, other=0.0)
         b_v = tl.load(v + o_blk + o_kd, mask=m_kd, other=0.0)
         m_s = (m_listed & m_r)[:, None] & m_k[None, :] & (o_k[None, :] + k_offset <= b_pos[:, None])
+        if HAS_DOCS:
+            m_s = m_s & (o_k[None, :] + k_offset >= b_dstart[:, None])
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * scale_log2  # [BT * GP, BSP], log2 units
         b_s = tl.where(m_s, b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
@@ -140,6 +148,7 @@ def _select_bwd_dq_kernel(
     TK,
     q_offset,
     k_offset,
+    doc_start,
     H: tl.constexpr,
     HKV: tl.constexpr,
     G: tl.constexpr,
@@ -152,6 +161,7 @@ def _select_bwd_dq_kernel(
     BT: tl.constexpr,
     BD: tl.constexpr,
     DOT: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
 ):
     i_tt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
@@ -160,6 +170,10 @@ def _select_bwd_dq_kernel(
     o_g = o_r % GP
     m_r = (o_t < T) & (o_g < G)
     b_pos = o_t + q_offset
+    b_dstart = tl.zeros([BT * GP], dtype=tl.int32)
+    if HAS_DOCS:
+        # Each row's document start: the document's first selection block may hold earlier tokens.
+        b_dstart = tl.load(doc_start + i_b.to(tl.int64) * T + o_t, mask=m_r, other=0)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     o_s = tl.arange(0, BSP)
@@ -193,6 +207,8 @@ def _select_bwd_dq_kernel(
         b_k = tl.load(k + o_blk + o_kd, mask=m_kd, other=0.0)
         b_v = tl.load(v + o_blk + o_kd, mask=m_kd, other=0.0)
         m_s = (m_listed & m_r)[:, None] & m_k[None, :] & (o_k[None, :] + k_offset <= b_pos[:, None])
+        if HAS_DOCS:
+            m_s = m_s & (o_k[None, :] + k_offset >= b_dstart[:, None])
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * scale_log2
         b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT)
@@ -224,6 +240,7 @@ def _select_bwd_dkdv_kernel(
     TK,
     q_offset,
     k_offset,
+    doc_start,
     N_GROUPS,
     N_KBLK,
     H: tl.constexpr,
@@ -237,6 +254,7 @@ def _select_bwd_dkdv_kernel(
     BT: tl.constexpr,
     CHUNK: tl.constexpr,
     DOT: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
 ):
     i_item = tl.program_id(0)
     i_g = tl.load(item_group + i_item)
@@ -278,6 +296,9 @@ def _select_bwd_dkdv_kernel(
             b_delta = tl.load(delta + o_lse, mask=m_r, other=0.0)
             b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT) * scale_log2  # [BSP, BT * GP]
             m_st = m_k[:, None] & m_r[None, :] & (o_k[:, None] + k_offset <= b_t[None, :] + q_offset)
+            if HAS_DOCS:
+                b_dstart = tl.load(doc_start + i_b.to(tl.int64) * T + b_t, mask=m_r, other=0)
+                m_st = m_st & (o_k[:, None] + k_offset >= b_dstart[None, :])
             b_pt = tl.where(m_st, tl.exp2(b_st - b_lse2[None, :]), 0.0)
             b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT)
             b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT)
@@ -312,7 +333,13 @@ def normalize_block_idx(block_idx: torch.Tensor, block_size: int, t_k: int, q_of
     return torch.where(idx == big, -1, idx).contiguous()
 
 
-def select_attn_fwd(q, k, v, block_idx, block_size, scale, q_offset, k_offset):
+def _doc_arg(q, doc_start):
+    if doc_start is None:
+        return torch.zeros(1, dtype=torch.int32, device=q.device), False
+    return doc_start.to(torch.int32).contiguous(), True
+
+
+def select_attn_fwd(q, k, v, block_idx, block_size, scale, q_offset, k_offset, doc_start=None):
     """Launch the forward. `block_idx` must come from `normalize_block_idx`. Returns `(o, lse)`."""
     b, t, h, d = q.shape
     t_k, h_kv = k.shape[1], k.shape[2]
@@ -323,7 +350,8 @@ def select_attn_fwd(q, k, v, block_idx, block_size, scale, q_offset, k_offset):
     bd = pow2_at_least_16(d)
     gp, bt = row_tile(g, SELECT_ROWS)
     _select_fwd_kernel[(triton.cdiv(t, bt), b * h_kv)](
-        q, k, v, block_idx, o, lse, scale * LOG2E, t, t_k, q_offset, k_offset,
+        q, k, v, block_idx, o, lse, scale * LOG2E, t, t_k, q_offset, k_offset, _doc_arg(q, doc_start)[0],
+        HAS_DOCS=doc_start is not None,
         H=h, HKV=h_kv, G=g, GP=gp, D=d, N_SEL=n_sel, NSP=triton.next_power_of_2(n_sel),
         BS=block_size, BSP=pow2_at_least_16(block_size), BT=bt, BD=bd, DOT=dot_precision(q.dtype),
         num_warps=warps_for(bd, bt * gp), num_stages=2,
@@ -366,7 +394,9 @@ def transpose_block_idx(block_idx: torch.Tensor, n_kblk: int, t_k: int, chunk: i
     )
 
 
-def select_attn_bwd(q, k, v, block_idx, o, lse, do, dlse, block_size, scale, q_offset, k_offset):
+def select_attn_bwd(
+    q, k, v, block_idx, o, lse, do, dlse, block_size, scale, q_offset, k_offset, doc_start=None
+):
     """Launch the backward kernels. Returns `(dq, dk, dv)`."""
     b, t, h, d = q.shape
     t_k, h_kv = k.shape[1], k.shape[2]
@@ -378,6 +408,7 @@ def select_attn_bwd(q, k, v, block_idx, o, lse, do, dlse, block_size, scale, q_o
     dq = torch.empty_like(q)
     _select_bwd_dq_kernel[(triton.cdiv(t, bt), b * h_kv)](
         q, k, v, block_idx, do, lse, delta, dq, scale, scale * LOG2E, t, t_k, q_offset, k_offset,
+        _doc_arg(q, doc_start)[0], HAS_DOCS=doc_start is not None,
         H=h, HKV=h_kv, G=g, GP=gp, D=d, N_SEL=n_sel, NSP=triton.next_power_of_2(n_sel),
         BS=block_size, BSP=bsp, BT=bt, BD=bd, DOT=dot_precision(q.dtype),
         num_warps=warps_for(bd, bt * gp), num_stages=2,
@@ -394,7 +425,8 @@ def select_attn_bwd(q, k, v, block_idx, o, lse, do, dlse, block_size, scale, q_o
     dv = torch.zeros_like(dk)
     _select_bwd_dkdv_kernel[(item_group.numel(),)](
         q, k, v, do, lse, delta, dk, dv, tokens, starts, counts, item_group, item_chunk,
-        scale, scale * LOG2E, t, t_k, q_offset, k_offset, n_groups, n_kblk,
+        scale, scale * LOG2E, t, t_k, q_offset, k_offset, _doc_arg(q, doc_start)[0], n_groups, n_kblk,
+        HAS_DOCS=doc_start is not None,
         H=h, HKV=h_kv, G=g, GP=gp, D=d, BS=block_size, BSP=bsp, BD=bd, BT=bt, CHUNK=chunk,
         DOT=dot_precision(q.dtype), num_warps=warps_for(bd, bt * gp), num_stages=2,
     )  # fmt: skip
@@ -403,21 +435,22 @@ def select_attn_bwd(q, k, v, block_idx, o, lse, do, dlse, block_size, scale, q_o
 
 class SelectAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_idx, block_size, scale, q_offset, k_offset):
+    def forward(ctx, q, k, v, block_idx, block_size, scale, q_offset, k_offset, doc_start):
         q, k, v = (x.contiguous() for x in (q, k, v))
         idx = normalize_block_idx(block_idx, block_size, k.shape[1], q_offset, k_offset)
-        o, lse = select_attn_fwd(q, k, v, idx, block_size, scale, q_offset, k_offset)
+        o, lse = select_attn_fwd(q, k, v, idx, block_size, scale, q_offset, k_offset, doc_start)
         ctx.save_for_backward(q, k, v, idx, o, lse)
-        ctx.args = (block_size, scale, q_offset, k_offset)
+        ctx.args = (block_size, scale, q_offset, k_offset, doc_start)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, idx, o, lse = ctx.saved_tensors
         dq, dk, dv = select_attn_bwd(q, k, v, idx, o, lse, do.contiguous(), dlse, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-def select_attn(q, k, v, block_idx, block_size, scale, q_offset=0, k_offset=0):
-    """`(o, lse)` of the Triton selection attention, differentiable in q, k, v."""
-    return SelectAttnFunction.apply(q, k, v, block_idx, block_size, scale, q_offset, k_offset)
+def select_attn(q, k, v, block_idx, block_size, scale, q_offset=0, k_offset=0, doc_start=None):
+    """`(o, lse)` of the Triton selection attention, differentiable in q, k, v. `doc_start` `[B, T]`
+    int32: each query's document start (global); keys before it are masked in every listed block."""
+    return SelectAttnFunction.apply(q, k, v, block_idx, block_size, scale, q_offset, k_offset, doc_start)

@@ -44,6 +44,7 @@ def _select_blocks_kernel(
     T,
     TC,
     q_offset,
+    doc_start,
     H: tl.constexpr,
     HKV: tl.constexpr,
     G: tl.constexpr,
@@ -57,6 +58,7 @@ def _select_blocks_kernel(
     BT: tl.constexpr,
     BD: tl.constexpr,
     DOT: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
 ):
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
     HALO: tl.constexpr = CMP_BLOCK // CMP_STRIDE - 1
@@ -77,10 +79,21 @@ def _select_blocks_kernel(
     b_lse2 = tl.load(lse + o_lse, mask=m_r, other=0.0) * 1.4426950408889634
     k_base = ((i_b * TC).to(tl.int64) * HKV + i_h) * D
 
-    # Per token of the tile: its selection block.
+    # Per token of the tile: its selection block, and the first block of its document (block 0
+    # without documents); with documents, row r's document start.
     o_tt = i_tt * BT + tl.arange(0, BT)
     b_qblk = (o_tt + q_offset) // SLC_BLOCK  # [BT]
     last_blk = (tl.minimum(i_tt * BT + BT, T) - 1 + q_offset) // SLC_BLOCK
+    b_dblk = tl.zeros([BT], dtype=tl.int32)
+    b_dstart = tl.zeros([BT * GP], dtype=tl.int32)
+    j_first = 0
+    if HAS_DOCS:
+        p_ds = doc_start + i_b.to(tl.int64) * T
+        b_dblk = tl.load(p_ds + o_tt, mask=o_tt < T, other=0) // SLC_BLOCK
+        b_dstart = tl.load(p_ds + o_t, mask=m_r, other=0)
+        # Blocks before the tile's first document hold no visible compressed token (nor does the
+        # group before them, whose suffix the skipped carry would have held): start there.
+        j_first = (tl.load(p_ds + i_tt * BT) // SLC_BLOCK // NJ) * NJ
 
     o_j = tl.arange(0, NJ)
     o_cb = tl.arange(0, BC)
@@ -88,12 +101,14 @@ def _select_blocks_kernel(
     m_suffix = (o_cb % R) >= R - HALO
     b_top = tl.full([BT, NJ], -1, dtype=tl.int64)
     b_carry = tl.zeros([BT], dtype=tl.float32)
-    for j0 in range(0, last_blk + 1, NJ):
+    for j0 in range(j_first, last_blk + 1, NJ):
         o_c = j0 * R + o_cb
         m_c = o_c < TC
         b_k = tl.load(k + k_base + j0 * (R * HKV * D) + o_cd, mask=m_c[:, None] & m_d[None, :], other=0.0)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * scale_log2  # [BT * GP, BC]
         m_vis = m_r[:, None] & m_c[None, :] & (o_c[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= b_pos[:, None])
+        if HAS_DOCS:
+            m_vis = m_vis & (o_c[None, :] * CMP_STRIDE >= b_dstart[:, None])
         b_p = tl.where(m_vis, tl.exp2(b_s - b_lse2[:, None]), 0.0)
         b_p = tl.sum(tl.reshape(b_p, [BT, GP, BC]), 1)  # [BT, BC], summed over the group's heads
         b_own = tl.sum(tl.reshape(b_p, [BT, NJ, R]), 2)  # [BT, NJ]
@@ -107,13 +122,14 @@ def _select_blocks_kernel(
         o_blk = j0 + o_j
         b_bits = b_imp.to(tl.int32, bitcast=True).to(tl.int64)
         m_forced = (
-            (o_blk[None, :] == 0)
+            (o_blk[None, :] == b_dblk[:, None])
             | (o_blk[None, :] == b_qblk[:, None])
             | (o_blk[None, :] == b_qblk[:, None] - 1)
         )
         b_bits = tl.where(m_forced, 0x7F800000, b_bits)
         b_key = (b_bits << 32) | (0x7FFFFFFF - o_blk).to(tl.int64)[None, :]
-        b_key = tl.where(o_blk[None, :] <= b_qblk[:, None], b_key, -1)
+        m_cand = (o_blk[None, :] <= b_qblk[:, None]) & (o_blk[None, :] >= b_dblk[:, None])
+        b_key = tl.where(m_cand, b_key, -1)
         b_top = tl.topk(tl.reshape(tl.join(b_top, b_key), [BT, 2 * NJ]), NJ)
 
     # b_top is sorted by importance, best first: keep the first TOP, list them in ascending order.
@@ -137,8 +153,11 @@ def supported(cmp_block: int, cmp_stride: int, slc_block: int) -> bool:
     )
 
 
-def select_blocks(q, k_cmp, lse_cmp, cmp_block, cmp_stride, slc_block, slc_top, scale, q_offset=0):
-    """Launch the kernel. Returns `[B, T, H_kv, slc_top]` int32 block indices, ascending, -1 last."""
+def select_blocks(
+    q, k_cmp, lse_cmp, cmp_block, cmp_stride, slc_block, slc_top, scale, q_offset=0, doc_start=None
+):
+    """Launch the kernel. Returns `[B, T, H_kv, slc_top]` int32 block indices, ascending, -1 last.
+    `doc_start` `[B, T]` int32: each query's document start (global), or None."""
     b, t, h, d = q.shape
     t_c, h_kv = k_cmp.shape[1], k_cmp.shape[2]
     g = h // h_kv
@@ -152,6 +171,8 @@ def select_blocks(q, k_cmp, lse_cmp, cmp_block, cmp_stride, slc_block, slc_top, 
     bd = pow2_at_least_16(d)
     _select_blocks_kernel[(triton.cdiv(t, bt), b * h_kv)](
         q, k_cmp, lse_cmp, out, scale * LOG2E, t, t_c, q_offset,
+        out if doc_start is None else doc_start.to(torch.int32).contiguous(),
+        HAS_DOCS=doc_start is not None,
         H=h, HKV=h_kv, G=g, GP=gp, D=d, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
         SLC_BLOCK=slc_block, TOP=slc_top, NJ=nj, BT=bt, BD=bd, DOT=dot_precision(q.dtype),
         num_warps=warps_for(bd, 32), num_stages=2,

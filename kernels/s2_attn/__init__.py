@@ -10,6 +10,7 @@ import torch
 from longctx.kernels import flex
 from longctx.kernels.common import get_backend
 from longctx.kernels.common.backend import op_backend
+from longctx.kernels.common.docs import check_cu_seqlens, doc_bounds
 from longctx.kernels.s2_attn.blocks import check_block_ids
 from longctx.kernels.s2_attn.naive import s2_attn_ref, s2_block_mask, s2_token_mask, token_positions
 
@@ -64,6 +65,7 @@ def s2_attn(
     return_lse=False,
     q_block_ids=None,
     k_block_ids=None,
+    cu_seqlens=None,
 ):
     """S2 sparse causal attention (DESIGN.md): each head sees a local window plus a strided set of blocks.
 
@@ -85,6 +87,9 @@ def s2_attn(
             shard and any gathered set of key blocks and gets exactly those rows of the full S2
             attention restricted to those keys. Only the global last block may be partial. Pass
             them as CPU tensors (or lists): they key the cached block lists, and CUDA ids cost a sync.
+        cu_seqlens: `[B, N + 1]` int32 global document start offsets per sequence
+            (`kernels.common.docs`), or None: a query attends only keys of its own document. The
+            pattern stays in global block positions; blocks outside the document are skipped.
     Returns:
         `o` `[B, Tq, H, D]` in q's dtype, or `(o, lse)`. Rows that see no key give `o = 0`,
         `lse = -inf`.
@@ -95,11 +100,18 @@ def s2_attn(
         q_block_ids = check_block_ids(q_block_ids, q.shape[1], block_size, "q_block_ids")
     if k_block_ids is not None:
         k_block_ids = check_block_ids(k_block_ids, k.shape[1], block_size, "k_block_ids")
+    doc_start = None
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, q.shape[0])
+        q_pos = token_positions(q.shape[1], block_size, 0, q_block_ids, q.device)
+        doc_start = doc_bounds(cu_seqlens, q_pos)[0]  # [B, Tq]
     where = op_backend("s2", q, k, v)
     if where == "flex":
         q_pos = token_positions(q.shape[1], block_size, 0, q_block_ids, q.device)
         k_pos = token_positions(k.shape[1], block_size, 0, k_block_ids, q.device)
-        mask = flex.s2_mask(q.shape[2], block_size, local_blocks, vert_stride, dense_heads, q_pos, k_pos)
+        mask = flex.s2_mask(
+            q.shape[2], block_size, local_blocks, vert_stride, dense_heads, q_pos, k_pos, doc_start
+        )
         o, lse = flex.attention(q, k, v, mask, scale, per_head=True)
         return (o, lse) if return_lse else o
     reason = _triton_limits(q, k, block_size)
@@ -109,8 +121,9 @@ def s2_attn(
         from longctx.kernels.s2_attn.triton import s2_attn_triton
 
         o, lse = s2_attn_triton(
-            q, k, v, block_size, local_blocks, vert_stride, dense_heads, scale, q_block_ids, k_block_ids
-        )
+            q, k, v, block_size, local_blocks, vert_stride, dense_heads, scale, q_block_ids, k_block_ids,
+            doc_start=doc_start,
+        )  # fmt: skip
         return (o, lse) if return_lse else o
     return s2_attn_ref(
         q,
@@ -124,6 +137,7 @@ def s2_attn(
         return_lse=return_lse,
         q_block_ids=q_block_ids,
         k_block_ids=k_block_ids,
+        cu_seqlens=cu_seqlens,
     )
 
 

@@ -12,6 +12,7 @@ token `t` of the tensor sits at `block_ids[t // block_size] * block_size + t % b
 
 import torch
 
+from longctx.kernels.common.docs import doc_bounds
 from longctx.kernels.flash_attn.naive import attention_ref
 
 
@@ -100,12 +101,14 @@ def s2_attn_ref(
     k_offset: int = 0,
     q_block_ids: torch.Tensor | None = None,
     k_block_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ):
     """S2 attention as dense attention under the explicit S2 mask. Shapes as `attention_ref`.
 
     `q_offset` / `k_offset` place contiguous tensors in the sequence; `q_block_ids` / `k_block_ids`
     (int, one global block index per `block_size` tokens) place block-gathered ones and take
-    precedence. Rows that see no key give `o = 0`, `lse = -inf`.
+    precedence. Rows that see no key give `o = 0`, `lse = -inf`. `cu_seqlens` `[B, N + 1]`: keep
+    each query to the keys of its own document.
     """
     t_q, t_k, n_heads, device = q.shape[1], k.shape[1], q.shape[2], q.device
     q_pos = token_positions(t_q, block_size, q_offset, q_block_ids, device)
@@ -125,4 +128,7 @@ def s2_attn_ref(
         k_block_ids,
     )
     mask = pattern & (k_pos[None, :] <= q_pos[:, None])
+    if cu_seqlens is not None:
+        same_doc = doc_bounds(cu_seqlens, q_pos)[0][:, :, None] == doc_bounds(cu_seqlens, k_pos)[0][:, None]
+        mask = mask[None] & same_doc[:, None]  # [B, H, Tq, Tk]
     return attention_ref(q, k, v, causal=False, scale=scale, return_lse=return_lse, mask=mask)

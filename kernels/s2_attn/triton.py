@@ -24,6 +24,10 @@ blocks), its inner tile `BI` rows of one listed block. The host splits each list
 need no mask (loaded and computed bare) and a few that do (diagonal blocks, blocks only part of the
 tile may see, partial last blocks), where the kernel applies S2's rule token by token.
 
+Documents (`doc_start`, each query's document start): the pattern is unchanged (blocks are counted in
+global block positions); a listed block that ends before every row of the tile's document is skipped
+before anything is loaded, and the others are masked to each row's document (`k_pos >= doc_start`).
+
 On the GPU a small autotuner times the candidate tile configurations once per shape class (the tile
 size changes the lists, which `triton.autotune` cannot follow); under `TRITON_INTERPRET=1` one fixed
 configuration runs.
@@ -100,50 +104,70 @@ def _s2_allowed(qb, kb, i_h, local_blocks, vert_stride, head_step, dense_from):
 
 
 @triton.jit
+def _row_doc_starts(doc_start, i_b, o_m, m_m, T_q, HAS_DOCS: tl.constexpr):
+    """Each row's document start (global position) and the earliest of them (0s without documents)."""
+    ds_m = tl.zeros(o_m.shape, dtype=tl.int32)
+    ds_min = 0
+    if HAS_DOCS:
+        ds_m = tl.load(doc_start + i_b.to(tl.int64) * T_q + o_m, mask=m_m, other=0)
+        ds_min = tl.min(tl.where(m_m, ds_m, 2147483647), 0)
+    return ds_m, ds_min
+
+
+@triton.jit
 def _fwd_walk(
-    acc, l_i, m_i, b_q, qb_m, pos_m, p_k, p_v, stride_kt, stride_vt, k_ids, indices, lo, hi, T_k, i_h,
-    qk_scale, local_blocks, vert_stride, head_step, dense_from,
+    acc, l_i, m_i, b_q, qb_m, pos_m, ds_m, ds_min, p_k, p_v, stride_kt, stride_vt, k_ids, indices, lo, hi,
+    T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
     D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Online softmax over the key blocks `indices[lo:hi]`; `MASK` applies S2's token rule."""
+    """Online softmax over the key blocks `indices[lo:hi]`; `MASK` applies S2's token rule. With
+    documents (`ds_m`: each row's document start), a block ending before every row's document is
+    skipped (nothing loaded) and the others are masked to each row's document."""
     for e in range(lo, hi):
         i_kb = tl.load(indices + e)
-        for n in tl.static_range(0, BS, BN):
-            o_n = i_kb * BS + n + tl.arange(0, BN)
-            m_n = o_n < T_k
-            b_k = _load_rows(p_k, i_kb * BS + n, stride_kt, T_k, BN, D, BD, MASK)
-            b_v = _load_rows(p_v, i_kb * BS + n, stride_vt, T_k, BN, D, BD, MASK)
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN], log2 units
-            if MASK:
-                kb = tl.load(k_ids + i_kb)
+        kb = tl.load(k_ids + i_kb)
+        live = True
+        if HAS_DOCS:
+            live = kb * BS + BS > ds_min
+        if live:
+            for n in tl.static_range(0, BS, BN):
+                o_n = i_kb * BS + n + tl.arange(0, BN)
+                m_n = o_n < T_k
                 pos_n = kb * BS + n + tl.arange(0, BN)
-                ok = _s2_allowed(qb_m, kb, i_h, local_blocks, vert_stride, head_step, dense_from)
-                b_s = tl.where(
-                    ok[:, None] & (pos_n[None, :] <= pos_m[:, None]) & m_n[None, :], b_s, float("-inf")
-                )
+                b_k = _load_rows(p_k, i_kb * BS + n, stride_kt, T_k, BN, D, BD, MASK)
+                b_v = _load_rows(p_v, i_kb * BS + n, stride_vt, T_k, BN, D, BD, MASK)
+                b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN], log2
+                if MASK:
+                    ok = _s2_allowed(qb_m, kb, i_h, local_blocks, vert_stride, head_step, dense_from)
+                    m_s = ok[:, None] & (pos_n[None, :] <= pos_m[:, None]) & m_n[None, :]
+                    if HAS_DOCS:
+                        m_s = m_s & (pos_n[None, :] >= ds_m[:, None])
+                    b_s = tl.where(m_s, b_s, float("-inf"))
+                elif HAS_DOCS:
+                    b_s = tl.where(pos_n[None, :] >= ds_m[:, None], b_s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(b_s, 1))
-                # A row with every key masked so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
-                m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_new = tl.maximum(m_i, tl.max(b_s, 1))
-                m_shift = m_new
-            b_p = tl.exp2(b_s - m_shift[:, None])
-            alpha = tl.exp2(m_i - m_shift)
-            l_i = l_i * alpha + tl.sum(b_p, 1)
-            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-            m_i = m_new
+                if MASK or HAS_DOCS:
+                    # A row with every key masked so far keeps m = -inf; shift by 0 so exp2 gives 0.
+                    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                else:
+                    m_shift = m_new
+                b_p = tl.exp2(b_s - m_shift[:, None])
+                alpha = tl.exp2(m_i - m_shift)
+                l_i = l_i * alpha + tl.sum(b_p, 1)
+                acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+                m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
 def _s2_fwd_kernel(
-    q, k, v, o, lse, q_ids, k_ids, order, offsets, split, indices,
+    q, k, v, o, lse, q_ids, k_ids, doc_start, order, offsets, split, indices,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
     T_q, T_k, n_tiles, n_heads, group, qk_scale, local_blocks, vert_stride, head_step, dense_from,
     D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // n_heads, i_bh % n_heads
@@ -153,6 +177,7 @@ def _s2_fwd_kernel(
     m_m = o_m < T_q
     qb_m = tl.load(q_ids + o_m // BS, mask=m_m, other=0)  # global block of each row
     pos_m = qb_m * BS + o_m % BS
+    ds_m, ds_min = _row_doc_starts(doc_start, i_b, o_m, m_m, T_q, HAS_DOCS)
     o_d = tl.arange(0, BD)
 
     p_k = _base(k, i_b, i_hk, stride_kb, stride_kh)
@@ -170,12 +195,14 @@ def _s2_fwd_kernel(
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BD], dtype=tl.float32)
     acc, l_i, m_i = _fwd_walk(
-        acc, l_i, m_i, b_q, qb_m, pos_m, p_k, p_v, stride_kt, stride_vt, k_ids, indices, lo, mid, T_k, i_h,
-        qk_scale, local_blocks, vert_stride, head_step, dense_from, D, BD, BS, BN, False, PRECISION,
+        acc, l_i, m_i, b_q, qb_m, pos_m, ds_m, ds_min, p_k, p_v, stride_kt, stride_vt, k_ids, indices,
+        lo, mid, T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
+        D, BD, BS, BN, False, HAS_DOCS, PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_walk(
-        acc, l_i, m_i, b_q, qb_m, pos_m, p_k, p_v, stride_kt, stride_vt, k_ids, indices, mid, hi, T_k, i_h,
-        qk_scale, local_blocks, vert_stride, head_step, dense_from, D, BD, BS, BN, True, PRECISION,
+        acc, l_i, m_i, b_q, qb_m, pos_m, ds_m, ds_min, p_k, p_v, stride_kt, stride_vt, k_ids, indices,
+        mid, hi, T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
+        D, BD, BS, BN, True, HAS_DOCS, PRECISION,
     )  # fmt: skip
 
     # Rows that saw no key at all: o = 0 and lse = -inf, so they drop out of an lse merge.
@@ -211,41 +238,48 @@ def _s2_bwd_preprocess_kernel(
 
 @triton.jit
 def _dq_walk(
-    b_dq, b_q, b_do, b_lse, b_delta, qb_m, pos_m, p_k, p_v, stride_kt, stride_vt, k_ids, indices, lo, hi,
-    T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
+    b_dq, b_q, b_do, b_lse, b_delta, qb_m, pos_m, ds_m, ds_min, p_k, p_v, stride_kt, stride_vt, k_ids,
+    indices, lo, hi, T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
     D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     for e in range(lo, hi):
         i_kb = tl.load(indices + e)
-        for n in tl.static_range(0, BS, BN):
-            o_n = i_kb * BS + n + tl.arange(0, BN)
-            m_n = o_n < T_k
-            b_k = _load_rows(p_k, i_kb * BS + n, stride_kt, T_k, BN, D, BD, MASK)
-            b_v = _load_rows(p_v, i_kb * BS + n, stride_vt, T_k, BN, D, BD, MASK)
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
-            if MASK:
-                kb = tl.load(k_ids + i_kb)
+        kb = tl.load(k_ids + i_kb)
+        live = True
+        if HAS_DOCS:
+            live = kb * BS + BS > ds_min
+        if live:
+            for n in tl.static_range(0, BS, BN):
+                o_n = i_kb * BS + n + tl.arange(0, BN)
+                m_n = o_n < T_k
                 pos_n = kb * BS + n + tl.arange(0, BN)
-                ok = _s2_allowed(qb_m, kb, i_h, local_blocks, vert_stride, head_step, dense_from)
-                b_s = tl.where(
-                    ok[:, None] & (pos_n[None, :] <= pos_m[:, None]) & m_n[None, :], b_s, float("-inf")
-                )
-            b_p = tl.exp2(b_s - b_lse[:, None])
-            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
-            b_ds = b_p * (b_dp - b_delta[:, None])
-            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+                b_k = _load_rows(p_k, i_kb * BS + n, stride_kt, T_k, BN, D, BD, MASK)
+                b_v = _load_rows(p_v, i_kb * BS + n, stride_vt, T_k, BN, D, BD, MASK)
+                b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+                if MASK:
+                    ok = _s2_allowed(qb_m, kb, i_h, local_blocks, vert_stride, head_step, dense_from)
+                    m_s = ok[:, None] & (pos_n[None, :] <= pos_m[:, None]) & m_n[None, :]
+                    if HAS_DOCS:
+                        m_s = m_s & (pos_n[None, :] >= ds_m[:, None])
+                    b_s = tl.where(m_s, b_s, float("-inf"))
+                elif HAS_DOCS:
+                    b_s = tl.where(pos_n[None, :] >= ds_m[:, None], b_s, float("-inf"))
+                b_p = tl.exp2(b_s - b_lse[:, None])
+                b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+                b_ds = b_p * (b_dp - b_delta[:, None])
+                b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
     return b_dq
 
 
 @triton.jit
 def _s2_bwd_dq_kernel(
-    q, k, v, do, dq, lse, delta, q_ids, k_ids, order, offsets, split, indices,
+    q, k, v, do, dq, lse, delta, q_ids, k_ids, doc_start, order, offsets, split, indices,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
     T_q, T_k, n_tiles, n_heads, group, qk_scale, scale, local_blocks, vert_stride, head_step, dense_from,
     D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // n_heads, i_bh % n_heads
@@ -255,6 +289,7 @@ def _s2_bwd_dq_kernel(
     m_m = o_m < T_q
     qb_m = tl.load(q_ids + o_m // BS, mask=m_m, other=0)
     pos_m = qb_m * BS + o_m % BS
+    ds_m, ds_min = _row_doc_starts(doc_start, i_b, o_m, m_m, T_q, HAS_DOCS)
     o_d = tl.arange(0, BD)
 
     p_k = _base(k, i_b, i_hk, stride_kb, stride_kh)
@@ -278,14 +313,14 @@ def _s2_bwd_dq_kernel(
     hi = tl.load(offsets + row + 1)
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
     b_dq = _dq_walk(
-        b_dq, b_q, b_do, b_lse, b_delta, qb_m, pos_m, p_k, p_v, stride_kt, stride_vt, k_ids, indices, lo,
-        mid, T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from, D, BD, BS, BN, False,
-        PRECISION,
+        b_dq, b_q, b_do, b_lse, b_delta, qb_m, pos_m, ds_m, ds_min, p_k, p_v, stride_kt, stride_vt, k_ids,
+        indices, lo, mid, T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
+        D, BD, BS, BN, False, HAS_DOCS, PRECISION,
     )  # fmt: skip
     b_dq = _dq_walk(
-        b_dq, b_q, b_do, b_lse, b_delta, qb_m, pos_m, p_k, p_v, stride_kt, stride_vt, k_ids, indices, mid,
-        hi, T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from, D, BD, BS, BN, True,
-        PRECISION,
+        b_dq, b_q, b_do, b_lse, b_delta, qb_m, pos_m, ds_m, ds_min, p_k, p_v, stride_kt, stride_vt, k_ids,
+        indices, mid, hi, T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
+        D, BD, BS, BN, True, HAS_DOCS, PRECISION,
     )  # fmt: skip
     p_dq = _base(dq, i_b, i_h, stride_dqb, stride_dqh)
     p_dq += o_m[:, None].to(tl.int64) * stride_dqt
@@ -296,50 +331,79 @@ def _s2_bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_walk(
-    b_dk, b_dv, b_k, b_v, kb_n, pos_n, p_q, p_do, p_lse, p_delta, stride_qt, stride_dot, q_ids, indices,
-    lo, hi, T_q, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
+    b_dk, b_dv, b_k, b_v, kb_n, pos_n, k_end, p_q, p_do, p_lse, p_delta, p_ds, stride_qt, stride_dot, q_ids,
+    indices, lo, hi, T_q, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
     D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate dK, dV `[BN, BD]` over the query blocks `indices[lo:hi]` (scores transposed, `[BN, BM]`)."""
+    """Accumulate dK, dV `[BN, BD]` over the query blocks `indices[lo:hi]` (scores transposed, `[BN, BM]`).
+    With documents (`p_ds`: each query's document start), query rows whose documents all begin after
+    the key tile (`k_end`: its last global position + 1) are skipped, the others masked."""
     for e in range(lo, hi):
         i_qb = tl.load(indices + e)
         for m in tl.static_range(0, BS, BM):
             o_m = i_qb * BS + m + tl.arange(0, BM)
             m_m = o_m < T_q
-            b_q = _load_rows(p_q, i_qb * BS + m, stride_qt, T_q, BM, D, BD, MASK)
-            b_do = _load_rows(p_do, i_qb * BS + m, stride_dot, T_q, BM, D, BD, MASK)
-            if MASK:
-                # Padded query rows get lse = +inf, hence p = 0; so do rows that saw no key.
-                b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf")) * _LOG2E
-                b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
-                b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
-            else:
-                b_lse = tl.load(p_lse + o_m) * _LOG2E
-                b_delta = tl.load(p_delta + o_m)
-            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale  # [BN, BM]
-            if MASK:
-                qb = tl.load(q_ids + i_qb)
-                pos_m = qb * BS + m + tl.arange(0, BM)
-                ok = _s2_allowed(qb, kb_n, i_h, local_blocks, vert_stride, head_step, dense_from)
-                b_st = tl.where(ok[:, None] & (pos_n[:, None] <= pos_m[None, :]), b_st, float("-inf"))
-            b_pt = tl.exp2(b_st - b_lse[None, :])
-            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
-            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
-            b_dst = b_pt * (b_dpt - b_delta[None, :])
-            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION)
+            ds_q = tl.zeros([BM], dtype=tl.int32)
+            live = True
+            if HAS_DOCS:
+                ds_q = tl.load(p_ds + o_m, mask=m_m, other=2147483647)
+                live = tl.min(ds_q, 0) < k_end
+            if live:
+                b_dk, b_dv = _dkdv_tile(
+                    b_dk, b_dv, b_k, b_v, kb_n, pos_n, ds_q, p_q, p_do, p_lse, p_delta, stride_qt,
+                    stride_dot, q_ids, i_qb, m, o_m, m_m, T_q, i_h, qk_scale, local_blocks, vert_stride,
+                    head_step, dense_from, D, BD, BS, BM, MASK, HAS_DOCS, PRECISION,
+                )  # fmt: skip
+    return b_dk, b_dv
+
+
+@triton.jit
+def _dkdv_tile(
+    b_dk, b_dv, b_k, b_v, kb_n, pos_n, ds_q, p_q, p_do, p_lse, p_delta, stride_qt, stride_dot, q_ids, i_qb,
+    m, o_m, m_m, T_q, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
+    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr,
+    HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One `[BM]`-row query tile's share of dK, dV."""
+    b_q = _load_rows(p_q, i_qb * BS + m, stride_qt, T_q, BM, D, BD, MASK)
+    b_do = _load_rows(p_do, i_qb * BS + m, stride_dot, T_q, BM, D, BD, MASK)
+    if MASK:
+        # Padded query rows get lse = +inf, hence p = 0; so do rows that saw no key.
+        b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf")) * _LOG2E
+        b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
+        b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
+    else:
+        b_lse = tl.load(p_lse + o_m) * _LOG2E
+        b_delta = tl.load(p_delta + o_m)
+    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale  # [BN, BM]
+    if MASK:
+        qb = tl.load(q_ids + i_qb)
+        pos_m = qb * BS + m + tl.arange(0, BM)
+        ok = _s2_allowed(qb, kb_n, i_h, local_blocks, vert_stride, head_step, dense_from)
+        m_st = ok[:, None] & (pos_n[:, None] <= pos_m[None, :])
+        if HAS_DOCS:
+            m_st = m_st & (pos_n[:, None] >= ds_q[None, :])
+        b_st = tl.where(m_st, b_st, float("-inf"))
+    elif HAS_DOCS:
+        b_st = tl.where(pos_n[:, None] >= ds_q[None, :], b_st, float("-inf"))
+    b_pt = tl.exp2(b_st - b_lse[None, :])
+    b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
+    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
+    b_dst = b_pt * (b_dpt - b_delta[None, :])
+    b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION)
     return b_dk, b_dv
 
 
 @triton.jit
 def _s2_bwd_dkdv_kernel(
-    q, k, v, do, dk, dv, lse, delta, q_ids, k_ids, order, offsets, split, indices,
+    q, k, v, do, dk, dv, lse, delta, q_ids, k_ids, doc_start, order, offsets, split, indices,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh, T_q, T_k, n_tiles, n_heads, n_kv_heads, group, qk_scale, scale,
     local_blocks, vert_stride, head_step, dense_from,
     D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = i_bh // n_kv_heads, i_bh % n_kv_heads
@@ -348,6 +412,8 @@ def _s2_bwd_dkdv_kernel(
     m_n = o_n < T_k
     kb_n = tl.load(k_ids + o_n // BS, mask=m_n, other=0)
     pos_n = kb_n * BS + o_n % BS
+    k_end = tl.max(tl.where(m_n, pos_n, -1), 0) + 1
+    p_ds = doc_start + i_b.to(tl.int64) * T_q
     o_d = tl.arange(0, BD)
 
     b_k = _load_rows(
@@ -369,14 +435,14 @@ def _s2_bwd_dkdv_kernel(
         mid = tl.load(split + row)
         hi = tl.load(offsets + row + 1)
         b_dk, b_dv = _dkdv_walk(
-            b_dk, b_dv, b_k, b_v, kb_n, pos_n, p_q, p_do, p_lse, p_delta, stride_qt, stride_dot, q_ids,
-            indices, lo, mid, T_q, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
-            D, BD, BS, BM, False, PRECISION,
+            b_dk, b_dv, b_k, b_v, kb_n, pos_n, k_end, p_q, p_do, p_lse, p_delta, p_ds, stride_qt,
+            stride_dot, q_ids, indices, lo, mid, T_q, i_h, qk_scale, local_blocks, vert_stride, head_step,
+            dense_from, D, BD, BS, BM, False, HAS_DOCS, PRECISION,
         )  # fmt: skip
         b_dk, b_dv = _dkdv_walk(
-            b_dk, b_dv, b_k, b_v, kb_n, pos_n, p_q, p_do, p_lse, p_delta, stride_qt, stride_dot, q_ids,
-            indices, mid, hi, T_q, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
-            D, BD, BS, BM, True, PRECISION,
+            b_dk, b_dv, b_k, b_v, kb_n, pos_n, k_end, p_q, p_do, p_lse, p_delta, p_ds, stride_qt,
+            stride_dot, q_ids, indices, mid, hi, T_q, i_h, qk_scale, local_blocks, vert_stride, head_step,
+            dense_from, D, BD, BS, BM, True, HAS_DOCS, PRECISION,
         )  # fmt: skip
 
     m_store = m_n[:, None] & (o_d[None, :] < D)
@@ -469,22 +535,30 @@ def _tune_key(q, k, lists: S2BlockLists, block_size: int) -> tuple:
             triton.next_power_of_2(lists.n_q_blocks), triton.next_power_of_2(lists.n_k_blocks))  # fmt: skip
 
 
-def s2_attn_fwd(q, k, v, lists: S2BlockLists, block_size: int, scale: float, tiles=None):
-    """Launch the forward: `o` `[B, T, H, D]` in q's dtype and `lse` `[B, H, T]` fp32."""
+def _doc_arg(q: torch.Tensor, doc_start) -> tuple[torch.Tensor, bool]:
+    if doc_start is None:
+        return torch.zeros(1, dtype=torch.int32, device=q.device), False
+    return doc_start.to(torch.int32).contiguous(), True
+
+
+def s2_attn_fwd(q, k, v, lists: S2BlockLists, block_size: int, scale: float, tiles=None, doc_start=None):
+    """Launch the forward: `o` `[B, T, H, D]` in q's dtype and `lse` `[B, H, T]` fp32. `doc_start`:
+    None, or `[B, Tq]` int32, each query's document start (global position)."""
     b, t_q, n_heads, d = q.shape
     t_k, n_kv = k.shape[1], k.shape[2]
     o = torch.empty_like(q)
     lse = torch.empty(b, n_heads, t_q, dtype=torch.float32, device=q.device)
     bd = max(16, triton.next_power_of_2(d))
+    doc_start, has_docs = _doc_arg(q, doc_start)
 
     def launch(config: Config):
         bm, bn, warps, stages = config
         tl_fwd = lists.forward(max(1, bm // block_size))
         _s2_fwd_kernel[_grid(tl_fwd, block_size, bm, b * n_heads)](
-            q, k, v, o, lse, lists.q_ids, lists.k_ids, *_tile_args(tl_fwd),
+            q, k, v, o, lse, lists.q_ids, lists.k_ids, doc_start, *_tile_args(tl_fwd),
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             t_q, t_k, tl_fwd.n_tiles, n_heads, n_heads // n_kv, scale * LOG2E, *_pattern_args(lists),
-            D=d, BD=bd, BS=block_size, BM=bm, BN=bn, PRECISION=_precision(q),
+            D=d, BD=bd, BS=block_size, BM=bm, BN=bn, HAS_DOCS=has_docs, PRECISION=_precision(q),
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
@@ -492,7 +566,9 @@ def s2_attn_fwd(q, k, v, lists: S2BlockLists, block_size: int, scale: float, til
     return o, lse
 
 
-def s2_attn_bwd(do, dlse, q, k, v, o, lse, lists: S2BlockLists, block_size: int, scale: float, tiles=None):
+def s2_attn_bwd(
+    do, dlse, q, k, v, o, lse, lists: S2BlockLists, block_size: int, scale: float, tiles=None, doc_start=None
+):
     """Launch the backward: `delta`, then dQ and dK/dV. `dlse` may be None (lse unused)."""
     b, t_q, n_heads, d = q.shape
     t_k, n_kv = k.shape[1], k.shape[2]
@@ -500,6 +576,7 @@ def s2_attn_bwd(do, dlse, q, k, v, o, lse, lists: S2BlockLists, block_size: int,
     bd = max(16, triton.next_power_of_2(d))
     precision = _precision(q)
     key = _tune_key(q, k, lists, block_size)
+    doc_start, has_docs = _doc_arg(q, doc_start)
 
     delta = torch.empty(b, n_heads, t_q, dtype=torch.float32, device=q.device)
     has_dlse = dlse is not None
@@ -518,21 +595,23 @@ def s2_attn_bwd(do, dlse, q, k, v, o, lse, lists: S2BlockLists, block_size: int,
         bm, bn, warps, stages = config
         tl_fwd = lists.forward(max(1, bm // block_size))
         _s2_bwd_dq_kernel[_grid(tl_fwd, block_size, bm, b * n_heads)](
-            q, k, v, do, dq, lse, delta, lists.q_ids, lists.k_ids, *_tile_args(tl_fwd),
+            q, k, v, do, dq, lse, delta, lists.q_ids, lists.k_ids, doc_start, *_tile_args(tl_fwd),
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
             t_q, t_k, tl_fwd.n_tiles, n_heads, group, scale * LOG2E, scale, *_pattern_args(lists),
-            D=d, BD=bd, BS=block_size, BM=bm, BN=bn, PRECISION=precision, num_warps=warps, num_stages=stages,
+            D=d, BD=bd, BS=block_size, BM=bm, BN=bn, HAS_DOCS=has_docs, PRECISION=precision,
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     def launch_dkdv(config: Config):
         bn, bm, warps, stages = config
         tl_bwd = lists.backward(max(1, bn // block_size))
         _s2_bwd_dkdv_kernel[_grid(tl_bwd, block_size, bn, b * n_kv)](
-            q, k, v, do, dk, dv, lse, delta, lists.q_ids, lists.k_ids, *_tile_args(tl_bwd),
+            q, k, v, do, dk, dv, lse, delta, lists.q_ids, lists.k_ids, doc_start, *_tile_args(tl_bwd),
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
             *dv.stride()[:3], t_q, t_k, tl_bwd.n_tiles, n_heads, n_kv, group, scale * LOG2E, scale,
             *_pattern_args(lists),
-            D=d, BD=bd, BS=block_size, BM=bm, BN=bn, PRECISION=precision, num_warps=warps, num_stages=stages,
+            D=d, BD=bd, BS=block_size, BM=bm, BN=bn, HAS_DOCS=has_docs, PRECISION=precision,
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     _run_tuned("dq", key, launch_dq, block_size, bd, q.element_size(), tiles)
@@ -546,11 +625,12 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 class S2AttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, lists, block_size, scale, tiles):
+    def forward(ctx, q, k, v, lists, block_size, scale, tiles, doc_start):
         q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-        o, lse = s2_attn_fwd(q, k, v, lists, block_size, scale, tiles)
+        o, lse = s2_attn_fwd(q, k, v, lists, block_size, scale, tiles, doc_start)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.lists, ctx.block_size, ctx.scale, ctx.tiles = lists, block_size, scale, tiles
+        ctx.doc_start = doc_start
         # An unused lse gets no gradient tensor rather than a tensor of zeros.
         ctx.set_materialize_grads(False)
         return o, lse
@@ -561,9 +641,10 @@ class S2AttnFunction(torch.autograd.Function):
         if do is None:
             do = torch.zeros_like(o)
         dq, dk, dv = s2_attn_bwd(
-            _last_dim_contiguous(do), dlse, q, k, v, o, lse, ctx.lists, ctx.block_size, ctx.scale, ctx.tiles
-        )
-        return dq, dk, dv, None, None, None, None
+            _last_dim_contiguous(do), dlse, q, k, v, o, lse, ctx.lists, ctx.block_size, ctx.scale, ctx.tiles,
+            ctx.doc_start,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None, None, None
 
 
 def s2_attn_triton(
@@ -578,8 +659,10 @@ def s2_attn_triton(
     q_block_ids=None,
     k_block_ids=None,
     tiles: tuple[int, int] | None = None,
+    doc_start: torch.Tensor | None = None,
 ):
-    """S2 attention through the Triton kernels; returns `(o, lse)`. Arguments as `s2_attn`.
+    """S2 attention through the Triton kernels; returns `(o, lse)`. Arguments as `s2_attn`; `doc_start`
+    `[B, Tq]` int32: each query's document start (global position), or None.
 
     `tiles = (outer, inner)` fixes the tile rows instead of autotuning: the forward and dQ kernels
     take `outer` query rows and `inner` key rows, dK/dV `outer` key rows and `inner` query rows.
@@ -592,4 +675,4 @@ def s2_attn_triton(
     lists = s2_block_lists(
         q.shape[2], q_ids, k_ids, local_blocks, vert_stride, dense_heads, q.device, block_size, t_q, t_k
     )
-    return S2AttnFunction.apply(q, k, v, lists, block_size, scale, tiles)
+    return S2AttnFunction.apply(q, k, v, lists, block_size, scale, tiles, doc_start)

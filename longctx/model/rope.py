@@ -63,16 +63,19 @@ def _llama3(inv_freq, factor, scaling):
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, mscale: float = 1.0):
-    """`cos`, `sin` `[T, head_dim]` fp32 for global `positions` `[T]`."""
-    angles = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]
+    """`cos`, `sin` `[T, head_dim]` fp32 for `positions` `[T]` (or `[B, T, head_dim]` for per-sequence
+    positions `[B, T]`, e.g. counted from each document's start)."""
+    angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos() * mscale, angles.sin() * mscale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` `[B, T, H, D]` by the angles of its positions (cos/sin `[T, D]`)."""
+    """Rotate `x` `[B, T, H, D]` by the angles of its positions (cos/sin `[T, D]` or `[B, T, D]`)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     rotated = torch.cat([-x2, x1], dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)

@@ -13,7 +13,8 @@ token chunk of the LM head and loss (`longctx.model.loss`; 0: automatic).
 
 The model runs on one device and knows nothing of process groups. Under context parallelism it is
 given its tokens' `SeqLayout` (their global positions) and its mixers' cores are swapped by
-`longctx.parallel`.
+`longctx.parallel`. A layout with `docs` (packed documents) keeps every mixer inside each token's
+document, and with `docs.per_doc_positions` RoPE positions restart at each document start.
 """
 
 import contextlib
@@ -142,7 +143,11 @@ class Transformer(nn.Module):
             layout = SeqLayout.full(tokens.shape[1])
         if tokens.shape[1] != layout.local_len:
             raise ValueError(f"got {tokens.shape[1]} tokens but the layout holds {layout.local_len}")
-        cos, sin = rope_cos_sin(layout.positions(tokens.device), self.rope_inv_freq, self.rope_mscale)
+        positions = layout.positions(tokens.device)
+        if layout.docs is not None:
+            # Global, or counted from each document's start (data.doc_positions): [T] or [B, T].
+            positions = layout.docs.rope_positions(positions)
+        cos, sin = rope_cos_sin(positions, self.rope_inv_freq, self.rope_mscale)
         h = self.tok_embeddings(tokens)
         mode = self.checkpoint_mode() if torch.is_grad_enabled() else "none"
         offload = torch.autograd.graph.save_on_cpu(pin_memory=h.is_cuda) if self.activation_offload else None

@@ -31,6 +31,7 @@ from longctx.kernels.common import set_backend as set_kernel_backend
 from longctx.kernels.common.tuning import synchronize as synchronize_tuning
 from longctx.model import build_model
 from longctx.parallel import SeqLayout, comm_stats, parallelize_model, reset_comm_stats, zigzag_shard
+from longctx.parallel.layout import Documents
 from longctx.tokenizer import copy_tokenizer
 from longctx.train.checkpoint import (
     Checkpointer,
@@ -291,13 +292,21 @@ class Trainer:
         # bf16 compute with fp32 master weights on GPU; plain fp32 on CPU.
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
-    def shard(self, tokens: torch.Tensor):
+    def documents(self, doc_starts: torch.Tensor | None) -> Documents | None:
+        """The input tokens' document boundaries from the sampler's `[B, seq_len + 1]` starts mask, or
+        None (one document per sequence) when `data.doc_mask=false` or no mask is given. The target of
+        a document's last token (EOS -> the next document's first token) stays in the loss."""
+        if doc_starts is None or not self.cfg.data.doc_mask:
+            return None
+        return Documents.from_starts(doc_starts[:, :-1], self.cfg.data.doc_positions == "per_doc")
+
+    def shard(self, tokens: torch.Tensor, docs: Documents | None = None):
         """This rank's inputs, targets and layout from full sequences `[B, seq_len + 1]`."""
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         info = self.dist
         if info.cp_size == 1:
-            return inputs, targets, SeqLayout.full(inputs.shape[1])
-        layout = SeqLayout.zigzag(inputs.shape[1], info.cp_rank, info.cp_size)
+            return inputs, targets, SeqLayout.full(inputs.shape[1]).with_docs(docs)
+        layout = SeqLayout.zigzag(inputs.shape[1], info.cp_rank, info.cp_size).with_docs(docs)
         return (
             zigzag_shard(inputs, info.cp_rank, info.cp_size),
             zigzag_shard(targets, info.cp_rank, info.cp_size),
@@ -306,15 +315,19 @@ class Trainer:
 
     def train_step(self, batches: list) -> dict:
         """One optimizer step over `grad_accum` micro-batches (`PackedBatch`es; gradients sync on the
-        last); returns the global mean loss, grad norm, tokens and bytes sent, and the loss and
-        accuracy on passkey answer digits when the batches have any."""
+        last); returns the global mean loss, grad norm, tokens and bytes sent, the loss and accuracy on
+        passkey answer digits when the batches have any, and the mean documents per sample."""
         weight = self.cfg.train.answer_loss_weight
         loss_sum = torch.zeros((), device=self.device)
         answer_stats = torch.zeros(3, device=self.device)
-        count = 0
+        count, n_docs, n_samples = 0, 0.0, 0
         reset_comm_stats()
         for index, batch in enumerate(batches):
-            inputs, targets, layout = self.shard(batch.tokens.to(self.device))
+            docs = self.documents(batch.doc_starts)
+            inputs, targets, layout = self.shard(batch.tokens.to(self.device), docs)
+            if batch.doc_starts is not None:
+                n_docs += float(Documents.from_starts(batch.doc_starts[:, :-1]).num_docs().sum())
+                n_samples += batch.tokens.shape[0]
             # The mask marks answer tokens of the full sequence: their targets, sharded like the targets.
             _, answers, _ = self.shard(batch.answer_mask.to(self.device))
             with self.engine.accumulating(last=index == len(batches) - 1), self.autocast():
@@ -328,10 +341,12 @@ class Trainer:
             count += targets.numel()
         comm = comm_stats()["bytes_sent"]
         grad_norm = self.engine.step()
-        total, n_tokens, answer_loss, n_answers, right = all_reduce_sum(
-            [loss_sum.item(), float(count), *answer_stats.tolist()], self.dist
+        total, n_tokens, answer_loss, n_answers, right, docs_sum, samples = all_reduce_sum(
+            [loss_sum.item(), float(count), *answer_stats.tolist(), n_docs, float(n_samples)], self.dist
         )
         out = {"loss": total / n_tokens, "grad_norm": grad_norm, "tokens": int(n_tokens), "comm_bytes": comm}
+        if docs_sum:
+            out["docs_per_sample"] = docs_sum / samples
         if n_answers and self.cfg.train.loss_impl == "chunked":
             out.update(answer_loss=answer_loss / n_answers, answer_acc=right / n_answers)
         return out
@@ -343,8 +358,9 @@ class Trainer:
         self.model.eval()
         loss_sum, count = 0.0, 0
         for index in range(self.cfg.train.eval_batches):
-            batch = self.val_sampler.get_batch(index).tokens.to(self.device)
-            inputs, targets, layout = self.shard(batch)
+            batch = self.val_sampler.get_batch(index)
+            docs = self.documents(batch.doc_starts)
+            inputs, targets, layout = self.shard(batch.tokens.to(self.device), docs)
             with self.autocast():
                 losses, _ = self.engine(inputs, layout, targets=targets)
             loss_sum, count = loss_sum + losses.sum().item(), count + targets.numel()
@@ -389,7 +405,8 @@ class Trainer:
                         "elapsed_s": now - start,
                     }
                 )
-                record.update({k: out[k] for k in ("answer_loss", "answer_acc") if k in out})
+                extra = ("answer_loss", "answer_acc", "docs_per_sample")
+                record.update({k: out[k] for k in extra if k in out})
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 eval_start = time.perf_counter()
                 record["val_loss"] = self.evaluate()

@@ -44,7 +44,8 @@ class DenseCore(Core):
 
     def forward(self, q, k, v, layout):
         self.check_full(layout)
-        return flash_attn(q, k, v, causal=True, window=self.window)
+        cu_seqlens = None if layout.docs is None else layout.docs.on(q.device)
+        return flash_attn(q, k, v, causal=True, window=self.window, cu_seqlens=cu_seqlens)
 
 
 class S2Core(Core):
@@ -59,7 +60,10 @@ class S2Core(Core):
     def forward(self, q, k, v, layout):
         self.check_full(layout)
         c = self.cfg
-        return s2_attn(q, k, v, c.block_size, c.local_blocks, c.vert_stride, c.dense_heads)
+        cu_seqlens = None if layout.docs is None else layout.docs.on(q.device)
+        return s2_attn(
+            q, k, v, c.block_size, c.local_blocks, c.vert_stride, c.dense_heads, cu_seqlens=cu_seqlens
+        )
 
 
 @register_mixer("D")

@@ -17,13 +17,15 @@ from longctx.model.mixers import register_mixer
 
 
 class LinearCore(Core):
-    """Chunked gated linear attention over the whole sequence, starting from a zero state."""
+    """Chunked gated linear attention over the whole sequence, starting from a zero state (and again
+    at every document start when the layout carries documents)."""
 
     letter = "L"
 
     def forward(self, q, k, v, g, layout):
         self.check_full(layout)
-        o, _ = gated_linear_attn(q, k, v, g)
+        cu_seqlens = None if layout.docs is None else layout.docs.on(q.device)
+        o, _ = gated_linear_attn(q, k, v, g, cu_seqlens=cu_seqlens)
         return o
 
 

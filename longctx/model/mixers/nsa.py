@@ -57,13 +57,17 @@ class NSACore(Core):
     def forward(self, q, k, v, gates, compress_k, compress_v, layout):
         self.check_full(layout)
         c = self.cfg
+        cu = None if layout.docs is None else layout.docs.on(q.device)
         k_cmp, v_cmp = compress_k(k), compress_v(v)
-        o_cmp, lse_cmp = nsa_cmp_attn(q, k_cmp, v_cmp, c.cmp_block, c.cmp_stride, return_lse=True)
-        block_idx = nsa_select_blocks(
-            q.detach(), k_cmp.detach(), lse_cmp.detach(), c.cmp_block, c.cmp_stride, c.slc_block, c.slc_top
+        o_cmp, lse_cmp = nsa_cmp_attn(
+            q, k_cmp, v_cmp, c.cmp_block, c.cmp_stride, return_lse=True, cu_seqlens=cu
         )
-        o_slc = nsa_select_attn(q, k, v, block_idx, c.slc_block)
-        o_win = flash_attn(q, k, v, causal=True, window=c.window)
+        block_idx = nsa_select_blocks(
+            q.detach(), k_cmp.detach(), lse_cmp.detach(), c.cmp_block, c.cmp_stride, c.slc_block, c.slc_top,
+            cu_seqlens=cu,
+        )  # fmt: skip
+        o_slc = nsa_select_attn(q, k, v, block_idx, c.slc_block, cu_seqlens=cu)
+        o_win = flash_attn(q, k, v, causal=True, window=c.window, cu_seqlens=cu)
         return mix_branches(gates, o_cmp, o_slc, o_win)
 
 
