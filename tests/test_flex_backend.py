@@ -128,3 +128,22 @@ def test_train_kernels_is_validated():
     assert load_config("configs/tiny.yaml", ["train.kernels=flex"]).train.kernels == "flex"
     with pytest.raises(ValueError, match="train.kernels"):
         load_config("configs/tiny.yaml", ["train.kernels=cuda"])
+
+
+def test_flex_masks_documents_like_the_reference():
+    """Packed documents (`cu_seqlens`, differing per sequence): FlexAttention's per-sequence BlockMask
+    for dense chunks (with a window, at CP offsets) and for S2 equals the reference, gradients too."""
+    q, k, v = _qkv(2, 40, 4, 2, 8)
+    cu = torch.tensor([[0, 5, 23, 41, 80], [0, 31, 52, 53, 80]], dtype=torch.int32)
+    for window, offsets in ((None, (40, 0)), (7, (16, 30)), (None, (0, 0))):
+        with K.backend("flex"):
+            o, lse = K.flash_attn_chunk(q, k, v, *offsets, window=window, cu_seqlens=cu)
+        with K.backend("naive"):
+            ref_o, ref_lse = K.flash_attn_chunk(q, k, v, *offsets, window=window, cu_seqlens=cu)
+        _close([o, lse, *_grads(o, lse, (q, k, v))], [ref_o, ref_lse, *_grads(ref_o, ref_lse, (q, k, v))])
+    s2 = dict(block_size=4, local_blocks=2, vert_stride=3, return_lse=True, cu_seqlens=cu[:, :4].clamp(max=40))
+    with K.backend("flex"):
+        o, lse = K.s2_attn(q, k, v, **s2)
+    with K.backend("naive"):
+        ref_o, ref_lse = K.s2_attn(q, k, v, **s2)
+    _close([o, lse, *_grads(o, lse, (q, k, v))], [ref_o, ref_lse, *_grads(ref_o, ref_lse, (q, k, v))])
