@@ -15,6 +15,7 @@ and the state); `step(x_t, cache)` advances one token.
 """
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,19 @@ CONV_WIDTH = 4
 # about a thousand tokens down to about one.
 DT_RANGE = (1e-3, 1e-1)
 A_RANGE = (1.0, 16.0)
+
+
+_warned_docs = False
+
+
+def _warn_docs() -> None:
+    global _warned_docs
+    _warned_docs = True
+    warnings.warn(
+        "G layers do not reset their state at document starts yet: with data.doc_mask=true the other "
+        "mixers keep packed documents apart, G layers carry state across them (docs/gated-deltanet.md)",
+        stacklevel=3,
+    )
 
 
 def _decay_init(n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,6 +158,8 @@ class GatedDeltaNet(nn.Module):
         return self.wo((self.o_norm(o) * gate).flatten(-2))
 
     def forward(self, x, cos, sin, layout):
+        if layout.docs is not None and not _warned_docs and bool((layout.docs.num_docs() > 1).any()):
+            _warn_docs()
         qkv, g, beta = self.gates(x)
         return self.out(self.core(qkv, g, beta, self.conv_weight(), layout), x)
 
