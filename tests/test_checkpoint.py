@@ -332,9 +332,12 @@ def test_export_round_trip_gives_the_same_logits(runs, tmp_path):
         == 0
     )
     # Two separate 8-step runs: the engines sum gradients in different orders and Adam amplifies that
-    # fp32 noise, so their weights agree to ~1e-4 relative (their losses to 1e-4, test_distributed).
+    # fp32 noise (their losses agree to 1e-4, test_distributed), so their logits agree only roughly.
     with torch.no_grad():
-        assert torch.allclose(load_exported(ds_out)(tokens), model(tokens), atol=1e-3, rtol=1e-3)
+        ds_logits, torch_logits = load_exported(ds_out)(tokens), model(tokens)
+    err = float((ds_logits - torch_logits).norm() / torch_logits.norm())
+    print(f"deepspeed vs torch export: relative error {err:.2e}")
+    assert err < 1e-3
 
 
 class _RunsCode:
