@@ -103,12 +103,19 @@ HSDP = {
 SHORT = ["data.seq_len=128", "train.steps=3"]
 
 
+# train.init_from read per shard into FSDP2 (2 ranks): weights of a DDP run (DCP, whole tensors), a
+# DeepSpeed ZeRO-2 run and a one-process run's export; a learning rate of 1e-30 leaves them unchanged
+# through the one step, so the run's checkpoint holds exactly what was loaded.
+INIT_FROM = {"from-ddp": "ddp", "from-zero2": "deepspeed", "from-export": "export"}
+
+
 @pytest.fixture(scope="module")
-def parallel_runs(tmp_path_factory, cache):
+def parallel_runs(tmp_path_factory, cache, single_batch_4_dir):
     """Every torchrun-launched run of this module, batched into one launch per process count
     (tests/cp_runs.py: a launch costs each process seconds of imports)."""
     root = tmp_path_factory.mktemp("parallel")
     base = [*OVERRIDES, f"data.cache_dir={cache}"]
+    assert main(["export", "--run", str(single_batch_4_dir), "--out", str(root / "export")]) == 0
     by_nproc = {2: [], 4: []}
     for cp in (2, 4):
         for scheme in SCHEMES:
@@ -119,6 +126,9 @@ def parallel_runs(tmp_path_factory, cache):
         # The same 4 sequences a step as micro-batches of 1 per rank (train.grad_accum).
         accum = ["train.batch_size=1", "train.grad_accum=2"]
         by_nproc[2].append((root / f"{name}-accum", [*base, "train.steps=3", *extra, *accum], CONFIG))
+    for name, source in INIT_FROM.items():
+        load = ["train.steps=1", "train.lr=1e-30", "parallel.fsdp=true", f"train.init_from={root / source}"]
+        by_nproc[2].append((root / name, [*base, *load], CONFIG))
     zero3 = ["train.steps=3", "parallel.cp=2", "parallel.engine=deepspeed", "parallel.zero_stage=3"]
     by_nproc[4].append((root / "dp2cp2", [*base, *zero3], CONFIG))
     # HSDP: shard within pairs of ranks, replicate across the two pairs (short sequences: 4 processes).
@@ -137,8 +147,15 @@ def single_5_steps(tmp_path_factory, cache):
 
 
 @pytest.fixture(scope="module")
-def single_batch_4(tmp_path_factory, cache):
-    return train(tmp_path_factory.mktemp("single4"), "single", cache, "train.steps=3", "train.batch_size=4")
+def single_batch_4_dir(tmp_path_factory, cache):
+    root = tmp_path_factory.mktemp("single4")
+    train(root, "single", cache, "train.steps=3", "train.batch_size=4")
+    return root / "single"
+
+
+@pytest.fixture(scope="module")
+def single_batch_4(single_batch_4_dir):
+    return losses(single_batch_4_dir)
 
 
 @pytest.mark.slow
@@ -170,6 +187,31 @@ def test_fsdp_meta_init_equals_one_process_weights(parallel_runs, single_batch_4
     # any update, so it shows the initial weights equal the one-process model's.
     for name in ("fsdp", "fsdp-accum"):
         assert losses(parallel_runs / name)[0] == pytest.approx(single_batch_4[0], rel=1e-6)
+
+
+def assert_same_weights(run_a, run_b):
+    from longctx.train.checkpoint import full_weights, latest_checkpoint
+
+    a, b = full_weights(latest_checkpoint(run_a)), full_weights(latest_checkpoint(run_b))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-20), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(INIT_FROM))
+def test_fsdp_init_from_reads_each_rank_its_rows(parallel_runs, single_batch_4_dir, name):
+    source = single_batch_4_dir if name == "from-export" else parallel_runs / INIT_FROM[name]
+    assert_same_weights(parallel_runs / name, source)
+    # Had nothing been loaded, the run would hold its seed's initial weights, which the source's
+    # 3 trained steps moved.
+    from longctx.model import build_model
+    from longctx.train.checkpoint import full_weights, latest_checkpoint
+
+    cfg = load_config(CONFIG, OVERRIDES)
+    fresh = build_model(cfg.model, "cpu", seed=cfg.train.seed).state_dict()
+    loaded = full_weights(latest_checkpoint(parallel_runs / name))
+    assert max((loaded[k] - fresh[k]).abs().max().item() for k in fresh) > 1e-4
 
 
 @pytest.mark.slow

@@ -35,12 +35,9 @@ from longctx.parallel.layout import Documents
 from longctx.tokenizer import copy_tokenizer
 from longctx.train.checkpoint import (
     Checkpointer,
-    check_param_shapes,
     find_resume,
-    full_weights,
     param_shapes,
     read_meta,
-    resolve_checkpoint,
 )
 from longctx.train.checkpoint_io import deepspeed_universal
 from longctx.train.distributed import (
@@ -157,13 +154,13 @@ class Trainer:
                 "or set train.eval_every=0"
             )
 
-        # FSDP2: every rank builds on meta and materialises its shards only; Hugging Face weights of an
-        # all-dense model are then read slice by slice (other init_from sources load whole, first).
-        load_whole = resume_from is None and cfg.train.init_from and not self.sharded_init_from()
-        on_meta = cfg.parallel.fsdp and not cfg.model.tie_embeddings and not load_whole
+        # FSDP2: every rank builds on meta and materialises its shards only; train.init_from weights
+        # are then read into the shards, each rank its rows (longctx.train.sharded_load).
+        on_meta = cfg.parallel.fsdp and not cfg.model.tie_embeddings
         model = build_model(cfg.model, "meta" if on_meta else self.device, seed=cfg.train.seed)
         model.activation_checkpointing = cfg.train.activation_checkpointing
         model.activation_offload = cfg.train.activation_offload
+        model.checkpoint_every_k = cfg.train.checkpoint_every_k
         model.loss_chunk, model.loss_impl = cfg.train.loss_chunk, cfg.train.loss_impl
         # Micro-batches per optimizer step; the global batch is batch_size x grad_accum x dp.
         self.grad_accum = cfg.train.accum_steps(cfg.data.seq_len, self.dist.dp_size)
@@ -245,32 +242,14 @@ class Trainer:
         self.stage = stage
         return True
 
-    def sharded_init_from(self) -> bool:
-        """Whether train.init_from is read per shard: a Hugging Face model kept all dense."""
-        return self.cfg.train.init_from.startswith("hf:") and set(self.cfg.model.pattern) == {"D"}
-
     def init_weights(self, model, path: str) -> str:
-        """Load only the weights of checkpoint (or run directory) `path` into `model` (before it is
-        sharded): continue-training may change seq_len, RoPE scaling and the parallel layout."""
-        if path.startswith("hf:"):
-            from longctx.hf import init_converted, load_hf_weights
+        """Load only the weights of `path` (a run, a checkpoint, an export or `hf:DIR`) into `model`,
+        plain or FSDP2-sharded, each rank reading the rows it keeps: continue-training may change
+        seq_len, RoPE scaling and the parallel layout."""
+        from longctx.train.sharded_load import init_source, load_init_weights
 
-            new = load_hf_weights(model, path)
-            init_converted(model, new)
-            converted = f"; {len(new)} parameters of converted layers start fresh" if new else ""
-            return (
-                f"initialised the weights from the Hugging Face checkpoint {path[3:]} (train.init_from"
-                f"{converted}; optimizer, schedule and data start fresh)"
-            )
-        ckpt = on_rank0(lambda: resolve_checkpoint(path, "train.init_from"), self.dist)
-        weights = full_weights(ckpt)
-        check_param_shapes(
-            {k: list(v.shape) for k, v in weights.items()}, self.param_shapes, f"checkpoint {str(ckpt)!r}"
-        )
-        model.load_state_dict(weights)
-        return (
-            f"initialised the weights from {ckpt} (train.init_from; optimizer, schedule and data start fresh)"
-        )
+        source = on_rank0(lambda: init_source(path), self.dist)
+        return load_init_weights(model, source, self.param_shapes)
 
     def needs_universal(self, path: Path) -> bool:
         """DeepSpeed loads its own checkpoint only at the DP x CP degree and ZeRO-3-ness it was written

@@ -1,0 +1,246 @@
+"""`train.init_from` weights read per shard: each rank reads only the rows of each tensor it keeps.
+
+    source = init_source("runs/base")           # ("checkpoint", path), ("export", dir) or ("hf", dir)
+    note = load_init_weights(model, source, param_shapes(model))
+
+`model` is the one the trainer trains: plain parameters (one process, DDP, DeepSpeed) or FSDP2's
+dim-0-sharded DTensors, already materialised. For a sharded parameter a rank reads rows
+`local_rows(param)` of the tensor and nothing else; for a plain one, the whole tensor.
+
+- `hf:DIR` (any layer letters) and a `longctx export` folder (`config.json` + `model.safetensors`):
+  safetensors files are read with plain positioned reads (`SafetensorsFile.read_rows`) straight into
+  the parameter (a bounce buffer of the slice only when the dtype or device differ). Not through
+  `safe_open`'s `mmap`: the file pages a rank touches would count in its resident memory, next to the
+  shard they are copied into, as long as the file is open (measured: about N/W twice, docs/scale.md).
+  The parameters of converted layers that the checkpoint lacks start as `longctx.hf.init_converted`
+  says, computed on full-size copies of those (small) tensors.
+- A run or a checkpoint written by the torch engine: DCP reads into the sharded state dict (each
+  rank the stored chunks that overlap its rows, one at a time).
+- A checkpoint written by DeepSpeed: its ZeRO files hold flat partitions that do not map onto rows,
+  so every rank reads the whole fp32 weights (`full_weights`) and keeps its rows; the peak is N + N/W.
+"""
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from longctx.train.checkpoint import META, check_param_shapes, full_weights, read_meta, resolve_checkpoint
+from longctx.train.checkpoint_io import dcp_load
+
+EXPORT_CONFIG, EXPORT_WEIGHTS = "config.json", "model.safetensors"
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class SafetensorsFile:
+    """A safetensors file read with positioned reads (no `mmap`): its header, and any rows of a tensor.
+
+    The format: an 8-byte little-endian header length, a JSON header `{name: {dtype, shape,
+    data_offsets: [begin, end]}}` (offsets into the data that follows), then the row-major data."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            (size,) = struct.unpack("<Q", head) if len(head) == 8 else (-1,)
+            if size < 0 or size > 100_000_000:
+                raise ValueError(f"{str(self.path)!r} is not a safetensors file (bad header length)")
+            try:
+                header = json.loads(f.read(size))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(
+                    f"{str(self.path)!r} is not a safetensors file: its header is not JSON ({e})"
+                ) from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + size
+        self.tensors = header
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.tensors[name]["shape"])
+
+    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor, fd: int) -> None:
+        """Copy rows `[start, stop)` (of dim 0) of tensor `name` into `out` (of that slice's shape),
+        reading only their bytes from the open file descriptor `fd`."""
+        info = self.tensors[name]
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(
+                f"{str(self.path)!r}: {name} has dtype {info['dtype']}, which longctx does not read"
+            )
+        dtype, shape = _DTYPES[info["dtype"]], info["shape"]
+        row_bytes = dtype.itemsize * (int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1)
+        begin, end = info["data_offsets"]
+        rows = shape[0] if shape else 1
+        if end - begin != row_bytes * rows:
+            raise ValueError(
+                f"{str(self.path)!r}: {name}'s data offsets do not match its shape; the file is damaged"
+            )
+        direct = out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous()
+        buf = out if direct else torch.empty(out.shape, dtype=dtype)
+        view = memoryview(buf.view(-1).view(torch.uint8).numpy()) if buf.numel() else memoryview(b"")
+        offset, done = self.data_start + begin + start * row_bytes, 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise ValueError(f"{str(self.path)!r} ends inside {name}; the file is truncated")
+            done += n
+        if not direct:
+            out.copy_(buf)
+
+
+def _rows(param) -> tuple[int, int]:
+    if hasattr(param, "to_local"):
+        from longctx.hf import local_rows
+
+        return local_rows(param)
+    return 0, param.shape[0] if param.dim() else 1
+
+
+def _local(param) -> torch.Tensor:
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+@torch.no_grad()
+def read_safetensors(model, files: list[Path], names: dict[str, str], what: str) -> tuple[set, list]:
+    """Read every tensor of `files` that `names` maps (`{file name: parameter name}`) into `model`'s
+    parameter, only the rows this rank keeps; return (file names read, file names not in `names`)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded, unexpected = set(), []
+    for path in files:
+        st = SafetensorsFile(path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for key in st.keys():
+                if key not in names:
+                    unexpected.append(key)
+                    continue
+                param = params[names[key]]
+                if st.shape(key) != list(param.shape):
+                    raise ValueError(
+                        f"{str(path)!r}: {key} has shape {st.shape(key)} but longctx's {names[key]} is "
+                        f"{list(param.shape)}; {what}"
+                    )
+                start, stop = _rows(param)
+                local = _local(param)
+                st.read_rows(key, start, stop, local if local.dim() else local.view(1), fd)
+                loaded.add(key)
+        finally:
+            os.close(fd)
+    return loaded, unexpected
+
+
+@torch.no_grad()
+def load_hf_rows(model, source: str | Path) -> list[str]:
+    """`longctx.hf.load_hf_weights`, reading only this rank's rows with positioned reads; returns the
+    parameters of converted layers the checkpoint did not hold."""
+    from longctx.hf import SUPPORTED, HFCheckpointError, _shards, hf_dir, hf_names
+
+    path = hf_dir(source)
+    names = hf_names(model)
+    try:
+        loaded, unexpected = read_safetensors(
+            model, _shards(path), names, "config.json and the weights disagree"
+        )
+    except HFCheckpointError:
+        raise
+    except ValueError as e:
+        raise HFCheckpointError(str(e)) from None
+    unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
+    dense_missing = [k for k in names if k not in loaded and ".longctx." not in k]
+    if unexpected or dense_missing:
+        problems = []
+        if dense_missing:
+            problems.append(f"missing {', '.join(sorted(dense_missing)[:4])}")
+        if unexpected:
+            problems.append(f"unexpected {', '.join(sorted(unexpected)[:4])}")
+        raise HFCheckpointError(
+            f"{str(path)!r} does not match its config.json as a {'/'.join(SUPPORTED)} model: "
+            f"{'; '.join(problems)}"
+        )
+    return sorted(names[k] for k in names if k not in loaded)
+
+
+@torch.no_grad()
+def init_converted_rows(model, new: list[str]) -> None:
+    """`longctx.hf.init_converted` for a model whose parameters may be sharded: the parameters in
+    `new` are gathered whole (they are a converted layer's gates, convolutions and compressors,
+    small next to the model), set on those full copies, and each rank keeps its rows back."""
+    from longctx.hf import init_converted
+
+    sharded = [n for n in sorted(new) if hasattr(model.get_parameter(n), "to_local")]
+    swapped = []
+    for name in sharded:
+        owner, attr = name.rsplit(".", 1)
+        module = model.get_submodule(owner)
+        param = module._parameters[attr]
+        module._parameters[attr] = torch.nn.Parameter(param.full_tensor(), requires_grad=False)
+        swapped.append((module, attr, param))
+    try:
+        init_converted(model, new)
+    finally:
+        for module, attr, param in swapped:
+            full = module._parameters[attr]
+            start, stop = _rows(param)
+            param.to_local().copy_(full[start:stop])
+            module._parameters[attr] = param
+
+
+def init_source(path: str) -> tuple[str, str]:
+    """What `train.init_from=path` names: ("hf", dir), ("export", dir) or ("checkpoint", path of a
+    complete checkpoint); a ValueError saying what a path must hold otherwise."""
+    if path.startswith("hf:"):
+        return "hf", path[3:]
+    folder = Path(path)
+    exported = (folder / EXPORT_WEIGHTS).is_file() and (folder / EXPORT_CONFIG).is_file()
+    if exported and not (folder / META).exists():
+        names = SafetensorsFile(folder / EXPORT_WEIGHTS).keys()
+        if any(n.startswith("model.") for n in names):
+            raise ValueError(
+                f"train.init_from={path}: this is a Hugging Face folder (`longctx export --hf`); "
+                f"write train.init_from=hf:{path}"
+            )
+        return "export", str(folder)
+    return "checkpoint", str(resolve_checkpoint(path, "train.init_from"))
+
+
+@torch.no_grad()
+def load_init_weights(model, source: tuple[str, str], shapes: dict[str, list[int]]) -> str:
+    """Load the weights of `source` (from `init_source`) into `model`, each rank its rows; `shapes`
+    are the model's full parameter shapes. Returns the line the run's log gets."""
+    kind, path = source
+    fresh = "optimizer, schedule and data start fresh"
+    if kind == "hf":
+        new = load_hf_rows(model, path)
+        init_converted_rows(model, new)
+        converted = f"; {len(new)} parameters of converted layers start fresh" if new else ""
+        return (
+            f"initialised the weights from the Hugging Face checkpoint {path} "
+            f"(train.init_from{converted}; {fresh})"
+        )
+    if kind == "export":
+        file = Path(path) / EXPORT_WEIGHTS
+        st = SafetensorsFile(file)
+        check_param_shapes({k: st.shape(k) for k in st.keys()}, shapes, f"export {path!r}")
+        names = {n: n for n in dict(model.named_parameters(remove_duplicate=False))}
+        read_safetensors(model, [file], names, "the export was written for another model")
+        return f"initialised the weights from the export {path} (train.init_from; {fresh})"
+    meta = read_meta(path)
+    check_param_shapes(meta["params"], shapes, f"checkpoint {path!r}")
+    state = model.state_dict()
+    if meta["engine"] == "deepspeed":
+        weights = full_weights(Path(path))
+        for name, t in state.items():
+            start, stop = _rows(t)
+            _local(t).copy_(weights[name][start:stop] if t.dim() else weights[name])
+        del weights
+    else:
+        dcp_load({"model": state}, Path(path) / "state")
+    return f"initialised the weights from {path} (train.init_from; {fresh})"
