@@ -324,8 +324,10 @@ class TrainConfig:
     # Write torch-engine checkpoints on a background thread while training goes on.
     async_ckpt: bool = False
     # none | full (recompute every block in the backward) | selective (recompute the MLPs and their
-    # norms, keep the mixers' saved tensors); true/false of older configs mean full/none.
-    activation_checkpointing: bool | Literal["none", "full", "selective"] = "none"
+    # norms, keep the mixers' saved tensors) | every_k (recompute every checkpoint_every_k-th block
+    # whole, from the first); true/false of older configs mean full/none.
+    activation_checkpointing: bool | Literal["none", "full", "selective", "every_k"] = "none"
+    checkpoint_every_k: int = 2
     # Keep what the backward needs in pinned host memory (torch.autograd.graph.save_on_cpu).
     activation_offload: bool = False
     # Tokens per chunk of the LM head + cross-entropy (0: a chunk's fp32 logits are ~256 MiB).
@@ -368,6 +370,11 @@ class TrainConfig:
             value = getattr(self, name)
             _require(value >= 0, f"train.{name}", f"must be >= 0 (0: automatic), got {value}")
         _require(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _require(
+            self.checkpoint_every_k >= 1,
+            "train.checkpoint_every_k",
+            f"must be >= 1 (1: every block, as activation_checkpointing=full), got {self.checkpoint_every_k}",
+        )
         _require(
             self.loss_impl == "chunked" or self.answer_loss_weight == 1.0,
             "train.loss_impl",

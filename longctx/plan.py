@@ -125,6 +125,44 @@ def measure_block_bytes(cfg: ModelConfig, letter: str, seq_len: int, mode: str =
     return sum(storages.values())
 
 
+def measure_recompute(cfg: ModelConfig, seq_len: int, mode: str, every_k: int = 2) -> dict:
+    """What a checkpointing mode saves and what it costs, measured on the model `cfg` (fp32, CPU, the
+    PyTorch reference kernels, whose matmuls the FLOP counter sees) for one sequence of `seq_len`
+    tokens: `{"saved": bytes autograd keeps for the layer stack, "flops": FLOPs of forward +
+    backward}` (`torch.utils.flop_counter`). Against mode "none", the bytes freed per recompute FLOP."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from longctx.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights()
+    model.activation_checkpointing, model.checkpoint_every_k = mode, every_k
+    tokens = torch.randint(0, cfg.vocab_size, (1, seq_len))
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            hidden = model(tokens, return_hidden=True)
+        hidden.sum().backward()
+    return {"saved": sum(storages.values()), "flops": counter.get_total_flops()}
+
+
+def layer_modes(mode: str, n_layers: int, every_k: int) -> list[str]:
+    """Each layer's checkpointing: `every_k` recomputes layers 0, k, 2k, ... whole and keeps the rest."""
+    if mode != "every_k":
+        return [mode] * n_layers
+    return ["full" if i % every_k == 0 else "none" for i in range(n_layers)]
+
+
 @dataclass
 class Setup:
     gpus: int
@@ -171,19 +209,21 @@ def breakdown(cfg: Config, setup: Setup, counts: tuple[int, int, int]) -> dict[s
         out["gathered parameters (bf16)"] = 2 * 2 * block + 4 * block + 2 * root
     local = setup.seq_len // setup.cp * cfg.train.batch_size
     letters = m.pattern
+    modes = layer_modes(setup.checkpointing, len(letters), cfg.train.checkpoint_every_k)
     for letter in sorted(set(letters), key="DSNL".index):
-        per = layer_bytes_per_token(m, letter, setup.checkpointing)
+        saved = sum(
+            layer_bytes_per_token(m, x, mode)["saved"] for x, mode in zip(letters, modes) if x == letter
+        )
         count = letters.count(letter)
         out[f"activations: {count} x {letter} layers ({setup.checkpointing})"] = (
-            0.0 if setup.offload else per["saved"] * count * local
+            0.0 if setup.offload else saved * local
         )
     if setup.checkpointing != "none":
         out["recompute working set (one block)"] = (
-            max(layer_bytes_per_token(m, letter, setup.checkpointing)["recompute"] for letter in set(letters))
-            * local
+            max(layer_bytes_per_token(m, x, mode)["recompute"] for x, mode in zip(letters, modes)) * local
         )
     if setup.offload:
-        saved = sum(layer_bytes_per_token(m, x, setup.checkpointing)["saved"] for x in letters) * local
+        saved = sum(layer_bytes_per_token(m, x, mode)["saved"] for x, mode in zip(letters, modes)) * local
         # What leaves for host memory, one block's worth is in flight at a time.
         out["offload staging (one block)"] = saved / len(letters)
     chunk = cfg.train.loss_chunk or max(1, 256 * 2**20 // (4 * m.vocab_size))
@@ -247,7 +287,8 @@ def host_offload_bytes(cfg: Config, setup: Setup) -> float:
     """Pinned host memory per GPU that `train.activation_offload` fills."""
     local = setup.seq_len // setup.cp * cfg.train.batch_size
     letters = cfg.model.pattern
-    return sum(layer_bytes_per_token(cfg.model, x, setup.checkpointing)["saved"] for x in letters) * local
+    modes = layer_modes(setup.checkpointing, len(letters), cfg.train.checkpoint_every_k)
+    return sum(layer_bytes_per_token(cfg.model, x, mode)["saved"] for x, mode in zip(letters, modes)) * local
 
 
 def _gib(n: float) -> str:

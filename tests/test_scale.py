@@ -76,7 +76,8 @@ def test_checkpointing_modes_same_gradients_and_fewer_saved_bytes(letter):
     tokens = torch.randint(0, cfg.model.vocab_size, (1, 64))
     targets = torch.randint(0, cfg.model.vocab_size, (1, 64))
     grads, saved = {}, {}
-    for mode in ("none", "selective", "full"):
+    model.checkpoint_every_k = 2  # every_k: the first of the 2 layers recomputed, the second kept
+    for mode in ("none", "selective", "every_k", "full"):
         for offload in (False, True):
             model.zero_grad()
             model.activation_checkpointing, model.activation_offload = mode, offload
@@ -87,3 +88,4 @@ def test_checkpointing_modes_same_gradients_and_fewer_saved_bytes(letter):
     for key, value in grads.items():
         assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(value, grads["none", False])), key
     assert saved["full"] < saved["selective"] < saved["none"], saved
+    assert saved["full"] < saved["every_k"] < saved["none"], saved

@@ -7,7 +7,9 @@
 
 Activation memory: `model.activation_checkpointing` is "none", "full" (each block recomputed in the
 backward; only block inputs are kept) or "selective" (the MLP half of each block and its norm are
-recomputed, the mixer keeps its saved tensors); `model.activation_offload=True` moves what is saved
+recomputed, the mixer keeps its saved tensors) or "every_k" (every `model.checkpoint_every_k`-th
+block, from the first, is recomputed whole; the others keep everything); `model.activation_offload=True`
+moves what is saved
 for the backward to pinned host memory (`torch.autograd.graph.save_on_cpu`). `model.loss_chunk` is the
 token chunk of the LM head and loss (`longctx.model.loss`; 0: automatic).
 
@@ -69,6 +71,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
         self.activation_checkpointing = "none"
         self.activation_offload = False
+        self.checkpoint_every_k = 2
         self.loss_chunk = 0
         self.loss_impl = "chunked"
 
@@ -152,8 +155,8 @@ class Transformer(nn.Module):
         mode = self.checkpoint_mode() if torch.is_grad_enabled() else "none"
         offload = torch.autograd.graph.save_on_cpu(pin_memory=h.is_cuda) if self.activation_offload else None
         with offload or contextlib.nullcontext():
-            for layer in self.layers:
-                if mode == "full":
+            for i, layer in enumerate(self.layers):
+                if mode == "full" or mode == "every_k" and i % self.checkpoint_every_k == 0:
                     h = checkpoint(layer, h, cos, sin, layout, use_reentrant=False)
                 else:
                     h = layer(h, cos, sin, layout, selective=mode == "selective")
@@ -165,12 +168,16 @@ class Transformer(nn.Module):
         return h if return_hidden else self.output(h)
 
     def checkpoint_mode(self) -> str:
-        """ "none" | "full" | "selective" (the boolean of older callers: True is "full")."""
+        """ "none" | "full" | "selective" | "every_k" (the boolean of older callers: True is "full")."""
         mode = self.activation_checkpointing
         if isinstance(mode, bool):
             return "full" if mode else "none"
-        if mode not in ("none", "full", "selective"):
-            raise ValueError(f"activation_checkpointing must be none, full or selective, got {mode!r}")
+        if mode not in ("none", "full", "selective", "every_k"):
+            raise ValueError(
+                f"activation_checkpointing must be none, full, selective or every_k, got {mode!r}"
+            )
+        if mode == "every_k" and self.checkpoint_every_k < 1:
+            raise ValueError(f"checkpoint_every_k must be >= 1, got {self.checkpoint_every_k}")
         return mode
 
     def num_params(self) -> int:
