@@ -6,7 +6,8 @@
 
 `make` saves a random ~300M-parameter Llama with `transformers` (fp32 safetensors, 1.2 GB) next to the
 given SentencePiece tokenizer; `run` trains the config and prints, per rank, the process's peak
-resident memory after building and loading (before the first step) and after training.
+resident memory after building and loading (before the first step) and after training (`--load-only`:
+stop after loading).
 """
 
 import argparse
@@ -42,7 +43,7 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run(config: str, overrides: list[str]) -> None:
+def run(config: str, overrides: list[str], load_only: bool = False) -> None:
     import torch.distributed as dist
 
     from longctx.config import load_config
@@ -50,9 +51,10 @@ def run(config: str, overrides: list[str]) -> None:
 
     trainer = Trainer(load_config(config, overrides))
     loaded = peak_mib()
-    trainer.train()
-    trained = peak_mib()
-    mine = {"rank": trainer.dist.rank, "after_load_mib": round(loaded), "after_train_mib": round(trained)}
+    mine = {"rank": trainer.dist.rank, "after_load_mib": round(loaded)}
+    if not load_only:
+        trainer.train()
+        mine["after_train_mib"] = round(peak_mib())
     rows = [mine]
     if dist.is_initialized():
         rows = [None] * dist.get_world_size()
@@ -71,12 +73,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--vocab", type=int, default=1024)
     p = sub.add_parser("run")
     p.add_argument("--config")
+    p.add_argument("--load-only", action="store_true", help="stop after building and loading")
     p.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     if args.command == "make":
         make(args.out, args.tokenizer, args.vocab)
     else:
-        run(args.config, args.overrides)
+        run(args.config, args.overrides, args.load_only)
     return 0
 
 

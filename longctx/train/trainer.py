@@ -215,6 +215,15 @@ class Trainer:
             self.metrics.write(init_note)
         if history_note:
             self.metrics.write(history_note)
+        if cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
+            # Not built on meta: DeepSpeed takes a materialised module (deepspeed.zero.Init would
+            # partition at construction, before the per-parameter seeded init; docs/scale.md).
+            gib = 4 * sum(torch.Size(shape).numel() for shape in self.param_shapes.values()) / 2**30
+            self.metrics.write(
+                f"DeepSpeed ZeRO-3 partitions the model after every rank built it whole in host memory "
+                f"({gib:.2f} GiB fp32 a rank); parallel.engine=torch parallel.fsdp=true builds it on meta "
+                "and reads only each rank's shard"
+            )
 
     def lock_run_dir(self) -> None:
         """Rank 0: take the run directory's lock (ValueError naming the holder if another run has it)."""
