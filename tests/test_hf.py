@@ -277,6 +277,9 @@ def hf_runs(tmp_path_factory, sp_model):
     run_many(
         [
             (root / "D-cp2", [*dense, "parallel.cp=2"], DENSE_CFG),
+            # The converted stack read per shard into FSDP2 (each rank its rows; the N layer's new
+            # gates and compressors set on full copies).
+            (root / "DSNL-cp2", [*hybrid, "parallel.cp=2", "parallel.fsdp=true"], HYBRID_CFG),
             (
                 root / "LLLD-cp2",
                 [*base, *small, "train.steps=12", "model.layers=LLLD", "parallel.cp=2"],
@@ -296,6 +299,13 @@ def test_imported_model_trains_context_parallel(hf_runs):
     assert cp2 == pytest.approx(one, rel=1e-4)
     converted = losses(hf_runs / "LLLD-cp2")
     assert sum(converted[-3:]) / 3 < converted[0] - 0.1
+
+
+@pytest.mark.slow
+def test_converted_model_loads_per_shard_and_trains_like_one_process(hf_runs):
+    one, sharded = losses(hf_runs / "DSNL"), losses(hf_runs / "DSNL-cp2")
+    assert len(one) == len(sharded) == 4
+    assert sharded == pytest.approx(one, rel=1e-4)
 
 
 @pytest.mark.slow

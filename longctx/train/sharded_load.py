@@ -60,6 +60,12 @@ class SafetensorsFile:
         header.pop("__metadata__", None)
         self.data_start = 8 + size
         self.tensors = header
+        end = max((t["data_offsets"][1] for t in header.values()), default=0)
+        if self.path.stat().st_size < self.data_start + end:
+            raise ValueError(
+                f"{str(self.path)!r} is truncated: its header lists {self.data_start + end} bytes, the file "
+                f"has {self.path.stat().st_size}; download or write it again"
+            )
 
     def keys(self) -> list[str]:
         return list(self.tensors)
