@@ -88,7 +88,7 @@ def assert_close(a, b, rel=1e-4):
 
 
 SCHEMES = ["ring", "ulysses", "allgather"]
-# Data parallelism: 3 steps of batch 2 per rank against one process with batch 4.
+# Data parallelism: 5 steps of batch 2 per rank against one process with batch 4.
 DP2 = {
     "ddp": [],
     "deepspeed": ["parallel.engine=deepspeed", "parallel.zero_stage=2"],
@@ -122,10 +122,10 @@ def parallel_runs(tmp_path_factory, cache, single_batch_4_dir):
             overrides = [*base, "train.steps=5", f"parallel.cp={cp}", f"parallel.cp_comm={scheme}"]
             by_nproc[cp].append((root / f"{scheme}-{cp}", overrides, CONFIG))
     for name, extra in DP2.items():
-        by_nproc[2].append((root / name, [*base, "train.steps=3", *extra], CONFIG))
+        by_nproc[2].append((root / name, [*base, "train.steps=5", *extra], CONFIG))
         # The same 4 sequences a step as micro-batches of 1 per rank (train.grad_accum).
         accum = ["train.batch_size=1", "train.grad_accum=2"]
-        by_nproc[2].append((root / f"{name}-accum", [*base, "train.steps=3", *extra, *accum], CONFIG))
+        by_nproc[2].append((root / f"{name}-accum", [*base, "train.steps=5", *extra, *accum], CONFIG))
     for name, source in INIT_FROM.items():
         load = ["train.steps=1", "train.lr=1e-30", "parallel.fsdp=true", f"train.init_from={root / source}"]
         by_nproc[2].append((root / name, [*base, *load], CONFIG))
@@ -149,7 +149,7 @@ def single_5_steps(tmp_path_factory, cache):
 @pytest.fixture(scope="module")
 def single_batch_4_dir(tmp_path_factory, cache):
     root = tmp_path_factory.mktemp("single4")
-    train(root, "single", cache, "train.steps=3", "train.batch_size=4")
+    train(root, "single", cache, "train.steps=5", "train.batch_size=4")
     return root / "single"
 
 
@@ -178,7 +178,7 @@ def test_grad_accum_equals_the_large_batch(parallel_runs, engine):
     accum, large = metrics(parallel_runs / f"{engine}-accum"), metrics(parallel_runs / engine)
     assert_close([r["loss"] for r in accum], [r["loss"] for r in large], rel=1e-5)
     # Every micro-batch's tokens count: 2 ranks x 2 micro-batches x 1 sequence x 512 tokens a step.
-    assert [r["tokens"] for r in accum] == [r["tokens"] for r in large] == [2048 * k for k in (1, 2, 3)]
+    assert [r["tokens"] for r in accum] == [r["tokens"] for r in large] == [2048 * k for k in range(1, 6)]
 
 
 @pytest.mark.slow
@@ -204,7 +204,7 @@ def test_fsdp_init_from_reads_each_rank_its_rows(parallel_runs, single_batch_4_d
     source = single_batch_4_dir if name == "from-export" else parallel_runs / INIT_FROM[name]
     assert_same_weights(parallel_runs / name, source)
     # Had nothing been loaded, the run would hold its seed's initial weights, which the source's
-    # 3 trained steps moved.
+    # 5 trained steps moved.
     from longctx.model import build_model
     from longctx.train.checkpoint import full_weights, latest_checkpoint
 
@@ -232,7 +232,7 @@ def test_hsdp_equals_one_process(parallel_runs, cache, tmp_path, name):
 
 @pytest.mark.slow
 def test_dp2_cp2_zero3_on_four_processes(parallel_runs, single_batch_4):
-    assert_close(losses(parallel_runs / "dp2cp2"), single_batch_4)
+    assert_close(losses(parallel_runs / "dp2cp2"), single_batch_4[:3])
 
 
 @pytest.mark.slow
