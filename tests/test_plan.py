@@ -102,3 +102,19 @@ def test_selective_frees_more_bytes_per_recompute_flop_than_every_kth_layer():
     # Per byte freed, recomputing the MLP half costs fewer FLOPs than recomputing whole layers
     # (measured at 128 and 256 tokens in docs/scale.md).
     assert per_flop(("selective", 2)) > 1.02 * per_flop(("every_k", 2))
+
+
+def test_plan_counts_every_kth_layer_layer_by_layer():
+    from longctx.plan import Setup, _plan_config, breakdown, param_counts
+
+    cfg = _plan_config("configs/llama3-8b-128k.yaml", ["train.checkpoint_every_k=2"])
+    counts = param_counts(cfg.model)
+
+    def activations(mode):
+        plan = breakdown(cfg, Setup(8, 80 * GiB, 131072, 8, 1, mode, False), counts)
+        return plan[f"activations: 32 x D layers ({mode})"]
+
+    # Layers 0, 2, ..., 30 keep their block input only, layers 1, 3, ..., 31 everything.
+    assert activations("every_k") == pytest.approx((activations("full") + activations("none")) / 2)
+    with pytest.raises(ValueError, match="train.checkpoint_every_k"):
+        load_config(None, ["train.checkpoint_every_k=0"])
