@@ -35,12 +35,12 @@ KERNELS = {
     "longctx.kernels.s2_attn.triton": [
         "_s2_fwd_kernel", "_s2_bwd_preprocess_kernel", "_s2_bwd_dq_kernel", "_s2_bwd_dkdv_kernel",
     ],
-    "longctx.kernels.nsa.select_attn": [
+    "longctx.kernels.nsa.triton.select_attn": [
         "_select_fwd_kernel", "_select_bwd_dq_kernel", "_select_bwd_dkdv_kernel",
     ],
-    "longctx.kernels.nsa.cmp_attn": ["_cmp_fwd_kernel", "_cmp_bwd_dq_kernel", "_cmp_bwd_dkdv_kernel"],
-    "longctx.kernels.nsa.select_blocks": ["_select_blocks_kernel"],
-    "longctx.kernels.nsa.common": ["_softmax_delta_kernel"],
+    "longctx.kernels.nsa.triton.cmp_attn": ["_cmp_fwd_kernel", "_cmp_bwd_dq_kernel", "_cmp_bwd_dkdv_kernel"],
+    "longctx.kernels.nsa.triton.select_blocks": ["_select_blocks_kernel"],
+    "longctx.kernels.nsa.triton.common": ["_softmax_delta_kernel"],
     "longctx.kernels.gla.chunk": [
         "chunk_local_cumsum_kernel", "chunk_fwd_h_kernel", "chunk_fwd_o_kernel", "chunk_bwd_dh_kernel",
         "chunk_bwd_dv_kernel", "chunk_bwd_dqk_kernel",
@@ -186,7 +186,7 @@ def probes():
         fa = importlib.import_module("longctx.kernels.flash_attn.triton")
         s2 = importlib.import_module("longctx.kernels.s2_attn.triton")
         gla = importlib.import_module("longctx.kernels.gla.chunk")
-        nsa = importlib.import_module("longctx.kernels.nsa.common")
+        nsa = importlib.import_module("longctx.kernels.nsa.triton.common")
 
         @triton.jit
         def flash(out, start, stride_t, BR: tl.constexpr, BD: tl.constexpr):

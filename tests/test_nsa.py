@@ -81,7 +81,7 @@ TOL = 1e-4
 @pytest.fixture
 def launches(monkeypatch):
     """Counts every launcher call, proving the Triton kernels (not the references) ran."""
-    from longctx.kernels.nsa import cmp_attn, select_attn, select_blocks
+    from longctx.kernels.nsa.triton import cmp_attn, select_attn, select_blocks
 
     counts = Counter()
 
@@ -160,7 +160,7 @@ def select_inputs(b, t, h, h_kv, d, bs, n, q_offset, k_offset, t_k):
 @pytest.mark.parametrize("rows", [16, 64], ids=["rows16", "rows64"])
 @pytest.mark.parametrize("case", SELECT_CASES.values(), ids=SELECT_CASES.keys())
 def test_nsa_select_attn_matches_fp64_reference(case, rows, launches, nan_outputs, monkeypatch):
-    from longctx.kernels.nsa import select_attn
+    from longctx.kernels.nsa.triton import select_attn
 
     # rows = query tokens x heads per forward / dq program: 16 is the default, 64 makes several
     # tokens share a program and walk the union of their block lists.
@@ -284,7 +284,7 @@ def block_inputs(b, t, h, h_kv, d, cmp_block, cmp_stride, q_off):
 
 @pytest.mark.parametrize("case", BLOCK_CASES.values(), ids=BLOCK_CASES.keys())
 def test_nsa_select_blocks_matches_reference_exactly(case, launches, nan_outputs):
-    from longctx.kernels.nsa.select_blocks import supported
+    from longctx.kernels.nsa.triton.select_blocks import supported
 
     b, t, h, h_kv, d, cmp_block, cmp_stride, slc_block, top, q_off = case
     q, k_cmp, lse = block_inputs(b, t, h, h_kv, d, cmp_block, cmp_stride, q_off)

@@ -1,5 +1,7 @@
-"""Public dense-attention ops: `flash_attn` for a whole sequence, the chunk-pair entry points ring
-attention is built from, and the lse merge of partial results.
+"""Dense softmax attention (the D mixer, NSA's window branch, ring attention's building block):
+`flash_attn` for a whole sequence, the chunk-pair entry points ring attention is built from
+(`flash_attn_chunk`, `flash_attn_chunk_fwd`, `flash_attn_chunk_bwd`, at global offsets), and the lse
+merge of partial results (`merge_partials`).
 
     o = flash_attn(q, k, v)                                   # causal, [B, T, H, D]
     o, lse = flash_attn_chunk(q, k, v, q_offset=1024, k_offset=0)
@@ -19,7 +21,7 @@ import torch
 from longctx.kernels import flex
 from longctx.kernels.common.backend import op_backend
 from longctx.kernels.common.docs import check_cu_seqlens, doc_bounds
-from longctx.kernels.flash_attn.naive import attention_bwd_ref, attention_ref
+from longctx.kernels.flash_attn.naive import attention_bwd_ref, attention_ref, merge_partials_ref
 
 
 def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> None:
@@ -311,3 +313,15 @@ def merge_partials(outs, lses):
             f"merge_partials needs matching non-empty lists, got {len(outs)} outs, {len(lses)} lses"
         )
     return MergePartialsFunction.apply(len(outs), *outs, *lses)
+
+
+__all__ = [
+    "flash_attn",
+    "flash_attn_chunk",
+    "flash_attn_chunk_fwd",
+    "flash_attn_chunk_bwd",
+    "merge_partials",
+    "attention_ref",
+    "attention_bwd_ref",
+    "merge_partials_ref",
+]

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longctx.kernels.nsa.common import (
+from longctx.kernels.nsa.triton.common import (
     LOG2E,
     dkdv_rows,
     dot_precision,

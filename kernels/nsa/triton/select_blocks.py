@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longctx.kernels.nsa.common import LOG2E, dot_precision, pow2_at_least_16, row_offset, row_tile, warps_for
+from longctx.kernels.nsa.triton.common import LOG2E, dot_precision, pow2_at_least_16, row_offset, row_tile, warps_for
 
 
 @triton.jit
