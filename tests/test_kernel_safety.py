@@ -186,7 +186,7 @@ def probes():
         fa = importlib.import_module("longctx.kernels.flash_attn.triton")
         s2 = importlib.import_module("longctx.kernels.s2_attn.triton")
         gla = importlib.import_module("longctx.kernels.gla.chunk")
-        nsa = importlib.import_module("longctx.kernels.nsa.triton.common")
+        nsa = importlib.import_module("longctx.kernels.common.triton")
 
         @triton.jit
         def flash(out, start, stride_t, BR: tl.constexpr, BD: tl.constexpr):
