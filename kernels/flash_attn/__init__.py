@@ -7,13 +7,14 @@ merge of partial results (`merge_partials`).
     o, lse = flash_attn_chunk(q, k, v, q_offset=1024, k_offset=0)
     o, lse = merge_partials([o_a, o_b], [lse_a, lse_b])
 
-Each op runs the Triton kernels (`triton.py`) on CUDA or under `TRITON_INTERPRET=1`, and the plain
-PyTorch reference (`naive.py`) elsewhere; `longctx.kernels.backend("naive" | "triton")` forces one, and
-`backend("flex")` runs them through FlexAttention (`longctx.kernels.flex`, fp64 included).
-On the reference, `flash_attn` and `flash_attn_chunk` differentiate `attention_ref` by autograd and
-`flash_attn_chunk_bwd` runs the explicit `attention_bwd_ref` (no autograd graph, as ring attention
-needs). fp64 inputs always take the reference (the kernels compute in fp32). The kernel module is imported
-on first use, so that it is built for the mode (compiled or interpreted) the process runs in.
+Each op runs the Triton kernels (`triton.py`: launchers and the autograd Function) on CUDA or under
+`TRITON_INTERPRET=1`, and the plain PyTorch reference (`naive.py`) elsewhere;
+`longctx.kernels.backend("naive" | "triton")` forces one, and `backend("flex")` runs them through
+FlexAttention (`longctx.kernels.flex`, fp64 included). On the reference, `flash_attn` and
+`flash_attn_chunk` differentiate `attention_ref` by autograd and `flash_attn_chunk_bwd` runs the
+explicit `attention_bwd_ref` (no autograd graph, as ring attention needs). fp64 inputs always take the
+reference (the kernels compute in fp32). The kernel module is imported on first use, so that it is
+built for the mode (compiled or interpreted) the process runs in.
 """
 
 import torch
@@ -135,27 +136,6 @@ def _backward(do, q, k, v, o, lse, q_offset, k_offset, causal, scale, window, dl
     )  # fmt: skip
 
 
-class FlashAttnFunction(torch.autograd.Function):
-    """The kernels' `(o, lse)` of a query chunk against a key chunk, differentiable in both outputs."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, q_offset, k_offset, causal, scale, window, docs):
-        o, lse = _forward(q, k, v, q_offset, k_offset, causal, scale, window, where="triton", docs=docs)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (q_offset, k_offset, causal, scale, window)
-        ctx.docs = docs
-        # An unused output's gradient arrives as None instead of a tensor of zeros.
-        ctx.set_materialize_grads(False)
-        return o, lse
-
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        do = torch.zeros_like(o) if do is None else do
-        dq, dk, dv = _backward(do, q, k, v, o, lse, *ctx.args, dlse=dlse, where="triton", docs=ctx.docs)
-        return dq, dk, dv, None, None, None, None, None, None
-
-
 def _attention(q, k, v, q_offset, k_offset, causal, scale, window, return_lse, cu_seqlens=None):
     _validate(q, k, v, window)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -167,7 +147,10 @@ def _attention(q, k, v, q_offset, k_offset, causal, scale, window, return_lse, c
         o, lse = flex.attention(q, k, v, mask, scale)
         return (o, lse) if return_lse else o
     if where == "triton":
-        o, lse = FlashAttnFunction.apply(q, k, v, q_offset, k_offset, causal, scale, window, docs)
+        from longctx.kernels.flash_attn.triton import FlashAttnFunction
+
+        empty = _pair_is_empty(q.shape[1], k.shape[1], q_offset, k_offset, causal, window)
+        o, lse = FlashAttnFunction.apply(q, k, v, q_offset - k_offset, causal, scale, window, docs, empty)
         return (o, lse) if return_lse else o
     # The reference under autograd: on CPU this beats the explicit backward, which recomputes the scores.
     mask = None if docs is None else docs.mask()
