@@ -39,12 +39,17 @@ import triton.language as tl
 
 from longctx.kernels.common import tuning
 from longctx.kernels.common.backend import interpreting
+from longctx.kernels.common.triton import (
+    LOG2E,
+    LOG2E_C,
+    doc_start_arg,
+    dot_precision,
+    head_dim_tile,
+    softmax_finish,
+    softmax_init,
+    softmax_step,
+)
 from longctx.kernels.s2_attn.blocks import S2BlockLists, TileLists, check_block_ids, s2_block_lists
-
-LOG2E = 1.4426950408889634
-# Kernels may only read constexpr globals.
-_LOG2E = tl.constexpr(LOG2E)
-_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -146,17 +151,7 @@ def _fwd_walk(
                     b_s = tl.where(m_s, b_s, float("-inf"))
                 elif HAS_DOCS:
                     b_s = tl.where(pos_n[None, :] >= ds_m[:, None], b_s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(b_s, 1))
-                if MASK or HAS_DOCS:
-                    # A row with every key masked so far keeps m = -inf; shift by 0 so exp2 gives 0.
-                    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-                else:
-                    m_shift = m_new
-                b_p = tl.exp2(b_s - m_shift[:, None])
-                alpha = tl.exp2(m_i - m_shift)
-                l_i = l_i * alpha + tl.sum(b_p, 1)
-                acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-                m_i = m_new
+                acc, l_i, m_i = softmax_step(acc, l_i, m_i, b_s, b_v, PRECISION)
     return acc, l_i, m_i
 
 
@@ -191,9 +186,7 @@ def _s2_fwd_kernel(
     lo = tl.load(offsets + row)
     mid = tl.load(split + row)
     hi = tl.load(offsets + row + 1)
-    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BM], dtype=tl.float32)
-    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    acc, l_i, m_i = softmax_init(BM, BD)
     acc, l_i, m_i = _fwd_walk(
         acc, l_i, m_i, b_q, qb_m, pos_m, ds_m, ds_min, p_k, p_v, stride_kt, stride_vt, k_ids, indices,
         lo, mid, T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
@@ -205,11 +198,7 @@ def _s2_fwd_kernel(
         D, BD, BS, BN, True, HAS_DOCS, PRECISION,
     )  # fmt: skip
 
-    # Rows that saw no key at all: o = 0 and lse = -inf, so they drop out of an lse merge.
-    seen = l_i > 0
-    l_safe = tl.where(seen, l_i, 1.0)
-    acc = acc / l_safe[:, None]
-    b_lse = tl.where(seen, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
+    acc, b_lse = softmax_finish(acc, l_i, m_i)
     p_o = _base(o, i_b, i_h, stride_ob, stride_oh)
     p_o += o_m[:, None].to(tl.int64) * stride_ot
     tl.store(p_o + o_d[None, :], acc.to(o.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < D))
@@ -302,7 +291,7 @@ def _s2_bwd_dq_kernel(
         _base(do, i_b, i_h, stride_dob, stride_doh),
         start, stride_dot, T_q, BM, D, BD, True,
     )
-    b_lse = tl.load(lse + i_bh.to(tl.int64) * T_q + o_m, mask=m_m, other=float("inf")) * _LOG2E
+    b_lse = tl.load(lse + i_bh.to(tl.int64) * T_q + o_m, mask=m_m, other=float("inf")) * LOG2E_C
     # A row that saw no key (lse = -inf) gets p = 0 instead of exp2(+inf).
     b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
     b_delta = tl.load(delta + i_bh.to(tl.int64) * T_q + o_m, mask=m_m, other=0.0)
@@ -370,11 +359,11 @@ def _dkdv_tile(
     b_do = _load_rows(p_do, i_qb * BS + m, stride_dot, T_q, BM, D, BD, MASK)
     if MASK:
         # Padded query rows get lse = +inf, hence p = 0; so do rows that saw no key.
-        b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf")) * _LOG2E
+        b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf")) * LOG2E_C
         b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
         b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
     else:
-        b_lse = tl.load(p_lse + o_m) * _LOG2E
+        b_lse = tl.load(p_lse + o_m) * LOG2E_C
         b_delta = tl.load(p_delta + o_m)
     b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale  # [BN, BM]
     if MASK:
@@ -508,11 +497,6 @@ def _run_tuned(name: str, key: tuple, launch, block_size: int, bd: int, elem_byt
     launch(tuning.choose(f"s2_{name}", key, candidates(name, block_size, bd, elem_bytes), bench))
 
 
-def _precision(x: torch.Tensor) -> str:
-    # fp32 inputs (tests, fp32 training) get full-precision dots rather than TF32.
-    return "ieee" if x.dtype == torch.float32 else "tf32"
-
-
 def _pattern_args(lists: S2BlockLists) -> tuple:
     local_blocks, vert_stride, dense_heads = lists.pattern
     head_step = max(1, vert_stride // lists.n_heads)
@@ -535,12 +519,6 @@ def _tune_key(q, k, lists: S2BlockLists, block_size: int) -> tuple:
             triton.next_power_of_2(lists.n_q_blocks), triton.next_power_of_2(lists.n_k_blocks))  # fmt: skip
 
 
-def _doc_arg(q: torch.Tensor, doc_start) -> tuple[torch.Tensor, bool]:
-    if doc_start is None:
-        return torch.zeros(1, dtype=torch.int32, device=q.device), False
-    return doc_start.to(torch.int32).contiguous(), True
-
-
 def s2_attn_fwd(q, k, v, lists: S2BlockLists, block_size: int, scale: float, tiles=None, doc_start=None):
     """Launch the forward: `o` `[B, T, H, D]` in q's dtype and `lse` `[B, H, T]` fp32. `doc_start`:
     None, or `[B, Tq]` int32, each query's document start (global position)."""
@@ -548,8 +526,8 @@ def s2_attn_fwd(q, k, v, lists: S2BlockLists, block_size: int, scale: float, til
     t_k, n_kv = k.shape[1], k.shape[2]
     o = torch.empty_like(q)
     lse = torch.empty(b, n_heads, t_q, dtype=torch.float32, device=q.device)
-    bd = max(16, triton.next_power_of_2(d))
-    doc_start, has_docs = _doc_arg(q, doc_start)
+    bd = head_dim_tile(d)
+    doc_start, has_docs = doc_start_arg(q, doc_start)
 
     def launch(config: Config):
         bm, bn, warps, stages = config
@@ -558,7 +536,7 @@ def s2_attn_fwd(q, k, v, lists: S2BlockLists, block_size: int, scale: float, til
             q, k, v, o, lse, lists.q_ids, lists.k_ids, doc_start, *_tile_args(tl_fwd),
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             t_q, t_k, tl_fwd.n_tiles, n_heads, n_heads // n_kv, scale * LOG2E, *_pattern_args(lists),
-            D=d, BD=bd, BS=block_size, BM=bm, BN=bn, HAS_DOCS=has_docs, PRECISION=_precision(q),
+            D=d, BD=bd, BS=block_size, BM=bm, BN=bn, HAS_DOCS=has_docs, PRECISION=dot_precision(q.dtype),
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
@@ -573,10 +551,10 @@ def s2_attn_bwd(
     b, t_q, n_heads, d = q.shape
     t_k, n_kv = k.shape[1], k.shape[2]
     group = n_heads // n_kv
-    bd = max(16, triton.next_power_of_2(d))
-    precision = _precision(q)
+    bd = head_dim_tile(d)
+    precision = dot_precision(q.dtype)
     key = _tune_key(q, k, lists, block_size)
-    doc_start, has_docs = _doc_arg(q, doc_start)
+    doc_start, has_docs = doc_start_arg(q, doc_start)
 
     delta = torch.empty(b, n_heads, t_q, dtype=torch.float32, device=q.device)
     has_dlse = dlse is not None
