@@ -117,3 +117,14 @@ def lse_offset(i_b, T, o_t, H, i_h, GROUP, o_g):
     """Element offset of (batch `i_b`, query head `i_h * GROUP + o_g`, token `o_t`) in a `[B, H, T]`
     lse (or delta) tensor, in int64."""
     return (i_b * H + i_h * GROUP + o_g).to(tl.int64) * T + o_t
+
+
+@triton.jit
+def strided_tile(base, r0, c0, R, C, stride_r, stride_c, BR: tl.constexpr, BC: tl.constexpr):
+    """Pointers and in-bounds mask of the `[BR, BC]` tile at `(r0, c0)` of an `[R, C]` strided matrix
+    (the chunked linear ops' loads). Both offsets in int64: a token axis may be the columns (k^T
+    tiles, stride H*K), and t*H*K passes 2^31 at about 1M tokens with H*K = 2048."""
+    o_r = r0 + tl.arange(0, BR)
+    o_c = c0 + tl.arange(0, BC)
+    p = base + o_r.to(tl.int64)[:, None] * stride_r + o_c.to(tl.int64)[None, :] * stride_c
+    return p, (o_r < R)[:, None] & (o_c < C)[None, :]
