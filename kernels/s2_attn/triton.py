@@ -63,8 +63,9 @@ def _row_ptrs(p_base, start, stride_t, B: tl.constexpr, BD: tl.constexpr):
 
 @triton.jit
 def _load_rows(
-    p_base, start, stride_t, T, B: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, MASK_T: tl.constexpr
-):
+    p_base, start, stride_t, T, B: tl.constexpr, HEAD_DIM: tl.constexpr, BD: tl.constexpr,
+    MASK_T: tl.constexpr,
+):  # fmt: skip
     """Rows `start .. start + B` (x head dim) of a `[T, D]` slice; masks rows past `T` only when `MASK_T`.
 
     The row offset is one int64 scalar; offsets within the tile stay int32.
@@ -73,9 +74,9 @@ def _load_rows(
     o_d = tl.arange(0, BD)
     ptrs = _row_ptrs(p_base, start, stride_t, B, BD)
     if MASK_T:
-        x = tl.load(ptrs, mask=((start + o_b) < T)[:, None] & (o_d[None, :] < D), other=0.0)
-    elif BD != D:
-        x = tl.load(ptrs, mask=o_d[None, :] < D, other=0.0)
+        x = tl.load(ptrs, mask=((start + o_b) < T)[:, None] & (o_d[None, :] < HEAD_DIM), other=0.0)
+    elif BD != HEAD_DIM:
+        x = tl.load(ptrs, mask=o_d[None, :] < HEAD_DIM, other=0.0)
     else:
         x = tl.load(ptrs)
     return x
@@ -123,7 +124,7 @@ def _row_doc_starts(doc_start, i_b, o_m, m_m, T_q, HAS_DOCS: tl.constexpr):
 def _fwd_walk(
     acc, l_i, m_i, b_q, qb_m, pos_m, ds_m, ds_min, p_k, p_v, stride_kt, stride_vt, k_ids, indices, lo, hi,
     T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
-    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr,
     HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over the key blocks `indices[lo:hi]`; `MASK` applies S2's token rule. With
@@ -140,8 +141,8 @@ def _fwd_walk(
                 o_n = i_kb * BS + n + tl.arange(0, BN)
                 m_n = o_n < T_k
                 pos_n = kb * BS + n + tl.arange(0, BN)
-                b_k = _load_rows(p_k, i_kb * BS + n, stride_kt, T_k, BN, D, BD, MASK)
-                b_v = _load_rows(p_v, i_kb * BS + n, stride_vt, T_k, BN, D, BD, MASK)
+                b_k = _load_rows(p_k, i_kb * BS + n, stride_kt, T_k, BN, HEAD_DIM, BD, MASK)
+                b_v = _load_rows(p_v, i_kb * BS + n, stride_vt, T_k, BN, HEAD_DIM, BD, MASK)
                 b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN], log2
                 if MASK:
                     ok = _s2_allowed(qb_m, kb, i_h, local_blocks, vert_stride, head_step, dense_from)
@@ -161,7 +162,7 @@ def _s2_fwd_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
     T_q, T_k, n_tiles, n_heads, group, qk_scale, local_blocks, vert_stride, head_step, dense_from,
-    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
@@ -179,7 +180,7 @@ def _s2_fwd_kernel(
     p_v = _base(v, i_b, i_hk, stride_vb, stride_vh)
     b_q = _load_rows(
         _base(q, i_b, i_h, stride_qb, stride_qh),
-        start, stride_qt, T_q, BM, D, BD, True,
+        start, stride_qt, T_q, BM, HEAD_DIM, BD, True,
     )
 
     row = i_h * n_tiles + i_tile
@@ -190,25 +191,25 @@ def _s2_fwd_kernel(
     acc, l_i, m_i = _fwd_walk(
         acc, l_i, m_i, b_q, qb_m, pos_m, ds_m, ds_min, p_k, p_v, stride_kt, stride_vt, k_ids, indices,
         lo, mid, T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
-        D, BD, BS, BN, False, HAS_DOCS, PRECISION,
+        HEAD_DIM, BD, BS, BN, False, HAS_DOCS, PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_walk(
         acc, l_i, m_i, b_q, qb_m, pos_m, ds_m, ds_min, p_k, p_v, stride_kt, stride_vt, k_ids, indices,
         mid, hi, T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
-        D, BD, BS, BN, True, HAS_DOCS, PRECISION,
+        HEAD_DIM, BD, BS, BN, True, HAS_DOCS, PRECISION,
     )  # fmt: skip
 
     acc, b_lse = softmax_finish(acc, l_i, m_i)
     p_o = _base(o, i_b, i_h, stride_ob, stride_oh)
     p_o += o_m[:, None].to(tl.int64) * stride_ot
-    tl.store(p_o + o_d[None, :], acc.to(o.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < D))
+    tl.store(p_o + o_d[None, :], acc.to(o.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < HEAD_DIM))
     tl.store(lse + i_bh.to(tl.int64) * T_q + o_m, b_lse, mask=m_m)
 
 
 @triton.jit
 def _s2_bwd_preprocess_kernel(
     o, do, dlse, delta, stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh, T_q, n_heads,
-    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, HAS_DLSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):  # fmt: skip
     """`delta = rowsum(o * do) - dlse`, `[B, H, T]` fp32."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
@@ -217,8 +218,8 @@ def _s2_bwd_preprocess_kernel(
     m_m = o_m < T_q
     p_o = _base(o, i_b, i_h, stride_ob, stride_oh)
     p_do = _base(do, i_b, i_h, stride_dob, stride_doh)
-    b_o = _load_rows(p_o, i_m * BM, stride_ot, T_q, BM, D, BD, True).to(tl.float32)
-    b_do = _load_rows(p_do, i_m * BM, stride_dot, T_q, BM, D, BD, True).to(tl.float32)
+    b_o = _load_rows(p_o, i_m * BM, stride_ot, T_q, BM, HEAD_DIM, BD, True).to(tl.float32)
+    b_do = _load_rows(p_do, i_m * BM, stride_dot, T_q, BM, HEAD_DIM, BD, True).to(tl.float32)
     b_delta = tl.sum(b_o * b_do, 1)
     if HAS_DLSE:
         b_delta -= tl.load(dlse + i_bh.to(tl.int64) * T_q + o_m, mask=m_m, other=0.0)
@@ -229,7 +230,7 @@ def _s2_bwd_preprocess_kernel(
 def _dq_walk(
     b_dq, b_q, b_do, b_lse, b_delta, qb_m, pos_m, ds_m, ds_min, p_k, p_v, stride_kt, stride_vt, k_ids,
     indices, lo, hi, T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
-    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr,
     HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     for e in range(lo, hi):
@@ -243,8 +244,8 @@ def _dq_walk(
                 o_n = i_kb * BS + n + tl.arange(0, BN)
                 m_n = o_n < T_k
                 pos_n = kb * BS + n + tl.arange(0, BN)
-                b_k = _load_rows(p_k, i_kb * BS + n, stride_kt, T_k, BN, D, BD, MASK)
-                b_v = _load_rows(p_v, i_kb * BS + n, stride_vt, T_k, BN, D, BD, MASK)
+                b_k = _load_rows(p_k, i_kb * BS + n, stride_kt, T_k, BN, HEAD_DIM, BD, MASK)
+                b_v = _load_rows(p_v, i_kb * BS + n, stride_vt, T_k, BN, HEAD_DIM, BD, MASK)
                 b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
                 if MASK:
                     ok = _s2_allowed(qb_m, kb, i_h, local_blocks, vert_stride, head_step, dense_from)
@@ -267,7 +268,7 @@ def _s2_bwd_dq_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
     T_q, T_k, n_tiles, n_heads, group, qk_scale, scale, local_blocks, vert_stride, head_step, dense_from,
-    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
@@ -285,11 +286,11 @@ def _s2_bwd_dq_kernel(
     p_v = _base(v, i_b, i_hk, stride_vb, stride_vh)
     b_q = _load_rows(
         _base(q, i_b, i_h, stride_qb, stride_qh),
-        start, stride_qt, T_q, BM, D, BD, True,
+        start, stride_qt, T_q, BM, HEAD_DIM, BD, True,
     )
     b_do = _load_rows(
         _base(do, i_b, i_h, stride_dob, stride_doh),
-        start, stride_dot, T_q, BM, D, BD, True,
+        start, stride_dot, T_q, BM, HEAD_DIM, BD, True,
     )
     b_lse = tl.load(lse + i_bh.to(tl.int64) * T_q + o_m, mask=m_m, other=float("inf")) * LOG2E_C
     # A row that saw no key (lse = -inf) gets p = 0 instead of exp2(+inf).
@@ -304,25 +305,24 @@ def _s2_bwd_dq_kernel(
     b_dq = _dq_walk(
         b_dq, b_q, b_do, b_lse, b_delta, qb_m, pos_m, ds_m, ds_min, p_k, p_v, stride_kt, stride_vt, k_ids,
         indices, lo, mid, T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
-        D, BD, BS, BN, False, HAS_DOCS, PRECISION,
+        HEAD_DIM, BD, BS, BN, False, HAS_DOCS, PRECISION,
     )  # fmt: skip
     b_dq = _dq_walk(
         b_dq, b_q, b_do, b_lse, b_delta, qb_m, pos_m, ds_m, ds_min, p_k, p_v, stride_kt, stride_vt, k_ids,
         indices, mid, hi, T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
-        D, BD, BS, BN, True, HAS_DOCS, PRECISION,
+        HEAD_DIM, BD, BS, BN, True, HAS_DOCS, PRECISION,
     )  # fmt: skip
     p_dq = _base(dq, i_b, i_h, stride_dqb, stride_dqh)
     p_dq += o_m[:, None].to(tl.int64) * stride_dqt
-    tl.store(
-        p_dq + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < D)
-    )
+    m_md = m_m[:, None] & (o_d[None, :] < HEAD_DIM)
+    tl.store(p_dq + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_md)
 
 
 @triton.jit
 def _dkdv_walk(
     b_dk, b_dv, b_k, b_v, kb_n, pos_n, k_end, p_q, p_do, p_lse, p_delta, p_ds, stride_qt, stride_dot, q_ids,
     indices, lo, hi, T_q, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
-    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr,
     HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Accumulate dK, dV `[BN, BD]` over the query blocks `indices[lo:hi]` (scores transposed, `[BN, BM]`).
@@ -342,7 +342,7 @@ def _dkdv_walk(
                 b_dk, b_dv = _dkdv_tile(
                     b_dk, b_dv, b_k, b_v, kb_n, pos_n, ds_q, p_q, p_do, p_lse, p_delta, stride_qt,
                     stride_dot, q_ids, i_qb, m, o_m, m_m, T_q, i_h, qk_scale, local_blocks, vert_stride,
-                    head_step, dense_from, D, BD, BS, BM, MASK, HAS_DOCS, PRECISION,
+                    head_step, dense_from, HEAD_DIM, BD, BS, BM, MASK, HAS_DOCS, PRECISION,
                 )  # fmt: skip
     return b_dk, b_dv
 
@@ -351,12 +351,12 @@ def _dkdv_walk(
 def _dkdv_tile(
     b_dk, b_dv, b_k, b_v, kb_n, pos_n, ds_q, p_q, p_do, p_lse, p_delta, stride_qt, stride_dot, q_ids, i_qb,
     m, o_m, m_m, T_q, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
-    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr,
     HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One `[BM]`-row query tile's share of dK, dV."""
-    b_q = _load_rows(p_q, i_qb * BS + m, stride_qt, T_q, BM, D, BD, MASK)
-    b_do = _load_rows(p_do, i_qb * BS + m, stride_dot, T_q, BM, D, BD, MASK)
+    b_q = _load_rows(p_q, i_qb * BS + m, stride_qt, T_q, BM, HEAD_DIM, BD, MASK)
+    b_do = _load_rows(p_do, i_qb * BS + m, stride_dot, T_q, BM, HEAD_DIM, BD, MASK)
     if MASK:
         # Padded query rows get lse = +inf, hence p = 0; so do rows that saw no key.
         b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf")) * LOG2E_C
@@ -391,7 +391,7 @@ def _s2_bwd_dkdv_kernel(
     stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh, T_q, T_k, n_tiles, n_heads, n_kv_heads, group, qk_scale, scale,
     local_blocks, vert_stride, head_step, dense_from,
-    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
@@ -406,10 +406,10 @@ def _s2_bwd_dkdv_kernel(
     o_d = tl.arange(0, BD)
 
     b_k = _load_rows(
-        _base(k, i_b, i_hk, stride_kb, stride_kh), start, stride_kt, T_k, BN, D, BD, True
+        _base(k, i_b, i_hk, stride_kb, stride_kh), start, stride_kt, T_k, BN, HEAD_DIM, BD, True
     )
     b_v = _load_rows(
-        _base(v, i_b, i_hk, stride_vb, stride_vh), start, stride_vt, T_k, BN, D, BD, True
+        _base(v, i_b, i_hk, stride_vb, stride_vh), start, stride_vt, T_k, BN, HEAD_DIM, BD, True
     )
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
@@ -426,15 +426,15 @@ def _s2_bwd_dkdv_kernel(
         b_dk, b_dv = _dkdv_walk(
             b_dk, b_dv, b_k, b_v, kb_n, pos_n, k_end, p_q, p_do, p_lse, p_delta, p_ds, stride_qt,
             stride_dot, q_ids, indices, lo, mid, T_q, i_h, qk_scale, local_blocks, vert_stride, head_step,
-            dense_from, D, BD, BS, BM, False, HAS_DOCS, PRECISION,
+            dense_from, HEAD_DIM, BD, BS, BM, False, HAS_DOCS, PRECISION,
         )  # fmt: skip
         b_dk, b_dv = _dkdv_walk(
             b_dk, b_dv, b_k, b_v, kb_n, pos_n, k_end, p_q, p_do, p_lse, p_delta, p_ds, stride_qt,
             stride_dot, q_ids, indices, mid, hi, T_q, i_h, qk_scale, local_blocks, vert_stride, head_step,
-            dense_from, D, BD, BS, BM, True, HAS_DOCS, PRECISION,
+            dense_from, HEAD_DIM, BD, BS, BM, True, HAS_DOCS, PRECISION,
         )  # fmt: skip
 
-    m_store = m_n[:, None] & (o_d[None, :] < D)
+    m_store = m_n[:, None] & (o_d[None, :] < HEAD_DIM)
     p_dk = _base(dk, i_b, i_hk, stride_dkb, stride_dkh) + o_n[:, None].to(tl.int64) * stride_dkt
     tl.store(p_dk + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=m_store)
     p_dv = _base(dv, i_b, i_hk, stride_dvb, stride_dvh) + o_n[:, None].to(tl.int64) * stride_dvt
@@ -536,8 +536,8 @@ def s2_attn_fwd(q, k, v, lists: S2BlockLists, block_size: int, scale: float, til
             q, k, v, o, lse, lists.q_ids, lists.k_ids, doc_start, *_tile_args(tl_fwd),
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             t_q, t_k, tl_fwd.n_tiles, n_heads, n_heads // n_kv, scale * LOG2E, *_pattern_args(lists),
-            D=d, BD=bd, BS=block_size, BM=bm, BN=bn, HAS_DOCS=has_docs, PRECISION=dot_precision(q.dtype),
-            num_warps=warps, num_stages=stages,
+            HEAD_DIM=d, BD=bd, BS=block_size, BM=bm, BN=bn, HAS_DOCS=has_docs,
+            PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     _run_tuned("fwd", _tune_key(q, k, lists, block_size), launch, block_size, bd, q.element_size(), tiles)
@@ -562,7 +562,7 @@ def s2_attn_bwd(
     bm_pre = 64
     _s2_bwd_preprocess_kernel[(triton.cdiv(t_q, bm_pre), b * n_heads)](
         o, do, dlse, delta, *o.stride()[:3], *do.stride()[:3], t_q, n_heads,
-        D=d, BD=bd, BM=bm_pre, HAS_DLSE=has_dlse,
+        HEAD_DIM=d, BD=bd, BM=bm_pre, HAS_DLSE=has_dlse,
     )  # fmt: skip
 
     dq = torch.empty_like(q)
@@ -576,7 +576,7 @@ def s2_attn_bwd(
             q, k, v, do, dq, lse, delta, lists.q_ids, lists.k_ids, doc_start, *_tile_args(tl_fwd),
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
             t_q, t_k, tl_fwd.n_tiles, n_heads, group, scale * LOG2E, scale, *_pattern_args(lists),
-            D=d, BD=bd, BS=block_size, BM=bm, BN=bn, HAS_DOCS=has_docs, PRECISION=precision,
+            HEAD_DIM=d, BD=bd, BS=block_size, BM=bm, BN=bn, HAS_DOCS=has_docs, PRECISION=precision,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
@@ -588,7 +588,7 @@ def s2_attn_bwd(
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
             *dv.stride()[:3], t_q, t_k, tl_bwd.n_tiles, n_heads, n_kv, group, scale * LOG2E, scale,
             *_pattern_args(lists),
-            D=d, BD=bd, BS=block_size, BM=bm, BN=bn, HAS_DOCS=has_docs, PRECISION=precision,
+            HEAD_DIM=d, BD=bd, BS=block_size, BM=bm, BN=bn, HAS_DOCS=has_docs, PRECISION=precision,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
