@@ -112,6 +112,15 @@ def row_offset(i_b, T, o_t, H, i_h, GROUP, o_g, HEAD_DIM):
     return ((i_b * T + o_t).to(tl.int64) * H + i_h * GROUP + o_g) * HEAD_DIM
 
 
+
+@triton.jit
+def group_row_tile(i_b, T, o_t, H, i_h, GROUP, o_g, m_r, HEAD_DIM, BD: tl.constexpr):
+    """`(offsets, mask)` `[rows, BD]` of grouped rows (`group_rows`) in a `[B, T, H, HEAD_DIM]` tensor:
+    load them with `tl.load(x + offsets, mask=mask, other=0.0)`."""
+    o_d = tl.arange(0, BD)
+    o_rd = row_offset(i_b, T, o_t, H, i_h, GROUP, o_g, HEAD_DIM)[:, None] + o_d[None, :]
+    return o_rd, m_r[:, None] & (o_d < HEAD_DIM)[None, :]
+
 @triton.jit
 def lse_offset(i_b, T, o_t, H, i_h, GROUP, o_g):
     """Element offset of (batch `i_b`, query head `i_h * GROUP + o_g`, token `o_t`) in a `[B, H, T]`

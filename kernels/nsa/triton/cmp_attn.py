@@ -16,19 +16,18 @@ import triton.language as tl
 
 from longctx.kernels.common.triton import (
     LOG2E,
-    LOG2E_C,
     doc_start_arg,
     dot_precision,
+    group_row_tile,
     group_rows,
     group_tile,
     head_dim_tile,
     lse_offset,
-    row_offset,
     softmax_finish,
     softmax_init,
     softmax_step,
 )
-from longctx.kernels.nsa.triton.common import dkdv_rows, softmax_delta, warps_for
+from longctx.kernels.nsa.triton.common import dkdv_rows, load_row_terms, softmax_delta, warps_for
 
 
 @triton.jit
@@ -77,9 +76,8 @@ def _cmp_fwd_kernel(
     b_pos = o_t + q_offset
     o_d = tl.arange(0, BD)
     m_d = o_d < HEAD_DIM
-    o_row = row_offset(i_b, T, o_t, H, i_h, GROUP, o_g, HEAD_DIM)
-    m_rd = m_r[:, None] & m_d[None, :]
-    b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
+    o_rd, m_rd = group_row_tile(i_b, T, o_t, H, i_h, GROUP, o_g, m_r, HEAD_DIM, BD)
+    b_q = tl.load(q + o_rd, mask=m_rd, other=0.0)
     kv_base = ((i_b * TC).to(tl.int64) * HKV + i_h) * HEAD_DIM
     o_cb = tl.arange(0, BC)
     # Offsets inside one compressed tile, hoisted out of the loop.
@@ -106,9 +104,8 @@ def _cmp_fwd_kernel(
         b_s = tl.where(m_vis, b_s, float("-inf"))
         b_acc, b_l, b_m = softmax_step(b_acc, b_l, b_m, b_s, b_v, PRECISION)
     b_o, b_lse = softmax_finish(b_acc, b_l, b_m)
-    tl.store(o + o_row[:, None] + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_rd)
-    o_lse = lse_offset(i_b, T, o_t, H, i_h, GROUP, o_g)
-    tl.store(lse + o_lse, b_lse, mask=m_r)
+    tl.store(o + o_rd, b_o.to(o.dtype.element_ty), mask=m_rd)
+    tl.store(lse + lse_offset(i_b, T, o_t, H, i_h, GROUP, o_g), b_lse, mask=m_r)
 
 
 @triton.jit
@@ -145,13 +142,10 @@ def _cmp_bwd_dq_kernel(
     b_pos = o_t + q_offset
     o_d = tl.arange(0, BD)
     m_d = o_d < HEAD_DIM
-    o_row = row_offset(i_b, T, o_t, H, i_h, GROUP, o_g, HEAD_DIM)
-    m_rd = m_r[:, None] & m_d[None, :]
-    b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
-    b_do = tl.load(do + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
-    o_lse = lse_offset(i_b, T, o_t, H, i_h, GROUP, o_g)
-    b_lse2 = tl.load(lse + o_lse, mask=m_r, other=0.0) * LOG2E_C
-    b_delta = tl.load(delta + o_lse, mask=m_r, other=0.0)
+    o_rd, m_rd = group_row_tile(i_b, T, o_t, H, i_h, GROUP, o_g, m_r, HEAD_DIM, BD)
+    b_q = tl.load(q + o_rd, mask=m_rd, other=0.0)
+    b_do = tl.load(do + o_rd, mask=m_rd, other=0.0)
+    b_lse2, b_delta = load_row_terms(lse, delta, lse_offset(i_b, T, o_t, H, i_h, GROUP, o_g), m_r)
     kv_base = ((i_b * TC).to(tl.int64) * HKV + i_h) * HEAD_DIM
     o_cb = tl.arange(0, BC)
     # Offsets inside one compressed tile, hoisted out of the loop.
@@ -178,7 +172,7 @@ def _cmp_bwd_dq_kernel(
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
-    tl.store(dq + o_row[:, None] + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_rd)
+    tl.store(dq + o_rd, (b_dq * scale).to(dq.dtype.element_ty), mask=m_rd)
 
 
 @triton.jit
@@ -231,13 +225,10 @@ def _cmp_bwd_dkdv_kernel(
     for t0 in range((first // BT) * BT, T, BT):
         o_t = t0 + o_rt
         m_r = (o_t < T) & (o_g < GROUP)
-        o_row = row_offset(i_b, T, o_t, H, i_h, GROUP, o_g, HEAD_DIM)
-        m_rd = m_r[:, None] & m_d[None, :]
-        b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
-        b_do = tl.load(do + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
-        o_lse = lse_offset(i_b, T, o_t, H, i_h, GROUP, o_g)
-        b_lse2 = tl.load(lse + o_lse, mask=m_r, other=0.0) * LOG2E_C
-        b_delta = tl.load(delta + o_lse, mask=m_r, other=0.0)
+        o_rd, m_rd = group_row_tile(i_b, T, o_t, H, i_h, GROUP, o_g, m_r, HEAD_DIM, BD)
+        b_q = tl.load(q + o_rd, mask=m_rd, other=0.0)
+        b_do = tl.load(do + o_rd, mask=m_rd, other=0.0)
+        b_lse2, b_delta = load_row_terms(lse, delta, lse_offset(i_b, T, o_t, H, i_h, GROUP, o_g), m_r)
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * scale_log2  # [BC, BT * BG]
         m_vis = (
             m_c[:, None]

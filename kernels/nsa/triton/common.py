@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longctx.kernels.common.triton import head_dim_tile
+from longctx.kernels.common.triton import LOG2E_C, head_dim_tile
 
 
 def warps_for(head_dim_tile: int, rows: int = 128) -> int:
@@ -24,6 +24,14 @@ def dkdv_rows(head_dim_tile: int) -> int:
     176-216; its 64-key accumulators alone are 128 registers a thread)."""
     return 64 if head_dim_tile <= 128 else 16
 
+
+
+@triton.jit
+def load_row_terms(lse, delta, o_lse, m_r):
+    """A backward's per-row terms at `o_lse` (`[B, H, T]` offsets): the lse in base 2 and
+    `delta` (`softmax_delta`), 0 on masked rows."""
+    b_lse2 = tl.load(lse + o_lse, mask=m_r, other=0.0) * LOG2E_C
+    return b_lse2, tl.load(delta + o_lse, mask=m_r, other=0.0)
 
 @triton.jit
 def _softmax_delta_kernel(

@@ -26,20 +26,19 @@ import triton.language as tl
 
 from longctx.kernels.common.triton import (
     LOG2E,
-    LOG2E_C,
     doc_start_arg,
     dot_precision,
+    group_row_tile,
     group_rows,
     group_tile,
     head_dim_tile,
     lse_offset,
     pow2_at_least_16,
-    row_offset,
     softmax_finish,
     softmax_init,
     softmax_step,
 )
-from longctx.kernels.nsa.triton.common import dkdv_rows, softmax_delta, warps_for
+from longctx.kernels.nsa.triton.common import dkdv_rows, load_row_terms, softmax_delta, warps_for
 
 
 @triton.jit
@@ -81,9 +80,8 @@ def _select_fwd_kernel(
     o_d = tl.arange(0, BD)
     m_d = o_d < HEAD_DIM
     o_s = tl.arange(0, BSP)
-    o_row = row_offset(i_b, T, o_t, H, i_h, GROUP, o_g, HEAD_DIM)
-    m_rd = m_r[:, None] & m_d[None, :]
-    b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
+    o_rd, m_rd = group_row_tile(i_b, T, o_t, H, i_h, GROUP, o_g, m_r, HEAD_DIM, BD)
+    b_q = tl.load(q + o_rd, mask=m_rd, other=0.0)
     kv_base = ((i_b * TK).to(tl.int64) * HKV + i_h) * HEAD_DIM
     # Offsets inside one key block, hoisted out of the loop: a step only adds the block's base.
     o_kd = o_s[:, None] * (HKV * HEAD_DIM) + o_d[None, :]
@@ -118,9 +116,8 @@ def _select_fwd_kernel(
         # The next block of the union: the smallest listed block above this one.
         i_blk = tl.min(tl.where(b_idx > i_blk, b_idx, 0x7FFFFFFF))
     b_o, b_lse = softmax_finish(b_acc, b_l, b_m)
-    tl.store(o + o_row[:, None] + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_rd)
-    o_lse = lse_offset(i_b, T, o_t, H, i_h, GROUP, o_g)
-    tl.store(lse + o_lse, b_lse, mask=m_r)
+    tl.store(o + o_rd, b_o.to(o.dtype.element_ty), mask=m_rd)
+    tl.store(lse + lse_offset(i_b, T, o_t, H, i_h, GROUP, o_g), b_lse, mask=m_r)
 
 
 @triton.jit
@@ -165,13 +162,10 @@ def _select_bwd_dq_kernel(
     o_d = tl.arange(0, BD)
     m_d = o_d < HEAD_DIM
     o_s = tl.arange(0, BSP)
-    o_row = row_offset(i_b, T, o_t, H, i_h, GROUP, o_g, HEAD_DIM)
-    m_rd = m_r[:, None] & m_d[None, :]
-    b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
-    b_do = tl.load(do + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
-    o_lse = lse_offset(i_b, T, o_t, H, i_h, GROUP, o_g)
-    b_lse2 = tl.load(lse + o_lse, mask=m_r, other=0.0) * LOG2E_C
-    b_delta = tl.load(delta + o_lse, mask=m_r, other=0.0)
+    o_rd, m_rd = group_row_tile(i_b, T, o_t, H, i_h, GROUP, o_g, m_r, HEAD_DIM, BD)
+    b_q = tl.load(q + o_rd, mask=m_rd, other=0.0)
+    b_do = tl.load(do + o_rd, mask=m_rd, other=0.0)
+    b_lse2, b_delta = load_row_terms(lse, delta, lse_offset(i_b, T, o_t, H, i_h, GROUP, o_g), m_r)
     kv_base = ((i_b * TK).to(tl.int64) * HKV + i_h) * HEAD_DIM
     # Offsets inside one key block, hoisted out of the loop: a step only adds the block's base.
     o_kd = o_s[:, None] * (HKV * HEAD_DIM) + o_d[None, :]
@@ -204,7 +198,7 @@ def _select_bwd_dq_kernel(
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
         # The next block of the union: the smallest listed block above this one.
         i_blk = tl.min(tl.where(b_idx > i_blk, b_idx, 0x7FFFFFFF))
-    tl.store(dq + o_row[:, None] + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_rd)
+    tl.store(dq + o_rd, (b_dq * scale).to(dq.dtype.element_ty), mask=m_rd)
 
 
 @triton.jit
@@ -275,13 +269,10 @@ def _select_bwd_dkdv_kernel(
         for i_s in range(i_lo, i_hi, BT):
             m_r = (o_rg < GROUP) & (i_s + o_rt < i_hi)
             b_t = tl.load(tokens + i_s + o_rt, mask=m_r, other=0)
-            o_row = row_offset(i_b, T, b_t, H, i_h, GROUP, o_rg, HEAD_DIM)
-            m_rd = m_r[:, None] & m_d[None, :]
-            b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
-            b_do = tl.load(do + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
-            o_lse = lse_offset(i_b, T, b_t, H, i_h, GROUP, o_rg)
-            b_lse2 = tl.load(lse + o_lse, mask=m_r, other=0.0) * LOG2E_C
-            b_delta = tl.load(delta + o_lse, mask=m_r, other=0.0)
+            o_rd, m_rd = group_row_tile(i_b, T, b_t, H, i_h, GROUP, o_rg, m_r, HEAD_DIM, BD)
+            b_q = tl.load(q + o_rd, mask=m_rd, other=0.0)
+            b_do = tl.load(do + o_rd, mask=m_rd, other=0.0)
+            b_lse2, b_delta = load_row_terms(lse, delta, lse_offset(i_b, T, b_t, H, i_h, GROUP, o_rg), m_r)
             b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * scale_log2  # [BSP, BT * BG]
             m_st = m_k[:, None] & m_r[None, :] & (o_k[:, None] + k_offset <= b_t[None, :] + q_offset)
             if HAS_DOCS:

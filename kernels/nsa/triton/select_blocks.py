@@ -35,11 +35,11 @@ from longctx.kernels.common.triton import (
     LOG2E,
     LOG2E_C,
     dot_precision,
+    group_row_tile,
     group_rows,
     group_tile,
     head_dim_tile,
     lse_offset,
-    row_offset,
 )
 from longctx.kernels.nsa.triton.common import warps_for
 
@@ -80,10 +80,9 @@ def _select_blocks_kernel(
     b_pos = o_t + q_offset
     o_d = tl.arange(0, BD)
     m_d = o_d < HEAD_DIM
-    o_row = row_offset(i_b, T, o_t, H, i_h, GROUP, o_g, HEAD_DIM)
-    b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)
-    o_lse = lse_offset(i_b, T, o_t, H, i_h, GROUP, o_g)
-    b_lse2 = tl.load(lse + o_lse, mask=m_r, other=0.0) * LOG2E_C
+    o_rd, m_rd = group_row_tile(i_b, T, o_t, H, i_h, GROUP, o_g, m_r, HEAD_DIM, BD)
+    b_q = tl.load(q + o_rd, mask=m_rd, other=0.0)
+    b_lse2 = tl.load(lse + lse_offset(i_b, T, o_t, H, i_h, GROUP, o_g), mask=m_r, other=0.0) * LOG2E_C
     k_base = ((i_b * TC).to(tl.int64) * HKV + i_h) * HEAD_DIM
 
     # Per token of the tile: its selection block, and the first block of its document (block 0
