@@ -58,7 +58,7 @@ def fwd_bwd(fn, inputs):
 
 def time_length(t: int, args, cfg: NSAConfig, dtype) -> list[dict]:
     """Dense and NSA fwd+bwd at one length (NSA once per `--select-rows` value), and the breakdown."""
-    from longctx.kernels.nsa import select_attn
+    from longctx.kernels.nsa.triton import select_attn
 
     q, k, v, gates, (ck, cv) = make_inputs(t, args.heads, args.kv_heads, args.head_dim, cfg, dtype, "cuda")
     core, layout = NSACore(cfg), SeqLayout.full(t)

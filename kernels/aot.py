@@ -220,7 +220,7 @@ def record_s2(head_dim, dtype, quick):
 
 
 def record_nsa(head_dim, dtype, quick):
-    from longctx.kernels.nsa import cmp_attn, common, select_attn, select_blocks
+    from longctx.kernels.nsa.triton import cmp_attn, common, select_attn, select_blocks
 
     kernels = [
         (select_attn.__name__, "_select_fwd_kernel"),

@@ -48,6 +48,37 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="module")
+def triton_kernels():
+    """The kernel test modules' one switch (`pytestmark = pytest.mark.usefixtures("triton_kernels")`):
+    the Triton kernels run compiled on a GPU and under the interpreter without one, for that module's
+    tests only. Kernel modules are imported on first use, so they are built for the interpreter when
+    a test of such a module first needs them; the old setting comes back afterwards, so later modules
+    train on the reference."""
+    if torch.cuda.is_available():
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+@pytest.fixture
+def nan_buffers():
+    """Uninitialised memory is poisoned while a test runs: every `torch.empty*` buffer (kernel outputs
+    and workspaces) starts as NaN, integers as their largest value (torch's deterministic mode with
+    `fill_uninitialized_memory`), so an element a kernel fails to write fails the comparison."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.isnan(torch.empty(4, device="cuda" if torch.cuda.is_available() else "cpu")).all()
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
 _USER_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _KERNEL_MODULES = {
     "test_flash_attn",
@@ -66,6 +97,6 @@ def _interpreter_stays_in_kernel_modules(request):
     module = request.module.__name__.rsplit(".", 1)[-1]
     if not _USER_INTERPRET and module not in _KERNEL_MODULES:
         assert os.environ.get("TRITON_INTERPRET") != "1", (
-            "TRITON_INTERPRET=1 leaked out of a kernel test module; set it in a module-scoped fixture"
+            "TRITON_INTERPRET=1 leaked out of a kernel test module; use the triton_kernels fixture"
         )
     yield

@@ -36,14 +36,8 @@ TOL = 1e-5
 BACKENDS = ["naive", "triton"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    if torch.cuda.is_available():
-        yield
-        return
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_INTERPRET", "1")
-        yield
+# Compiled on a GPU, interpreted on CPU (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("triton_kernels")
 
 
 def cu_seqlens(lengths=LENGTHS, t=T) -> torch.Tensor:

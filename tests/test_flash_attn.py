@@ -11,7 +11,6 @@ is itself checked against brute force in test_reference_ops.py).
 import collections
 import importlib
 import math
-import os
 
 import pytest
 import torch
@@ -38,31 +37,8 @@ TOL = 1e-4
 KERNELS = ("_attn_fwd_kernel", "_attn_bwd_pre_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _triton_interpreter():
-    """Run the kernels in the Triton interpreter where there is no GPU, for this module only (the kernel
-    module is imported on first use, so it is built for the interpreter)."""
-    if torch.cuda.is_available():
-        yield
-        return
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if previous is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = previous
-
-
-@pytest.fixture(autouse=True)
-def _nan_outputs():
-    """`torch.empty` (every kernel output buffer) returns NaN here, so an element a kernel fails to
-    write fails the comparison."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    assert torch.isnan(torch.empty(4, device=DEVICE)).all()
-    yield
-    torch.use_deterministic_algorithms(previous)
+# Compiled on a GPU, interpreted on CPU; every kernel buffer starts as NaN (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("triton_kernels", "nan_buffers")
 
 
 class _Counted:

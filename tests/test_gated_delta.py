@@ -21,25 +21,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    if torch.cuda.is_available():
-        yield
-        return
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_INTERPRET", "1")
-        yield
+# Compiled on a GPU, interpreted on CPU; every kernel buffer starts as NaN (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("triton_kernels", "nan_buffers")
 
 
-@pytest.fixture(autouse=True)
-def chunk_module(monkeypatch):
-    """The kernel module, with every buffer it allocates pre-filled with NaN."""
+@pytest.fixture
+def chunk_module(triton_kernels):
+    """The kernel module, imported with the interpreter on where there is no GPU."""
     from longctx.kernels.gated_delta import chunk
 
-    def nan_empty(*shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(chunk, "_empty", nan_empty)
     return chunk
 
 

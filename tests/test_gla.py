@@ -25,27 +25,15 @@ TOL = 1e-4
 REF_MULTIPLE = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    """Without CUDA, run the kernels under the Triton interpreter for this module only: other test
-    modules keep the reference path (set for the whole session, it would slow every model test)."""
-    if torch.cuda.is_available():
-        yield
-        return
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_INTERPRET", "1")
-        yield
+# Compiled on a GPU, interpreted on CPU; every kernel buffer starts as NaN (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("triton_kernels", "nan_buffers")
 
 
-@pytest.fixture(autouse=True)
-def chunk_module(monkeypatch):
-    """The kernel module, with every buffer it allocates pre-filled with NaN."""
+@pytest.fixture
+def chunk_module(triton_kernels):
+    """The kernel module, imported with the interpreter on where there is no GPU."""
     from longctx.kernels.gla import chunk
 
-    def nan_empty(*shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(chunk, "_empty", nan_empty)
     return chunk
 
 

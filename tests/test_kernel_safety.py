@@ -35,12 +35,12 @@ KERNELS = {
     "longctx.kernels.s2_attn.triton": [
         "_s2_fwd_kernel", "_s2_bwd_preprocess_kernel", "_s2_bwd_dq_kernel", "_s2_bwd_dkdv_kernel",
     ],
-    "longctx.kernels.nsa.select_attn": [
+    "longctx.kernels.nsa.triton.select_attn": [
         "_select_fwd_kernel", "_select_bwd_dq_kernel", "_select_bwd_dkdv_kernel",
     ],
-    "longctx.kernels.nsa.cmp_attn": ["_cmp_fwd_kernel", "_cmp_bwd_dq_kernel", "_cmp_bwd_dkdv_kernel"],
-    "longctx.kernels.nsa.select_blocks": ["_select_blocks_kernel"],
-    "longctx.kernels.nsa.common": ["_softmax_delta_kernel"],
+    "longctx.kernels.nsa.triton.cmp_attn": ["_cmp_fwd_kernel", "_cmp_bwd_dq_kernel", "_cmp_bwd_dkdv_kernel"],
+    "longctx.kernels.nsa.triton.select_blocks": ["_select_blocks_kernel"],
+    "longctx.kernels.nsa.triton.common": ["_softmax_delta_kernel"],
     "longctx.kernels.gla.chunk": [
         "chunk_local_cumsum_kernel", "chunk_fwd_h_kernel", "chunk_fwd_o_kernel", "chunk_bwd_dh_kernel",
         "chunk_bwd_dv_kernel", "chunk_bwd_dqk_kernel",
@@ -168,7 +168,7 @@ def test_sync_recorder_catches_what_it_must():
 # Offsets past 2^31
 
 B, T, T_LINEAR, H, D = 1, 2**20, 2**22, 32, 128
-fa = s2 = gla = nsa = None  # the kernel modules, imported by `probes` with the interpreter on
+fa = s2 = gla = common = None  # the kernel modules, imported by `probes` with the interpreter on
 
 
 @pytest.fixture(scope="module")
@@ -182,11 +182,11 @@ def probes():
         import triton.language as tl
 
         # Module globals: the interpreter resolves names in a kernel's globals, not its closure.
-        global fa, s2, gla, nsa
+        global fa, s2, gla, common
         fa = importlib.import_module("longctx.kernels.flash_attn.triton")
         s2 = importlib.import_module("longctx.kernels.s2_attn.triton")
         gla = importlib.import_module("longctx.kernels.gla.chunk")
-        nsa = importlib.import_module("longctx.kernels.nsa.common")
+        common = importlib.import_module("longctx.kernels.common.triton")
 
         @triton.jit
         def flash(out, start, stride_t, BR: tl.constexpr, BD: tl.constexpr):
@@ -203,14 +203,14 @@ def probes():
         @triton.jit
         def gla_tile(out, r0, c0, R, C, stride_r, stride_c, BR: tl.constexpr, BC: tl.constexpr):
             zero = tl.full([], 0, tl.int64)
-            p, m = gla._tile(zero, r0, c0, R, C, stride_r, stride_c, BR, BC)
+            p, m = gla.strided_tile(zero, r0, c0, R, C, stride_r, stride_c, BR, BC)
             tl.store(out + tl.arange(0, BR)[:, None] * BC + tl.arange(0, BC)[None, :], p)
 
         @triton.jit
         def nsa_rows(out, i_b, T, t0, i_h, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                      BR: tl.constexpr):  # fmt: skip
             o_r = tl.arange(0, BR)
-            tl.store(out + o_r, nsa.row_offset(i_b, T, t0 + o_r // G, H, i_h, G, o_r % G, D))
+            tl.store(out + o_r, common.row_offset(i_b, T, t0 + o_r // G, H, i_h, G, o_r % G, D))
 
     finally:
         patch.undo()  # the probes stay interpreted; the flag must not leak to other modules (conftest)

@@ -1,4 +1,4 @@
-"""NSA's Triton kernels (run by the Triton interpreter on CPU) against the fp64 references of
+"""NSA's Triton kernels (compiled on a GPU, interpreted on CPU) against the fp64 references of
 `kernels/nsa/naive.py` (themselves checked against brute force in `test_reference_ops.py`), and the N
 mixer's Triton path against its reference path.
 
@@ -28,52 +28,9 @@ from longctx.model.rope import rope_cos_sin, rope_inv_freq
 from longctx.parallel.layout import SeqLayout
 from tests.conftest import rel_err
 
-
-def _import_triton_interpreted() -> bool:
-    """Import Triton in interpreter mode and report whether its library is interpretable.
-
-    `@triton.jit` picks interpreter or compiler when a function is defined, Triton's own library
-    (`tl.zeros`, reductions, `tl.topk`) included, so the flag must be on at the session's first
-    `import triton` (this runs at collection, before any test). The flag is then restored: left on,
-    every later test that trains a model would run its kernels in the interpreter. With CUDA the
-    import is left alone (compiled kernels may share the process) unless the user set the flag.
-    """
-    previous = os.environ.get("TRITON_INTERPRET")
-    if torch.cuda.is_available() and previous != "1":
-        return False
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    return isinstance(tl.zeros, InterpretedFunction)
-
-
-INTERPRETED = _import_triton_interpreted()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpret():
-    """Turn the interpreter on (`use_triton` reads the flag) for this module's tests only."""
-    with pytest.MonkeyPatch.context() as mp:
-        if INTERPRETED:
-            mp.setenv("TRITON_INTERPRET", "1")
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _needs_interpreter(request):
-    if not INTERPRETED and request.node.get_closest_marker("gpu") is None:
-        pytest.skip(
-            "Triton is not in interpreter mode in this session (CUDA is present, or triton was imported "
-            "before this module): run `TRITON_INTERPRET=1 pytest tests/test_nsa.py`; on a GPU the "
-            "compiled kernels are checked by test_nsa_compiled_kernels_match_reference_on_gpu"
-        )
-
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Compiled on a GPU, interpreted on CPU (tests/conftest.py); `nan_buffers` where a test asks for it.
+pytestmark = pytest.mark.usefixtures("triton_kernels")
 
 TOL = 1e-4
 
@@ -81,7 +38,7 @@ TOL = 1e-4
 @pytest.fixture
 def launches(monkeypatch):
     """Counts every launcher call, proving the Triton kernels (not the references) ran."""
-    from longctx.kernels.nsa import cmp_attn, select_attn, select_blocks
+    from longctx.kernels.nsa.triton import cmp_attn, select_attn, select_blocks
 
     counts = Counter()
 
@@ -105,20 +62,8 @@ def launches(monkeypatch):
     return counts
 
 
-@pytest.fixture
-def nan_outputs(monkeypatch):
-    """Tensors the launchers allocate start as NaN (integers as -12345), so a skipped write fails."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(x):
-        return x.fill_(float("nan")) if x.is_floating_point() else x.fill_(-12345)
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
-
-
 def leaf(*shape, dtype=torch.float32):
-    return torch.randn(*shape, dtype=dtype).requires_grad_()
+    return torch.randn(*shape, dtype=dtype, device=DEVICE).requires_grad_()
 
 
 def outputs_and_grads(fn, inputs, seed=1):
@@ -126,8 +71,8 @@ def outputs_and_grads(fn, inputs, seed=1):
     only) with fixed random `do`, `dl`, so both output gradients reach the backward."""
     o, lse = fn(*inputs)
     gen = torch.Generator().manual_seed(seed)
-    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
-    dl = torch.randn(lse.shape, generator=gen, dtype=torch.float64).to(lse.dtype)
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(device=o.device, dtype=o.dtype)
+    dl = torch.randn(lse.shape, generator=gen, dtype=torch.float64).to(device=o.device, dtype=lse.dtype)
     loss = (o * do).sum() + (torch.where(torch.isinf(lse), 0.0, lse) * dl).sum()
     grads = torch.autograd.grad(loss, inputs)
     return o.detach(), lse.detach(), grads
@@ -150,8 +95,8 @@ def select_inputs(b, t, h, h_kv, d, bs, n, q_offset, k_offset, t_k):
     q, k, v = leaf(b, t, h, d), leaf(b, t_k, h_kv, d), leaf(b, t_k, h_kv, d)
     n_blocks = math.ceil((k_offset + t_k) / bs)
     # Random lists: unused slots (-1), blocks after the query, repeats, and the query's own block.
-    idx = torch.randint(-1, n_blocks, (b, t, h_kv, n), dtype=torch.int32)
-    own = (torch.arange(t) + q_offset) // bs
+    idx = torch.randint(-1, n_blocks, (b, t, h_kv, n), dtype=torch.int32, device=DEVICE)
+    own = (torch.arange(t, device=DEVICE) + q_offset) // bs
     idx[:, ::3, :, 0] = own[::3].view(1, -1, 1).to(torch.int32)
     idx[:, 1] = -1  # a query that lists nothing: o = 0, lse = -inf
     return q, k, v, idx
@@ -159,8 +104,8 @@ def select_inputs(b, t, h, h_kv, d, bs, n, q_offset, k_offset, t_k):
 
 @pytest.mark.parametrize("rows", [16, 64], ids=["rows16", "rows64"])
 @pytest.mark.parametrize("case", SELECT_CASES.values(), ids=SELECT_CASES.keys())
-def test_nsa_select_attn_matches_fp64_reference(case, rows, launches, nan_outputs, monkeypatch):
-    from longctx.kernels.nsa import select_attn
+def test_nsa_select_attn_matches_fp64_reference(case, rows, launches, nan_buffers, monkeypatch):
+    from longctx.kernels.nsa.triton import select_attn
 
     # rows = query tokens x heads per forward / dq program: 16 is the default, 64 makes several
     # tokens share a program and walk the union of their block lists.
@@ -242,7 +187,7 @@ CMP_CASES = {
 
 
 @pytest.mark.parametrize("case", CMP_CASES.values(), ids=CMP_CASES.keys())
-def test_nsa_cmp_attn_matches_fp64_reference(case, launches, nan_outputs):
+def test_nsa_cmp_attn_matches_fp64_reference(case, launches, nan_buffers):
     b, t, h, h_kv, d, cmp_block, cmp_stride, q_off = case
     # Compressed tokens of the whole sequence up to the last query (global positions).
     n_cmp = num_cmp_blocks(q_off + t, cmp_block, cmp_stride)
@@ -276,15 +221,15 @@ BLOCK_CASES = {
 
 
 def block_inputs(b, t, h, h_kv, d, cmp_block, cmp_stride, q_off):
-    q = torch.randn(b, t, h, d)
-    k_cmp = torch.randn(b, num_cmp_blocks(q_off + t, cmp_block, cmp_stride), h_kv, d)
+    q = torch.randn(b, t, h, d, device=DEVICE)
+    k_cmp = torch.randn(b, num_cmp_blocks(q_off + t, cmp_block, cmp_stride), h_kv, d, device=DEVICE)
     _, lse = cmp_attn_ref(q, k_cmp, k_cmp, cmp_block, cmp_stride, return_lse=True, q_offset=q_off)
     return q, k_cmp, lse
 
 
 @pytest.mark.parametrize("case", BLOCK_CASES.values(), ids=BLOCK_CASES.keys())
-def test_nsa_select_blocks_matches_reference_exactly(case, launches, nan_outputs):
-    from longctx.kernels.nsa.select_blocks import supported
+def test_nsa_select_blocks_matches_reference_exactly(case, launches, nan_buffers):
+    from longctx.kernels.nsa.triton.select_blocks import supported
 
     b, t, h, h_kv, d, cmp_block, cmp_stride, slc_block, top, q_off = case
     q, k_cmp, lse = block_inputs(b, t, h, h_kv, d, cmp_block, cmp_stride, q_off)
@@ -301,8 +246,8 @@ def test_nsa_select_blocks_breaks_ties_towards_lower_blocks(launches):
     """Zero compressed keys give every visible compressed token the same probability, so all
     interior selection blocks tie: the choice must be the lowest ones, as in the reference."""
     b, t, h, h_kv, d, cmp_block, cmp_stride, slc_block, top = 1, 100, 4, 2, 16, 16, 8, 16, 5
-    q = torch.randn(b, t, h, d)
-    k_cmp = torch.zeros(b, num_cmp_blocks(t, cmp_block, cmp_stride), h_kv, d)
+    q = torch.randn(b, t, h, d, device=DEVICE)
+    k_cmp = torch.zeros(b, num_cmp_blocks(t, cmp_block, cmp_stride), h_kv, d, device=DEVICE)
     _, lse = cmp_attn_ref(q, k_cmp, k_cmp, cmp_block, cmp_stride, return_lse=True)
     idx = nsa_select_blocks(q, k_cmp, lse, cmp_block, cmp_stride, slc_block, top)
     assert launches["select_blocks"] == 1
@@ -349,10 +294,11 @@ def small_mixer(t_window=32):
 @pytest.mark.parametrize("t", [100, 61], ids=["T100", "T61"])
 def test_nsa_mixer_triton_path_matches_reference_path(t, launches):
     mixer, inv_freq = small_mixer()
-    x = torch.randn(2, t, 64)
-    cos, sin = rope_cos_sin(torch.arange(t), inv_freq)
+    mixer.to(DEVICE)
+    x = torch.randn(2, t, 64, device=DEVICE)
+    cos, sin = rope_cos_sin(torch.arange(t, device=DEVICE), inv_freq)
     layout = SeqLayout.full(t)
-    dy = torch.randn(2, t, 64)
+    dy = torch.randn(2, t, 64, device=DEVICE)
     results = {}
     for name in ("naive", "triton"):
         mixer.zero_grad()

@@ -22,36 +22,16 @@ from tests.conftest import rel_err
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _interpret():
-    """Interpret the kernels on CPU while this module runs (conftest imported Triton for the
-    interpreter); put the old setting back afterwards, so later modules train on the reference."""
-    if torch.cuda.is_available():
-        yield
-        return
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_INTERPRET", "1")
-        yield
+# Compiled on a GPU, interpreted on CPU; every kernel buffer starts as NaN (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("triton_kernels", "nan_buffers")
 
 
 @pytest.fixture
-def s2_triton(_interpret):
+def s2_triton(triton_kernels):
     # Imported here, with the interpreter on, because @triton.jit reads TRITON_INTERPRET at import.
     from longctx.kernels.s2_attn import triton as module
 
     return module
-
-
-@pytest.fixture(autouse=True)
-def _nan_outputs(monkeypatch):
-    """Fill every fresh float tensor with NaN, so a kernel that skips a write fails the comparison."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan(x):
-        return x.fill_(float("nan")) if x.is_floating_point() else x
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan(empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan(empty_like(*a, **kw)))
 
 
 def make_inputs(b, t_q, t_k, n_heads, n_kv, d):

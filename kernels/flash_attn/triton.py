@@ -41,16 +41,22 @@ loads. Pointer tiles are rebuilt each step from a 64-bit row offset (no pointer 
 iterations; Triton 3.9 has no block pointers).
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from longctx.kernels.common.backend import interpreting
+from longctx.kernels.common.triton import (
+    LOG2E,
+    LOG2E_C,
+    dot_precision,
+    head_dim_tile,
+    softmax_finish,
+    softmax_init,
+    softmax_step,
+)
 from longctx.kernels.common.tuning import tuned
 
-LOG2E = math.log2(math.e)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
@@ -293,13 +299,7 @@ def _attn_fwd_inner(
             if HAS_DOCS:
                 m_s = m_s & (o_n[None, :] >= b_dlo[:, None])
             b_s = tl.where(m_s, b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        b_m_use = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_p = tl.math.exp2(b_s - b_m_use[:, None])
-        b_alpha = tl.math.exp2(b_m - b_m_use)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-        b_m = b_m_new
+        b_acc, b_l, b_m = softmax_step(b_acc, b_l, b_m, b_s, b_v, PRECISION)
     return b_acc, b_l, b_m
 
 
@@ -355,9 +355,7 @@ def _attn_fwd_kernel(
     v_base = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
     b_q = _load(_rows_ptr(q_base, m0, stride_qt, BM, BD), m0, n_q, HEAD_DIM, BM, BD, True, EVEN_D)
 
-    b_acc = tl.zeros([BM, BD], dtype=tl.float32)
-    b_l = tl.zeros([BM], dtype=tl.float32)
-    b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_acc, b_l, b_m = softmax_init(BM, BD)
     b_dlo, doc_first, doc_last = _doc_lo(DOC_LO, i_b, m0, o_m, n_q, BM, HAS_DOCS)
     lo, a, b, hi = _key_range(
         m0, n_q, n_k, off, window, doc_first, doc_last, BM, BN, CAUSAL, HAS_WINDOW, HAS_DOCS
@@ -391,11 +389,7 @@ def _attn_fwd_kernel(
         PRECISION,
     )
 
-    empty = b_l == 0.0
-    b_l = tl.where(empty, 1.0, b_l)
-    b_o = b_acc / b_l[:, None]
-    # Natural-log lse from the base-2 running max and sum.
-    b_lse = tl.where(empty, float("-inf"), (b_m + tl.math.log2(b_l)) * 0.6931471805599453)
+    b_o, b_lse = softmax_finish(b_acc, b_l, b_m)
     o_base = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
     _store(_rows_ptr(o_base, m0, stride_ot, BM, BD), b_o, m0, n_q, HEAD_DIM, BM, BD)
     tl.store(LSE + i_bh.to(tl.int64) * n_q + o_m, b_lse, mask=o_m < n_q)
@@ -437,7 +431,7 @@ def _attn_bwd_pre_kernel(
     if HAS_DLSE:
         b_delta -= tl.load(DLSE + o_row, mask=o_m < n_q, other=0.0)
     b_lse = tl.load(LSE + o_row, mask=o_m < n_q, other=0.0)
-    b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
+    b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * LOG2E_C)
     tl.store(DELTA + o_row, b_delta, mask=o_m < n_q)
     tl.store(LSE2 + o_row, b_lse2, mask=o_m < n_q)
 
@@ -794,9 +788,9 @@ def _common(q: torch.Tensor, k: torch.Tensor, window: int | None):
     d = q.shape[-1]
     return dict(
         HEAD_DIM=d,
-        BD=max(16, triton.next_power_of_2(d)),
+        BD=head_dim_tile(d),
         HAS_WINDOW=window is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION=dot_precision(q.dtype),
     ), q.shape[2] // k.shape[2]
 
 
@@ -922,3 +916,40 @@ def attn_bwd(
         **meta,
     )
     return dq, dk, dv
+
+
+class FlashAttnFunction(torch.autograd.Function):
+    """The kernels' `(o, lse)` of a query chunk against a key chunk, differentiable in both outputs.
+
+    `off = q_offset - k_offset`; `docs`: None, or the pair's document bounds (an object whose
+    `kernel_args()` gives `attn_fwd`'s `docs`, computed again in the backward rather than kept);
+    `empty`: no query of the pair sees any key, so nothing is launched: `o = 0`, `lse = -inf`, zero
+    gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, off, causal, scale, window, docs, empty):
+        if empty:
+            o = torch.zeros_like(q)
+            b, t_q, n_heads, _ = q.shape
+            lse = torch.full((b, n_heads, t_q), float("-inf"), dtype=torch.float32, device=q.device)
+        else:
+            doc_args = None if docs is None else docs.kernel_args()
+            o, lse = attn_fwd(q, k, v, off, causal, scale, window, docs=doc_args)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.args = (off, causal, scale, window)
+        ctx.docs, ctx.empty = docs, empty
+        # An unused output's gradient arrives as None instead of a tensor of zeros.
+        ctx.set_materialize_grads(False)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        if ctx.empty:
+            dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        else:
+            do = torch.zeros_like(o) if do is None else do
+            doc_args = None if ctx.docs is None else ctx.docs.kernel_args()
+            dq, dk, dv = attn_bwd(do, q, k, v, o, lse, *ctx.args, dlse=dlse, docs=doc_args)
+        return dq, dk, dv, None, None, None, None, None, None

@@ -9,28 +9,12 @@ after `longctx.kernels` was imported still takes effect.
 import torch
 
 from longctx.kernels.common import use_triton
+from longctx.kernels.common.linear import check_linear_args
 from longctx.kernels.gated_delta.naive import (
     gated_delta_chunk_ref,
     gated_delta_recurrent_ref,
     gated_delta_step_ref,
 )
-
-
-def _check_shapes(q, k, v, g, beta, initial_state):
-    if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(f"q and k must both be [B, T, H, Dk]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"v must be [B, T, H, Dv] with q's B, T, H {tuple(q.shape[:3])}; got {tuple(v.shape)}"
-        )
-    for name, x in (("g", g), ("beta", beta)):
-        if x.shape != q.shape[:3]:
-            raise ValueError(f"{name} must be [B, T, H] = {tuple(q.shape[:3])}; got {tuple(x.shape)}")
-    expected = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
-    if initial_state is not None and tuple(initial_state.shape) != expected:
-        raise ValueError(
-            f"initial_state must be [B, H, Dk, Dv] = {expected}; got {tuple(initial_state.shape)}"
-        )
 
 
 def gated_delta_rule(
@@ -53,7 +37,7 @@ def gated_delta_rule(
     Returns:
         `(o [B, T, H, Dv] in v's dtype, final_state [B, H, Dk, Dv] fp32 or None)`.
     """
-    _check_shapes(q, k, v, g, beta, initial_state)
+    check_linear_args(q, k, v, initial_state, g=g, beta=beta)
     if use_triton(q, k, v, g, beta) and q.dtype != torch.float64:
         from longctx.kernels.gated_delta.chunk import chunk_gated_delta_rule
 

@@ -52,10 +52,7 @@ import triton
 import triton.language as tl
 
 from longctx.kernels.common.backend import interpreting
-
-# Outputs are allocated here; tests replace it with a NaN-filling allocator so that a kernel which
-# skips a write shows up as NaN.
-_empty = torch.empty
+from longctx.kernels.common.triton import dot_precision, head_dim_tile, strided_tile
 
 # Small Dv tiles under the interpreter make the CPU tests cover the loop over several tiles.
 _BV = 16 if interpreting() else 64
@@ -63,15 +60,6 @@ _BV = 16 if interpreting() else 64
 # for the same reason.
 _BK_BWD = 16 if interpreting() else 64
 MAX_HEAD_DIM_K = 256
-
-
-@triton.jit
-def _tile(base, r0, c0, R, C, stride_r, stride_c, BR: tl.constexpr, BC: tl.constexpr):
-    """Pointers and in-bounds mask of the [BR, BC] tile at (r0, c0) of an [R, C] strided matrix."""
-    o_r = r0 + tl.arange(0, BR)
-    o_c = c0 + tl.arange(0, BC)
-    p = base + o_r.to(tl.int64)[:, None] * stride_r + o_c[None, :] * stride_c
-    return p, (o_r < R)[:, None] & (o_c < C)[None, :]
 
 
 @triton.jit
@@ -110,17 +98,19 @@ def chunk_gated_delta_fwd_kernel(
     b_eye = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
-        p_h0, m_h0 = _tile(h0 + i_bh.to(tl.int64) * K * V, 0, i_v * BV, K, V, V, 1, BK, BV)
+        p_h0, m_h0 = strided_tile(h0 + i_bh.to(tl.int64) * K * V, 0, i_v * BV, K, V, V, 1, BK, BV)
         b_h += tl.load(p_h0, mask=m_h0, other=0.0)
     for i_t in range(NT):
         if STORE_STATES:  # the state entering chunk i_t, for the backward
-            p_hs, m_hs = _tile(hs + (i_bh.to(tl.int64) * NT + i_t) * K * V, 0, i_v * BV, K, V, V, 1, BK, BV)
+            p_hs, m_hs = strided_tile(
+                hs + (i_bh.to(tl.int64) * NT + i_t) * K * V, 0, i_v * BV, K, V, V, 1, BK, BV
+            )
             tl.store(p_hs, b_h, mask=m_hs)
         o_t = i_t * BT + o_i
         m_t = o_t < T
-        p_q, m_q = _tile(q + o_k, i_t * BT, 0, T, K, H * K, 1, BT, BK)
-        p_k, m_k = _tile(k + o_k, i_t * BT, 0, T, K, H * K, 1, BT, BK)
-        p_v, m_v = _tile(v + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        p_q, m_q = strided_tile(q + o_k, i_t * BT, 0, T, K, H * K, 1, BT, BK)
+        p_k, m_k = strided_tile(k + o_k, i_t * BT, 0, T, K, H * K, 1, BT, BK)
+        p_v, m_v = strided_tile(v + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
         b_q = tl.load(p_q, mask=m_q, other=0.0).to(tl.float32)  # [BT, BK]
         b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)  # [BT, BK]
         b_v = tl.load(p_v, mask=m_v, other=0.0).to(tl.float32)  # [BT, BV]
@@ -146,14 +136,14 @@ def chunk_gated_delta_fwd_kernel(
         b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * b_dec
         b_o = b_eb[:, None] * tl.dot(b_q, b_h, input_precision=PRECISION)
         b_o += tl.dot(b_qk, b_u, input_precision=PRECISION)
-        p_o, m_o = _tile(o + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        p_o, m_o = strided_tile(o + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
         if STORE_STATES:
-            p_u, _ = _tile(us + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+            p_u, _ = strided_tile(us + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
             tl.store(p_u, b_u, mask=m_o)
         tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), mask=m_o)
         b_kd = b_k * b_to_end[:, None]
         b_h = b_h * tl.exp(b_last.to(tl.float32)) + tl.dot(tl.trans(b_kd), b_u, input_precision=PRECISION)
-    p_ht, m_ht = _tile(ht + i_bh.to(tl.int64) * K * V, 0, i_v * BV, K, V, V, 1, BK, BV)
+    p_ht, m_ht = strided_tile(ht + i_bh.to(tl.int64) * K * V, 0, i_v * BV, K, V, V, 1, BK, BV)
     tl.store(p_ht, b_h, mask=m_ht)
 
 
@@ -173,19 +163,19 @@ def _ut_transform(b_A, n_valid, BT: tl.constexpr):
 @triton.jit
 def _load_bk(x, o_k, i_t, i_k, T, H, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
     """Rows of chunk i_t, Dk tile i_k of a `[B, T, H, K]` tensor, in fp32 (zero outside)."""
-    p, m = _tile(x + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+    p, m = strided_tile(x + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
     return tl.load(p, mask=m, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _store_block(base, b_x, i_k, i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    p, m = _tile(base, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
+    p, m = strided_tile(base, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
     tl.store(p, b_x, mask=m)
 
 
 @triton.jit
 def _load_block(base, i_k, i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    p, m = _tile(base, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
+    p, m = strided_tile(base, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
     return tl.load(p, mask=m, other=0.0)
 
 
@@ -268,7 +258,7 @@ def chunk_gated_delta_bwd_dh_kernel(
             _store_block(p_dhs, b_dh4, 3, i_v, K, V, BK, BV)
         o_t = i_t * BT + o_i
         m_t = o_t < T
-        p_do, m_do = _tile(do + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        p_do, m_do = strided_tile(do + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
         b_do = tl.load(p_do, mask=m_do, other=0.0).to(tl.float32)
         b_beta = tl.load(beta + o_g + o_t * H, mask=m_t, other=0.0)
         b_b = tl.cumsum(tl.load(g + o_g + o_t * H, mask=m_t, other=0.0).to(tl.float64), axis=0)
@@ -294,7 +284,7 @@ def chunk_gated_delta_bwd_dh_kernel(
             b_du += _du_block(b_dh3, k, o_k, i_t, 2, T, H, b_to_end, K, BT, BK, PRECISION)
         if K > 3 * BK:
             b_du += _du_block(b_dh4, k, o_k, i_t, 3, T, H, b_to_end, K, BT, BK, PRECISION)
-        p_du, _ = _tile(dus + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        p_du, _ = strided_tile(dus + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
         tl.store(p_du, b_du, mask=m_do)
         b_dh1 = _dh_block(b_dh1, q, k, o_k, i_t, 0, T, H, b_T, b_beta, b_eb, b_el, b_do, b_du, scale,
                           K, BT, BK, PRECISION)  # fmt: skip
@@ -371,8 +361,8 @@ def chunk_gated_delta_bwd_kernel(
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_qk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        p_q, m_q = _tile(q + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
-        p_k, m_k = _tile(k + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        p_q, m_q = strided_tile(q + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        p_k, m_k = strided_tile(k + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
         b_q = tl.load(p_q, mask=m_q, other=0.0).to(tl.float32)
         b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
         b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
@@ -383,17 +373,17 @@ def chunk_gated_delta_bwd_kernel(
     b_dm = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
-        p_v, m_v = _tile(v + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
-        p_u, _ = _tile(us + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
-        p_du, _ = _tile(dus + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
-        p_do, _ = _tile(do + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        p_v, m_v = strided_tile(v + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        p_u, _ = strided_tile(us + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        p_du, _ = strided_tile(dus + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        p_do, _ = strided_tile(do + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
         b_v = tl.load(p_v, mask=m_v, other=0.0).to(tl.float32)
         b_u = tl.load(p_u, mask=m_v, other=0.0)
         b_du = tl.load(p_du, mask=m_v, other=0.0)
         b_do = tl.load(p_do, mask=m_v, other=0.0).to(tl.float32)
         b_u0 = tl.dot(b_T, b_beta[:, None] * b_v, input_precision=PRECISION)
         b_dr = tl.dot(tl.trans(b_T), b_du, input_precision=PRECISION)
-        p_dv, _ = _tile(dv + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        p_dv, _ = strided_tile(dv + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
         tl.store(p_dv, (b_beta[:, None] * b_dr).to(p_dv.dtype.element_ty), mask=m_v)
         b_dbeta += tl.sum(b_dr * b_v, axis=1)
         b_dA -= tl.dot(b_dr, tl.trans(b_u0), input_precision=PRECISION)
@@ -408,8 +398,8 @@ def chunk_gated_delta_bwd_kernel(
     b_sqh = tl.zeros([BT], dtype=tl.float32)  # sum(Q * dO H^T) per row
     b_dlast = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)  # sum(dH_next * H)
     for i_k in range(tl.cdiv(K, BK)):
-        p_q, m_q = _tile(q + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
-        p_k, m_k = _tile(k + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        p_q, m_q = strided_tile(q + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        p_k, m_k = strided_tile(k + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
         b_q = tl.load(p_q, mask=m_q, other=0.0).to(tl.float32)
         b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
         b_w = tl.dot(b_T, (b_beta * b_eb)[:, None] * b_k, input_precision=PRECISION)
@@ -417,11 +407,11 @@ def chunk_gated_delta_bwd_kernel(
         b_dqh = tl.zeros([BT, BK], dtype=tl.float32)  # dO H^T
         b_dkd = tl.zeros([BT, BK], dtype=tl.float32)  # U dH_next^T
         for i_v in range(tl.cdiv(V, BV)):
-            p_h, m_h = _tile(hs + o_s, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
-            p_dh, _ = _tile(dhs + o_s, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
-            p_u, m_u = _tile(us + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
-            p_du, _ = _tile(dus + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
-            p_do, _ = _tile(do + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+            p_h, m_h = strided_tile(hs + o_s, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
+            p_dh, _ = strided_tile(dhs + o_s, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
+            p_u, m_u = strided_tile(us + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+            p_du, _ = strided_tile(dus + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+            p_do, _ = strided_tile(do + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
             b_h = tl.load(p_h, mask=m_h, other=0.0)
             b_dh = tl.load(p_dh, mask=m_h, other=0.0)
             b_u = tl.load(p_u, mask=m_u, other=0.0)
@@ -439,8 +429,8 @@ def chunk_gated_delta_bwd_kernel(
         b_dq = scale * b_eb[:, None] * b_dqh + tl.dot(b_dmd, b_k, input_precision=PRECISION)
         b_dk = (b_beta * b_eb)[:, None] * b_drw + b_to_end[:, None] * b_dkd
         b_dk += tl.dot(tl.trans(b_dmd), b_q, input_precision=PRECISION)
-        p_dq, _ = _tile(dq + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
-        p_dk, _ = _tile(dk + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        p_dq, _ = strided_tile(dq + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        p_dk, _ = strided_tile(dk + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
         tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), mask=m_q)
         tl.store(p_dk, b_dk, mask=m_k)
     # A = beta_t (K K^T) * D, strictly lower.
@@ -460,8 +450,8 @@ def chunk_gated_delta_bwd_kernel(
     # 4. dK's dA term: dK += dKK K + dKK^T K, dKK = dA * beta_t * D (the partial dK was written above).
     tl.debug_barrier()
     for i_k in range(tl.cdiv(K, BK)):
-        p_k, m_k = _tile(k + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
-        p_dk, _ = _tile(dk + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        p_k, m_k = strided_tile(k + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        p_dk, _ = strided_tile(dk + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
         b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
         b_dk = tl.load(p_dk, mask=m_k, other=0.0)
         b_dk += tl.dot(b_dkk, b_k, input_precision=PRECISION)
@@ -470,7 +460,7 @@ def chunk_gated_delta_bwd_kernel(
 
 
 def _tiles(K, V):
-    return max(16, triton.next_power_of_2(K)), min(_BV, max(16, triton.next_power_of_2(V)))
+    return head_dim_tile(K), min(_BV, head_dim_tile(V))
 
 
 def chunk_gated_delta_fwd(q, k, v, g, beta, scale: float, initial_state, chunk_size: int, save_states=False):
@@ -485,16 +475,16 @@ def chunk_gated_delta_fwd(q, k, v, g, beta, scale: float, initial_state, chunk_s
     V = v.shape[-1]
     NT = triton.cdiv(T, chunk_size)
     BK, BV = _tiles(K, V)
-    o = _empty(B, T, H, V, dtype=v.dtype, device=q.device)
-    final_state = _empty(B, H, K, V, dtype=torch.float32, device=q.device)
+    o = torch.empty(B, T, H, V, dtype=v.dtype, device=q.device)
+    final_state = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
     states = us = None
     if save_states:
-        states = _empty(B, H, NT, K, V, dtype=torch.float32, device=q.device)
-        us = _empty(B, T, H, V, dtype=torch.float32, device=q.device)
+        states = torch.empty(B, H, NT, K, V, dtype=torch.float32, device=q.device)
+        us = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     chunk_gated_delta_fwd_kernel[(triton.cdiv(V, BV), B * H)](
         q, k, v, g, beta, initial_state, o, final_state, states, us, scale, T, NT, H=H, K=K, V=V,
         BT=chunk_size, BK=BK, BV=BV, USE_H0=initial_state is not None, STORE_STATES=save_states,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
+        PRECISION=dot_precision(q.dtype), num_warps=4,
     )  # fmt: skip
     return o, final_state, (states, us) if save_states else None
 
@@ -508,23 +498,23 @@ def chunk_gated_delta_bwd(q, k, v, g, beta, states, us, do, dht, scale: float, c
     V = v.shape[-1]
     NT = triton.cdiv(T, chunk_size)
     BK, BV = _tiles(K, V)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    precision = dot_precision(q.dtype)
     do = do.to(v.dtype).contiguous()
     if dht is not None:
         dht = dht.float().contiguous()
-    dstates = _empty(B, H, NT, K, V, dtype=torch.float32, device=q.device)
-    dus = _empty(B, T, H, V, dtype=torch.float32, device=q.device)
-    dh0 = _empty(B, H, K, V, dtype=torch.float32, device=q.device)
+    dstates = torch.empty(B, H, NT, K, V, dtype=torch.float32, device=q.device)
+    dus = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    dh0 = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
     chunk_gated_delta_bwd_dh_kernel[(triton.cdiv(V, BV), B * H)](
         q, k, g, beta, do, dht, dstates, dus, dh0, scale, T, NT, H=H, K=K, V=V, BT=chunk_size,
         BK=max(min(BK, _BK_BWD), BK // 4), BV=BV, USE_DHT=dht is not None, PRECISION=precision,
         num_warps=4,
     )  # fmt: skip
-    dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
-    dk = _empty(*k.shape, dtype=torch.float32, device=q.device)  # written in two steps, kept fp32
-    dv = _empty(*v.shape, dtype=v.dtype, device=q.device)
-    dg = _empty(*g.shape, dtype=torch.float32, device=q.device)
-    dbeta = _empty(*beta.shape, dtype=torch.float32, device=q.device)
+    dq = torch.empty(*q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(*k.shape, dtype=torch.float32, device=q.device)  # written in two steps, kept fp32
+    dv = torch.empty(*v.shape, dtype=v.dtype, device=q.device)
+    dg = torch.empty(*g.shape, dtype=torch.float32, device=q.device)
+    dbeta = torch.empty(*beta.shape, dtype=torch.float32, device=q.device)
     chunk_gated_delta_bwd_kernel[(NT, B * H)](
         q, k, v, g, beta, do, states, dstates, us, dus, dq, dk, dv, dg, dbeta, scale, T, NT, H=H, K=K,
         V=V, BT=chunk_size, BK=min(BK, _BK_BWD), BV=BV, PRECISION=precision, num_warps=4,

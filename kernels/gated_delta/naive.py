@@ -10,16 +10,7 @@ The recurrence is written independently of the chunked form, so a test can hold 
 
 import torch
 
-
-def _work_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _initial(q, v, initial_state, work):
-    b, _, h, dk = q.shape
-    if initial_state is None:
-        return q.new_zeros(b, h, dk, v.shape[-1], dtype=work)
-    return initial_state.to(work)
+from longctx.kernels.common.linear import initial_state_or_zeros, work_dtype
 
 
 def gated_delta_step_ref(q_t, k_t, v_t, g_t, beta_t, state, scale=None):
@@ -41,8 +32,8 @@ def gated_delta_recurrent_ref(q, k, v, g, beta, scale=None, initial_state=None, 
 
     Returns `(o [B, T, H, Dv] in v's dtype, final_state [B, H, Dk, Dv] or None)`.
     """
-    work = _work_dtype(q)
-    state = _initial(q, v, initial_state, work)
+    work = work_dtype(q)
+    state = initial_state_or_zeros(q, v, initial_state, work)
     outs = []
     for t in range(q.shape[1]):
         o_t, state = gated_delta_step_ref(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state, scale)
@@ -68,11 +59,11 @@ def gated_delta_chunk_ref(
     Every exponent is `<= 0`. Same arguments and results as `gated_delta_recurrent_ref`;
     differentiable by autograd (the CPU path).
     """
-    work = _work_dtype(q)
+    work = work_dtype(q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     bsz, t_total, h, dk = q.shape
     dv = v.shape[-1]
-    state = _initial(q, v, initial_state, work)
+    state = initial_state_or_zeros(q, v, initial_state, work)
     c = chunk_size
     n = -(-t_total // c)
     pad = n * c - t_total

@@ -10,24 +10,8 @@ import torch
 
 from longctx.kernels.common.backend import op_backend
 from longctx.kernels.common.docs import check_cu_seqlens, doc_starts_mask
+from longctx.kernels.common.linear import check_linear_args
 from longctx.kernels.gla.naive import gla_chunk_ref, gla_recurrent_ref, gla_step_ref
-
-
-def _check_shapes(q, k, v, g, initial_state):
-    if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(f"q and k must both be [B, T, H, Dk]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"v must be [B, T, H, Dv] with q's B, T, H {tuple(q.shape[:3])}; got {tuple(v.shape)}"
-        )
-    if g.shape != q.shape[:3]:
-        raise ValueError(f"g must be [B, T, H] = {tuple(q.shape[:3])}; got {tuple(g.shape)}")
-    expected = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
-    if initial_state is not None and tuple(initial_state.shape) != expected:
-        raise ValueError(
-            f"initial_state must be [B, H, Dk, Dv] = {expected}; got {tuple(initial_state.shape)}"
-        )
-
 
 # The log-decay given to a document's first token: exp(RESET_LOG_DECAY) is exactly 0 in fp32, so the
 # state entering the document is dropped, while every within-chunk cumulative log-decay stays far
@@ -69,7 +53,7 @@ def gated_linear_attn(
     Returns:
         `(o [B, T, H, Dv] in v's dtype, final_state [B, H, Dk, Dv] fp32 or None)`.
     """
-    _check_shapes(q, k, v, g, initial_state)
+    check_linear_args(q, k, v, initial_state, g=g)
     exact_decay = cu_seqlens is not None
     if exact_decay:
         g = reset_at_documents(g, cu_seqlens, offset)

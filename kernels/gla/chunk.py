@@ -64,6 +64,7 @@ import triton
 import triton.language as tl
 
 from longctx.kernels.common.backend import interpreting
+from longctx.kernels.common.triton import dot_precision, head_dim_tile, strided_tile
 from longctx.kernels.common.tuning import tuned
 
 # Outputs and workspaces are allocated here; tests replace it with a NaN-filling allocator so that a
@@ -82,17 +83,6 @@ def _configs(tiles: dict[str, list[int]]) -> list[triton.Config]:
     for name, sizes in tiles.items():
         out = [triton.Config({**c.kwargs, name: s}) for c in out for s in sizes]
     return [triton.Config(c.kwargs, num_warps=w, num_stages=s) for c in out for w in (4, 8) for s in (2, 3)]
-
-
-@triton.jit
-def _tile(base, r0, c0, R, C, stride_r, stride_c, BR: tl.constexpr, BC: tl.constexpr):
-    """Pointers and in-bounds mask of the [BR, BC] tile at (r0, c0) of an [R, C] strided matrix."""
-    o_r = r0 + tl.arange(0, BR)
-    o_c = c0 + tl.arange(0, BC)
-    # Both offsets in int64: a token axis may be the columns (k^T tiles, stride H*K), and t*H*K passes
-    # 2^31 at about 1M tokens with H*K = 2048.
-    p = base + o_r.to(tl.int64)[:, None] * stride_r + o_c.to(tl.int64)[None, :] * stride_c
-    return p, (o_r < R)[:, None] & (o_c < C)[None, :]
 
 
 @triton.jit
@@ -150,19 +140,21 @@ def chunk_fwd_h_kernel(
     o_v = (i_b.to(tl.int64) * T * H + i_h) * V
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
-        p_h0, m_h0 = _tile(h0 + i_bh.to(tl.int64) * K * V, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
+        p_h0, m_h0 = strided_tile(h0 + i_bh.to(tl.int64) * K * V, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
         b_h += tl.load(p_h0, mask=m_h0, other=0.0)
     for i_t in range(NT):
-        p_h, m_h = _tile(h + (i_bh.to(tl.int64) * NT + i_t) * K * V, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
+        p_h, m_h = strided_tile(
+            h + (i_bh.to(tl.int64) * NT + i_t) * K * V, i_k * BK, i_v * BV, K, V, V, 1, BK, BV
+        )
         tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h)
-        p_k, m_k = _tile(k + o_k, i_k * BK, i_t * BT, K, T, 1, H * K, BK, BT)
-        p_v, m_v = _tile(v + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        p_k, m_k = strided_tile(k + o_k, i_k * BK, i_t * BT, K, T, 1, H * K, BK, BT)
+        p_v, m_v = strided_tile(v + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
         b_k = tl.load(p_k, mask=m_k, other=0.0)  # [BK, BT]
         b_v = tl.load(p_v, mask=m_v, other=0.0)  # [BT, BV]
         _, _, b_b, b_last = _chunk_decays(b, i_b, i_t, i_h, T, H, BT)
         b_k = (b_k * _exp(b_last - b_b)[None, :]).to(b_v.dtype)
         b_h = b_h * _exp(b_last) + tl.dot(b_k, b_v, input_precision=PRECISION)
-    p_ht, m_ht = _tile(ht + i_bh.to(tl.int64) * K * V, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
+    p_ht, m_ht = strided_tile(ht + i_bh.to(tl.int64) * K * V, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
     tl.store(p_ht, b_h, mask=m_ht)
 
 
@@ -194,9 +186,9 @@ def chunk_fwd_o_kernel(
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        p_q, m_q = _tile(q + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
-        p_k, m_k = _tile(k + o_k, i_k * BK, i_t * BT, K, T, 1, H * K, BK, BT)
-        p_h, m_h = _tile(h + o_h, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
+        p_q, m_q = strided_tile(q + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        p_k, m_k = strided_tile(k + o_k, i_k * BK, i_t * BT, K, T, 1, H * K, BK, BT)
+        p_h, m_h = strided_tile(h + o_h, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
         b_q = tl.load(p_q, mask=m_q, other=0.0)
         b_k = tl.load(p_k, mask=m_k, other=0.0)
         b_h = tl.load(p_h, mask=m_h, other=0.0)
@@ -206,10 +198,10 @@ def chunk_fwd_o_kernel(
     # A[t, s] = q_t . k_s, kept for s <= t (and t a real token) with decay exp(b_t - b_s).
     m_A = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]
     b_A = b_A * _exp(tl.where(m_A, b_b[:, None] - b_b[None, :], float("-inf")))
-    p_v, m_v = _tile(v + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+    p_v, m_v = strided_tile(v + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
     b_v = tl.load(p_v, mask=m_v, other=0.0)
     b_o = b_o * _exp(b_b)[:, None] + tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PRECISION)
-    p_o, m_o = _tile(o + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+    p_o, m_o = strided_tile(o + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
     tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), mask=m_o)
 
 
@@ -241,23 +233,23 @@ def chunk_bwd_dh_kernel(
     o_v = (i_b.to(tl.int64) * T * H + i_h) * V
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
-        p_dht, m_dht = _tile(dht + i_bh.to(tl.int64) * K * V, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
+        p_dht, m_dht = strided_tile(dht + i_bh.to(tl.int64) * K * V, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
         b_dh += tl.load(p_dht, mask=m_dht, other=0.0)
     for i in range(NT):
         i_t = NT - 1 - i
-        p_dh, m_dh = _tile(
+        p_dh, m_dh = strided_tile(
             dh + (i_bh.to(tl.int64) * NT + i_t) * K * V, i_k * BK, i_v * BV, K, V, V, 1, BK, BV
         )
         tl.store(p_dh, b_dh.to(p_dh.dtype.element_ty), mask=m_dh)
-        p_q, m_q = _tile(q + o_k, i_k * BK, i_t * BT, K, T, 1, H * K, BK, BT)
-        p_do, m_do = _tile(do + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        p_q, m_q = strided_tile(q + o_k, i_k * BK, i_t * BT, K, T, 1, H * K, BK, BT)
+        p_do, m_do = strided_tile(do + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
         b_q = tl.load(p_q, mask=m_q, other=0.0)  # [BK, BT]
         b_do = tl.load(p_do, mask=m_do, other=0.0)  # [BT, BV]
         _, _, b_b, b_last = _chunk_decays(b, i_b, i_t, i_h, T, H, BT)
         b_q = (b_q * (scale * _exp(b_b))[None, :]).to(b_do.dtype)
         b_dh = b_dh * _exp(b_last) + tl.dot(b_q, b_do, input_precision=PRECISION)
     if STORE_DH0:
-        p_dh0, m_dh0 = _tile(dh0 + i_bh.to(tl.int64) * K * V, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
+        p_dh0, m_dh0 = strided_tile(dh0 + i_bh.to(tl.int64) * K * V, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
         tl.store(p_dh0, b_dh, mask=m_dh0)
 
 
@@ -289,9 +281,9 @@ def chunk_bwd_dv_kernel(
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        p_k, m_k = _tile(k + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
-        p_q, m_q = _tile(q + o_k, i_k * BK, i_t * BT, K, T, 1, H * K, BK, BT)
-        p_dh, m_dh = _tile(dh + o_h, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
+        p_k, m_k = strided_tile(k + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+        p_q, m_q = strided_tile(q + o_k, i_k * BK, i_t * BT, K, T, 1, H * K, BK, BT)
+        p_dh, m_dh = strided_tile(dh + o_h, i_k * BK, i_v * BV, K, V, V, 1, BK, BV)
         b_k = tl.load(p_k, mask=m_k, other=0.0)
         b_q = tl.load(p_q, mask=m_q, other=0.0)
         b_dh = tl.load(p_dh, mask=m_dh, other=0.0)
@@ -301,10 +293,10 @@ def chunk_bwd_dv_kernel(
     # A[s, t] = k_s . q_t, kept for t >= s (and t a real token) with decay exp(b_t - b_s).
     m_A = (o_t[None, :] >= o_t[:, None]) & m_t[None, :]
     b_A = b_A * _exp(tl.where(m_A, b_b[None, :] - b_b[:, None], float("-inf"))) * scale
-    p_do, m_do = _tile(do + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+    p_do, m_do = strided_tile(do + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
     b_do = tl.load(p_do, mask=m_do, other=0.0)
     b_dv = b_dv * _exp(b_last - b_b)[:, None] + tl.dot(b_A.to(b_do.dtype), b_do, input_precision=PRECISION)
-    p_dv, m_dv = _tile(dv + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+    p_dv, m_dv = strided_tile(dv + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
     tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), mask=m_dv)
 
 
@@ -343,11 +335,11 @@ def chunk_bwd_dqk_kernel(
     b_hdh = tl.zeros([BK], dtype=tl.float32)
     b_dsd = tl.zeros([BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
-        p_v, m_v = _tile(v + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
-        p_do, m_do = _tile(do + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        p_v, m_v = strided_tile(v + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        p_do, m_do = strided_tile(do + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
         # H_n and dS_n read transposed: [BV, BK] tiles of the [K, V] states.
-        p_h, m_h = _tile(h + o_h, i_v * BV, i_k * BK, V, K, 1, V, BV, BK)
-        p_dh, m_dh = _tile(dh + o_h, i_v * BV, i_k * BK, V, K, 1, V, BV, BK)
+        p_h, m_h = strided_tile(h + o_h, i_v * BV, i_k * BK, V, K, 1, V, BV, BK)
+        p_dh, m_dh = strided_tile(dh + o_h, i_v * BV, i_k * BK, V, K, 1, V, BV, BK)
         b_v = tl.load(p_v, mask=m_v, other=0.0)
         b_do = tl.load(p_do, mask=m_do, other=0.0)
         b_h = tl.load(p_h, mask=m_h, other=0.0)
@@ -364,8 +356,8 @@ def chunk_bwd_dqk_kernel(
     # enter dg, where it would only cancel.
     m_s = (o_t[:, None] > o_t[None, :]) & m_t[:, None]
     b_ds = b_ds * _exp(tl.where(m_s, b_b[:, None] - b_b[None, :], float("-inf"))) * scale
-    p_q, m_q = _tile(q + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
-    p_k, m_k = _tile(k + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+    p_q, m_q = strided_tile(q + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+    p_k, m_k = strided_tile(k + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
     b_q = tl.load(p_q, mask=m_q, other=0.0)
     b_k = tl.load(p_k, mask=m_k, other=0.0)
     # dg_t sums the pairs (query i, key j) whose decay spans t (j < t <= i), by where they lie
@@ -386,18 +378,13 @@ def chunk_bwd_dqk_kernel(
     b_dg += _exp(b_last) * tl.sum(b_hdh, axis=0)
     b_dq += (scale * b_dsd)[:, None] * b_k.to(tl.float32)
     b_dk += (scale * b_dsd)[:, None] * b_q.to(tl.float32)
-    p_dq, m_dq = _tile(dq + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
-    p_dk, m_dk = _tile(dk + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+    p_dq, m_dq = strided_tile(dq + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
+    p_dk, m_dk = strided_tile(dk + o_k, i_t * BT, i_k * BK, T, K, H * K, 1, BT, BK)
     tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), mask=m_dq)
     tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), mask=m_dk)
     # dg is [NK, B, T, H]: one partial per K tile, summed by the launcher when there are several.
     n_b = tl.num_programs(2) // H
     tl.store(dg + ((i_k * n_b + i_b).to(tl.int64) * T + o_t) * H + i_h, b_dg, mask=m_t)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get exact fp32 products; 16-bit inputs use tensor cores whatever this says.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def chunk_gla_fwd(q, k, v, g, scale: float, initial_state, chunk_size: int):
@@ -422,7 +409,7 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state, chunk_size: int):
 
     chunk_fwd_h_kernel[grid_h](
         k, v, b, h, initial_state, final_state, T, NT, H=H, K=K, V=V, BT=BT,
-        USE_H0=initial_state is not None, PRECISION=_precision(q.dtype),
+        USE_H0=initial_state is not None, PRECISION=dot_precision(q.dtype),
     )  # fmt: skip
     o = _empty(B, T, H, V, dtype=v.dtype, device=q.device)
 
@@ -430,7 +417,7 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state, chunk_size: int):
         return (triton.cdiv(V, meta["BV"]), NT, B * H)
 
     chunk_fwd_o_kernel[grid_o](
-        q, k, v, b, h, o, scale, T, NT, H=H, K=K, V=V, BT=BT, PRECISION=_precision(q.dtype)
+        q, k, v, b, h, o, scale, T, NT, H=H, K=K, V=V, BT=BT, PRECISION=dot_precision(q.dtype)
     )
     return o, h, b, final_state
 
@@ -444,7 +431,7 @@ def chunk_gla_bwd(q, k, v, b, h, do, dht, scale: float, chunk_size: int, need_dh
     V = v.shape[-1]
     BT = chunk_size
     NT = triton.cdiv(T, BT)
-    precision = _precision(q.dtype)
+    precision = dot_precision(q.dtype)
     dh = _empty(B, H, NT, K, V, dtype=q.dtype, device=q.device)
     dh0 = _empty(B, H, K, V, dtype=torch.float32, device=q.device) if need_dh0 else None
 
@@ -461,7 +448,7 @@ def chunk_gla_bwd(q, k, v, b, h, do, dht, scale: float, chunk_size: int, need_dh
         return (triton.cdiv(V, meta["BV"]), NT, B * H)
 
     chunk_bwd_dv_kernel[grid_v](q, k, do, b, dh, dv, scale, T, NT, H=H, K=K, V=V, BT=BT, PRECISION=precision)
-    BK = min(_TILE, max(16, triton.next_power_of_2(K)))
+    BK = min(_TILE, head_dim_tile(K))
     NK = triton.cdiv(K, BK)
     dq = _empty(B, T, H, K, dtype=q.dtype, device=q.device)
     dk = _empty(B, T, H, K, dtype=k.dtype, device=q.device)

@@ -7,16 +7,7 @@ with `g_t <= 0` a scalar log-decay per head and token. The chunked form never bu
 
 import torch
 
-
-def _work_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _initial(q, v, initial_state, work):
-    b, _, h, dk = q.shape
-    if initial_state is None:
-        return q.new_zeros(b, h, dk, v.shape[-1], dtype=work)
-    return initial_state.to(work)
+from longctx.kernels.common.linear import initial_state_or_zeros, work_dtype
 
 
 def gla_recurrent_ref(q, k, v, g, scale=None, initial_state=None, output_final_state=False):
@@ -24,9 +15,9 @@ def gla_recurrent_ref(q, k, v, g, scale=None, initial_state=None, output_final_s
 
     Returns `(o [B, T, H, Dv], final_state [B, H, Dk, Dv] or None)`.
     """
-    work = _work_dtype(q)
+    work = work_dtype(q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    state = _initial(q, v, initial_state, work)
+    state = initial_state_or_zeros(q, v, initial_state, work)
     outs = []
     for t in range(q.shape[1]):
         state = torch.exp(g[:, t].to(work))[..., None, None] * state + torch.einsum(
@@ -59,9 +50,9 @@ def gla_chunk_ref(
     before differencing (as the Triton kernel does), needed when `g` holds document resets of -1e4,
     where fp32 sums would lose 1e-3 of every later decay.
     """
-    work = _work_dtype(q)
+    work = work_dtype(q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    state = _initial(q, v, initial_state, work)
+    state = initial_state_or_zeros(q, v, initial_state, work)
     sum_dtype = torch.float64 if exact_decay else work
     t_total = q.shape[1]
     outs = []

@@ -5,11 +5,11 @@ reference of `naive.py` otherwise; `longctx.kernels.backend("naive" | "triton")`
 
 - `nsa_compress`: learned block compression of keys or values. Both backends run the same PyTorch
   code (unfold + two matmuls): it is GEMM work that cuBLAS already does at full speed.
-- `nsa_cmp_attn`: attention over compressed tokens (`cmp_attn.py`), returns lse.
-- `nsa_select_blocks`: block importance + top-k in one kernel (`select_blocks.py`), never storing a
+- `nsa_cmp_attn`: attention over compressed tokens (`triton/cmp_attn.py`), returns lse.
+- `nsa_select_blocks`: block importance + top-k in one kernel (`triton/select_blocks.py`), never storing a
   `T x T / cmp_stride` score tensor.
 - `nsa_select_attn`: attention over the listed key blocks, all query heads of a kv group per program
-  (`select_attn.py`).
+  (`triton/select_attn.py`).
 """
 
 import torch
@@ -83,7 +83,7 @@ def nsa_cmp_attn(
     doc_start = _doc_start(q, cu_seqlens, q_offset)
     if op_backend("nsa", q, k_cmp, v_cmp) != "triton":
         return cmp_attn_ref(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, return_lse, q_offset, doc_start)
-    from longctx.kernels.nsa.cmp_attn import cmp_attn
+    from longctx.kernels.nsa.triton.cmp_attn import cmp_attn
 
     o, lse = cmp_attn(
         q, k_cmp.to(q.dtype), v_cmp.to(q.dtype), cmp_block, cmp_stride, scale, q_offset, doc_start
@@ -114,7 +114,7 @@ def nsa_select_blocks(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     doc_start = _doc_start(q, cu_seqlens, q_offset)
     if op_backend("nsa", q, k_cmp, lse_cmp) == "triton":
-        from longctx.kernels.nsa import select_blocks as kernel
+        from longctx.kernels.nsa.triton import select_blocks as kernel
 
         # With no compressed token yet (T < cmp_block) every importance is 0: nothing to compute.
         if kernel.supported(cmp_block, cmp_stride, slc_block) and k_cmp.shape[1] > 0:
@@ -159,7 +159,7 @@ def nsa_select_attn(
         return select_attn_ref(
             q, k, v, block_idx, block_size, scale, return_lse, q_offset, k_offset, doc_start
         )
-    from longctx.kernels.nsa.select_attn import select_attn
+    from longctx.kernels.nsa.triton.select_attn import select_attn
 
     o, lse = select_attn(
         q, k.to(q.dtype), v.to(q.dtype), block_idx, block_size, scale, q_offset, k_offset, doc_start

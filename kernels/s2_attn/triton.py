@@ -39,12 +39,17 @@ import triton.language as tl
 
 from longctx.kernels.common import tuning
 from longctx.kernels.common.backend import interpreting
+from longctx.kernels.common.triton import (
+    LOG2E,
+    LOG2E_C,
+    doc_start_arg,
+    dot_precision,
+    head_dim_tile,
+    softmax_finish,
+    softmax_init,
+    softmax_step,
+)
 from longctx.kernels.s2_attn.blocks import S2BlockLists, TileLists, check_block_ids, s2_block_lists
-
-LOG2E = 1.4426950408889634
-# Kernels may only read constexpr globals.
-_LOG2E = tl.constexpr(LOG2E)
-_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -58,8 +63,9 @@ def _row_ptrs(p_base, start, stride_t, B: tl.constexpr, BD: tl.constexpr):
 
 @triton.jit
 def _load_rows(
-    p_base, start, stride_t, T, B: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, MASK_T: tl.constexpr
-):
+    p_base, start, stride_t, T, B: tl.constexpr, HEAD_DIM: tl.constexpr, BD: tl.constexpr,
+    MASK_T: tl.constexpr,
+):  # fmt: skip
     """Rows `start .. start + B` (x head dim) of a `[T, D]` slice; masks rows past `T` only when `MASK_T`.
 
     The row offset is one int64 scalar; offsets within the tile stay int32.
@@ -68,9 +74,9 @@ def _load_rows(
     o_d = tl.arange(0, BD)
     ptrs = _row_ptrs(p_base, start, stride_t, B, BD)
     if MASK_T:
-        x = tl.load(ptrs, mask=((start + o_b) < T)[:, None] & (o_d[None, :] < D), other=0.0)
-    elif BD != D:
-        x = tl.load(ptrs, mask=o_d[None, :] < D, other=0.0)
+        x = tl.load(ptrs, mask=((start + o_b) < T)[:, None] & (o_d[None, :] < HEAD_DIM), other=0.0)
+    elif BD != HEAD_DIM:
+        x = tl.load(ptrs, mask=o_d[None, :] < HEAD_DIM, other=0.0)
     else:
         x = tl.load(ptrs)
     return x
@@ -118,7 +124,7 @@ def _row_doc_starts(doc_start, i_b, o_m, m_m, T_q, HAS_DOCS: tl.constexpr):
 def _fwd_walk(
     acc, l_i, m_i, b_q, qb_m, pos_m, ds_m, ds_min, p_k, p_v, stride_kt, stride_vt, k_ids, indices, lo, hi,
     T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
-    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr,
     HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over the key blocks `indices[lo:hi]`; `MASK` applies S2's token rule. With
@@ -135,8 +141,8 @@ def _fwd_walk(
                 o_n = i_kb * BS + n + tl.arange(0, BN)
                 m_n = o_n < T_k
                 pos_n = kb * BS + n + tl.arange(0, BN)
-                b_k = _load_rows(p_k, i_kb * BS + n, stride_kt, T_k, BN, D, BD, MASK)
-                b_v = _load_rows(p_v, i_kb * BS + n, stride_vt, T_k, BN, D, BD, MASK)
+                b_k = _load_rows(p_k, i_kb * BS + n, stride_kt, T_k, BN, HEAD_DIM, BD, MASK)
+                b_v = _load_rows(p_v, i_kb * BS + n, stride_vt, T_k, BN, HEAD_DIM, BD, MASK)
                 b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN], log2
                 if MASK:
                     ok = _s2_allowed(qb_m, kb, i_h, local_blocks, vert_stride, head_step, dense_from)
@@ -146,17 +152,7 @@ def _fwd_walk(
                     b_s = tl.where(m_s, b_s, float("-inf"))
                 elif HAS_DOCS:
                     b_s = tl.where(pos_n[None, :] >= ds_m[:, None], b_s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(b_s, 1))
-                if MASK or HAS_DOCS:
-                    # A row with every key masked so far keeps m = -inf; shift by 0 so exp2 gives 0.
-                    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-                else:
-                    m_shift = m_new
-                b_p = tl.exp2(b_s - m_shift[:, None])
-                alpha = tl.exp2(m_i - m_shift)
-                l_i = l_i * alpha + tl.sum(b_p, 1)
-                acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-                m_i = m_new
+                acc, l_i, m_i = softmax_step(acc, l_i, m_i, b_s, b_v, PRECISION)
     return acc, l_i, m_i
 
 
@@ -166,7 +162,7 @@ def _s2_fwd_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
     T_q, T_k, n_tiles, n_heads, group, qk_scale, local_blocks, vert_stride, head_step, dense_from,
-    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
@@ -184,42 +180,36 @@ def _s2_fwd_kernel(
     p_v = _base(v, i_b, i_hk, stride_vb, stride_vh)
     b_q = _load_rows(
         _base(q, i_b, i_h, stride_qb, stride_qh),
-        start, stride_qt, T_q, BM, D, BD, True,
+        start, stride_qt, T_q, BM, HEAD_DIM, BD, True,
     )
 
     row = i_h * n_tiles + i_tile
     lo = tl.load(offsets + row)
     mid = tl.load(split + row)
     hi = tl.load(offsets + row + 1)
-    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BM], dtype=tl.float32)
-    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    acc, l_i, m_i = softmax_init(BM, BD)
     acc, l_i, m_i = _fwd_walk(
         acc, l_i, m_i, b_q, qb_m, pos_m, ds_m, ds_min, p_k, p_v, stride_kt, stride_vt, k_ids, indices,
         lo, mid, T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
-        D, BD, BS, BN, False, HAS_DOCS, PRECISION,
+        HEAD_DIM, BD, BS, BN, False, HAS_DOCS, PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_walk(
         acc, l_i, m_i, b_q, qb_m, pos_m, ds_m, ds_min, p_k, p_v, stride_kt, stride_vt, k_ids, indices,
         mid, hi, T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
-        D, BD, BS, BN, True, HAS_DOCS, PRECISION,
+        HEAD_DIM, BD, BS, BN, True, HAS_DOCS, PRECISION,
     )  # fmt: skip
 
-    # Rows that saw no key at all: o = 0 and lse = -inf, so they drop out of an lse merge.
-    seen = l_i > 0
-    l_safe = tl.where(seen, l_i, 1.0)
-    acc = acc / l_safe[:, None]
-    b_lse = tl.where(seen, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
+    acc, b_lse = softmax_finish(acc, l_i, m_i)
     p_o = _base(o, i_b, i_h, stride_ob, stride_oh)
     p_o += o_m[:, None].to(tl.int64) * stride_ot
-    tl.store(p_o + o_d[None, :], acc.to(o.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < D))
+    tl.store(p_o + o_d[None, :], acc.to(o.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < HEAD_DIM))
     tl.store(lse + i_bh.to(tl.int64) * T_q + o_m, b_lse, mask=m_m)
 
 
 @triton.jit
 def _s2_bwd_preprocess_kernel(
     o, do, dlse, delta, stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh, T_q, n_heads,
-    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, HAS_DLSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):  # fmt: skip
     """`delta = rowsum(o * do) - dlse`, `[B, H, T]` fp32."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
@@ -228,8 +218,8 @@ def _s2_bwd_preprocess_kernel(
     m_m = o_m < T_q
     p_o = _base(o, i_b, i_h, stride_ob, stride_oh)
     p_do = _base(do, i_b, i_h, stride_dob, stride_doh)
-    b_o = _load_rows(p_o, i_m * BM, stride_ot, T_q, BM, D, BD, True).to(tl.float32)
-    b_do = _load_rows(p_do, i_m * BM, stride_dot, T_q, BM, D, BD, True).to(tl.float32)
+    b_o = _load_rows(p_o, i_m * BM, stride_ot, T_q, BM, HEAD_DIM, BD, True).to(tl.float32)
+    b_do = _load_rows(p_do, i_m * BM, stride_dot, T_q, BM, HEAD_DIM, BD, True).to(tl.float32)
     b_delta = tl.sum(b_o * b_do, 1)
     if HAS_DLSE:
         b_delta -= tl.load(dlse + i_bh.to(tl.int64) * T_q + o_m, mask=m_m, other=0.0)
@@ -240,7 +230,7 @@ def _s2_bwd_preprocess_kernel(
 def _dq_walk(
     b_dq, b_q, b_do, b_lse, b_delta, qb_m, pos_m, ds_m, ds_min, p_k, p_v, stride_kt, stride_vt, k_ids,
     indices, lo, hi, T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
-    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr,
     HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     for e in range(lo, hi):
@@ -254,8 +244,8 @@ def _dq_walk(
                 o_n = i_kb * BS + n + tl.arange(0, BN)
                 m_n = o_n < T_k
                 pos_n = kb * BS + n + tl.arange(0, BN)
-                b_k = _load_rows(p_k, i_kb * BS + n, stride_kt, T_k, BN, D, BD, MASK)
-                b_v = _load_rows(p_v, i_kb * BS + n, stride_vt, T_k, BN, D, BD, MASK)
+                b_k = _load_rows(p_k, i_kb * BS + n, stride_kt, T_k, BN, HEAD_DIM, BD, MASK)
+                b_v = _load_rows(p_v, i_kb * BS + n, stride_vt, T_k, BN, HEAD_DIM, BD, MASK)
                 b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
                 if MASK:
                     ok = _s2_allowed(qb_m, kb, i_h, local_blocks, vert_stride, head_step, dense_from)
@@ -278,7 +268,7 @@ def _s2_bwd_dq_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
     T_q, T_k, n_tiles, n_heads, group, qk_scale, scale, local_blocks, vert_stride, head_step, dense_from,
-    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
@@ -296,13 +286,13 @@ def _s2_bwd_dq_kernel(
     p_v = _base(v, i_b, i_hk, stride_vb, stride_vh)
     b_q = _load_rows(
         _base(q, i_b, i_h, stride_qb, stride_qh),
-        start, stride_qt, T_q, BM, D, BD, True,
+        start, stride_qt, T_q, BM, HEAD_DIM, BD, True,
     )
     b_do = _load_rows(
         _base(do, i_b, i_h, stride_dob, stride_doh),
-        start, stride_dot, T_q, BM, D, BD, True,
+        start, stride_dot, T_q, BM, HEAD_DIM, BD, True,
     )
-    b_lse = tl.load(lse + i_bh.to(tl.int64) * T_q + o_m, mask=m_m, other=float("inf")) * _LOG2E
+    b_lse = tl.load(lse + i_bh.to(tl.int64) * T_q + o_m, mask=m_m, other=float("inf")) * LOG2E_C
     # A row that saw no key (lse = -inf) gets p = 0 instead of exp2(+inf).
     b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
     b_delta = tl.load(delta + i_bh.to(tl.int64) * T_q + o_m, mask=m_m, other=0.0)
@@ -315,25 +305,24 @@ def _s2_bwd_dq_kernel(
     b_dq = _dq_walk(
         b_dq, b_q, b_do, b_lse, b_delta, qb_m, pos_m, ds_m, ds_min, p_k, p_v, stride_kt, stride_vt, k_ids,
         indices, lo, mid, T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
-        D, BD, BS, BN, False, HAS_DOCS, PRECISION,
+        HEAD_DIM, BD, BS, BN, False, HAS_DOCS, PRECISION,
     )  # fmt: skip
     b_dq = _dq_walk(
         b_dq, b_q, b_do, b_lse, b_delta, qb_m, pos_m, ds_m, ds_min, p_k, p_v, stride_kt, stride_vt, k_ids,
         indices, mid, hi, T_k, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
-        D, BD, BS, BN, True, HAS_DOCS, PRECISION,
+        HEAD_DIM, BD, BS, BN, True, HAS_DOCS, PRECISION,
     )  # fmt: skip
     p_dq = _base(dq, i_b, i_h, stride_dqb, stride_dqh)
     p_dq += o_m[:, None].to(tl.int64) * stride_dqt
-    tl.store(
-        p_dq + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_m[:, None] & (o_d[None, :] < D)
-    )
+    m_md = m_m[:, None] & (o_d[None, :] < HEAD_DIM)
+    tl.store(p_dq + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_md)
 
 
 @triton.jit
 def _dkdv_walk(
     b_dk, b_dv, b_k, b_v, kb_n, pos_n, k_end, p_q, p_do, p_lse, p_delta, p_ds, stride_qt, stride_dot, q_ids,
     indices, lo, hi, T_q, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
-    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr,
     HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Accumulate dK, dV `[BN, BD]` over the query blocks `indices[lo:hi]` (scores transposed, `[BN, BM]`).
@@ -353,7 +342,7 @@ def _dkdv_walk(
                 b_dk, b_dv = _dkdv_tile(
                     b_dk, b_dv, b_k, b_v, kb_n, pos_n, ds_q, p_q, p_do, p_lse, p_delta, stride_qt,
                     stride_dot, q_ids, i_qb, m, o_m, m_m, T_q, i_h, qk_scale, local_blocks, vert_stride,
-                    head_step, dense_from, D, BD, BS, BM, MASK, HAS_DOCS, PRECISION,
+                    head_step, dense_from, HEAD_DIM, BD, BS, BM, MASK, HAS_DOCS, PRECISION,
                 )  # fmt: skip
     return b_dk, b_dv
 
@@ -362,19 +351,19 @@ def _dkdv_walk(
 def _dkdv_tile(
     b_dk, b_dv, b_k, b_v, kb_n, pos_n, ds_q, p_q, p_do, p_lse, p_delta, stride_qt, stride_dot, q_ids, i_qb,
     m, o_m, m_m, T_q, i_h, qk_scale, local_blocks, vert_stride, head_step, dense_from,
-    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr,
     HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One `[BM]`-row query tile's share of dK, dV."""
-    b_q = _load_rows(p_q, i_qb * BS + m, stride_qt, T_q, BM, D, BD, MASK)
-    b_do = _load_rows(p_do, i_qb * BS + m, stride_dot, T_q, BM, D, BD, MASK)
+    b_q = _load_rows(p_q, i_qb * BS + m, stride_qt, T_q, BM, HEAD_DIM, BD, MASK)
+    b_do = _load_rows(p_do, i_qb * BS + m, stride_dot, T_q, BM, HEAD_DIM, BD, MASK)
     if MASK:
         # Padded query rows get lse = +inf, hence p = 0; so do rows that saw no key.
-        b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf")) * _LOG2E
+        b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf")) * LOG2E_C
         b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
         b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
     else:
-        b_lse = tl.load(p_lse + o_m) * _LOG2E
+        b_lse = tl.load(p_lse + o_m) * LOG2E_C
         b_delta = tl.load(p_delta + o_m)
     b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale  # [BN, BM]
     if MASK:
@@ -402,7 +391,7 @@ def _s2_bwd_dkdv_kernel(
     stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh, T_q, T_k, n_tiles, n_heads, n_kv_heads, group, qk_scale, scale,
     local_blocks, vert_stride, head_step, dense_from,
-    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
@@ -417,10 +406,10 @@ def _s2_bwd_dkdv_kernel(
     o_d = tl.arange(0, BD)
 
     b_k = _load_rows(
-        _base(k, i_b, i_hk, stride_kb, stride_kh), start, stride_kt, T_k, BN, D, BD, True
+        _base(k, i_b, i_hk, stride_kb, stride_kh), start, stride_kt, T_k, BN, HEAD_DIM, BD, True
     )
     b_v = _load_rows(
-        _base(v, i_b, i_hk, stride_vb, stride_vh), start, stride_vt, T_k, BN, D, BD, True
+        _base(v, i_b, i_hk, stride_vb, stride_vh), start, stride_vt, T_k, BN, HEAD_DIM, BD, True
     )
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
@@ -437,15 +426,15 @@ def _s2_bwd_dkdv_kernel(
         b_dk, b_dv = _dkdv_walk(
             b_dk, b_dv, b_k, b_v, kb_n, pos_n, k_end, p_q, p_do, p_lse, p_delta, p_ds, stride_qt,
             stride_dot, q_ids, indices, lo, mid, T_q, i_h, qk_scale, local_blocks, vert_stride, head_step,
-            dense_from, D, BD, BS, BM, False, HAS_DOCS, PRECISION,
+            dense_from, HEAD_DIM, BD, BS, BM, False, HAS_DOCS, PRECISION,
         )  # fmt: skip
         b_dk, b_dv = _dkdv_walk(
             b_dk, b_dv, b_k, b_v, kb_n, pos_n, k_end, p_q, p_do, p_lse, p_delta, p_ds, stride_qt,
             stride_dot, q_ids, indices, mid, hi, T_q, i_h, qk_scale, local_blocks, vert_stride, head_step,
-            dense_from, D, BD, BS, BM, True, HAS_DOCS, PRECISION,
+            dense_from, HEAD_DIM, BD, BS, BM, True, HAS_DOCS, PRECISION,
         )  # fmt: skip
 
-    m_store = m_n[:, None] & (o_d[None, :] < D)
+    m_store = m_n[:, None] & (o_d[None, :] < HEAD_DIM)
     p_dk = _base(dk, i_b, i_hk, stride_dkb, stride_dkh) + o_n[:, None].to(tl.int64) * stride_dkt
     tl.store(p_dk + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=m_store)
     p_dv = _base(dv, i_b, i_hk, stride_dvb, stride_dvh) + o_n[:, None].to(tl.int64) * stride_dvt
@@ -508,11 +497,6 @@ def _run_tuned(name: str, key: tuple, launch, block_size: int, bd: int, elem_byt
     launch(tuning.choose(f"s2_{name}", key, candidates(name, block_size, bd, elem_bytes), bench))
 
 
-def _precision(x: torch.Tensor) -> str:
-    # fp32 inputs (tests, fp32 training) get full-precision dots rather than TF32.
-    return "ieee" if x.dtype == torch.float32 else "tf32"
-
-
 def _pattern_args(lists: S2BlockLists) -> tuple:
     local_blocks, vert_stride, dense_heads = lists.pattern
     head_step = max(1, vert_stride // lists.n_heads)
@@ -535,12 +519,6 @@ def _tune_key(q, k, lists: S2BlockLists, block_size: int) -> tuple:
             triton.next_power_of_2(lists.n_q_blocks), triton.next_power_of_2(lists.n_k_blocks))  # fmt: skip
 
 
-def _doc_arg(q: torch.Tensor, doc_start) -> tuple[torch.Tensor, bool]:
-    if doc_start is None:
-        return torch.zeros(1, dtype=torch.int32, device=q.device), False
-    return doc_start.to(torch.int32).contiguous(), True
-
-
 def s2_attn_fwd(q, k, v, lists: S2BlockLists, block_size: int, scale: float, tiles=None, doc_start=None):
     """Launch the forward: `o` `[B, T, H, D]` in q's dtype and `lse` `[B, H, T]` fp32. `doc_start`:
     None, or `[B, Tq]` int32, each query's document start (global position)."""
@@ -548,8 +526,8 @@ def s2_attn_fwd(q, k, v, lists: S2BlockLists, block_size: int, scale: float, til
     t_k, n_kv = k.shape[1], k.shape[2]
     o = torch.empty_like(q)
     lse = torch.empty(b, n_heads, t_q, dtype=torch.float32, device=q.device)
-    bd = max(16, triton.next_power_of_2(d))
-    doc_start, has_docs = _doc_arg(q, doc_start)
+    bd = head_dim_tile(d)
+    doc_start, has_docs = doc_start_arg(q, doc_start)
 
     def launch(config: Config):
         bm, bn, warps, stages = config
@@ -558,8 +536,8 @@ def s2_attn_fwd(q, k, v, lists: S2BlockLists, block_size: int, scale: float, til
             q, k, v, o, lse, lists.q_ids, lists.k_ids, doc_start, *_tile_args(tl_fwd),
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             t_q, t_k, tl_fwd.n_tiles, n_heads, n_heads // n_kv, scale * LOG2E, *_pattern_args(lists),
-            D=d, BD=bd, BS=block_size, BM=bm, BN=bn, HAS_DOCS=has_docs, PRECISION=_precision(q),
-            num_warps=warps, num_stages=stages,
+            HEAD_DIM=d, BD=bd, BS=block_size, BM=bm, BN=bn, HAS_DOCS=has_docs,
+            PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     _run_tuned("fwd", _tune_key(q, k, lists, block_size), launch, block_size, bd, q.element_size(), tiles)
@@ -573,10 +551,10 @@ def s2_attn_bwd(
     b, t_q, n_heads, d = q.shape
     t_k, n_kv = k.shape[1], k.shape[2]
     group = n_heads // n_kv
-    bd = max(16, triton.next_power_of_2(d))
-    precision = _precision(q)
+    bd = head_dim_tile(d)
+    precision = dot_precision(q.dtype)
     key = _tune_key(q, k, lists, block_size)
-    doc_start, has_docs = _doc_arg(q, doc_start)
+    doc_start, has_docs = doc_start_arg(q, doc_start)
 
     delta = torch.empty(b, n_heads, t_q, dtype=torch.float32, device=q.device)
     has_dlse = dlse is not None
@@ -584,7 +562,7 @@ def s2_attn_bwd(
     bm_pre = 64
     _s2_bwd_preprocess_kernel[(triton.cdiv(t_q, bm_pre), b * n_heads)](
         o, do, dlse, delta, *o.stride()[:3], *do.stride()[:3], t_q, n_heads,
-        D=d, BD=bd, BM=bm_pre, HAS_DLSE=has_dlse,
+        HEAD_DIM=d, BD=bd, BM=bm_pre, HAS_DLSE=has_dlse,
     )  # fmt: skip
 
     dq = torch.empty_like(q)
@@ -598,7 +576,7 @@ def s2_attn_bwd(
             q, k, v, do, dq, lse, delta, lists.q_ids, lists.k_ids, doc_start, *_tile_args(tl_fwd),
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
             t_q, t_k, tl_fwd.n_tiles, n_heads, group, scale * LOG2E, scale, *_pattern_args(lists),
-            D=d, BD=bd, BS=block_size, BM=bm, BN=bn, HAS_DOCS=has_docs, PRECISION=precision,
+            HEAD_DIM=d, BD=bd, BS=block_size, BM=bm, BN=bn, HAS_DOCS=has_docs, PRECISION=precision,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
@@ -610,7 +588,7 @@ def s2_attn_bwd(
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
             *dv.stride()[:3], t_q, t_k, tl_bwd.n_tiles, n_heads, n_kv, group, scale * LOG2E, scale,
             *_pattern_args(lists),
-            D=d, BD=bd, BS=block_size, BM=bm, BN=bn, HAS_DOCS=has_docs, PRECISION=precision,
+            HEAD_DIM=d, BD=bd, BS=block_size, BM=bm, BN=bn, HAS_DOCS=has_docs, PRECISION=precision,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 

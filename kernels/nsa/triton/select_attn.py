@@ -1,7 +1,7 @@
 """Triton kernels for NSA's selection branch: causal attention over explicitly listed key blocks.
 
 Every query token `t` of kv head `h` attends the key blocks listed in `block_idx[b, t, h]` (global
-block indices, `-1` unused), causal inside its own block. All `G = H / H_kv` query heads of a kv group
+block indices, `-1` unused), causal inside its own block. All `GROUP = H / H_kv` query heads of a kv group
 share the list, so one program takes the whole group as the M dimension of its matmuls and loads
 each listed K/V block once for all of them (NSA's "group-centric" loading).
 
@@ -11,7 +11,7 @@ each listed K/V block once for all of them (NSA's "group-centric" loading).
   once, masking the rows of tokens that did not list it and keys after each query (online softmax).
 - dk / dv: the index lists are transposed on the GPU into, per (kv head, key block), the sorted list
   of query tokens that selected it (a stable sort by block, no host sync). A program takes one chunk
-  of at most `CHUNK` tokens of one block's list, streams `BT` tokens x `G` heads of q / dO per step
+  of at most `CHUNK` tokens of one block's list, streams `BT` tokens x `GROUP` heads of q / dO per step
   against the block's K/V held in registers, and adds its `[block, D]` dK/dV partial to fp32 buffers
   with `tl.atomic_add`. Chunking bounds a program's work (block 0 and the local blocks are chosen by
   nearly every query); atomics are then one `[block, D]` add per chunk, not one per query, so they
@@ -24,16 +24,21 @@ import torch
 import triton
 import triton.language as tl
 
-from longctx.kernels.nsa.common import (
+from longctx.kernels.common.triton import (
     LOG2E,
-    dkdv_rows,
+    doc_start_arg,
     dot_precision,
+    group_row_tile,
+    group_rows,
+    group_tile,
+    head_dim_tile,
+    lse_offset,
     pow2_at_least_16,
-    row_offset,
-    row_tile,
-    softmax_delta,
-    warps_for,
+    softmax_finish,
+    softmax_init,
+    softmax_step,
 )
+from longctx.kernels.nsa.triton.common import dkdv_rows, load_row_terms, softmax_delta, warps_for
 
 
 @triton.jit
@@ -52,39 +57,34 @@ def _select_fwd_kernel(
     doc_start,
     H: tl.constexpr,
     HKV: tl.constexpr,
-    G: tl.constexpr,
-    GP: tl.constexpr,
-    D: tl.constexpr,
+    GROUP: tl.constexpr,
+    BG: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     N_SEL: tl.constexpr,
     NSP: tl.constexpr,
     BS: tl.constexpr,
     BSP: tl.constexpr,
     BT: tl.constexpr,
     BD: tl.constexpr,
-    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
     HAS_DOCS: tl.constexpr,
 ):
     i_tt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
-    # Row r is token i_tt * BT + r // GP, head r % GP of kv group i_h.
-    o_r = tl.arange(0, BT * GP)
-    o_t = i_tt * BT + o_r // GP
-    o_g = o_r % GP
-    m_r = (o_t < T) & (o_g < G)
+    o_t, o_g, m_r = group_rows(i_tt, T, GROUP, BG, BT)
     b_pos = o_t + q_offset
-    b_dstart = tl.zeros([BT * GP], dtype=tl.int32)
+    b_dstart = tl.zeros([BT * BG], dtype=tl.int32)
     if HAS_DOCS:
         # Each row's document start: the document's first selection block may hold earlier tokens.
         b_dstart = tl.load(doc_start + i_b.to(tl.int64) * T + o_t, mask=m_r, other=0)
     o_d = tl.arange(0, BD)
-    m_d = o_d < D
+    m_d = o_d < HEAD_DIM
     o_s = tl.arange(0, BSP)
-    o_row = row_offset(i_b, T, o_t, H, i_h, G, o_g, D)
-    m_rd = m_r[:, None] & m_d[None, :]
-    b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
-    kv_base = ((i_b * TK).to(tl.int64) * HKV + i_h) * D
+    o_rd, m_rd = group_row_tile(i_b, T, o_t, H, i_h, GROUP, o_g, m_r, HEAD_DIM, BD)
+    b_q = tl.load(q + o_rd, mask=m_rd, other=0.0)
+    kv_base = ((i_b * TK).to(tl.int64) * HKV + i_h) * HEAD_DIM
     # Offsets inside one key block, hoisted out of the loop: a step only adds the block's base.
-    o_kd = o_s[:, None] * (HKV * D) + o_d[None, :]
+    o_kd = o_s[:, None] * (HKV * HEAD_DIM) + o_d[None, :]
 
     # The tile's index lists [BT, NSP]; each list is ascending and duplicate-free (the launcher's
     # normalisation), unused slots become 2^31-1. The program walks the union of the lists in order.
@@ -94,42 +94,30 @@ def _select_fwd_kernel(
     b_idx = tl.load(p_idx, mask=(o_tt < T)[:, None] & (o_n < N_SEL)[None, :], other=-1)
     b_idx = tl.where(b_idx < 0, 0x7FFFFFFF, b_idx)
 
-    b_m = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([BT * GP], dtype=tl.float32)
-    b_acc = tl.zeros([BT * GP, BD], dtype=tl.float32)
+    b_acc, b_l, b_m = softmax_init(BT * BG, BD)
     i_blk = tl.min(b_idx)
     while i_blk < 0x7FFFFFFF:
         # Rows whose token listed this block.
         b_listed = tl.max(tl.where(b_idx == i_blk, 1, 0), 1)  # [BT]
-        m_listed = tl.reshape(tl.broadcast_to(b_listed[:, None], [BT, GP]), [BT * GP]) > 0
+        m_listed = tl.reshape(tl.broadcast_to(b_listed[:, None], [BT, BG]), [BT * BG]) > 0
         k_lo = i_blk * BS - k_offset
         o_k = k_lo + o_s
         m_k = (o_s < BS) & (o_k >= 0) & (o_k < TK)
-        o_blk = kv_base + k_lo.to(tl.int64) * (HKV * D)
+        o_blk = kv_base + k_lo.to(tl.int64) * (HKV * HEAD_DIM)
         m_kd = m_k[:, None] & m_d[None, :]
         b_k = tl.load(k + o_blk + o_kd, mask=m_kd, other=0.0)
         b_v = tl.load(v + o_blk + o_kd, mask=m_kd, other=0.0)
         m_s = (m_listed & m_r)[:, None] & m_k[None, :] & (o_k[None, :] + k_offset <= b_pos[:, None])
         if HAS_DOCS:
             m_s = m_s & (o_k[None, :] + k_offset >= b_dstart[:, None])
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * scale_log2  # [BT * GP, BSP], log2 units
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale_log2  # [BT * BG, BSP], log2 units
         b_s = tl.where(m_s, b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        # A row that has seen no key keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
-        b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_p = tl.exp2(b_s - b_shift[:, None])
-        b_alpha = tl.exp2(b_m - b_shift)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT)
-        b_m = b_m_new
+        b_acc, b_l, b_m = softmax_step(b_acc, b_l, b_m, b_s, b_v, PRECISION)
         # The next block of the union: the smallest listed block above this one.
         i_blk = tl.min(tl.where(b_idx > i_blk, b_idx, 0x7FFFFFFF))
-    b_seen = b_l > 0
-    b_o = b_acc / tl.where(b_seen, b_l, 1.0)[:, None]
-    tl.store(o + o_row[:, None] + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_rd)
-    b_lse = tl.where(b_seen, (b_m + tl.log2(tl.where(b_seen, b_l, 1.0))) / 1.4426950408889634, float("-inf"))
-    o_lse = (i_b * H + i_h * G + o_g).to(tl.int64) * T + o_t
-    tl.store(lse + o_lse, b_lse, mask=m_r)
+    b_o, b_lse = softmax_finish(b_acc, b_l, b_m)
+    tl.store(o + o_rd, b_o.to(o.dtype.element_ty), mask=m_rd)
+    tl.store(lse + lse_offset(i_b, T, o_t, H, i_h, GROUP, o_g), b_lse, mask=m_r)
 
 
 @triton.jit
@@ -151,42 +139,36 @@ def _select_bwd_dq_kernel(
     doc_start,
     H: tl.constexpr,
     HKV: tl.constexpr,
-    G: tl.constexpr,
-    GP: tl.constexpr,
-    D: tl.constexpr,
+    GROUP: tl.constexpr,
+    BG: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     N_SEL: tl.constexpr,
     NSP: tl.constexpr,
     BS: tl.constexpr,
     BSP: tl.constexpr,
     BT: tl.constexpr,
     BD: tl.constexpr,
-    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
     HAS_DOCS: tl.constexpr,
 ):
     i_tt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
-    o_r = tl.arange(0, BT * GP)
-    o_t = i_tt * BT + o_r // GP
-    o_g = o_r % GP
-    m_r = (o_t < T) & (o_g < G)
+    o_t, o_g, m_r = group_rows(i_tt, T, GROUP, BG, BT)
     b_pos = o_t + q_offset
-    b_dstart = tl.zeros([BT * GP], dtype=tl.int32)
+    b_dstart = tl.zeros([BT * BG], dtype=tl.int32)
     if HAS_DOCS:
         # Each row's document start: the document's first selection block may hold earlier tokens.
         b_dstart = tl.load(doc_start + i_b.to(tl.int64) * T + o_t, mask=m_r, other=0)
     o_d = tl.arange(0, BD)
-    m_d = o_d < D
+    m_d = o_d < HEAD_DIM
     o_s = tl.arange(0, BSP)
-    o_row = row_offset(i_b, T, o_t, H, i_h, G, o_g, D)
-    m_rd = m_r[:, None] & m_d[None, :]
-    b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
-    b_do = tl.load(do + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
-    o_lse = (i_b * H + i_h * G + o_g).to(tl.int64) * T + o_t
-    b_lse2 = tl.load(lse + o_lse, mask=m_r, other=0.0) * 1.4426950408889634
-    b_delta = tl.load(delta + o_lse, mask=m_r, other=0.0)
-    kv_base = ((i_b * TK).to(tl.int64) * HKV + i_h) * D
+    o_rd, m_rd = group_row_tile(i_b, T, o_t, H, i_h, GROUP, o_g, m_r, HEAD_DIM, BD)
+    b_q = tl.load(q + o_rd, mask=m_rd, other=0.0)
+    b_do = tl.load(do + o_rd, mask=m_rd, other=0.0)
+    b_lse2, b_delta = load_row_terms(lse, delta, lse_offset(i_b, T, o_t, H, i_h, GROUP, o_g), m_r)
+    kv_base = ((i_b * TK).to(tl.int64) * HKV + i_h) * HEAD_DIM
     # Offsets inside one key block, hoisted out of the loop: a step only adds the block's base.
-    o_kd = o_s[:, None] * (HKV * D) + o_d[None, :]
+    o_kd = o_s[:, None] * (HKV * HEAD_DIM) + o_d[None, :]
 
     o_tt = i_tt * BT + tl.arange(0, BT)
     o_n = tl.arange(0, NSP)
@@ -194,29 +176,29 @@ def _select_bwd_dq_kernel(
     b_idx = tl.load(p_idx, mask=(o_tt < T)[:, None] & (o_n < N_SEL)[None, :], other=-1)
     b_idx = tl.where(b_idx < 0, 0x7FFFFFFF, b_idx)
 
-    b_dq = tl.zeros([BT * GP, BD], dtype=tl.float32)
+    b_dq = tl.zeros([BT * BG, BD], dtype=tl.float32)
     i_blk = tl.min(b_idx)
     while i_blk < 0x7FFFFFFF:
         b_listed = tl.max(tl.where(b_idx == i_blk, 1, 0), 1)
-        m_listed = tl.reshape(tl.broadcast_to(b_listed[:, None], [BT, GP]), [BT * GP]) > 0
+        m_listed = tl.reshape(tl.broadcast_to(b_listed[:, None], [BT, BG]), [BT * BG]) > 0
         k_lo = i_blk * BS - k_offset
         o_k = k_lo + o_s
         m_k = (o_s < BS) & (o_k >= 0) & (o_k < TK)
-        o_blk = kv_base + k_lo.to(tl.int64) * (HKV * D)
+        o_blk = kv_base + k_lo.to(tl.int64) * (HKV * HEAD_DIM)
         m_kd = m_k[:, None] & m_d[None, :]
         b_k = tl.load(k + o_blk + o_kd, mask=m_kd, other=0.0)
         b_v = tl.load(v + o_blk + o_kd, mask=m_kd, other=0.0)
         m_s = (m_listed & m_r)[:, None] & m_k[None, :] & (o_k[None, :] + k_offset <= b_pos[:, None])
         if HAS_DOCS:
             m_s = m_s & (o_k[None, :] + k_offset >= b_dstart[:, None])
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * scale_log2
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale_log2
         b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.0)
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
         b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT)
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
         # The next block of the union: the smallest listed block above this one.
         i_blk = tl.min(tl.where(b_idx > i_blk, b_idx, 0x7FFFFFFF))
-    tl.store(dq + o_row[:, None] + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_rd)
+    tl.store(dq + o_rd, (b_dq * scale).to(dq.dtype.element_ty), mask=m_rd)
 
 
 @triton.jit
@@ -245,15 +227,15 @@ def _select_bwd_dkdv_kernel(
     N_KBLK,
     H: tl.constexpr,
     HKV: tl.constexpr,
-    G: tl.constexpr,
-    GP: tl.constexpr,
-    D: tl.constexpr,
+    GROUP: tl.constexpr,
+    BG: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     BS: tl.constexpr,
     BSP: tl.constexpr,
     BD: tl.constexpr,
     BT: tl.constexpr,
     CHUNK: tl.constexpr,
-    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
     HAS_DOCS: tl.constexpr,
 ):
     i_item = tl.program_id(0)
@@ -270,45 +252,42 @@ def _select_bwd_dkdv_kernel(
 
         o_s = tl.arange(0, BSP)
         o_d = tl.arange(0, BD)
-        m_d = o_d < D
+        m_d = o_d < HEAD_DIM
         o_k = i_blk * BS - k_offset + o_s
         m_k = (o_s < BS) & (o_k >= 0) & (o_k < TK)
-        o_kv = ((i_b * TK).to(tl.int64) * HKV + i_h + o_k.to(tl.int64) * HKV) * D
+        o_kv = ((i_b * TK).to(tl.int64) * HKV + i_h + o_k.to(tl.int64) * HKV) * HEAD_DIM
         m_kd = m_k[:, None] & m_d[None, :]
         b_k = tl.load(k + o_kv[:, None] + o_d[None, :], mask=m_kd, other=0.0)
         b_v = tl.load(v + o_kv[:, None] + o_d[None, :], mask=m_kd, other=0.0)
         b_dk = tl.zeros([BSP, BD], dtype=tl.float32)
         b_dv = tl.zeros([BSP, BD], dtype=tl.float32)
 
-        # Row r of a step is query token (r // GP) of the step and head (r % GP) of the group.
-        o_r = tl.arange(0, BT * GP)
-        o_rt = o_r // GP
-        o_rg = o_r % GP
+        # Row r of a step is query token (r // BG) of the step and head (r % BG) of the group.
+        o_r = tl.arange(0, BT * BG)
+        o_rt = o_r // BG
+        o_rg = o_r % BG
         for i_s in range(i_lo, i_hi, BT):
-            m_r = (o_rg < G) & (i_s + o_rt < i_hi)
+            m_r = (o_rg < GROUP) & (i_s + o_rt < i_hi)
             b_t = tl.load(tokens + i_s + o_rt, mask=m_r, other=0)
-            o_row = row_offset(i_b, T, b_t, H, i_h, G, o_rg, D)
-            m_rd = m_r[:, None] & m_d[None, :]
-            b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
-            b_do = tl.load(do + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
-            o_lse = (i_b * H + i_h * G + o_rg).to(tl.int64) * T + b_t
-            b_lse2 = tl.load(lse + o_lse, mask=m_r, other=0.0) * 1.4426950408889634
-            b_delta = tl.load(delta + o_lse, mask=m_r, other=0.0)
-            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT) * scale_log2  # [BSP, BT * GP]
+            o_rd, m_rd = group_row_tile(i_b, T, b_t, H, i_h, GROUP, o_rg, m_r, HEAD_DIM, BD)
+            b_q = tl.load(q + o_rd, mask=m_rd, other=0.0)
+            b_do = tl.load(do + o_rd, mask=m_rd, other=0.0)
+            b_lse2, b_delta = load_row_terms(lse, delta, lse_offset(i_b, T, b_t, H, i_h, GROUP, o_rg), m_r)
+            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * scale_log2  # [BSP, BT * BG]
             m_st = m_k[:, None] & m_r[None, :] & (o_k[:, None] + k_offset <= b_t[None, :] + q_offset)
             if HAS_DOCS:
                 b_dstart = tl.load(doc_start + i_b.to(tl.int64) * T + b_t, mask=m_r, other=0)
                 m_st = m_st & (o_k[:, None] + k_offset >= b_dstart[None, :])
             b_pt = tl.where(m_st, tl.exp2(b_st - b_lse2[None, :]), 0.0)
-            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT)
-            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT)
+            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
+            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
             b_dst = b_pt * (b_dpt - b_delta[None, :])
-            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT)
+            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION)
         tl.atomic_add(dk + o_kv[:, None] + o_d[None, :], b_dk * scale, mask=m_kd)
         tl.atomic_add(dv + o_kv[:, None] + o_d[None, :], b_dv, mask=m_kd)
 
 
-# Rows (query tokens x heads of a kv group) per forward / dq program. 16 = one token when G = 16: the
+# Rows (query tokens x heads of a kv group) per forward / dq program. 16 = one token when GROUP = 16: the
 # head group alone is the M dimension. More rows make consecutive tokens share each loaded block
 # (the program walks the union of their lists): less K/V traffic, more masked work when the tokens'
 # choices differ. A tuning knob (`bench/nsa.py --select-rows`).
@@ -333,12 +312,6 @@ def normalize_block_idx(block_idx: torch.Tensor, block_size: int, t_k: int, q_of
     return torch.where(idx == big, -1, idx).contiguous()
 
 
-def _doc_arg(q, doc_start):
-    if doc_start is None:
-        return torch.zeros(1, dtype=torch.int32, device=q.device), False
-    return doc_start.to(torch.int32).contiguous(), True
-
-
 def select_attn_fwd(q, k, v, block_idx, block_size, scale, q_offset, k_offset, doc_start=None):
     """Launch the forward. `block_idx` must come from `normalize_block_idx`. Returns `(o, lse)`."""
     b, t, h, d = q.shape
@@ -347,14 +320,14 @@ def select_attn_fwd(q, k, v, block_idx, block_size, scale, q_offset, k_offset, d
     o = torch.empty_like(q)
     lse = torch.empty(b, h, t, device=q.device, dtype=torch.float32)
     n_sel = block_idx.shape[-1]
-    bd = pow2_at_least_16(d)
-    gp, bt = row_tile(g, SELECT_ROWS)
+    bd = head_dim_tile(d)
+    bg, bt = group_tile(g, SELECT_ROWS)
     _select_fwd_kernel[(triton.cdiv(t, bt), b * h_kv)](
-        q, k, v, block_idx, o, lse, scale * LOG2E, t, t_k, q_offset, k_offset, _doc_arg(q, doc_start)[0],
+        q, k, v, block_idx, o, lse, scale * LOG2E, t, t_k, q_offset, k_offset, doc_start_arg(q, doc_start)[0],
         HAS_DOCS=doc_start is not None,
-        H=h, HKV=h_kv, G=g, GP=gp, D=d, N_SEL=n_sel, NSP=triton.next_power_of_2(n_sel),
-        BS=block_size, BSP=pow2_at_least_16(block_size), BT=bt, BD=bd, DOT=dot_precision(q.dtype),
-        num_warps=warps_for(bd, bt * gp), num_stages=2,
+        H=h, HKV=h_kv, GROUP=g, BG=bg, HEAD_DIM=d, N_SEL=n_sel, NSP=triton.next_power_of_2(n_sel),
+        BS=block_size, BSP=pow2_at_least_16(block_size), BT=bt, BD=bd, PRECISION=dot_precision(q.dtype),
+        num_warps=warps_for(bd, bt * bg), num_stages=2,
     )  # fmt: skip
     return o, lse
 
@@ -402,21 +375,21 @@ def select_attn_bwd(
     t_k, h_kv = k.shape[1], k.shape[2]
     g = h // h_kv
     delta = softmax_delta(o, do, dlse)  # [B, H, T]
-    bd, bsp = pow2_at_least_16(d), pow2_at_least_16(block_size)
+    bd, bsp = head_dim_tile(d), pow2_at_least_16(block_size)
     n_sel = block_idx.shape[-1]
-    gp, bt = row_tile(g, SELECT_ROWS)
+    bg, bt = group_tile(g, SELECT_ROWS)
     dq = torch.empty_like(q)
     _select_bwd_dq_kernel[(triton.cdiv(t, bt), b * h_kv)](
         q, k, v, block_idx, do, lse, delta, dq, scale, scale * LOG2E, t, t_k, q_offset, k_offset,
-        _doc_arg(q, doc_start)[0], HAS_DOCS=doc_start is not None,
-        H=h, HKV=h_kv, G=g, GP=gp, D=d, N_SEL=n_sel, NSP=triton.next_power_of_2(n_sel),
-        BS=block_size, BSP=bsp, BT=bt, BD=bd, DOT=dot_precision(q.dtype),
-        num_warps=warps_for(bd, bt * gp), num_stages=2,
+        doc_start_arg(q, doc_start)[0], HAS_DOCS=doc_start is not None,
+        H=h, HKV=h_kv, GROUP=g, BG=bg, HEAD_DIM=d, N_SEL=n_sel, NSP=triton.next_power_of_2(n_sel),
+        BS=block_size, BSP=bsp, BT=bt, BD=bd, PRECISION=dot_precision(q.dtype),
+        num_warps=warps_for(bd, bt * bg), num_stages=2,
     )  # fmt: skip
 
     n_kblk = (k_offset + t_k + block_size - 1) // block_size
     # Tokens per step so a step's rows (tokens x heads of the group) fill a 64-row matmul operand.
-    gp, bt = row_tile(g, dkdv_rows(bd))
+    bg, bt = group_tile(g, dkdv_rows(bd))
     chunk = max(bt, DKDV_CHUNK)
     tokens, starts, counts, item_group, item_chunk, n_groups = transpose_block_idx(
         block_idx, n_kblk, t_k, chunk
@@ -425,10 +398,10 @@ def select_attn_bwd(
     dv = torch.zeros_like(dk)
     _select_bwd_dkdv_kernel[(item_group.numel(),)](
         q, k, v, do, lse, delta, dk, dv, tokens, starts, counts, item_group, item_chunk,
-        scale, scale * LOG2E, t, t_k, q_offset, k_offset, _doc_arg(q, doc_start)[0], n_groups, n_kblk,
+        scale, scale * LOG2E, t, t_k, q_offset, k_offset, doc_start_arg(q, doc_start)[0], n_groups, n_kblk,
         HAS_DOCS=doc_start is not None,
-        H=h, HKV=h_kv, G=g, GP=gp, D=d, BS=block_size, BSP=bsp, BD=bd, BT=bt, CHUNK=chunk,
-        DOT=dot_precision(q.dtype), num_warps=warps_for(bd, bt * gp), num_stages=2,
+        H=h, HKV=h_kv, GROUP=g, BG=bg, HEAD_DIM=d, BS=block_size, BSP=bsp, BD=bd, BT=bt, CHUNK=chunk,
+        PRECISION=dot_precision(q.dtype), num_warps=warps_for(bd, bt * bg), num_stages=2,
     )  # fmt: skip
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 

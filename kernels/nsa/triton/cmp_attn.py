@@ -1,8 +1,8 @@
 """Triton kernels for NSA's compression branch: attention over compressed key/value tokens.
 
 Query `t` (global position `q_offset + t`) sees compressed token `i` iff its block ends at or before
-it: `i * cmp_stride + cmp_block - 1 <= q_offset + t`. A program owns `BT` query tokens x all `G` query
-heads of one kv group, so its `BT * G` rows share every compressed K/V tile it loads (the same row
+it: `i * cmp_stride + cmp_block - 1 <= q_offset + t`. A program owns `BT` query tokens x all `GROUP` query
+heads of one kv group, so its `BT * GROUP` rows share every compressed K/V tile it loads (the same row
 layout as the importance kernel in `select_blocks.py`). Forward returns `lse`; backward takes an lse
 gradient too. dK/dV are owned by one program per (compressed-key tile, kv head) that walks every query
 tile able to see it, so no atomics are needed.
@@ -14,16 +14,20 @@ import torch
 import triton
 import triton.language as tl
 
-from longctx.kernels.nsa.common import (
+from longctx.kernels.common.triton import (
     LOG2E,
-    dkdv_rows,
+    doc_start_arg,
     dot_precision,
-    pow2_at_least_16,
-    row_offset,
-    row_tile,
-    softmax_delta,
-    warps_for,
+    group_row_tile,
+    group_rows,
+    group_tile,
+    head_dim_tile,
+    lse_offset,
+    softmax_finish,
+    softmax_init,
+    softmax_step,
 )
+from longctx.kernels.nsa.triton.common import dkdv_rows, load_row_terms, softmax_delta, warps_for
 
 
 @triton.jit
@@ -55,33 +59,29 @@ def _cmp_fwd_kernel(
     doc_start,
     H: tl.constexpr,
     HKV: tl.constexpr,
-    G: tl.constexpr,
-    GP: tl.constexpr,
-    D: tl.constexpr,
+    GROUP: tl.constexpr,
+    BG: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     CMP_BLOCK: tl.constexpr,
     CMP_STRIDE: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
     BD: tl.constexpr,
-    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
     HAS_DOCS: tl.constexpr,
 ):
     i_tt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
-    o_r = tl.arange(0, BT * GP)
-    o_t = i_tt * BT + o_r // GP
-    o_g = o_r % GP
-    m_r = (o_t < T) & (o_g < G)
+    o_t, o_g, m_r = group_rows(i_tt, T, GROUP, BG, BT)
     b_pos = o_t + q_offset
     o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    o_row = row_offset(i_b, T, o_t, H, i_h, G, o_g, D)
-    m_rd = m_r[:, None] & m_d[None, :]
-    b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
-    kv_base = ((i_b * TC).to(tl.int64) * HKV + i_h) * D
+    m_d = o_d < HEAD_DIM
+    o_rd, m_rd = group_row_tile(i_b, T, o_t, H, i_h, GROUP, o_g, m_r, HEAD_DIM, BD)
+    b_q = tl.load(q + o_rd, mask=m_rd, other=0.0)
+    kv_base = ((i_b * TC).to(tl.int64) * HKV + i_h) * HEAD_DIM
     o_cb = tl.arange(0, BC)
     # Offsets inside one compressed tile, hoisted out of the loop.
-    o_cd = o_cb[:, None] * (HKV * D) + o_d[None, :]
+    o_cd = o_cb[:, None] * (HKV * HEAD_DIM) + o_d[None, :]
 
     # Compressed tokens visible to the tile's last query: those with i * stride + cmp_block - 1 <= pos.
     last_pos = tl.minimum(i_tt * BT + BT, T) - 1 + q_offset
@@ -89,34 +89,23 @@ def _cmp_fwd_kernel(
     n_vis = tl.minimum(n_vis, TC)
     b_dstart, c_first = _doc_rows(doc_start, i_b, i_tt, o_t, m_r, T, BT, BC, CMP_STRIDE, HAS_DOCS)
 
-    b_m = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([BT * GP], dtype=tl.float32)
-    b_acc = tl.zeros([BT * GP, BD], dtype=tl.float32)
+    b_acc, b_l, b_m = softmax_init(BT * BG, BD)
     for c0 in range(c_first, n_vis, BC):
         o_c = c0 + o_cb
         m_c = o_c < TC
-        o_tile = kv_base + c0 * (HKV * D)
+        o_tile = kv_base + c0 * (HKV * HEAD_DIM)
         m_cd = m_c[:, None] & m_d[None, :]
         b_k = tl.load(k + o_tile + o_cd, mask=m_cd, other=0.0)
         b_v = tl.load(v + o_tile + o_cd, mask=m_cd, other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * scale_log2
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale_log2
         m_vis = m_c[None, :] & (o_c[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= b_pos[:, None])
         if HAS_DOCS:
             m_vis = m_vis & (o_c[None, :] * CMP_STRIDE >= b_dstart[:, None])
         b_s = tl.where(m_vis, b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_p = tl.exp2(b_s - b_shift[:, None])
-        b_alpha = tl.exp2(b_m - b_shift)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT)
-        b_m = b_m_new
-    b_seen = b_l > 0
-    b_o = b_acc / tl.where(b_seen, b_l, 1.0)[:, None]
-    tl.store(o + o_row[:, None] + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_rd)
-    b_lse = tl.where(b_seen, (b_m + tl.log2(tl.where(b_seen, b_l, 1.0))) / 1.4426950408889634, float("-inf"))
-    o_lse = (i_b * H + i_h * G + o_g).to(tl.int64) * T + o_t
-    tl.store(lse + o_lse, b_lse, mask=m_r)
+        b_acc, b_l, b_m = softmax_step(b_acc, b_l, b_m, b_s, b_v, PRECISION)
+    b_o, b_lse = softmax_finish(b_acc, b_l, b_m)
+    tl.store(o + o_rd, b_o.to(o.dtype.element_ty), mask=m_rd)
+    tl.store(lse + lse_offset(i_b, T, o_t, H, i_h, GROUP, o_g), b_lse, mask=m_r)
 
 
 @triton.jit
@@ -136,60 +125,54 @@ def _cmp_bwd_dq_kernel(
     doc_start,
     H: tl.constexpr,
     HKV: tl.constexpr,
-    G: tl.constexpr,
-    GP: tl.constexpr,
-    D: tl.constexpr,
+    GROUP: tl.constexpr,
+    BG: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     CMP_BLOCK: tl.constexpr,
     CMP_STRIDE: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
     BD: tl.constexpr,
-    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
     HAS_DOCS: tl.constexpr,
 ):
     i_tt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
-    o_r = tl.arange(0, BT * GP)
-    o_t = i_tt * BT + o_r // GP
-    o_g = o_r % GP
-    m_r = (o_t < T) & (o_g < G)
+    o_t, o_g, m_r = group_rows(i_tt, T, GROUP, BG, BT)
     b_pos = o_t + q_offset
     o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    o_row = row_offset(i_b, T, o_t, H, i_h, G, o_g, D)
-    m_rd = m_r[:, None] & m_d[None, :]
-    b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
-    b_do = tl.load(do + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
-    o_lse = (i_b * H + i_h * G + o_g).to(tl.int64) * T + o_t
-    b_lse2 = tl.load(lse + o_lse, mask=m_r, other=0.0) * 1.4426950408889634
-    b_delta = tl.load(delta + o_lse, mask=m_r, other=0.0)
-    kv_base = ((i_b * TC).to(tl.int64) * HKV + i_h) * D
+    m_d = o_d < HEAD_DIM
+    o_rd, m_rd = group_row_tile(i_b, T, o_t, H, i_h, GROUP, o_g, m_r, HEAD_DIM, BD)
+    b_q = tl.load(q + o_rd, mask=m_rd, other=0.0)
+    b_do = tl.load(do + o_rd, mask=m_rd, other=0.0)
+    b_lse2, b_delta = load_row_terms(lse, delta, lse_offset(i_b, T, o_t, H, i_h, GROUP, o_g), m_r)
+    kv_base = ((i_b * TC).to(tl.int64) * HKV + i_h) * HEAD_DIM
     o_cb = tl.arange(0, BC)
     # Offsets inside one compressed tile, hoisted out of the loop.
-    o_cd = o_cb[:, None] * (HKV * D) + o_d[None, :]
+    o_cd = o_cb[:, None] * (HKV * HEAD_DIM) + o_d[None, :]
 
     last_pos = tl.minimum(i_tt * BT + BT, T) - 1 + q_offset
     n_vis = tl.where(last_pos >= CMP_BLOCK - 1, (last_pos - CMP_BLOCK + 1) // CMP_STRIDE + 1, 0)
     n_vis = tl.minimum(n_vis, TC)
     b_dstart, c_first = _doc_rows(doc_start, i_b, i_tt, o_t, m_r, T, BT, BC, CMP_STRIDE, HAS_DOCS)
 
-    b_dq = tl.zeros([BT * GP, BD], dtype=tl.float32)
+    b_dq = tl.zeros([BT * BG, BD], dtype=tl.float32)
     for c0 in range(c_first, n_vis, BC):
         o_c = c0 + o_cb
         m_c = o_c < TC
-        o_tile = kv_base + c0 * (HKV * D)
+        o_tile = kv_base + c0 * (HKV * HEAD_DIM)
         m_cd = m_c[:, None] & m_d[None, :]
         b_k = tl.load(k + o_tile + o_cd, mask=m_cd, other=0.0)
         b_v = tl.load(v + o_tile + o_cd, mask=m_cd, other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * scale_log2
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale_log2
         m_vis = m_r[:, None] & m_c[None, :] & (o_c[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= b_pos[:, None])
         if HAS_DOCS:
             m_vis = m_vis & (o_c[None, :] * CMP_STRIDE >= b_dstart[:, None])
         b_p = tl.where(m_vis, tl.exp2(b_s - b_lse2[:, None]), 0.0)
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
         b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT)
-    tl.store(dq + o_row[:, None] + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_rd)
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+    tl.store(dq + o_rd, (b_dq * scale).to(dq.dtype.element_ty), mask=m_rd)
 
 
 @triton.jit
@@ -210,15 +193,15 @@ def _cmp_bwd_dkdv_kernel(
     doc_start,
     H: tl.constexpr,
     HKV: tl.constexpr,
-    G: tl.constexpr,
-    GP: tl.constexpr,
-    D: tl.constexpr,
+    GROUP: tl.constexpr,
+    BG: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     CMP_BLOCK: tl.constexpr,
     CMP_STRIDE: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
     BD: tl.constexpr,
-    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
     HAS_DOCS: tl.constexpr,
 ):
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
@@ -226,8 +209,8 @@ def _cmp_bwd_dkdv_kernel(
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < TC
     o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    o_kv = ((i_b * TC).to(tl.int64) * HKV + i_h + o_c.to(tl.int64) * HKV) * D
+    m_d = o_d < HEAD_DIM
+    o_kv = ((i_b * TC).to(tl.int64) * HKV + i_h + o_c.to(tl.int64) * HKV) * HEAD_DIM
     m_cd = m_c[:, None] & m_d[None, :]
     b_k = tl.load(k + o_kv[:, None] + o_d[None, :], mask=m_cd, other=0.0)
     b_v = tl.load(v + o_kv[:, None] + o_d[None, :], mask=m_cd, other=0.0)
@@ -236,20 +219,17 @@ def _cmp_bwd_dkdv_kernel(
 
     # The first local query that sees the tile's first compressed token; earlier tiles see nothing.
     first = tl.maximum(i_c * BC * CMP_STRIDE + CMP_BLOCK - 1 - q_offset, 0)
-    o_r = tl.arange(0, BT * GP)
-    o_rt = o_r // GP
-    o_g = o_r % GP
+    o_r = tl.arange(0, BT * BG)
+    o_rt = o_r // BG
+    o_g = o_r % BG
     for t0 in range((first // BT) * BT, T, BT):
         o_t = t0 + o_rt
-        m_r = (o_t < T) & (o_g < G)
-        o_row = row_offset(i_b, T, o_t, H, i_h, G, o_g, D)
-        m_rd = m_r[:, None] & m_d[None, :]
-        b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
-        b_do = tl.load(do + o_row[:, None] + o_d[None, :], mask=m_rd, other=0.0)
-        o_lse = (i_b * H + i_h * G + o_g).to(tl.int64) * T + o_t
-        b_lse2 = tl.load(lse + o_lse, mask=m_r, other=0.0) * 1.4426950408889634
-        b_delta = tl.load(delta + o_lse, mask=m_r, other=0.0)
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT) * scale_log2  # [BC, BT * GP]
+        m_r = (o_t < T) & (o_g < GROUP)
+        o_rd, m_rd = group_row_tile(i_b, T, o_t, H, i_h, GROUP, o_g, m_r, HEAD_DIM, BD)
+        b_q = tl.load(q + o_rd, mask=m_rd, other=0.0)
+        b_do = tl.load(do + o_rd, mask=m_rd, other=0.0)
+        b_lse2, b_delta = load_row_terms(lse, delta, lse_offset(i_b, T, o_t, H, i_h, GROUP, o_g), m_r)
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * scale_log2  # [BC, BT * BG]
         m_vis = (
             m_c[:, None]
             & m_r[None, :]
@@ -259,34 +239,28 @@ def _cmp_bwd_dkdv_kernel(
             b_dstart = tl.load(doc_start + i_b.to(tl.int64) * T + o_t, mask=m_r, other=0)
             m_vis = m_vis & (o_c[:, None] * CMP_STRIDE >= b_dstart[None, :])
         b_pt = tl.where(m_vis, tl.exp2(b_st - b_lse2[None, :]), 0.0)
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT)
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT)
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
         b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT)
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION)
     tl.store(dk + o_kv[:, None] + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=m_cd)
     tl.store(dv + o_kv[:, None] + o_d[None, :], b_dv.to(dv.dtype.element_ty), mask=m_cd)
-
-
-def _doc_arg(q, doc_start):
-    if doc_start is None:
-        return torch.zeros(1, dtype=torch.int32, device=q.device), False
-    return doc_start.to(torch.int32).contiguous(), True
 
 
 def cmp_attn_fwd(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, q_offset, doc_start=None):
     b, t, h, d = q.shape
     t_c, h_kv = k_cmp.shape[1], k_cmp.shape[2]
-    gp, bt = row_tile(h // h_kv, 128)
+    bg, bt = group_tile(h // h_kv, 128)
     o = torch.empty_like(q)
     lse = torch.empty(b, h, t, device=q.device, dtype=torch.float32)
     if t_c == 0:
         return o.zero_(), lse.fill_(float("-inf"))
-    bd = pow2_at_least_16(d)
-    doc_start, has_docs = _doc_arg(q, doc_start)
+    bd = head_dim_tile(d)
+    doc_start, has_docs = doc_start_arg(q, doc_start)
     _cmp_fwd_kernel[(triton.cdiv(t, bt), b * h_kv)](
         q, k_cmp, v_cmp, o, lse, scale * LOG2E, t, t_c, q_offset, doc_start,
-        H=h, HKV=h_kv, G=h // h_kv, GP=gp, D=d, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
-        BT=bt, BC=64, BD=bd, DOT=dot_precision(q.dtype), HAS_DOCS=has_docs,
+        H=h, HKV=h_kv, GROUP=h // h_kv, BG=bg, HEAD_DIM=d, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
+        BT=bt, BC=64, BD=bd, PRECISION=dot_precision(q.dtype), HAS_DOCS=has_docs,
         num_warps=warps_for(bd), num_stages=2,
     )  # fmt: skip
     return o, lse
@@ -299,26 +273,26 @@ def cmp_attn_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, cmp_block, cmp_stride, scale
     if t_c == 0:
         return torch.zeros_like(q), torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
     delta = softmax_delta(o, do, dlse)  # [B, H, T]
-    bd = pow2_at_least_16(d)
-    doc_start, has_docs = _doc_arg(q, doc_start)
+    bd = head_dim_tile(d)
+    doc_start, has_docs = doc_start_arg(q, doc_start)
     common = dict(
-        H=h, HKV=h_kv, G=g, D=d, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride, BD=bd,
-        DOT=dot_precision(q.dtype), HAS_DOCS=has_docs,
+        H=h, HKV=h_kv, GROUP=g, HEAD_DIM=d, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride, BD=bd,
+        PRECISION=dot_precision(q.dtype), HAS_DOCS=has_docs,
     )  # fmt: skip
     dq = torch.empty_like(q)
-    gp, bt = row_tile(g, 128)
+    bg, bt = group_tile(g, 128)
     # fp32 tiles and 256-wide heads are twice the bytes: a narrower compressed tile keeps the stages in
     # shared memory (hd 256 bf16 with 64 needs 256 KiB, over sm_90's 227 KiB).
     bc = 64 if q.element_size() <= 2 and bd <= 128 else 32
     _cmp_bwd_dq_kernel[(triton.cdiv(t, bt), b * h_kv)](
         q, k_cmp, v_cmp, do, lse, delta, dq, scale, scale * LOG2E, t, t_c, q_offset, doc_start,
-        GP=gp, BT=bt, BC=bc, num_warps=warps_for(bd), num_stages=2, **common,
+        BG=bg, BT=bt, BC=bc, num_warps=warps_for(bd), num_stages=2, **common,
     )  # fmt: skip
     dk, dv = torch.empty_like(k_cmp), torch.empty_like(v_cmp)
-    gp, bt = row_tile(g, dkdv_rows(bd))
+    bg, bt = group_tile(g, dkdv_rows(bd))
     _cmp_bwd_dkdv_kernel[(triton.cdiv(t_c, 64), b * h_kv)](
         q, k_cmp, v_cmp, do, lse, delta, dk, dv, scale, scale * LOG2E, t, t_c, q_offset, doc_start,
-        GP=gp, BT=bt, BC=64, num_warps=warps_for(bd), num_stages=2, **common,
+        BG=bg, BT=bt, BC=64, num_warps=warps_for(bd), num_stages=2, **common,
     )  # fmt: skip
     return dq, dk, dv
 

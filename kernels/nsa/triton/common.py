@@ -1,26 +1,13 @@
-"""Pieces shared by the NSA Triton kernels: tile shapes and the softmax backward's row term.
-
-The NSA kernels lay a program's rows out as query tokens x the query heads of one kv group
-(row `r` = token `r // GP`, head `r % GP`), so every K/V tile a program loads serves the whole group.
+"""Pieces shared by the NSA Triton kernels only: warps and dK/dV rows per tile, and the softmax
+backward's row term. What every kernel shares (grouped rows, the online softmax, precision, head-dim
+padding) is in `longctx.kernels.common.triton`.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-
-
-def pow2_at_least_16(x: int) -> int:
-    """Power-of-two tile extent covering `x`, at least 16 (the smallest `tl.dot` operand on GPUs)."""
-    return max(16, triton.next_power_of_2(x))
-
-
-def row_tile(n_heads_group: int, rows: int) -> tuple[int, int]:
-    """`(GP, BT)`: the group's heads padded to a power of two, and the tokens per tile, so that a tile
-    has about `rows` rows and at least 16."""
-    gp = triton.next_power_of_2(n_heads_group)
-    return gp, max(1, max(rows, 16) // gp)
+from longctx.kernels.common.triton import LOG2E_C, head_dim_tile
 
 
 def warps_for(head_dim_tile: int, rows: int = 128) -> int:
@@ -38,19 +25,13 @@ def dkdv_rows(head_dim_tile: int) -> int:
     return 64 if head_dim_tile <= 128 else 16
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """`tl.dot` input precision: exact ("ieee") for fp32 inputs, so fp32 on a GPU matches the fp32
-    reference (the block choice compares importances); the default tf32 otherwise, where it only
-    names the default (bf16 / fp16 operands are multiplied exactly)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
 
 @triton.jit
-def row_offset(i_b, T, o_t, H, i_h, G, o_g, D):
-    """Element offset of (batch `i_b`, token `o_t`, query head `i_h * G + o_g`) in a `[B, T, H, D]`
-    tensor, in int64 from the token on (`T * H * D` passes 2^31 at 1M tokens, 32 heads of 128)."""
-    return ((i_b * T + o_t).to(tl.int64) * H + i_h * G + o_g) * D
-
+def load_row_terms(lse, delta, o_lse, m_r):
+    """A backward's per-row terms at `o_lse` (`[B, H, T]` offsets): the lse in base 2 and
+    `delta` (`softmax_delta`), 0 on masked rows."""
+    b_lse2 = tl.load(lse + o_lse, mask=m_r, other=0.0) * LOG2E_C
+    return b_lse2, tl.load(delta + o_lse, mask=m_r, other=0.0)
 
 @triton.jit
 def _softmax_delta_kernel(
@@ -61,7 +42,7 @@ def _softmax_delta_kernel(
     T,
     N_ROWS,
     H: tl.constexpr,
-    D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     BR: tl.constexpr,
     BD: tl.constexpr,
     HAS_DLSE: tl.constexpr,
@@ -70,8 +51,8 @@ def _softmax_delta_kernel(
     o_r = tl.program_id(0) * BR + tl.arange(0, BR)
     m_r = o_r < N_ROWS
     o_d = tl.arange(0, BD)
-    o_rd = o_r.to(tl.int64)[:, None] * D + o_d[None, :]
-    m_rd = m_r[:, None] & (o_d < D)[None, :]
+    o_rd = o_r.to(tl.int64)[:, None] * HEAD_DIM + o_d[None, :]
+    m_rd = m_r[:, None] & (o_d < HEAD_DIM)[None, :]
     b_o = tl.load(o + o_rd, mask=m_rd, other=0.0).to(tl.float32)
     b_do = tl.load(do + o_rd, mask=m_rd, other=0.0).to(tl.float32)
     b_delta = tl.sum(b_o * b_do, 1)
@@ -91,6 +72,6 @@ def softmax_delta(o: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None) 
     br = 64
     _softmax_delta_kernel[(triton.cdiv(n_rows, br),)](
         o, do, dlse.float().contiguous() if dlse is not None else delta, delta, t, n_rows,
-        H=h, D=d, BR=br, BD=pow2_at_least_16(d), HAS_DLSE=dlse is not None, num_warps=4,
+        H=h, HEAD_DIM=d, BR=br, BD=head_dim_tile(d), HAS_DLSE=dlse is not None, num_warps=4,
     )  # fmt: skip
     return delta

@@ -6,11 +6,11 @@ compressed tokens whose blocks overlap block `j`. With `R = slc_block / cmp_stri
 `M = cmp_block / cmp_stride`, compressed token `i` overlaps block `j` iff `jR - M + 1 <= i <= jR + R - 1`:
 the `R` tokens of "group" `j` plus the last `M - 1` tokens of group `j - 1`.
 
-One program owns `BT` query tokens x the `G` heads of one kv group (rows = tokens x heads, as in the
+One program owns `BT` query tokens x the `GROUP` heads of one kv group (rows = tokens x heads, as in the
 compression attention). It walks the selection blocks up to its last query's block, `NJ` blocks
 (`NJ * R` compressed tokens) per step:
 
-1. `p = exp2(q k^T - lse)` `[BT * G, NJ * R]`, causal by compressed-block end; summed over heads;
+1. `p = exp2(q k^T - lse)` `[BT * GROUP, NJ * R]`, causal by compressed-block end; summed over heads;
 2. per-group sums and per-group suffix sums (the last `M - 1` tokens) by reshapes; each block adds the
    previous group's suffix (shifted by one block, the step's first block takes a carry from the last
    step), giving `[BT, NJ]` importances in registers;
@@ -31,7 +31,17 @@ import torch
 import triton
 import triton.language as tl
 
-from longctx.kernels.nsa.common import LOG2E, dot_precision, pow2_at_least_16, row_offset, row_tile, warps_for
+from longctx.kernels.common.triton import (
+    LOG2E,
+    LOG2E_C,
+    dot_precision,
+    group_row_tile,
+    group_rows,
+    group_tile,
+    head_dim_tile,
+    lse_offset,
+)
+from longctx.kernels.nsa.triton.common import warps_for
 
 
 @triton.jit
@@ -47,9 +57,9 @@ def _select_blocks_kernel(
     doc_start,
     H: tl.constexpr,
     HKV: tl.constexpr,
-    G: tl.constexpr,
-    GP: tl.constexpr,
-    D: tl.constexpr,
+    GROUP: tl.constexpr,
+    BG: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     CMP_BLOCK: tl.constexpr,
     CMP_STRIDE: tl.constexpr,
     SLC_BLOCK: tl.constexpr,
@@ -57,7 +67,7 @@ def _select_blocks_kernel(
     NJ: tl.constexpr,
     BT: tl.constexpr,
     BD: tl.constexpr,
-    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
     HAS_DOCS: tl.constexpr,
 ):
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE
@@ -66,18 +76,14 @@ def _select_blocks_kernel(
     i_tt, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
 
-    o_r = tl.arange(0, BT * GP)
-    o_t = i_tt * BT + o_r // GP
-    o_g = o_r % GP
-    m_r = (o_t < T) & (o_g < G)
+    o_t, o_g, m_r = group_rows(i_tt, T, GROUP, BG, BT)
     b_pos = o_t + q_offset
     o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    o_row = row_offset(i_b, T, o_t, H, i_h, G, o_g, D)
-    b_q = tl.load(q + o_row[:, None] + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)
-    o_lse = (i_b * H + i_h * G + o_g).to(tl.int64) * T + o_t
-    b_lse2 = tl.load(lse + o_lse, mask=m_r, other=0.0) * 1.4426950408889634
-    k_base = ((i_b * TC).to(tl.int64) * HKV + i_h) * D
+    m_d = o_d < HEAD_DIM
+    o_rd, m_rd = group_row_tile(i_b, T, o_t, H, i_h, GROUP, o_g, m_r, HEAD_DIM, BD)
+    b_q = tl.load(q + o_rd, mask=m_rd, other=0.0)
+    b_lse2 = tl.load(lse + lse_offset(i_b, T, o_t, H, i_h, GROUP, o_g), mask=m_r, other=0.0) * LOG2E_C
+    k_base = ((i_b * TC).to(tl.int64) * HKV + i_h) * HEAD_DIM
 
     # Per token of the tile: its selection block, and the first block of its document (block 0
     # without documents); with documents, row r's document start.
@@ -85,7 +91,7 @@ def _select_blocks_kernel(
     b_qblk = (o_tt + q_offset) // SLC_BLOCK  # [BT]
     last_blk = (tl.minimum(i_tt * BT + BT, T) - 1 + q_offset) // SLC_BLOCK
     b_dblk = tl.zeros([BT], dtype=tl.int32)
-    b_dstart = tl.zeros([BT * GP], dtype=tl.int32)
+    b_dstart = tl.zeros([BT * BG], dtype=tl.int32)
     j_first = 0
     if HAS_DOCS:
         p_ds = doc_start + i_b.to(tl.int64) * T
@@ -97,20 +103,21 @@ def _select_blocks_kernel(
 
     o_j = tl.arange(0, NJ)
     o_cb = tl.arange(0, BC)
-    o_cd = o_cb[:, None] * (HKV * D) + o_d[None, :]
+    o_cd = o_cb[:, None] * (HKV * HEAD_DIM) + o_d[None, :]
     m_suffix = (o_cb % R) >= R - HALO
     b_top = tl.full([BT, NJ], -1, dtype=tl.int64)
     b_carry = tl.zeros([BT], dtype=tl.float32)
     for j0 in range(j_first, last_blk + 1, NJ):
         o_c = j0 * R + o_cb
         m_c = o_c < TC
-        b_k = tl.load(k + k_base + j0 * (R * HKV * D) + o_cd, mask=m_c[:, None] & m_d[None, :], other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * scale_log2  # [BT * GP, BC]
+        p_k = k + k_base + j0 * (R * HKV * HEAD_DIM) + o_cd
+        b_k = tl.load(p_k, mask=m_c[:, None] & m_d[None, :], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale_log2  # [BT * BG, BC]
         m_vis = m_r[:, None] & m_c[None, :] & (o_c[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= b_pos[:, None])
         if HAS_DOCS:
             m_vis = m_vis & (o_c[None, :] * CMP_STRIDE >= b_dstart[:, None])
         b_p = tl.where(m_vis, tl.exp2(b_s - b_lse2[:, None]), 0.0)
-        b_p = tl.sum(tl.reshape(b_p, [BT, GP, BC]), 1)  # [BT, BC], summed over the group's heads
+        b_p = tl.sum(tl.reshape(b_p, [BT, BG, BC]), 1)  # [BT, BC], summed over the group's heads
         b_own = tl.sum(tl.reshape(b_p, [BT, NJ, R]), 2)  # [BT, NJ]
         b_suffix = tl.sum(tl.reshape(tl.where(m_suffix[None, :], b_p, 0.0), [BT, NJ, R]), 2)
         # Block j also holds the suffix of group j - 1: shift by one; the first takes the carry.
@@ -166,15 +173,15 @@ def select_blocks(
     # Blocks per step: at least the top-k width (the running list has the same width) and enough
     # compressed tokens (NJ * R >= 16) for a matmul operand.
     nj = max(triton.next_power_of_2(slc_top), triton.next_power_of_2(triton.cdiv(16, r)))
-    gp, bt = row_tile(g, 64)
+    bg, bt = group_tile(g, 64)
     out = torch.empty(b, t, h_kv, slc_top, device=q.device, dtype=torch.int32)
-    bd = pow2_at_least_16(d)
+    bd = head_dim_tile(d)
     _select_blocks_kernel[(triton.cdiv(t, bt), b * h_kv)](
         q, k_cmp, lse_cmp, out, scale * LOG2E, t, t_c, q_offset,
         out if doc_start is None else doc_start.to(torch.int32).contiguous(),
         HAS_DOCS=doc_start is not None,
-        H=h, HKV=h_kv, G=g, GP=gp, D=d, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
-        SLC_BLOCK=slc_block, TOP=slc_top, NJ=nj, BT=bt, BD=bd, DOT=dot_precision(q.dtype),
+        H=h, HKV=h_kv, GROUP=g, BG=bg, HEAD_DIM=d, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
+        SLC_BLOCK=slc_block, TOP=slc_top, NJ=nj, BT=bt, BD=bd, PRECISION=dot_precision(q.dtype),
         num_warps=warps_for(bd, 32), num_stages=2,
     )  # fmt: skip
     return out
