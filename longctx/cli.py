@@ -14,9 +14,10 @@ longctx plan --config configs/llama3-8b-128k.yaml --gpus 8 --gpu-memory 80GiB
 import argparse
 import sys
 
-from longctx.config import ConfigError, load_config
+from longctx.config import ConfigError
 from longctx.eval.cli import add_eval_parsers
 from longctx.generation import add_generate_parser
+from longctx.hf import load_config
 from longctx.plan import add_plan_args
 from longctx.train.distributed import DistributedSetupError
 

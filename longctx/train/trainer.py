@@ -253,8 +253,9 @@ class Trainer:
         """Load only the weights of checkpoint (or run directory) `path` into `model` (before it is
         sharded): continue-training may change seq_len, RoPE scaling and the parallel layout."""
         if path.startswith("hf:"):
-            from longctx.hf import init_converted, load_hf_weights
+            from longctx.hf import check_architecture, init_converted, load_hf_weights
 
+            check_architecture(self.cfg.model, path)
             new = load_hf_weights(model, path)
             init_converted(model, new)
             converted = f"; {len(new)} parameters of converted layers start fresh" if new else ""
