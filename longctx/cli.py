@@ -101,7 +101,8 @@ def cmd_plan(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from longctx.export import export_checkpoint, find_checkpoint
+    from longctx.export import export_checkpoint
+    from longctx.weights import find_checkpoint
 
     checkpoint = find_checkpoint(args.run, args.checkpoint)
     fmt = "hf" if args.hf else "native"

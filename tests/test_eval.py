@@ -13,10 +13,10 @@ from longctx.config import ModelConfig, NSAConfig, S2Config, load_config, save_c
 from longctx.data import builtin_documents
 from longctx.data.indexed import TokenDocuments
 from longctx.eval import answer_logits, evaluate_niah, evaluate_ppl, niah_sample, niah_table, token_losses
-from longctx.eval.cli import load_checkpoint_weights
 from longctx.eval.niah import write_niah
 from longctx.model import build_model
 from longctx.tokenizer import Tokenizer, train_tokenizer
+from longctx.weights import EVAL_FIX, find_weights, load_weights
 
 KEY_PATTERN = re.compile(r"The pass key is (\d+)\.")
 
@@ -219,19 +219,20 @@ def test_checkpoint_loading_checks_names_shapes_and_format(tmp_path, tokenizer):
     model = small_model(seed=1)
     run = make_run(tmp_path, tokenizer, model)
     other = small_model(seed=2)
-    load_checkpoint_weights(other, run)  # a folder holding model.safetensors
+    load_weights(other, find_weights(None, run), EVAL_FIX)  # a folder holding model.safetensors
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(other.state_dict()[name], tensor, rtol=0, atol=0)
 
     with pytest.raises(ValueError, match="missing"):
-        load_checkpoint_weights(small_model(layers="DSNLD"), run / "model.safetensors")
-    with pytest.raises(ValueError, match=r"parameter '.*' has shape \(32,\) in the file but \(64,\)"):
-        load_checkpoint_weights(small_model(dim=64), run / "model.safetensors")
+        load_weights(small_model(layers="DSNLD"), run / "model.safetensors", EVAL_FIX)
+    shapes = r"'tok_embeddings.weight' has shape \[1024, 32\] in the checkpoint but \[1024, 64\]"
+    with pytest.raises(ValueError, match=shapes):
+        load_weights(small_model(dim=64), run / "model.safetensors", EVAL_FIX)
     (tmp_path / "dcp").mkdir()
     with pytest.raises(ValueError, match="is not a checkpoint"):
-        load_checkpoint_weights(model, tmp_path / "dcp")
+        find_weights(None, tmp_path / "dcp")
     with pytest.raises(FileNotFoundError, match="not found"):
-        load_checkpoint_weights(model, tmp_path / "nothing")
+        find_weights(None, tmp_path / "nothing")
     code = main(["eval", "niah", "--run", str(tmp_path / "nothing")])
     assert code == 2
 

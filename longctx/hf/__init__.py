@@ -92,7 +92,6 @@ def load_pretrained(
     return model, tokenizer
 
 
-
 __all__ = [
     "HFCheckpointError",
     "check_architecture",

@@ -211,7 +211,6 @@ def has_tokenizer(path: Path) -> bool:
     return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
 
 
-
 def resolve_init_from(tree: dict, overrides: list[str]) -> dict:
     """Config `tree` (a config file's dict) made to describe the checkpoint of `train.init_from=hf:DIR`
     (from `overrides` or the tree), warning about what it replaced; unchanged for any other init_from."""

@@ -25,4 +25,3 @@ def init_converted(model, new: list[str]) -> None:
             for conv in (layer.mixer.q_conv, layer.mixer.k_conv, layer.mixer.v_conv):
                 conv.weight.zero_()
                 conv.weight[..., -1] = 1.0
-

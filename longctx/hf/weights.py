@@ -140,4 +140,3 @@ def local_rows(param) -> tuple[int, int]:
             start, stop = first, min(first + size, stop)
     assert stop - start == param.to_local().shape[0], (start, stop, param.to_local().shape)
     return start, stop
-

@@ -33,15 +33,7 @@ from longctx.model import build_model
 from longctx.parallel import SeqLayout, comm_stats, parallelize_model, reset_comm_stats, zigzag_shard
 from longctx.parallel.layout import Documents
 from longctx.tokenizer import copy_tokenizer
-from longctx.train.checkpoint import (
-    Checkpointer,
-    check_param_shapes,
-    find_resume,
-    full_weights,
-    param_shapes,
-    read_meta,
-    resolve_checkpoint,
-)
+from longctx.train.checkpoint import Checkpointer, find_resume, param_shapes, read_meta
 from longctx.train.checkpoint_io import deepspeed_universal
 from longctx.train.distributed import (
     DistInfo,
@@ -53,6 +45,12 @@ from longctx.train.distributed import (
 from longctx.train.engine import build_engine
 from longctx.train.metrics import MetricsLogger, plot_loss
 from longctx.train.run_dir import RunLock, check_history, keep_metrics_upto
+from longctx.weights import check_weights, find_checkpoint, load_weights
+
+# How to get a checkpoint that fits the model being trained.
+RESUME_FIX = (
+    "use the model config it was written with (see its meta.json), or start fresh in a new train.run_dir"
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -184,7 +182,9 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         if resume_from is not None:
-            meta = self.checkpointer.load(resume_from, self.engine, self.param_shapes)
+            saved = read_meta(resume_from)["params"]
+            check_weights(saved, self.param_shapes, f"checkpoint {str(resume_from)!r}", RESUME_FIX)
+            meta = self.checkpointer.load(resume_from, self.engine)
             self.step, self.tokens = meta["step"], meta["tokens"]
             self.enter_stage(self.step)
             saved = meta["sampler"]
@@ -263,12 +263,8 @@ class Trainer:
                 f"initialised the weights from the Hugging Face checkpoint {path[3:]} (train.init_from"
                 f"{converted}; optimizer, schedule and data start fresh)"
             )
-        ckpt = on_rank0(lambda: resolve_checkpoint(path, "train.init_from"), self.dist)
-        weights = full_weights(ckpt)
-        check_param_shapes(
-            {k: list(v.shape) for k, v in weights.items()}, self.param_shapes, f"checkpoint {str(ckpt)!r}"
-        )
-        model.load_state_dict(weights)
+        ckpt = on_rank0(lambda: find_checkpoint(None, path, "train.init_from"), self.dist)
+        load_weights(model, ckpt, RESUME_FIX, source=f"checkpoint {str(ckpt)!r}")
         return (
             f"initialised the weights from {ckpt} (train.init_from; optimizer, schedule and data start fresh)"
         )
