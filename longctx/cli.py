@@ -60,8 +60,8 @@ def cmd_data_prepare(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     start = time.perf_counter()
-    tok = load_tokenizer(cfg)
-    data = prepare_dataset(cfg, tok, progress=True)
+    tok = load_tokenizer(cfg.data, cfg.model.vocab_size)
+    data = prepare_dataset(cfg.data, tok, progress=True)
     seconds = time.perf_counter() - start
     for name, docs in (("train", data.train), ("val", data.val)):
         print(f"{name}: {docs.num_docs:,} documents, {docs.num_tokens:,} tokens  ({docs.prefix}.bin/.idx)")

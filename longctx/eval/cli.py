@@ -114,7 +114,17 @@ def text_documents(path: str | Path, tokenizer):
 def _prepared(cfg: Config, tokenizer, progress: bool):
     from longctx.data import prepare_dataset
 
-    return prepare_dataset(cfg, tokenizer, progress=progress)
+    return prepare_dataset(cfg.data, tokenizer, progress=progress)
+
+
+def _haystack_corpus(cfg: Config, tokenizer, info, progress: bool):
+    """The run's prepared training text (one process per node prepares it under torchrun)."""
+    from longctx.data import open_dataset, prepare_dataset
+
+    prepare = lambda: prepare_dataset(cfg.data, tokenizer, progress=progress)  # noqa: E731
+    if info is None:
+        return prepare().train
+    return info.writer_first(prepare, lambda: open_dataset(cfg.data, tokenizer)).train
 
 
 def _distributed_eval(model, cfg: Config, lengths: list[int], whole_blocks: bool = True):
@@ -162,11 +172,7 @@ def cmd_niah(args) -> int:
     if args.haystack:
         docs = text_documents(args.haystack, tok)
     else:
-        writer = info is None or info.local_rank == 0
-        wait = info.barrier if info is not None else None
-        from longctx.data import prepare_dataset
-
-        docs = prepare_dataset(cfg, tok, is_writer=writer, wait_fn=wait, progress=progress).train
+        docs = _haystack_corpus(cfg, tok, info, progress)
     results = evaluate_niah(
         model,
         tok,
@@ -215,11 +221,7 @@ def cmd_ruler(args) -> int:
     if args.haystack:
         docs = text_documents(args.haystack, tok)
     else:
-        from longctx.data import prepare_dataset
-
-        writer = info is None or info.local_rank == 0
-        wait = info.barrier if info is not None else None
-        docs = prepare_dataset(cfg, tok, is_writer=writer, wait_fn=wait, progress=progress).train
+        docs = _haystack_corpus(cfg, tok, info, progress)
     results = evaluate_ruler(
         model,
         tok,

@@ -56,6 +56,13 @@ class DistInfo:
         if dist.is_initialized():
             dist.barrier()
 
+    def writer_first(self, write, read=None):
+        """`write()` on one process per node (local rank 0) while the others wait, then `read()`
+        (default `write`) on the others: for caches every process reads (tokenizer, prepared data)."""
+        result = write() if self.local_rank == 0 else None
+        self.barrier()
+        return result if self.local_rank == 0 else (read or write)()
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now (for a one-machine rendezvous)."""

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from longctx.config import Config, save_config
-from longctx.data import build_samplers, load_tokenizer, prepare_dataset
+from longctx.data import build_samplers, load_tokenizer, open_dataset, prepare_dataset
 from longctx.kernels.common import set_backend as set_kernel_backend
 from longctx.kernels.common.tuning import synchronize as synchronize_tuning
 from longctx.model import build_model
@@ -118,16 +118,14 @@ class Trainer:
         seed_everything(cfg.train.seed)
 
         # One process per node fills the tokenizer and dataset caches; the others wait, then read.
-        writer, wait = self.dist.local_rank == 0, self.dist.barrier
-        self.tokenizer = load_tokenizer(cfg, is_writer=writer, wait_fn=wait)
+        self.tokenizer = self.dist.writer_first(lambda: load_tokenizer(cfg.data, cfg.model.vocab_size))
         if self.dist.is_main:
             copy_tokenizer(self.tokenizer, self.run_dir)
-        self.data = prepare_dataset(
-            cfg, self.tokenizer, is_writer=writer, wait_fn=wait, progress=cfg.train.progress and writer
+        self.data = self.dist.writer_first(
+            lambda: prepare_dataset(cfg.data, self.tokenizer, progress=cfg.train.progress),
+            lambda: open_dataset(cfg.data, self.tokenizer),
         )
-        self.sampler, self.val_sampler = build_samplers(
-            cfg, self.data, self.tokenizer, self.dist.dp_rank, self.dist.dp_size
-        )
+        self.sampler, self.val_sampler = self.build_samplers()
         self.stages = cfg.data.stages()
         self.stage = -1
         if cfg.train.eval_every and self.val_sampler is None:
@@ -194,6 +192,15 @@ class Trainer:
         """Rank 0: take the run directory's lock (ValueError naming the holder if another run has it)."""
         self.lock = RunLock.acquire(self.run_dir)
 
+    def build_samplers(self, seq_len: int | None = None):
+        """This data-parallel rank's training and validation samplers (`longctx.data.build_samplers`)."""
+        cfg = self.cfg
+        return build_samplers(
+            cfg.data, self.data, self.tokenizer, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+            vocab_size=cfg.model.vocab_size, dp_rank=self.dist.dp_rank, dp_size=self.dist.dp_size,
+            seq_len=seq_len,
+        )  # fmt: skip
+
     def enter_stage(self, step: int) -> bool:
         """Make `self.sampler` the one of the `data.seq_len_schedule` stage that step `step` (from 0)
         falls in; True when that is a new stage. A stage's sampler starts at its own position 0, so
@@ -203,9 +210,7 @@ class Trainer:
             return False
         start, seq_len = self.stages[stage]
         if seq_len != self.sampler.seq_len:
-            self.sampler, _ = build_samplers(
-                self.cfg, self.data, self.tokenizer, self.dist.dp_rank, self.dist.dp_size, seq_len=seq_len
-            )
+            self.sampler, _ = self.build_samplers(seq_len)
         self.sampler.position = (step - start) * self.sampler.global_batch * self.grad_accum
         self.stage = stage
         return True
