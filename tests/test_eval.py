@@ -12,7 +12,15 @@ from longctx.cli import main
 from longctx.config import ModelConfig, NSAConfig, S2Config, load_config, save_config
 from longctx.data import builtin_documents
 from longctx.data.indexed import TokenDocuments
-from longctx.eval import answer_logits, evaluate_niah, evaluate_ppl, niah_sample, niah_table, token_losses
+from longctx.eval import (
+    NiahOptions,
+    answer_logits,
+    evaluate_niah,
+    evaluate_ppl,
+    niah_sample,
+    niah_table,
+    token_losses,
+)
 from longctx.eval.niah import write_niah
 from longctx.model import build_model
 from longctx.tokenizer import Tokenizer, train_tokenizer
@@ -94,17 +102,8 @@ def test_answer_logits_and_hidden_match_full_logits(tokenizer, haystack):
 
 def test_untrained_model_scores_near_zero(tokenizer, haystack):
     model = small_model()
-    results = evaluate_niah(
-        model,
-        tokenizer,
-        haystack,
-        [64, 96],
-        [0.0, 0.5, 1.0],
-        samples=6,
-        n_digits=5,
-        batch_size=4,
-        progress=False,
-    )
+    options = NiahOptions([64, 96], [0.0, 0.5, 1.0], samples=6, n_digits=5, batch_size=4, progress=False)
+    results = evaluate_niah(model, tokenizer, haystack, options)
     acc = np.asarray(results["accuracy"])
     assert acc.shape == (2, 3)
     # A random guess of a 5-digit key succeeds with probability 1e-5.
@@ -115,18 +114,17 @@ def test_untrained_model_scores_near_zero(tokenizer, haystack):
 
 def test_oracle_scores_one_and_a_wrong_oracle_zero(tokenizer, haystack):
     model = small_model()
-    kwargs = dict(lengths=[64, 128], depths=[0.0, 0.25, 1.0], samples=5, n_digits=3, batch_size=2)
-    good = evaluate_niah(model, tokenizer, haystack, forward=oracle_forward(tokenizer, 1024), **kwargs)
+    options = NiahOptions(lengths=[64, 128], depths=[0.0, 0.25, 1.0], samples=5, n_digits=3, batch_size=2)
+    good = evaluate_niah(model, tokenizer, haystack, options, forward=oracle_forward(tokenizer, 1024))
     assert good["accuracy"] == [[1.0] * 3] * 2
     assert good["digit_accuracy"] == [[1.0] * 3] * 2
-    wrong = evaluate_niah(model, tokenizer, haystack, forward=oracle_forward(tokenizer, 1024, 1), **kwargs)
+    wrong = evaluate_niah(model, tokenizer, haystack, options, forward=oracle_forward(tokenizer, 1024, 1))
     assert wrong["accuracy"] == [[0.0] * 3] * 2
 
 
 def test_results_heatmap_and_table_written(tmp_path, tokenizer, haystack):
-    results = evaluate_niah(
-        small_model(), tokenizer, haystack, [64], [0.0, 1.0], samples=2, n_digits=2, progress=False
-    )
+    options = NiahOptions([64], [0.0, 1.0], samples=2, n_digits=2, progress=False)
+    results = evaluate_niah(small_model(), tokenizer, haystack, options)
     json_path, png_path = write_niah(results, tmp_path / "niah")
     assert json.loads(json_path.read_text()) == results
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

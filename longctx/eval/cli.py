@@ -160,7 +160,7 @@ def _distributed_eval(model, cfg: Config, lengths: list[int], whole_blocks: bool
 
 
 def cmd_niah(args) -> int:
-    from longctx.eval.niah import evaluate_niah, niah_table, write_niah
+    from longctx.eval.niah import NiahOptions, evaluate_niah, niah_table, write_niah
 
     model, cfg, tok = load_model_for_eval(args.run, args.checkpoint, args.overrides)
     lengths = args.lengths or cfg.eval.lengths
@@ -173,10 +173,7 @@ def cmd_niah(args) -> int:
         docs = text_documents(args.haystack, tok)
     else:
         docs = _haystack_corpus(cfg, tok, info, progress)
-    results = evaluate_niah(
-        model,
-        tok,
-        docs,
+    options = NiahOptions(
         lengths=lengths,
         depths=args.depths if args.depths is not None else cfg.eval.depths,
         samples=args.samples or cfg.eval.samples,
@@ -184,8 +181,8 @@ def cmd_niah(args) -> int:
         n_digits=args.digits or cfg.data.passkey_digits,
         batch_size=args.batch_size or cfg.eval.batch_size,
         progress=progress,
-        **dist_kwargs,
     )
+    results = evaluate_niah(model, tok, docs, options, **dist_kwargs)
     if info is not None:
         results["processes"] = {"dp": info.dp_size, "cp": info.cp_size}
     if is_main:
