@@ -13,7 +13,6 @@ select; random inputs select scattered blocks, close to the worst case for its e
 
 import argparse
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from longctx.bench.common import write_results
+from longctx.train.distributed import free_port
 
 BENCH = "comm"
 SCHEMES = [
@@ -105,18 +105,12 @@ def _worker(rank, size, port, out_dir, cfg, seq_len, batch):
         torch.save(rows, Path(out_dir) / "rows.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(cfg, seq_len: int, size: int, batch: int = 1) -> list[dict]:
     """One record per (mixer, scheme) with rank 0's forward / backward bytes for one layer."""
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
             _worker,
-            args=(size, _free_port(), out_dir, cfg, seq_len, batch),
+            args=(size, free_port(), out_dir, cfg, seq_len, batch),
             nprocs=size,
             start_method="spawn",
         )

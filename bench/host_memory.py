@@ -46,7 +46,7 @@ def peak_mib() -> float:
 def run(config: str, overrides: list[str], load_only: bool = False) -> None:
     import torch.distributed as dist
 
-    from longctx.config import load_config
+    from longctx.hf import load_config
     from longctx.train.trainer import Trainer
 
     trainer = Trainer(load_config(config, overrides))

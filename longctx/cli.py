@@ -14,9 +14,10 @@ longctx plan --config configs/llama3-8b-128k.yaml --gpus 8 --gpu-memory 80GiB
 import argparse
 import sys
 
-from longctx.config import ConfigError, load_config
+from longctx.config import ConfigError
 from longctx.eval.cli import add_eval_parsers
 from longctx.generation import add_generate_parser
+from longctx.hf import load_config
 from longctx.plan import add_plan_args
 from longctx.train.distributed import DistributedSetupError
 
@@ -59,8 +60,8 @@ def cmd_data_prepare(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     start = time.perf_counter()
-    tok = load_tokenizer(cfg)
-    data = prepare_dataset(cfg, tok, progress=True)
+    tok = load_tokenizer(cfg.data, cfg.model.vocab_size)
+    data = prepare_dataset(cfg.data, tok, progress=True)
     seconds = time.perf_counter() - start
     for name, docs in (("train", data.train), ("val", data.val)):
         print(f"{name}: {docs.num_docs:,} documents, {docs.num_tokens:,} tokens  ({docs.prefix}.bin/.idx)")
@@ -100,7 +101,8 @@ def cmd_plan(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from longctx.export import export_checkpoint, find_checkpoint
+    from longctx.export import export_checkpoint
+    from longctx.weights import find_checkpoint
 
     checkpoint = find_checkpoint(args.run, args.checkpoint)
     fmt = "hf" if args.hf else "native"

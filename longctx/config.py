@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -605,37 +604,30 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, object]]:
 
 
 def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
+    """A `Config` from a config file's dict and `key.sub=value` overrides. `train.init_from=hf:DIR` is
+    resolved before this, by `longctx.hf.load_config` (the command line's loader)."""
     tree = copy.deepcopy(dict(data or {}))
-    pairs = parse_overrides(list(overrides))
-    init_from = dict(pairs).get("train.init_from", (tree.get("train") or {}).get("init_from"))
-    if isinstance(init_from, str) and init_from.startswith("hf:"):
-        # A Hugging Face checkpoint fixes the architecture: the file's model keys give way to it.
-        from longctx.hf import merge_model_section
-
-        replaced = merge_model_section(tree, init_from, dict(pairs))
-        if replaced:
-            warnings.warn(
-                f"train.init_from={init_from} sets the architecture; replaced the config file's "
-                + ", ".join(replaced),
-                stacklevel=2,
-            )
-    for key, value in pairs:
+    for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
     return _build(Config, tree, "")
 
 
+def read_config_file(path: str | Path | None) -> dict:
+    """A YAML config file's contents as a dict (empty when `path` is None: the defaults)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; the ones shipped are in configs/")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or start from defaults when `path` is None) and apply overrides."""
-    data = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} not found; the ones shipped are in configs/")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
-    return config_from_dict(data, overrides)
+    return config_from_dict(read_config_file(path), overrides)
 
 
 def config_to_dict(cfg) -> dict:

@@ -40,23 +40,9 @@ RULER_TASKS, RULER_SAMPLES, RULER_DEPTHS = "passkey,niah_multikey", 8, "0,0.5,1"
 
 
 def _torchrun(nproc: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-port",
-        str(_free_port()),
-        "-m",
-        "longctx",
-    ]
+    from longctx.train.distributed import torchrun_command
 
-
-def _free_port() -> int:
-    from longctx.train.distributed import free_port
-
-    return free_port()
+    return torchrun_command(nproc, "longctx")
 
 
 def _show(cmd: list[str]) -> None:

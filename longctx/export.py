@@ -26,22 +26,10 @@ from pathlib import Path
 import torch
 
 from longctx.config import ModelConfig, config_from_dict
-from longctx.train.checkpoint import CHECKPOINTS, full_weights, read_meta, resolve_checkpoint
+from longctx.train.checkpoint import read_meta
+from longctx.weights import WEIGHTS_FILE, check_weights, load_weights, read_weights
 
-WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-
-
-def find_checkpoint(run: str | None, checkpoint: str | None) -> Path:
-    """`checkpoint` (a path, or a name inside `run/checkpoints/`), else the run's latest."""
-    if checkpoint:
-        path = Path(checkpoint)
-        if run and not path.exists() and (Path(run) / CHECKPOINTS / checkpoint).exists():
-            path = Path(run) / CHECKPOINTS / checkpoint
-        return resolve_checkpoint(path, "--checkpoint")
-    if not run:
-        raise ValueError("give --run RUN_DIR (its latest checkpoint) or --checkpoint PATH")
-    return resolve_checkpoint(run, "--run")
 
 
 def write_native(
@@ -56,7 +44,7 @@ def write_native(
 
 
 def write_hf(weights, model_cfg, meta, out, checkpoint) -> None:
-    from longctx.hf import write_hf as write
+    from longctx.hf.export import write_hf as write
 
     write(weights, model_cfg, meta, out, checkpoint)
 
@@ -87,12 +75,11 @@ def export_checkpoint(checkpoint: Path, out: str | Path, fmt: str = "native", fo
     check_out_dir(out, force)
     meta = read_meta(checkpoint)
     model_cfg = config_from_dict({"model": meta["config"]["model"]}).model
-    weights = full_weights(checkpoint)
-    expected = meta["params"]
-    if set(weights) != set(expected) or any(list(weights[k].shape) != expected[k] for k in expected):
-        raise ValueError(
-            f"{str(checkpoint)!r}: the stored weights do not match the parameters its meta.json lists"
-        )
+    weights = read_weights(checkpoint)
+    check_weights(
+        weights, meta["params"], f"checkpoint {str(checkpoint)!r}",
+        "the checkpoint is damaged: its stored weights differ from the parameters its meta.json lists",
+    )  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -116,8 +103,6 @@ def export_checkpoint(checkpoint: Path, out: str | Path, fmt: str = "native", fo
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu"):
     """The model a `native` export describes, with its weights (nothing is unpickled)."""
-    from safetensors.torch import load_file
-
     from longctx.model import build_model
 
     path = Path(path)
@@ -128,5 +113,5 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"):
             )
     model_cfg = config_from_dict({"model": json.loads((path / CONFIG_FILE).read_text())}).model
     model = build_model(model_cfg, device)
-    model.load_state_dict(load_file(str(path / WEIGHTS_FILE), device=str(device)))
+    load_weights(model, path / WEIGHTS_FILE, f"the export's {CONFIG_FILE} and {WEIGHTS_FILE} disagree")
     return model

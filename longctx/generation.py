@@ -179,7 +179,7 @@ def _context_parallel(model, cfg):
 
 
 def cmd_generate(args) -> int:
-    from longctx.eval.cli import load_model_for_eval
+    from longctx.weights import load_model_for_eval
 
     _check(args.max_new_tokens, args.temperature, args.top_p)
     if args.prompt_file is not None:

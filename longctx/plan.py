@@ -22,7 +22,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from longctx.config import Config, ModelConfig, load_config
+from longctx.config import Config, ModelConfig
 
 GiB = 2**30
 # Tokens per chunk of the L layers' kernel (kernels/gla): one state per head and chunk is saved.
@@ -347,6 +347,8 @@ def _plan_config(path: str | None, overrides: list[str]) -> Config:
     """The config; a Hugging Face checkpoint not downloaded yet is read from configs/hf/NAME (its
     config.json, shipped for the configs here): the plan needs the architecture only."""
     import yaml
+
+    from longctx.hf import load_config
 
     data = (yaml.safe_load(Path(path).read_text()) or {}) if path and Path(path).is_file() else {}
     given = dict(o.split("=", 1) for o in overrides if "=" in o)

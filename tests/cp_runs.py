@@ -14,7 +14,7 @@ import sys
 
 from megatron.core import parallel_state
 
-from longctx.config import load_config
+from longctx.hf import load_config
 from longctx.train.metrics import plot_loss
 from longctx.train.trainer import Trainer
 

@@ -9,7 +9,6 @@ through files, so they can hold tensors.
 import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,13 +19,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from longctx.train.distributed import free_port, torchrun_command
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank, world_size, port, out_dir, fn, args):
@@ -63,22 +58,20 @@ def spawn(fn, world_size: int, args: tuple = ()) -> list:
     return results
 
 
-def run_cli(args: list[str], nproc: int = 1, torchrun_args: list[str] = (), timeout: int = 600, env=None):
-    """Run `longctx ...` (under torchrun when nproc > 1); return the CompletedProcess."""
+def run_cli(
+    args: list[str],
+    nproc: int = 1,
+    torchrun_args: list[str] = (),
+    timeout: int = 600,
+    env=None,
+    module="longctx",
+):
+    """Run `longctx ...` (under torchrun when nproc > 1); return the CompletedProcess. `module` runs
+    another entry point taking the same arguments (tests/kill_at_step.py)."""
     if nproc > 1 or torchrun_args:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(nproc),
-            *(torchrun_args or ["--master-port", str(free_port())]),
-            "-m",
-            "longctx",
-            *args,
-        ]
+        cmd = torchrun_command(nproc, module, args, torchrun_args)
     else:
-        cmd = [sys.executable, "-m", "longctx", *args]
+        cmd = [sys.executable, "-m", module, *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **(env or {})}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
 
@@ -103,18 +96,7 @@ def run_many(runs: list[tuple], nproc: int, tmp_path, timeout: int = 900) -> Non
             entry["config"] = str(rest[0])
         entries.append(entry)
     spec.write_text(json.dumps(entries))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-port",
-        str(free_port()),
-        "-m",
-        "tests.cp_runs",
-        str(spec),
-    ]
+    cmd = torchrun_command(nproc, "tests.cp_runs", [str(spec)])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -59,13 +59,18 @@ class Runs:
             self.made[key] = make()
         return self.made[key]
 
-    def train(self, name: str, *overrides, nproc: int = 1, torchrun_args=(), env=None, in_process=False):
+    def train(self, name: str, *overrides, nproc: int = 1, torchrun_args=(), kill_at=None, in_process=False):
+        """Train run `name`; `kill_at=(step, rank)` kills that rank as that step begins, once
+        (tests/kill_at_step.py)."""
         run_dir = self.root / name
         args = ["train", *BASE, f"data.cache_dir={self.cache}", f"train.run_dir={run_dir}", *overrides]
         if in_process:
             assert main(args) == 0
         else:
-            proc = run_cli(args, nproc=nproc, torchrun_args=list(torchrun_args), env=env)
+            module = "longctx"
+            if kill_at is not None:
+                module, args = "tests.kill_at_step", [*map(str, kill_at), *args]
+            proc = run_cli(args, nproc=nproc, torchrun_args=list(torchrun_args), module=module)
             assert proc.returncode == 0, proc.stderr[-4000:]
         return run_dir
 
@@ -166,9 +171,9 @@ def test_killed_worker_restarts_and_the_run_carries_on(runs):
         "train.ckpt_every=2",
         nproc=2,
         torchrun_args=["--master-port", str(free_port()), "--max-restarts", "1"],
-        env={"LONGCTX_TEST_KILL_AT_STEP": "6"},
+        kill_at=(6, 1),
     )
-    # The hook fired (rank 1 killed itself as step 6 began), and the restart resumed from step 4.
+    # Rank 1 killed itself as step 6 began, and the restart resumed from step 4.
     assert (run / ".test-killed").is_file()
     assert [r["step"] for r in metrics(run)] == list(range(1, 9))
     assert_exact(losses(run), losses(runs.straight("torch")))

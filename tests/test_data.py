@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from longctx.data import (
     builtin_documents,
     load_tokenizer,
     make_passkey_sample,
+    open_dataset,
     prepare_dataset,
     read_haystack,
 )
@@ -33,6 +35,7 @@ from longctx.data.corpus import Corpus
 from longctx.data.indexed import IndexedWriter, _megatron_indexed
 from longctx.data.prepare import cache_entry
 from longctx.tokenizer import Tokenizer, train_tokenizer
+from longctx.train.distributed import DistInfo
 
 VAL_FRACTION = 0.1
 
@@ -131,7 +134,7 @@ def test_prepare_writes_every_document_to_megatron_datasets(kind, tmp_path, toke
         # The folder is read in sorted path order: b/doc000, b/doc002, ..., a/doc001 sorts first.
         paths = sorted(p for p in source.rglob("*.txt"))
         docs = [p.read_bytes().decode() for p in paths]
-    data = prepare_dataset(config(tmp_path, source, tokenizer), tokenizer, progress=False)
+    data = prepare_dataset(config(tmp_path, source, tokenizer).data, tokenizer, progress=False)
 
     train, val = read_megatron(data.path / "train"), read_megatron(data.path / "val")
     assert len(train) + len(val) == n
@@ -163,10 +166,10 @@ def test_prepare_cli_caches_and_rebuilds_when_the_corpus_changes(tmp_path, token
 def test_tokenizer_is_trained_on_a_file_corpus_when_none_is_given(tmp_path):
     source = write_jsonl(tmp_path / "c.jsonl", make_documents(200))
     cfg = config(tmp_path, source, None, "model.vocab_size=400")
-    tok = load_tokenizer(cfg)
+    tok = load_tokenizer(cfg.data, cfg.model.vocab_size)
     assert tok.path.parent == tmp_path / "cache" and tok.vocab_size == 400
-    assert load_tokenizer(cfg).path == tok.path  # cached
-    assert prepare_dataset(cfg, tok, progress=False).train.num_docs == 180
+    assert load_tokenizer(cfg.data, cfg.model.vocab_size).path == tok.path  # cached
+    assert prepare_dataset(cfg.data, tok, progress=False).train.num_docs == 180
 
 
 def test_megatron_prefix_is_used_in_place(tmp_path, tokenizer):
@@ -182,16 +185,24 @@ def test_megatron_prefix_is_used_in_place(tmp_path, tokenizer):
     builder.finalize(str(tmp_path / "mega.idx"))
 
     with pytest.raises(ValueError, match="set data.tokenizer"):
-        load_tokenizer(config(tmp_path, tmp_path / "mega.bin", None))
+        load_tokenizer(config(tmp_path, tmp_path / "mega.bin", None).data, 1024)
     cfg = config(tmp_path, tmp_path / "mega", tokenizer)
-    data = prepare_dataset(cfg, load_tokenizer(cfg), progress=False)
+    data = prepare_dataset(cfg.data, load_tokenizer(cfg.data, cfg.model.vocab_size), progress=False)
     assert (data.train.num_docs, data.val.num_docs) == (36, 4)
     splits = {True: iter(range(data.val.num_docs)), False: iter(range(data.train.num_docs))}
     for i, ids in enumerate(written):
         docs = data.val if is_val(i) else data.train
         assert docs.document(next(splits[is_val(i)])).tolist() == ids
     assert no_entries(tmp_path / "cache")
-    batch = build_samplers(cfg, data, tokenizer)[0].next_batch()
+    train = cfg.train
+    batch = build_samplers(
+        cfg.data,
+        data,
+        tokenizer,
+        batch_size=train.batch_size,
+        seed=train.seed,
+        vocab_size=cfg.model.vocab_size,
+    )[0].next_batch()
     assert batch.tokens.shape == (cfg.train.batch_size, cfg.data.seq_len + 1)
 
 
@@ -202,7 +213,12 @@ def test_only_the_writer_prepares_and_the_others_wait(tmp_path, tokenizer):
     results = {}
 
     def rank(r):
-        results[r] = prepare_dataset(cfg, tokenizer, is_writer=r == 0, wait_fn=barrier.wait, progress=False)
+        info = SimpleNamespace(local_rank=r, barrier=barrier.wait)
+        results[r] = DistInfo.writer_first(
+            info,
+            lambda: prepare_dataset(cfg.data, tokenizer, progress=False),
+            lambda: open_dataset(cfg.data, tokenizer),
+        )
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in (1, 0)]
     for t in threads:
@@ -214,7 +230,7 @@ def test_only_the_writer_prepares_and_the_others_wait(tmp_path, tokenizer):
 
     lonely = config(tmp_path / "other", source, tokenizer)
     with pytest.raises(ValueError, match="does not exist after the writer finished"):
-        prepare_dataset(lonely, tokenizer, is_writer=False, wait_fn=lambda: None)
+        open_dataset(lonely.data, tokenizer)
 
 
 def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path, tokenizer, monkeypatch):
@@ -229,19 +245,19 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path, tokeni
 
     monkeypatch.setattr(IndexedWriter, "add", add_then_die)
     with pytest.raises(KeyboardInterrupt):
-        prepare_dataset(cfg, tokenizer, progress=False)
+        prepare_dataset(cfg.data, tokenizer, progress=False)
     assert not [p.name for p in (tmp_path / "cache").iterdir() if p.name != "hf"]  # hf: datasets' cache
     monkeypatch.setattr(IndexedWriter, "add", add)
 
     # A process killed outright leaves its temporary behind: never read, removed by the next build.
-    entry = cache_entry(cfg, tokenizer, Corpus(str(source), "text", tmp_path / "cache"))
+    entry = cache_entry(cfg.data, tokenizer, Corpus(str(source), "text", tmp_path / "cache"))
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
     stale = entry.with_name(f"{entry.name}.tmp-{socket.gethostname()}-{int(dead.stdout)}")
     stale.mkdir()
     (stale / "train.bin").write_bytes(b"half")
-    data = prepare_dataset(cfg, tokenizer, progress=False)
+    data = prepare_dataset(cfg.data, tokenizer, progress=False)
     assert data.path == entry and data.train.num_docs + data.val.num_docs == 50
     assert not stale.exists()
 
@@ -372,9 +388,9 @@ def test_hub_source_offline_is_a_clear_error(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setattr("socket.getaddrinfo", no_dns)
     cfg = config(tmp_path, "hf:someone/corpus", tokenizer)
     with pytest.raises(ValueError, match="cannot resolve huggingface.co.*looks offline"):
-        prepare_dataset(cfg, tokenizer, progress=False)
+        prepare_dataset(cfg.data, tokenizer, progress=False)
     with pytest.raises(ValueError, match="hf:NAME, hf:NAME:SPLIT"):
-        prepare_dataset(config(tmp_path, "hf:a:b:c:d", tokenizer), tokenizer, progress=False)
+        prepare_dataset(config(tmp_path, "hf:a:b:c:d", tokenizer).data, tokenizer, progress=False)
 
 
 # ---- sampler ------------------------------------------------------------------------------------
@@ -384,7 +400,7 @@ def test_hub_source_offline_is_a_clear_error(tmp_path, tokenizer, monkeypatch):
 def prepared(tmp_path_factory, tokenizer):
     tmp = tmp_path_factory.mktemp("prepared")
     source = write_jsonl(tmp / "c.jsonl", make_documents(120, seed=1))
-    return prepare_dataset(config(tmp, source, tokenizer), tokenizer, progress=False)
+    return prepare_dataset(config(tmp, source, tokenizer).data, tokenizer, progress=False)
 
 
 def sampler(prepared, tokenizer, dp_rank=0, dp_size=1, passkey=0.0, seq_len=128, batch_size=3, seed=7):

@@ -12,11 +12,19 @@ from longctx.cli import main
 from longctx.config import ModelConfig, NSAConfig, S2Config, load_config, save_config
 from longctx.data import builtin_documents
 from longctx.data.indexed import TokenDocuments
-from longctx.eval import answer_logits, evaluate_niah, evaluate_ppl, niah_sample, niah_table, token_losses
-from longctx.eval.cli import load_checkpoint_weights
+from longctx.eval import (
+    NiahOptions,
+    answer_logits,
+    evaluate_niah,
+    evaluate_ppl,
+    niah_sample,
+    niah_table,
+    token_losses,
+)
 from longctx.eval.niah import write_niah
 from longctx.model import build_model
 from longctx.tokenizer import Tokenizer, train_tokenizer
+from longctx.weights import EVAL_FIX, find_weights, load_weights
 
 KEY_PATTERN = re.compile(r"The pass key is (\d+)\.")
 
@@ -94,17 +102,8 @@ def test_answer_logits_and_hidden_match_full_logits(tokenizer, haystack):
 
 def test_untrained_model_scores_near_zero(tokenizer, haystack):
     model = small_model()
-    results = evaluate_niah(
-        model,
-        tokenizer,
-        haystack,
-        [64, 96],
-        [0.0, 0.5, 1.0],
-        samples=6,
-        n_digits=5,
-        batch_size=4,
-        progress=False,
-    )
+    options = NiahOptions([64, 96], [0.0, 0.5, 1.0], samples=6, n_digits=5, batch_size=4, progress=False)
+    results = evaluate_niah(model, tokenizer, haystack, options)
     acc = np.asarray(results["accuracy"])
     assert acc.shape == (2, 3)
     # A random guess of a 5-digit key succeeds with probability 1e-5.
@@ -115,18 +114,17 @@ def test_untrained_model_scores_near_zero(tokenizer, haystack):
 
 def test_oracle_scores_one_and_a_wrong_oracle_zero(tokenizer, haystack):
     model = small_model()
-    kwargs = dict(lengths=[64, 128], depths=[0.0, 0.25, 1.0], samples=5, n_digits=3, batch_size=2)
-    good = evaluate_niah(model, tokenizer, haystack, forward=oracle_forward(tokenizer, 1024), **kwargs)
+    options = NiahOptions(lengths=[64, 128], depths=[0.0, 0.25, 1.0], samples=5, n_digits=3, batch_size=2)
+    good = evaluate_niah(model, tokenizer, haystack, options, forward=oracle_forward(tokenizer, 1024))
     assert good["accuracy"] == [[1.0] * 3] * 2
     assert good["digit_accuracy"] == [[1.0] * 3] * 2
-    wrong = evaluate_niah(model, tokenizer, haystack, forward=oracle_forward(tokenizer, 1024, 1), **kwargs)
+    wrong = evaluate_niah(model, tokenizer, haystack, options, forward=oracle_forward(tokenizer, 1024, 1))
     assert wrong["accuracy"] == [[0.0] * 3] * 2
 
 
 def test_results_heatmap_and_table_written(tmp_path, tokenizer, haystack):
-    results = evaluate_niah(
-        small_model(), tokenizer, haystack, [64], [0.0, 1.0], samples=2, n_digits=2, progress=False
-    )
+    options = NiahOptions([64], [0.0, 1.0], samples=2, n_digits=2, progress=False)
+    results = evaluate_niah(small_model(), tokenizer, haystack, options)
     json_path, png_path = write_niah(results, tmp_path / "niah")
     assert json.loads(json_path.read_text()) == results
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -219,19 +217,20 @@ def test_checkpoint_loading_checks_names_shapes_and_format(tmp_path, tokenizer):
     model = small_model(seed=1)
     run = make_run(tmp_path, tokenizer, model)
     other = small_model(seed=2)
-    load_checkpoint_weights(other, run)  # a folder holding model.safetensors
+    load_weights(other, find_weights(None, run), EVAL_FIX)  # a folder holding model.safetensors
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(other.state_dict()[name], tensor, rtol=0, atol=0)
 
     with pytest.raises(ValueError, match="missing"):
-        load_checkpoint_weights(small_model(layers="DSNLD"), run / "model.safetensors")
-    with pytest.raises(ValueError, match=r"parameter '.*' has shape \(32,\) in the file but \(64,\)"):
-        load_checkpoint_weights(small_model(dim=64), run / "model.safetensors")
+        load_weights(small_model(layers="DSNLD"), run / "model.safetensors", EVAL_FIX)
+    shapes = r"'tok_embeddings.weight' has shape \[1024, 32\] in the checkpoint but \[1024, 64\]"
+    with pytest.raises(ValueError, match=shapes):
+        load_weights(small_model(dim=64), run / "model.safetensors", EVAL_FIX)
     (tmp_path / "dcp").mkdir()
     with pytest.raises(ValueError, match="is not a checkpoint"):
-        load_checkpoint_weights(model, tmp_path / "dcp")
+        find_weights(None, tmp_path / "dcp")
     with pytest.raises(FileNotFoundError, match="not found"):
-        load_checkpoint_weights(model, tmp_path / "nothing")
+        find_weights(None, tmp_path / "nothing")
     code = main(["eval", "niah", "--run", str(tmp_path / "nothing")])
     assert code == 2
 

@@ -2,19 +2,24 @@
 `transformers` (the reference), imported into longctx, continue-trained (also at cp=2 and with
 converted S/N/L layers) and exported back."""
 
+import ast
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from longctx.cli import main
-from longctx.config import ConfigError, load_config
-from longctx.hf import HFCheckpointError, load_pretrained, model_section
+from longctx.config import ConfigError
+from longctx.hf import HFCheckpointError, check_architecture, load_config, load_pretrained, model_section
 from longctx.tokenizer import Tokenizer, train_tokenizer
 from tests.dist_utils import losses, run_many
 
 transformers = pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE_DIRS = {"longctx.kernels": "kernels", "longctx.parallel": "parallel", "longctx.bench": "bench"}
 
 VOCAB = 384
 CASES = {
@@ -227,6 +232,64 @@ def test_init_from_sets_the_architecture_and_tokenizer(tmp_path, sp_model):
     assert cfg.model.s2.block_size == 16  # mixer settings stay the file's
     # Raising RoPE's base on the command line is a continue-training recipe of its own: allowed.
     assert load_config(None, [init, "model.rope.theta=1e6"]).model.rope.theta == 1e6
+    check_architecture(cfg.model, f"hf:{hf}")
+    # Built without resolving init_from (longctx.config alone): the trainer refuses the mismatch.
+    from longctx.config import load_config as load_plain
+
+    plain = load_plain("configs/tiny.yaml", [init])
+    with pytest.raises(ConfigError, match=r"model.vocab_size=.* but train.init_from=.*hf.load_config"):
+        check_architecture(plain.model, f"hf:{hf}")
+
+
+def module_file(name: str) -> Path | None:
+    parts = name.split(".")
+    top = ".".join(parts[:2])
+    base = REPO / PACKAGE_DIRS[top] / Path(*parts[2:]) if top in PACKAGE_DIRS else REPO / Path(*parts)
+    for file in (base.with_suffix(".py"), base / "__init__.py"):
+        if file.is_file():
+            return file
+    return None
+
+
+def imports_on_import(name: str) -> set[str]:
+    """The longctx modules (and their parent packages) that importing `name` imports, read from the
+    import statements run at import time (the module's own and those in its if/try blocks)."""
+
+    def top_level(body):
+        for node in body:
+            yield node
+            if isinstance(node, (ast.If, ast.Try)):
+                yield from top_level(node.body + node.orelse + getattr(node, "finalbody", []))
+
+    seen, todo = set(), [name]
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        file = module_file(module)
+        if file is None:  # a namespace package (longctx.train)
+            continue
+        names = set()
+        for node in top_level(ast.parse(file.read_text()).body):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        for found in names:
+            parts = found.split(".")
+            if parts[0] == "longctx" and (module_file(found) or (REPO / Path(*parts)).is_dir()):
+                todo += [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return seen
+
+
+def test_config_and_model_import_nothing_of_hf():
+    # The walk finds longctx.hf where it is imported (the command line), through the packages.
+    assert "longctx.hf.weights" in imports_on_import("longctx.cli")
+    assert "longctx.model.transformer" in imports_on_import("longctx.model")
+    for leaf in ("longctx.config", "longctx.model"):
+        reached = imports_on_import(leaf)
+        assert not [m for m in reached if m.startswith("longctx.hf")], leaf
 
 
 DENSE_CFG, HYBRID_CFG = "configs/llama3-8b-128k.yaml", "configs/llama3-8b-128k-hybrid.yaml"

@@ -1,35 +1,47 @@
 """Training data: corpus -> sentencepiece -> Megatron indexed dataset -> packed, resumable samples.
 
-tok = load_tokenizer(cfg)
-data = prepare_dataset(cfg, tok)                      # cached in data.cache_dir
-train, val = build_samplers(cfg, data, tok, dp_rank, dp_size)
+tok = load_tokenizer(cfg.data, cfg.model.vocab_size)
+data = prepare_dataset(cfg.data, tok)                 # cached in data.cache_dir
+train, val = build_samplers(cfg.data, data, tok, batch_size=8, seed=0, vocab_size=tok.vocab_size)
 batch = train.next_batch()                            # PackedBatch
 """
 
+from longctx.config import DataConfig
 from longctx.data.corpus import Corpus, builtin_documents, iter_documents, megatron_prefix
 from longctx.data.indexed import TokenDocuments
 from longctx.data.passkey import PasskeySample, make_passkey_sample, read_haystack
-from longctx.data.prepare import PreparedData, load_tokenizer, prepare_dataset
+from longctx.data.prepare import PreparedData, load_tokenizer, open_dataset, prepare_dataset
 from longctx.data.sampler import PackedBatch, PackedSampler, PasskeyMixture
 
 
 def build_samplers(
-    cfg, data: PreparedData, tokenizer, dp_rank: int = 0, dp_size: int = 1, seq_len: int | None = None
+    cfg: DataConfig,
+    data: PreparedData,
+    tokenizer,
+    *,
+    batch_size: int,
+    seed: int,
+    vocab_size: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    seq_len: int | None = None,
 ) -> tuple[PackedSampler, PackedSampler | None]:
     """The training sampler (with the passkey mixture) and the validation sampler (corpus text only;
-    None when the validation split is empty), at `seq_len` (default `data.seq_len`)."""
+    None when the validation split is empty) of the `data` config section `cfg`: `batch_size`
+    sequences of `seq_len` (default `cfg.seq_len`) tokens per data-parallel rank, ids below
+    `vocab_size`, drawn in the order `seed` gives."""
     passkey = None
-    if cfg.data.passkey_fraction > 0:
-        passkey = PasskeyMixture(cfg.data.passkey_fraction, tokenizer, cfg.data.passkey_digits)
+    if cfg.passkey_fraction > 0:
+        passkey = PasskeyMixture(cfg.passkey_fraction, tokenizer, cfg.passkey_digits)
     common = dict(
-        seq_len=seq_len or cfg.data.seq_len,
-        batch_size=cfg.train.batch_size,
-        seed=cfg.train.seed,
+        seq_len=seq_len or cfg.seq_len,
+        batch_size=batch_size,
+        seed=seed,
         dp_rank=dp_rank,
         dp_size=dp_size,
-        vocab_size=cfg.model.vocab_size,
+        vocab_size=vocab_size,
     )
-    train = PackedSampler(data.train, passkey=passkey, allow_repeat=cfg.data.allow_repeat, **common)
+    train = PackedSampler(data.train, passkey=passkey, allow_repeat=cfg.allow_repeat, **common)
     val = PackedSampler(data.val, **common) if data.val.num_tokens else None
     return train, val
 
@@ -48,6 +60,7 @@ __all__ = [
     "load_tokenizer",
     "make_passkey_sample",
     "megatron_prefix",
+    "open_dataset",
     "prepare_dataset",
     "read_haystack",
 ]

@@ -1,10 +1,11 @@
 """`longctx data prepare`: a corpus tokenized once into Megatron indexed datasets, cached.
 
-    tok = load_tokenizer(cfg)                     # data.tokenizer, or trained on the corpus (cached)
-    data = prepare_dataset(cfg, tok)              # data.train, data.val: TokenDocuments
-    # under torchrun, rank 0 writes while the others wait:
-    #   tok = load_tokenizer(cfg, is_writer=rank == 0, wait_fn=dist.barrier)
-    #   data = prepare_dataset(cfg, tok, is_writer=rank == 0, wait_fn=dist.barrier)
+    tok = load_tokenizer(cfg.data, cfg.model.vocab_size)  # data.tokenizer, or trained on the corpus (cached)
+    data = prepare_dataset(cfg.data, tok)         # data.train, data.val: TokenDocuments
+    data = open_dataset(cfg.data, tok)            # what another process prepared; an error if nothing
+
+Under torchrun one process per node prepares while the others wait, then open what it wrote
+(`DistInfo.writer_first(lambda: prepare_dataset(...), lambda: open_dataset(...))`).
 
 Every document is tokenized (sentencepiece's own threads, `data.num_workers`), followed by EOS,
 and written with megatron-core's `IndexedDatasetBuilder` to `train.bin/.idx` or `val.bin/.idx`:
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from longctx.config import DataConfig
 from longctx.data.corpus import Corpus, megatron_prefix
 from longctx.data.indexed import IndexedWriter, TokenDocuments, token_dtype
 
@@ -45,39 +47,30 @@ class PreparedData:
     built: bool = False  # this call tokenized the corpus (it was not cached)
 
 
-def load_tokenizer(cfg, is_writer: bool = True, wait_fn=None):
-    """`data.tokenizer`, or a tokenizer trained on `data.source` once and cached in `data.cache_dir`.
-
-    Under torchrun, the writer (rank 0) trains it while the others wait in `wait_fn`, then load it.
+def load_tokenizer(data: DataConfig, vocab_size: int):
+    """`data.tokenizer`, or a tokenizer of `vocab_size` tokens trained on `data.source` once and cached
+    in `data.cache_dir` (under torchrun one process per node trains it first: `DistInfo.writer_first`).
     """
     from longctx.tokenizer import load_or_train_tokenizer
 
-    prefix = megatron_prefix(cfg.data.source)
-    if prefix is not None and not cfg.data.tokenizer:
+    prefix = megatron_prefix(data.source)
+    if prefix is not None and not data.tokenizer:
         raise ValueError(
-            f"data.source {cfg.data.source!r} is an already tokenized Megatron dataset, so no tokenizer can "
+            f"data.source {data.source!r} is an already tokenized Megatron dataset, so no tokenizer can "
             "be trained on it; set data.tokenizer to the tokenizer it was made with (a SentencePiece .model, "
             "a tokenizer.json or a folder holding one)"
         )
 
-    def load():
-        if prefix is not None:
-            return load_or_train_tokenizer(
-                cfg.data.tokenizer, cfg.model.vocab_size, None, cfg.data.cache_dir, ""
-            )
-        corpus = Corpus(cfg.data.source, cfg.data.text_field, cfg.data.cache_dir)
-        return load_or_train_tokenizer(
-            cfg.data.tokenizer,
-            cfg.model.vocab_size,
-            lambda: corpus.documents(max_chars=TOKENIZER_MAX_CHARS),
-            cfg.data.cache_dir,
-            cache_key=corpus.identity(),
-        )
-
-    tokenizer = load() if is_writer else None
-    if wait_fn is not None:
-        wait_fn()
-    return tokenizer or load()
+    if prefix is not None:
+        return load_or_train_tokenizer(data.tokenizer, vocab_size, None, data.cache_dir, "")
+    corpus = Corpus(data.source, data.text_field, data.cache_dir)
+    return load_or_train_tokenizer(
+        data.tokenizer,
+        vocab_size,
+        lambda: corpus.documents(max_chars=TOKENIZER_MAX_CHARS),
+        data.cache_dir,
+        cache_key=corpus.identity(),
+    )
 
 
 def is_validation(index: np.ndarray | int, fraction: float):
@@ -94,53 +87,54 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def cache_entry(cfg, tokenizer, corpus: Corpus) -> Path:
+def cache_entry(data: DataConfig, tokenizer, corpus: Corpus) -> Path:
     key = {
         "format": FORMAT_VERSION,
         "corpus": corpus.identity(),
         "tokenizer": file_sha256(tokenizer.path),
         # a tokenizer.json's end-of-document id comes from tokenizer_config.json, not the hashed file
         "eos_id": tokenizer.eos_id,
-        "text_field": cfg.data.text_field,
-        "val_fraction": cfg.data.val_fraction,
+        "text_field": data.text_field,
+        "val_fraction": data.val_fraction,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cfg.data.cache_dir) / f"data-{digest}"
+    return Path(data.cache_dir) / f"data-{digest}"
 
 
-def prepare_dataset(
-    cfg, tokenizer, is_writer: bool = True, wait_fn=None, progress: bool = True
-) -> PreparedData:
-    """The prepared train/validation datasets of `cfg.data`, building them first if not cached.
+def prepare_dataset(data: DataConfig, tokenizer, progress: bool = True) -> PreparedData:
+    """The prepared train/validation datasets of `data`, building them first if not cached.
 
     Args:
-        cfg: the run `Config` (uses `data.*`).
+        data: the `data` config section (source, text_field, cache_dir, val_fraction, num_workers).
         tokenizer: `longctx.tokenizer.Tokenizer` (from `load_tokenizer`).
-        is_writer: this process may build the cache entry (rank 0, or local rank 0 per node
-            without a shared file system).
-        wait_fn: called by every process after the writer is done, before reading (a barrier).
         progress: show a progress bar while building.
     """
-    prefix = megatron_prefix(cfg.data.source)
+    prefix = megatron_prefix(data.source)
     if prefix is not None:
-        if wait_fn is not None:
-            wait_fn()
-        return _open_megatron(prefix, cfg.data.val_fraction)
-    corpus = Corpus(cfg.data.source, cfg.data.text_field, cfg.data.cache_dir)
-    entry = cache_entry(cfg, tokenizer, corpus)
-    built = is_writer and not entry.is_dir()
+        return _open_megatron(prefix, data.val_fraction)
+    corpus = Corpus(data.source, data.text_field, data.cache_dir)
+    entry = cache_entry(data, tokenizer, corpus)
+    built = not entry.is_dir()
     if built:
-        build_entry(corpus, tokenizer, entry, cfg.data.val_fraction, cfg.data.num_workers, progress)
-    if wait_fn is not None:
-        wait_fn()
+        build_entry(corpus, tokenizer, entry, data.val_fraction, data.num_workers, progress)
+    prepared = open_entry(entry)
+    prepared.built = built
+    return prepared
+
+
+def open_dataset(data: DataConfig, tokenizer) -> PreparedData:
+    """The datasets `prepare_dataset` built for `data` (in another process: the node's writer); a
+    ValueError if there are none."""
+    prefix = megatron_prefix(data.source)
+    if prefix is not None:
+        return _open_megatron(prefix, data.val_fraction)
+    entry = cache_entry(data, tokenizer, Corpus(data.source, data.text_field, data.cache_dir))
     if not entry.is_dir():
         raise ValueError(
             f"the prepared data {str(entry)!r} does not exist after the writer finished; on several nodes "
             "without a shared file system, data.cache_dir must be local and each node's rank 0 the writer"
         )
-    data = open_entry(entry)
-    data.built = built
-    return data
+    return open_entry(entry)
 
 
 def _rebuild_hint(entry: Path) -> str:

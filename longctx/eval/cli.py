@@ -7,7 +7,7 @@
 
 The model is rebuilt from `RUN/config.yaml` (plus any `key=value` overrides, e.g. a RoPE scaling to
 try) with the run's tokenizer (`RUN/tokenizer.model` or `tokenizer.json`), and its weights come from
-`--checkpoint` (default: the run's own, see `default_checkpoint`). Results go to `--out` (default
+`--checkpoint` (default: the run's own, see `longctx.weights.find_weights`). Results go to `--out` (default
 `RUN/niah`, `RUN/ppl`, `RUN/ruler`) and the console. Options left out take their value from the run's `eval`
 section (`eval.lengths`, `eval.depths`, `eval.samples`, `eval.batch_size`) and `data.passkey_digits`.
 """
@@ -16,11 +16,9 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from longctx.config import Config, load_config
-
-WEIGHTS_FILE = "model.safetensors"
+from longctx.config import Config
+from longctx.weights import WEIGHTS_FILE, load_model_for_eval
 
 
 def _int_list(text: str) -> list[int]:
@@ -102,112 +100,6 @@ def add_eval_parsers(sub) -> None:
     p.set_defaults(func=cmd_ppl)
 
 
-def default_checkpoint(run_dir: Path) -> Path:
-    """The weights a run's evaluation uses when `--checkpoint` is not given: `RUN/model.safetensors`
-    if the run holds exported weights, else its latest complete training checkpoint."""
-    from longctx.train.checkpoint import resolve_checkpoint
-
-    if (Path(run_dir) / WEIGHTS_FILE).is_file():
-        return Path(run_dir) / WEIGHTS_FILE
-    return resolve_checkpoint(run_dir, "--run")
-
-
-def check_weights(model: torch.nn.Module, tensors: dict, source: str) -> None:
-    """Raise a ValueError naming the first mismatch if `tensors` are not exactly `model`'s parameters."""
-    own = model.state_dict()
-    # A tied LM head is stored once, under the embedding's name.
-    tied = {"output.weight"} if model.cfg.tie_embeddings else set()
-    missing = sorted(set(own) - set(tensors) - tied)
-    unexpected = sorted(set(tensors) - set(own))
-    if missing or unexpected:
-        raise ValueError(
-            f"{source!r} does not match the model of this config: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}; evaluate with the run's own config.yaml (overrides may change only "
-            "what has no weights, such as model.rope)"
-        )
-    for name, tensor in tensors.items():
-        if tensor.shape != own[name].shape:
-            raise ValueError(
-                f"{source!r}: parameter {name!r} has shape {tuple(tensor.shape)} in the file but "
-                f"{tuple(own[name].shape)} in the model; check the run's config and overrides"
-            )
-
-
-def load_safetensors_weights(model: torch.nn.Module, path: Path) -> None:
-    """Copy `path`'s tensors into `model`, checking every name and shape first."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path), device="cpu")
-    check_weights(model, tensors, str(path))
-    with torch.no_grad():
-        own = model.state_dict()
-        for name, tensor in tensors.items():
-            own[name].copy_(tensor)
-
-
-def load_checkpoint_weights(
-    model: torch.nn.Module, path: str | Path, run_dir: str | Path | None = None
-) -> None:
-    """Load weights from a `model.safetensors` file, a folder holding one (`longctx export`), a
-    training checkpoint folder (either engine), or its name inside `run_dir/checkpoints/`."""
-    from longctx.train.checkpoint import CHECKPOINTS, full_weights, resolve_checkpoint
-
-    path = Path(path)
-    if not path.exists() and run_dir is not None and (Path(run_dir) / CHECKPOINTS / path).exists():
-        path = Path(run_dir) / CHECKPOINTS / path
-    if not path.exists():
-        raise FileNotFoundError(
-            f"checkpoint {str(path)!r} not found; give a {WEIGHTS_FILE} file, an export folder, or a "
-            "training checkpoint (RUN/checkpoints/step_NNNNNNN)"
-        )
-    if path.is_file() and path.suffix == ".safetensors":
-        load_safetensors_weights(model, path)
-    elif path.is_dir() and (path / WEIGHTS_FILE).is_file():
-        load_safetensors_weights(model, path / WEIGHTS_FILE)
-    else:
-        weights = full_weights(resolve_checkpoint(path, "--checkpoint"))
-        check_weights(model, weights, str(path))
-        with torch.no_grad():
-            own = model.state_dict()
-            for name, tensor in weights.items():
-                own[name].copy_(tensor)
-
-
-def load_model_for_eval(run_dir: str | Path, checkpoint: str | Path | None = None, overrides=()):
-    """The run's model with its trained weights, in eval mode, its config and its tokenizer.
-
-    Args:
-        run_dir: the training run directory (`config.yaml`, `tokenizer.model` or `tokenizer.json`).
-        checkpoint: weights to load (default `default_checkpoint(run_dir)`).
-        overrides: `key.sub=value` changes to the run's config (e.g. `model.rope.scaling.type=yarn`).
-
-    Returns:
-        `(model, cfg, tokenizer)`.
-    """
-    from longctx.model import build_model
-    from longctx.tokenizer import find_tokenizer_file, open_tokenizer
-
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise FileNotFoundError(
-            f"{str(run / 'config.yaml')!r} not found: --run must name a training run directory"
-        )
-    found = find_tokenizer_file(run)
-    if found is None:
-        raise FileNotFoundError(
-            f"{str(run)!r} holds no tokenizer.model or tokenizer.json; training keeps a copy of its "
-            "tokenizer in the run directory: copy it there again"
-        )
-    tokenizer = open_tokenizer(found)
-    cfg = load_config(run / "config.yaml", [*overrides, f"data.tokenizer={found}"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, device)
-    load_checkpoint_weights(model, checkpoint if checkpoint else default_checkpoint(run), run)
-    model.eval()
-    return model, cfg, tokenizer
-
-
 def text_documents(path: str | Path, tokenizer):
     """A text file as one tokenized document (`TokenDocuments`), to serve as a haystack."""
     from longctx.data.indexed import TokenDocuments
@@ -222,7 +114,17 @@ def text_documents(path: str | Path, tokenizer):
 def _prepared(cfg: Config, tokenizer, progress: bool):
     from longctx.data import prepare_dataset
 
-    return prepare_dataset(cfg, tokenizer, progress=progress)
+    return prepare_dataset(cfg.data, tokenizer, progress=progress)
+
+
+def _haystack_corpus(cfg: Config, tokenizer, info, progress: bool):
+    """The run's prepared training text (one process per node prepares it under torchrun)."""
+    from longctx.data import open_dataset, prepare_dataset
+
+    prepare = lambda: prepare_dataset(cfg.data, tokenizer, progress=progress)  # noqa: E731
+    if info is None:
+        return prepare().train
+    return info.writer_first(prepare, lambda: open_dataset(cfg.data, tokenizer)).train
 
 
 def _distributed_eval(model, cfg: Config, lengths: list[int], whole_blocks: bool = True):
@@ -258,7 +160,7 @@ def _distributed_eval(model, cfg: Config, lengths: list[int], whole_blocks: bool
 
 
 def cmd_niah(args) -> int:
-    from longctx.eval.niah import evaluate_niah, niah_table, write_niah
+    from longctx.eval.niah import NiahOptions, evaluate_niah, niah_table, write_niah
 
     model, cfg, tok = load_model_for_eval(args.run, args.checkpoint, args.overrides)
     lengths = args.lengths or cfg.eval.lengths
@@ -270,15 +172,8 @@ def cmd_niah(args) -> int:
     if args.haystack:
         docs = text_documents(args.haystack, tok)
     else:
-        writer = info is None or info.local_rank == 0
-        wait = info.barrier if info is not None else None
-        from longctx.data import prepare_dataset
-
-        docs = prepare_dataset(cfg, tok, is_writer=writer, wait_fn=wait, progress=progress).train
-    results = evaluate_niah(
-        model,
-        tok,
-        docs,
+        docs = _haystack_corpus(cfg, tok, info, progress)
+    options = NiahOptions(
         lengths=lengths,
         depths=args.depths if args.depths is not None else cfg.eval.depths,
         samples=args.samples or cfg.eval.samples,
@@ -286,8 +181,8 @@ def cmd_niah(args) -> int:
         n_digits=args.digits or cfg.data.passkey_digits,
         batch_size=args.batch_size or cfg.eval.batch_size,
         progress=progress,
-        **dist_kwargs,
     )
+    results = evaluate_niah(model, tok, docs, options, **dist_kwargs)
     if info is not None:
         results["processes"] = {"dp": info.dp_size, "cp": info.cp_size}
     if is_main:
@@ -323,11 +218,7 @@ def cmd_ruler(args) -> int:
     if args.haystack:
         docs = text_documents(args.haystack, tok)
     else:
-        from longctx.data import prepare_dataset
-
-        writer = info is None or info.local_rank == 0
-        wait = info.barrier if info is not None else None
-        docs = prepare_dataset(cfg, tok, is_writer=writer, wait_fn=wait, progress=progress).train
+        docs = _haystack_corpus(cfg, tok, info, progress)
     results = evaluate_ruler(
         model,
         tok,

@@ -33,8 +33,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         "the lm-evaluation-harness adapter needs lm-eval: pip install 'longctx[eval]' (or lm-eval)"
     ) from e
 
-from longctx.eval.cli import load_model_for_eval
 from longctx.model.decoding import ModelCache, decode_step, prefill
+from longctx.weights import load_model_for_eval
 
 
 @torch.no_grad()

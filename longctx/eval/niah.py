@@ -1,6 +1,6 @@
 """Needle-in-a-haystack evaluation: does the model repeat a passkey hidden at depth d of L tokens?
 
-    results = evaluate_niah(model, tok, docs, lengths=[256, 512], depths=[0, 0.5, 1], samples=20)
+    results = evaluate_niah(model, tok, docs, NiahOptions(lengths=[256, 512], depths=[0, 0.5, 1], samples=20))
     write_niah(results, "runs/x/niah")       # results.json and heatmap.png
     print(niah_table(results))
 
@@ -20,6 +20,7 @@ argument replaces it (e.g. by a context-parallel version) with the same contract
 import functools
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -76,37 +77,55 @@ def niah_sample(
     return make_passkey_sample(tokenizer, hay, length + 1, depth, rng, n_digits)
 
 
-@torch.no_grad()
-def evaluate_niah(
-    model,
-    tokenizer,
-    haystack_docs,
-    lengths: list[int],
-    depths: list[float],
-    samples: int,
-    seed: int = 0,
-    n_digits: int = 5,
-    batch_size: int = 1,
-    forward: AnswerLogitsFn | None = None,
-    progress: bool = True,
-    shard: tuple[int, int] = (0, 1),
-    reduce: Callable[[list[float]], list[float]] | None = None,
-) -> dict:
-    """Exact-match and per-digit retrieval accuracy for every (length, depth).
+@dataclass(frozen=True)
+class NiahOptions:
+    """What `evaluate_niah` measures.
 
     Args:
-        model: a `Transformer` (its device is used; it is put in eval mode and restored).
-        tokenizer: `longctx.tokenizer.Tokenizer` (digits are single tokens).
-        haystack_docs: `TokenDocuments` whose text fills the haystack.
         lengths: context lengths L in tokens (the model reads L tokens).
         depths: needle depths in [0, 1] (0: start of the haystack, 1: its end).
         samples: samples per (length, depth).
         seed: with (length, depth, index), determines every sample.
         n_digits: digits of the passkey.
         batch_size: samples per forward pass.
+        progress: show a progress bar.
+    """
+
+    lengths: list[int]
+    depths: list[float]
+    samples: int
+    seed: int = 0
+    n_digits: int = 5
+    batch_size: int = 1
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.samples < 1 or self.batch_size < 1:
+            raise ValueError(f"samples and batch_size must be >= 1, got {self.samples} and {self.batch_size}")
+        for depth in self.depths:
+            if not 0.0 <= depth <= 1.0:
+                raise ValueError(f"needle depths must lie in [0, 1], got {depth}")
+
+
+@torch.no_grad()
+def evaluate_niah(
+    model,
+    tokenizer,
+    haystack_docs,
+    options: NiahOptions,
+    forward: AnswerLogitsFn | None = None,
+    shard: tuple[int, int] = (0, 1),
+    reduce: Callable[[list[float]], list[float]] | None = None,
+) -> dict:
+    """Exact-match and per-digit retrieval accuracy for every (length, depth) of `options`.
+
+    Args:
+        model: a `Transformer` (its device is used; it is put in eval mode and restored).
+        tokenizer: `longctx.tokenizer.Tokenizer` (digits are single tokens).
+        haystack_docs: `TokenDocuments` whose text fills the haystack.
+        options: lengths, depths, samples, seed, digits, batch size (`NiahOptions`).
         forward: `(tokens [B, T], positions [B, n]) -> logits [B, n, vocab]`; default
             `answer_logits(model, ...)`.
-        progress: show a progress bar.
         shard: `(index, count)`: evaluate samples `i` with `i % count == index` only (data-parallel
             processes split the samples; every process must call with the same other arguments).
         reduce: sums a list of counts over the processes that split the samples (default: none).
@@ -115,11 +134,8 @@ def evaluate_niah(
         `{"lengths", "depths", "accuracy": [[exact match per depth] per length], "digit_accuracy":
         (same shape), "samples", "n_digits", "seed"}`.
     """
-    if samples < 1 or batch_size < 1:
-        raise ValueError(f"samples and batch_size must be >= 1, got {samples} and {batch_size}")
-    for depth in depths:
-        if not 0.0 <= depth <= 1.0:
-            raise ValueError(f"needle depths must lie in [0, 1], got {depth}")
+    lengths, depths, samples, seed = options.lengths, options.depths, options.samples, options.seed
+    n_digits, batch_size, progress = options.n_digits, options.batch_size, options.progress
     forward = forward or functools.partial(answer_logits, model)
     device = next(model.parameters()).device
     was_training = model.training

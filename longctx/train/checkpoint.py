@@ -4,7 +4,7 @@
     ckpt.save(step, engine, {"tokens": n, "sampler": sampler.state_dict(), "params": param_shapes(model)})
     ckpt.wait()                             # finish an asynchronous save (train.async_ckpt)
     path = find_resume(cfg, run_dir)        # train.resume: auto | none | a path
-    meta = ckpt.load(path, engine, param_shapes(model))   # every rank; returns meta.json's contents
+    meta = ckpt.load(path, engine)          # every rank; returns meta.json's contents
     weights = full_weights(path)            # unsharded model weights, one process, either engine
 
 Layout of `run_dir/checkpoints/`:
@@ -289,30 +289,6 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
-def check_param_shapes(saved: dict, model: dict, source: str) -> None:
-    """Raise naming the first parameter that is missing, unexpected or of another shape."""
-    for name, shape in model.items():
-        if name not in saved:
-            raise ValueError(
-                f"{source} does not fit this model: it has no parameter {name!r} (shape {list(shape)}); "
-                "resume with the model config it was written with (see its meta.json), or start fresh in a "
-                "new train.run_dir"
-            )
-        if list(saved[name]) != list(shape):
-            raise ValueError(
-                f"{source} does not fit this model: parameter {name!r} has shape {list(saved[name])} in the "
-                f"checkpoint but {list(shape)} in the model; use the model config it was written with (see "
-                "its meta.json), or start fresh in a new train.run_dir"
-            )
-    extra = sorted(set(saved) - set(model))
-    if extra:
-        raise ValueError(
-            f"{source} does not fit this model: it holds parameter {extra[0]!r} (shape "
-            f"{list(saved[extra[0]])}) that the model lacks; use the model config it was written with (see "
-            "its meta.json)"
-        )
-
-
 def param_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
     """Full (unsharded) shapes of the model's persistent tensors, by name."""
     return {name: list(t.shape) for name, t in model.state_dict().items()}
@@ -511,11 +487,11 @@ class Checkpointer:
             if old != keep:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: Path, engine, model_shapes: dict) -> dict:
-        """Load the full training state of checkpoint `path` into `engine` and the RNGs of this rank;
-        return its meta (step, tokens, sampler, ...) for the trainer."""
+    def load(self, path: Path, engine) -> dict:
+        """Load the full training state of checkpoint `path` into `engine` and the RNGs of this rank
+        (its parameters checked against the model's first: `longctx.weights.check_weights`); return
+        its meta (step, tokens, sampler, ...) for the trainer."""
         meta = read_meta(path)
-        check_param_shapes(meta["params"], model_shapes, f"checkpoint {str(path)!r}")
         if meta["engine"] != self.cfg.parallel.engine:
             raise ValueError(
                 f"checkpoint {str(path)!r} was written by parallel.engine={meta['engine']}; resume it with "

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -55,11 +56,35 @@ class DistInfo:
         if dist.is_initialized():
             dist.barrier()
 
+    def writer_first(self, write, read=None):
+        """`write()` on one process per node (local rank 0) while the others wait, then `read()`
+        (default `write`) on the others: for caches every process reads (tokenizer, prepared data)."""
+        result = write() if self.local_rank == 0 else None
+        self.barrier()
+        return result if self.local_rank == 0 else (read or write)()
+
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a one-machine rendezvous)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def torchrun_command(nproc: int, module: str = "longctx", args=(), torchrun_args=()) -> list[str]:
+    """`python -m torch.distributed.run --nproc-per-node NPROC [torchrun_args] -m MODULE ARGS` on this
+    machine; without `torchrun_args`, `--master-port` is a free port."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        *(torchrun_args or ["--master-port", str(free_port())]),
+        "-m",
+        module,
+        *args,
+    ]
 
 
 def launched_distributed() -> bool:

@@ -16,9 +16,7 @@ starting afresh over an earlier run is an error unless `train.resume=none train.
 `train.init_from` starts a new run from another run's weights only.
 """
 
-import os
 import random
-import signal
 import time
 from pathlib import Path
 
@@ -26,19 +24,14 @@ import numpy as np
 import torch
 
 from longctx.config import Config, save_config
-from longctx.data import build_samplers, load_tokenizer, prepare_dataset
+from longctx.data import build_samplers, load_tokenizer, open_dataset, prepare_dataset
 from longctx.kernels.common import set_backend as set_kernel_backend
 from longctx.kernels.common.tuning import synchronize as synchronize_tuning
 from longctx.model import build_model
 from longctx.parallel import SeqLayout, comm_stats, parallelize_model, reset_comm_stats, zigzag_shard
 from longctx.parallel.layout import Documents
 from longctx.tokenizer import copy_tokenizer
-from longctx.train.checkpoint import (
-    Checkpointer,
-    find_resume,
-    param_shapes,
-    read_meta,
-)
+from longctx.train.checkpoint import Checkpointer, param_shapes, read_meta
 from longctx.train.checkpoint_io import deepspeed_universal
 from longctx.train.distributed import (
     DistInfo,
@@ -49,7 +42,14 @@ from longctx.train.distributed import (
 )
 from longctx.train.engine import build_engine
 from longctx.train.metrics import MetricsLogger, plot_loss
-from longctx.train.run_dir import RunLock, check_history, keep_metrics_upto
+from longctx.train.run_dir import RunLock, keep_metrics_upto
+from longctx.train.start import plan_start
+from longctx.weights import check_weights, find_checkpoint, load_weights
+
+# How to get a checkpoint that fits the model being trained.
+RESUME_FIX = (
+    "use the model config it was written with (see its meta.json), or start fresh in a new train.run_dir"
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -76,25 +76,6 @@ def on_rank0(fn, info: DistInfo):
     if error:
         raise (FileNotFoundError if error[0] == "FileNotFoundError" else ValueError)(error[1])
     return result
-
-
-# Test hook: `LONGCTX_TEST_KILL_AT_STEP=N` makes rank `LONGCTX_TEST_KILL_RANK` (default 1) kill itself
-# with SIGKILL as step N begins, once per run directory (a marker file stops the restarted worker).
-KILL_AT_STEP_ENV, KILL_RANK_ENV, KILL_MARKER = (
-    "LONGCTX_TEST_KILL_AT_STEP",
-    "LONGCTX_TEST_KILL_RANK",
-    ".test-killed",
-)
-
-
-def _test_kill_hook(step: int, rank: int, run_dir: Path) -> None:
-    if os.environ.get(KILL_AT_STEP_ENV) != str(step) or int(os.environ.get(KILL_RANK_ENV, 1)) != rank:
-        return
-    marker = run_dir / KILL_MARKER
-    if marker.exists():
-        return
-    marker.write_text(f"rank {rank} killed itself at step {step}\n")
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def answer_weighted_loss(
@@ -127,24 +108,24 @@ class Trainer:
         self.lock = None
         self._tuned_in_sync = False
         on_rank0(self.lock_run_dir, self.dist)
-        # Before anything is written: the checkpoint to resume, or an error if a fresh start would
-        # overwrite an earlier run.
-        resume_from, history_note = on_rank0(self.find_resume, self.dist)
+        # Before anything is written: how the run starts (fresh, resumed, initialised from other
+        # weights), or an error if a fresh start would overwrite an earlier run.
+        world = self.dist.dp_size * self.dist.cp_size
+        self.start = start = on_rank0(lambda: plan_start(cfg, self.run_dir, world, self.lock), self.dist)
+        history_note = start.note
         if self.dist.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
         seed_everything(cfg.train.seed)
 
         # One process per node fills the tokenizer and dataset caches; the others wait, then read.
-        writer, wait = self.dist.local_rank == 0, self.dist.barrier
-        self.tokenizer = load_tokenizer(cfg, is_writer=writer, wait_fn=wait)
+        self.tokenizer = self.dist.writer_first(lambda: load_tokenizer(cfg.data, cfg.model.vocab_size))
         if self.dist.is_main:
             copy_tokenizer(self.tokenizer, self.run_dir)
-        self.data = prepare_dataset(
-            cfg, self.tokenizer, is_writer=writer, wait_fn=wait, progress=cfg.train.progress and writer
+        self.data = self.dist.writer_first(
+            lambda: prepare_dataset(cfg.data, self.tokenizer, progress=cfg.train.progress),
+            lambda: open_dataset(cfg.data, self.tokenizer),
         )
-        self.sampler, self.val_sampler = build_samplers(
-            cfg, self.data, self.tokenizer, self.dist.dp_rank, self.dist.dp_size
-        )
+        self.sampler, self.val_sampler = self.build_samplers()
         self.stages = cfg.data.stages()
         self.stage = -1
         if cfg.train.eval_every and self.val_sampler is None:
@@ -156,8 +137,7 @@ class Trainer:
 
         # FSDP2: every rank builds on meta and materialises its shards only; train.init_from weights
         # are then read into the shards, each rank its rows (longctx.train.sharded_load).
-        on_meta = cfg.parallel.fsdp and not cfg.model.tie_embeddings
-        model = build_model(cfg.model, "meta" if on_meta else self.device, seed=cfg.train.seed)
+        model = build_model(cfg.model, "meta" if start.on_meta else self.device, seed=cfg.train.seed)
         model.activation_checkpointing = cfg.train.activation_checkpointing
         model.activation_offload = cfg.train.activation_offload
         model.checkpoint_every_k = cfg.train.checkpoint_every_k
@@ -166,30 +146,23 @@ class Trainer:
         self.grad_accum = cfg.train.accum_steps(cfg.data.seq_len, self.dist.dp_size)
         self.param_shapes = param_shapes(model)
         init_note = ""
-        if resume_from is None and cfg.train.init_from and not on_meta:
-            init_note = self.init_weights(model, cfg.train.init_from)
+        if start.init_from and not start.init_sharded:
+            init_note = self.init_weights(model, start.init_from)
         if self.dist.cp_size > 1:
             parallelize_model(model, self.dist.cp_group, cfg.parallel.cp_comm)
         self.model = model
-        universal = resume_from is not None and self.needs_universal(resume_from)
+        if start.universal:
+            self.convert_to_universal(start.resume_from)
         self.engine = build_engine(
-            model, cfg, self.dist, load_universal=universal, grad_accum=self.grad_accum
+            model, cfg, self.dist, load_universal=start.universal, grad_accum=self.grad_accum
         )
-        if resume_from is None and cfg.train.init_from and on_meta:
-            init_note = self.init_weights(model, cfg.train.init_from)
+        if start.init_sharded:
+            init_note = self.init_weights(model, start.init_from)
         self.checkpointer = Checkpointer(self.run_dir, cfg, self.dist)
         self.step = 0
         self.tokens = 0
-        if resume_from is not None:
-            meta = self.checkpointer.load(resume_from, self.engine, self.param_shapes)
-            self.step, self.tokens = meta["step"], meta["tokens"]
-            self.enter_stage(self.step)
-            saved = meta["sampler"]
-            previous = self.stages[self.stage - 1][1] if self.stage > 0 else None
-            # Saved on the last step of the previous schedule stage: this stage starts at its own
-            # position 0 (enter_stage), so the saved position has nothing left to say.
-            if not (saved.get("seq_len") != self.sampler.seq_len and saved.get("seq_len") == previous):
-                self.sampler.load_state_dict(saved)
+        if start.resume_from is not None:
+            self.resume(start.resume_from)
         if self.dist.is_main:
             # Resumed: records after the checkpoint; a torchrun restart before any checkpoint: all.
             kept_aside = keep_metrics_upto(self.run_dir, self.step)
@@ -203,9 +176,9 @@ class Trainer:
             f"{self.dist.world_size} process(es): dp {self.dist.dp_size} x cp {self.dist.cp_size}, "
             f"engine {cfg.parallel.engine}, device {self.device}"
         )
-        if resume_from is not None:
-            how = " through DeepSpeed's universal checkpoint" if universal else ""
-            self.metrics.write(f"resumed from {resume_from} at step {self.step}{how}")
+        if start.resume_from is not None:
+            how = " through DeepSpeed's universal checkpoint" if start.universal else ""
+            self.metrics.write(f"resumed from {start.resume_from} at step {self.step}{how}")
             if self.step >= cfg.train.steps:
                 self.metrics.write(
                     f"step {self.step} already reaches train.steps={cfg.train.steps}: nothing to train; "
@@ -229,11 +202,14 @@ class Trainer:
         """Rank 0: take the run directory's lock (ValueError naming the holder if another run has it)."""
         self.lock = RunLock.acquire(self.run_dir)
 
-    def find_resume(self) -> tuple[Path | None, str]:
-        """Rank 0: the checkpoint to resume from (`train.resume`), after making sure a fresh start
-        would not overwrite an earlier run; and a note for the log."""
-        resume_from = find_resume(self.cfg, self.run_dir)
-        return resume_from, check_history(self.run_dir, self.cfg, resume_from, self.lock)
+    def build_samplers(self, seq_len: int | None = None):
+        """This data-parallel rank's training and validation samplers (`longctx.data.build_samplers`)."""
+        cfg = self.cfg
+        return build_samplers(
+            cfg.data, self.data, self.tokenizer, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+            vocab_size=cfg.model.vocab_size, dp_rank=self.dist.dp_rank, dp_size=self.dist.dp_size,
+            seq_len=seq_len,
+        )  # fmt: skip
 
     def enter_stage(self, step: int) -> bool:
         """Make `self.sampler` the one of the `data.seq_len_schedule` stage that step `step` (from 0)
@@ -244,9 +220,7 @@ class Trainer:
             return False
         start, seq_len = self.stages[stage]
         if seq_len != self.sampler.seq_len:
-            self.sampler, _ = build_samplers(
-                self.cfg, self.data, self.tokenizer, self.dist.dp_rank, self.dist.dp_size, seq_len=seq_len
-            )
+            self.sampler, _ = self.build_samplers(seq_len)
         self.sampler.position = (step - start) * self.sampler.global_batch * self.grad_accum
         self.stage = stage
         return True
@@ -260,17 +234,26 @@ class Trainer:
         source = on_rank0(lambda: init_source(path), self.dist)
         return load_init_weights(model, source, self.param_shapes)
 
-    def needs_universal(self, path: Path) -> bool:
-        """DeepSpeed loads its own checkpoint only at the DP x CP degree and ZeRO-3-ness it was written
-        at; otherwise it goes through the universal format (converted once, next to the original)."""
-        meta = read_meta(path)
-        if self.cfg.parallel.engine != "deepspeed" or meta["engine"] != "deepspeed":
-            return False
-        same_degree = meta["dp_size"] * meta["cp_size"] == self.dist.dp_size * self.dist.cp_size
-        if same_degree and (meta["zero_stage"] == 3) == (self.cfg.parallel.zero_stage == 3):
-            return False
+    def convert_to_universal(self, path: Path) -> None:
+        """Convert DeepSpeed checkpoint `path` to the universal format (once, next to the original;
+        rank 0 converts, the others wait), which loads at another DP x CP degree or ZeRO stage
+        (`longctx.train.start.needs_universal` says when)."""
         deepspeed_universal(path, self.dist)
-        return True
+
+    def resume(self, path: Path) -> None:
+        """Load checkpoint `path` (its parameters checked against the model's first) into the engine,
+        and the step, token count, schedule stage and data position it was saved at."""
+        saved = read_meta(path)["params"]
+        check_weights(saved, self.param_shapes, f"checkpoint {str(path)!r}", RESUME_FIX)
+        meta = self.checkpointer.load(path, self.engine)
+        self.step, self.tokens = meta["step"], meta["tokens"]
+        self.enter_stage(self.step)
+        saved = meta["sampler"]
+        previous = self.stages[self.stage - 1][1] if self.stage > 0 else None
+        # Saved on the last step of the previous schedule stage: this stage starts at its own
+        # position 0 (enter_stage), so the saved position has nothing left to say.
+        if not (saved.get("seq_len") != self.sampler.seq_len and saved.get("seq_len") == previous):
+            self.sampler.load_state_dict(saved)
 
     def save_checkpoint(self) -> None:
         state = {"tokens": self.tokens, "sampler": self.sampler.state_dict(), "params": self.param_shapes}
@@ -362,7 +345,6 @@ class Trainer:
         start = time.perf_counter()
         window_t, window_tokens = start, self.tokens
         while self.step < cfg.steps:
-            _test_kill_hook(self.step + 1, self.dist.rank, self.run_dir)
             lr = self.engine.lr
             if self.enter_stage(self.step) and len(self.stages) > 1:
                 self.metrics.write(
