@@ -27,8 +27,12 @@ from pathlib import Path
 
 import torch
 
-from longctx.train.checkpoint import META, check_param_shapes, full_weights, read_meta, resolve_checkpoint
+from longctx.train.checkpoint import META, full_weights, read_meta, resolve_checkpoint
 from longctx.train.checkpoint_io import dcp_load
+from longctx.weights import check_weights
+
+# How to get weights that fit, for init_from's messages.
+INIT_FIX = "use the model config they were written with (see their meta.json or config.json)"
 
 EXPORT_CONFIG, EXPORT_WEIGHTS = "config.json", "model.safetensors"
 _DTYPES = {
@@ -234,12 +238,12 @@ def load_init_weights(model, source: tuple[str, str], shapes: dict[str, list[int
     if kind == "export":
         file = Path(path) / EXPORT_WEIGHTS
         st = SafetensorsFile(file)
-        check_param_shapes({k: st.shape(k) for k in st.keys()}, shapes, f"export {path!r}")
+        check_weights({k: st.shape(k) for k in st.keys()}, shapes, f"export {path!r}", INIT_FIX)
         names = {n: n for n in dict(model.named_parameters(remove_duplicate=False))}
         read_safetensors(model, [file], names, "the export was written for another model")
         return f"initialised the weights from the export {path} (train.init_from; {fresh})"
     meta = read_meta(path)
-    check_param_shapes(meta["params"], shapes, f"checkpoint {path!r}")
+    check_weights(meta["params"], shapes, f"checkpoint {path!r}", INIT_FIX)
     state = model.state_dict()
     if meta["engine"] == "deepspeed":
         weights = full_weights(Path(path))

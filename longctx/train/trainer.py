@@ -44,7 +44,7 @@ from longctx.train.engine import build_engine
 from longctx.train.metrics import MetricsLogger, plot_loss
 from longctx.train.run_dir import RunLock, keep_metrics_upto
 from longctx.train.start import plan_start
-from longctx.weights import check_weights, find_checkpoint, load_weights
+from longctx.weights import check_weights
 
 # How to get a checkpoint that fits the model being trained.
 RESUME_FIX = (
