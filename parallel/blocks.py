@@ -198,9 +198,8 @@ class WholeShards(_Peers):
 
     def post_grad(self, step: int, dkv: torch.Tensor, acc: torch.Tensor):
         buf = torch.empty_like(acc)
-        reqs = send_recv([(dkv.contiguous(), self.ranks[self.src(step)])], [(buf, self.ranks[self.dst(step)])],
-                         self.group)  # fmt: skip
-        return buf, reqs
+        sends = [(dkv.contiguous(), self.ranks[self.src(step)])]
+        return buf, send_recv(sends, [(buf, self.ranks[self.dst(step)])], self.group)
 
     def add_grad(self, step: int, posted, acc: torch.Tensor) -> None:
         _wait(posted[1])

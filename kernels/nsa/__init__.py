@@ -187,7 +187,9 @@ def _select_ref_mask(block_idx, block_size, t_k, k_offset, n_heads, doc_start, q
     return mask
 
 
-def nsa_select_attn_chunk_fwd(q, k, v, block_idx, block_size, q_offset, k_offset, cu_seqlens=None, scale=None):
+def nsa_select_attn_chunk_fwd(
+    q, k, v, block_idx, block_size, q_offset, k_offset, cu_seqlens=None, scale=None
+):
     """`(o, lse)` of `nsa_select_attn` without autograd, over the keys `[k_offset, k_offset + Tk)` only:
     blocks listed in `block_idx` (global ids) outside them are skipped, so a context-parallel rank can
     attend one peer's chunk at a time and merge by lse. Arguments as `nsa_select_attn`."""
@@ -200,7 +202,9 @@ def nsa_select_attn_chunk_fwd(q, k, v, block_idx, block_size, q_offset, k_offset
 
             k, v = (x.to(q.dtype).contiguous() for x in (k, v))
             idx = normalize_block_idx(block_idx, block_size, k.shape[1], q_offset, k_offset)
-            return select_attn_fwd(q.contiguous(), k, v, idx, block_size, scale, q_offset, k_offset, doc_start)
+            return select_attn_fwd(
+                q.contiguous(), k, v, idx, block_size, scale, q_offset, k_offset, doc_start
+            )
         mask = _select_ref_mask(block_idx, block_size, k.shape[1], k_offset, q.shape[2], doc_start, q_offset)
         return attention_ref(q, k, v, causal=False, scale=scale, return_lse=True, mask=mask)
 

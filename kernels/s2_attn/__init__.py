@@ -11,8 +11,8 @@ from longctx.kernels import flex
 from longctx.kernels.common import get_backend
 from longctx.kernels.common.backend import op_backend
 from longctx.kernels.common.docs import check_cu_seqlens, doc_bounds
-from longctx.kernels.s2_attn.blocks import check_block_ids
 from longctx.kernels.flash_attn.naive import attention_bwd_ref
+from longctx.kernels.s2_attn.blocks import check_block_ids
 from longctx.kernels.s2_attn.naive import (
     s2_attn_ref,
     s2_block_mask,
@@ -189,7 +189,16 @@ def s2_attn_chunk_fwd(
             t_q, t_k = q.shape[1], k.shape[1]
             q, k, v = (_last_dim_contiguous(x.to(q.dtype)) for x in (q, k, v))
             lists = s2_block_lists(
-                q.shape[2], q_ids, k_ids, local_blocks, vert_stride, dense_heads, q.device, block_size, t_q, t_k
+                q.shape[2],
+                q_ids,
+                k_ids,
+                local_blocks,
+                vert_stride,
+                dense_heads,
+                q.device,
+                block_size,
+                t_q,
+                t_k,
             )
             return s2_attn_fwd(q, k, v, lists, block_size, scale, None, doc_start)
         return s2_attn_ref(
