@@ -282,8 +282,8 @@ class BlockPairs(_Peers):
 class PeerRounds(torch.autograd.Function):
     """Attention of the local queries over every rank's keys, peer by peer (see above).
 
-    `compute` supplies the math: `forward(step, q, kv_step, extra) -> {slot: (o, lse)}` (partials over
-    disjoint key sets, merged here by lse in fp32), `assemble({slot: o}) -> tuple of outputs`,
+    `compute` supplies the math: `forward(step, q, kv_step, extra) -> [(slot, (o, lse)), ...]` (partials
+    over disjoint key sets, merged here by lse in fp32), `assemble({slot: o}) -> tuple of outputs`,
     `split(tuple of output grads) -> {slot: do}` and `backward(step, q, kv_step, extra, do, o, lse) ->
     (dq, dkv_step)` (given the merged `o`, `lse`: the step's exact share). `extra` is an optional
     non-differentiable tensor (NSA's block lists), saved with the rest.
@@ -303,7 +303,7 @@ class PeerRounds(torch.autograd.Function):
                 posted = schedule.post(step + 1, kv) if step + 1 < size else None
             if kv_s is None:
                 continue
-            for slot, (o, lse) in compute.forward(step, q, kv_s, extra).items():
+            for slot, (o, lse) in compute.forward(step, q, kv_s, extra):
                 if slot in merged:
                     merged[slot] = merge_partials([merged[slot][0], o.to(work)], [merged[slot][1], lse])
                 else:

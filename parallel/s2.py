@@ -94,7 +94,7 @@ class _S2Steps:
 
     def forward(self, step, q, kv, extra):
         d = self.d
-        return {0: s2_attn_chunk_fwd(q, kv[..., :d], kv[..., d:], *self._args(step))}
+        return [(0, s2_attn_chunk_fwd(q, kv[..., :d], kv[..., d:], *self._args(step)))]
 
     def assemble(self, outs):
         return outs[0]
