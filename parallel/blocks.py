@@ -311,18 +311,22 @@ class PeerRounds(torch.autograd.Function):
         slots = sorted(merged)
         ctx.slots, ctx.schedule, ctx.compute = slots, schedule, compute
         ctx.has_extra = extra is not None
-        saved = [merged[s][0] for s in slots] + [merged[s][1] for s in slots]
-        ctx.save_for_backward(q, kv, *([extra] if extra is not None else []), *saved)
-        return compute.assemble({s: merged[s][0].to(q.dtype) for s in slots})
+        outputs = compute.assemble({s: merged[s][0].to(q.dtype) for s in slots})
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        # The outputs themselves are saved (o only enters rowsum(dO * O), in the activation dtype): the
+        # next op usually saves them too, and a saved tensor is held once. lse in fp32.
+        lses = [merged[s][1] for s in slots]
+        ctx.save_for_backward(q, kv, *([extra] if extra is not None else []), *lses, *outputs)
+        return outputs if len(outputs) > 1 else outputs[0]
 
     @staticmethod
     def backward(ctx, *grads):
         q, kv, *rest = ctx.saved_tensors
         extra = rest.pop(0) if ctx.has_extra else None
         n = len(ctx.slots)
-        o = dict(zip(ctx.slots, rest[:n]))
-        lse = dict(zip(ctx.slots, rest[n:]))
+        lse = dict(zip(ctx.slots, rest[:n]))
         schedule, compute = ctx.schedule, ctx.compute
+        o = compute.split(tuple(rest[n:]))
         do = compute.split(grads)
         work = torch.promote_types(q.dtype, torch.float32)
         dq = torch.zeros_like(q, dtype=work)

@@ -78,7 +78,8 @@ class ContextParallelNSACore(nn.Module):
             for slot, chunk in enumerate((p, 2 * size - 1 - p)):
                 by_chunk[chunk] = gathered[p, slot]
         full = torch.cat(by_chunk, dim=1)[:, halo // c.cmp_stride :]
-        return full.chunk(2, dim=2)
+        # Contiguous once here, not once per kernel call (each would save its own copy).
+        return tuple(x.contiguous() for x in full.chunk(2, dim=2))
 
     def forward(self, q, k, v, gates, compress_k, compress_v, layout):
         from longctx.model.mixers.nsa import mix_branches
