@@ -1,16 +1,23 @@
-"""Fetch exactly the key/value blocks each rank needs, per kv head, from the ranks that hold them.
+"""Move key/value blocks between the ranks of a zigzag-sharded sequence.
 
 Under the zigzag layout the sequence is `n_blocks` blocks of `block_size` tokens; rank `r` holds the
-blocks of chunks `r` and `2P-1-r`. Each rank says which global blocks it needs for each kv head
-(`need [H_kv, n_blocks]` bool: the strided blocks and halo of an S2 head, the blocks an NSA kv group
-selected, a window's halo); the masks are all-gathered (a few bits per block), every rank then knows
-what to send to whom, and one batch of point-to-point messages moves only those blocks. The result
-is, per kv head, the needed blocks in ascending global order:
+blocks of chunks `r` and `2P-1-r`.
+
+Peer by peer (what S and N layers use, below `PeerRounds`): at step `s` each rank computes against one
+peer's keys (exactly the (block, kv head) pairs a static pattern needs, `BlockPairs`, or the peer's
+whole shard, `WholeShards`) while the next peer's arrive; memory ~1/P, sizes fixed on the host before
+the first step (no host sync), gradients returned in fp32 and added in step order (no atomics).
+
+One exchange (`exchange_blocks`): each rank says which global blocks it needs for each kv head
+(`need [H_kv, n_blocks]` bool); the masks are all-gathered (a few bits per block, read on the host:
+one sync per call), every rank then knows what to send to whom, and one batch of point-to-point
+messages moves only those blocks. The result is, per kv head, the needed blocks in ascending global
+order, all of them at once:
 
     kv_needed, table = exchange_blocks(kv, need, layout, block_size, group)
     # kv_needed [B, n_max * block_size, H_kv, C]; table [H_kv, n_max] global block ids (-1: padding)
 
-The backward sends each fetched block's gradient back to its owner, which adds it to its own.
+The backward sends each fetched block's gradient back to its owner, which adds it to its own in fp32.
 """
 
 import torch
