@@ -9,7 +9,7 @@ import torch
 
 from longctx.kernels import flex
 from longctx.kernels.common import get_backend
-from longctx.kernels.common.backend import op_backend
+from longctx.kernels.common.backend import op_backend, use_triton
 from longctx.kernels.common.docs import check_cu_seqlens, doc_bounds
 from longctx.kernels.flash_attn.naive import attention_bwd_ref
 from longctx.kernels.s2_attn.blocks import check_block_ids
@@ -150,8 +150,9 @@ def s2_attn(
 
 def _chunk_on_triton(q, k, v, block_size) -> bool:
     """Whether the chunk entry points run the Triton kernels (the flex backend has no external-lse
-    backward, so it takes them too when they can run)."""
-    if op_backend("s2", q, k, v) == "naive":
+    backward, so it takes them too where they can run: CUDA or the interpreter)."""
+    where = op_backend("s2", q, k, v)
+    if where == "naive" or (where == "flex" and not use_triton(q, k, v)):
         return False
     reason = _triton_limits(q, k, block_size)
     if reason is not None and get_backend() == "triton":
