@@ -430,6 +430,9 @@ class ParallelConfig:
     # HSDP: FSDP2 / ZeRO-3 shard within groups of (DP x CP) / dp_replicate ranks and replicate across
     # the groups (a 2D mesh; DeepSpeed's zero_hpz_partition_size), so parameter gathers stay in a node.
     dp_replicate: int = 1
+    # Every context-parallel reduction in a fixed order without atomics (the same gradients to the
+    # last bit on every run). S and N layers always reduce this way (docs/parallelism.md).
+    deterministic: bool = False
 
     def __post_init__(self):
         _require(self.cp >= 1, "parallel.cp", f"must be >= 1, got {self.cp}")

@@ -1,21 +1,29 @@
-"""Fetch exactly the key/value blocks each rank needs, per kv head, from the ranks that hold them.
+"""Move key/value blocks between the ranks of a zigzag-sharded sequence.
 
 Under the zigzag layout the sequence is `n_blocks` blocks of `block_size` tokens; rank `r` holds the
-blocks of chunks `r` and `2P-1-r`. Each rank says which global blocks it needs for each kv head
-(`need [H_kv, n_blocks]` bool: the strided blocks and halo of an S2 head, the blocks an NSA kv group
-selected, a window's halo); the masks are all-gathered (a few bits per block), every rank then knows
-what to send to whom, and one batch of point-to-point messages moves only those blocks. The result
-is, per kv head, the needed blocks in ascending global order:
+blocks of chunks `r` and `2P-1-r`.
+
+Peer by peer (what S and N layers use, below `PeerRounds`): at step `s` each rank computes against one
+peer's keys (exactly the (block, kv head) pairs a static pattern needs, `BlockPairs`, or the peer's
+whole shard, `WholeShards`) while the next peer's arrive; memory ~1/P, sizes fixed on the host before
+the first step (no host sync), gradients returned in fp32 and added in step order (no atomics).
+
+One exchange (`exchange_blocks`): each rank says which global blocks it needs for each kv head
+(`need [H_kv, n_blocks]` bool); the masks are all-gathered (a few bits per block, read on the host:
+one sync per call), every rank then knows what to send to whom, and one batch of point-to-point
+messages moves only those blocks. The result is, per kv head, the needed blocks in ascending global
+order, all of them at once:
 
     kv_needed, table = exchange_blocks(kv, need, layout, block_size, group)
     # kv_needed [B, n_max * block_size, H_kv, C]; table [H_kv, n_max] global block ids (-1: padding)
 
-The backward sends each fetched block's gradient back to its owner, which adds it to its own.
+The backward sends each fetched block's gradient back to its owner, which adds it to its own in fp32.
 """
 
 import torch
 import torch.distributed as dist
 
+from longctx.kernels.flash_attn import merge_partials
 from longctx.parallel.comm import all_gather_tensor, send_recv
 from longctx.parallel.dense import check_zigzag
 
@@ -108,25 +116,28 @@ class _Exchange(torch.autograd.Function):
     def backward(ctx, grad):
         plan, block_size = ctx.plan, ctx.block_size
         b, t, n_kv, c = ctx.shape
-        grad_in = grad.new_zeros(b, t, n_kv, c)
+        # Returned gradients travel and add up in fp32 (fp64 stays fp64), in peer order: each message
+        # holds distinct (block, head) pairs, so a plain gather-add-put needs no atomics.
+        work = torch.promote_types(grad.dtype, torch.float32)
+        grad_in = grad.new_zeros(b, t, n_kv, c, dtype=work)
         acc = _blocked(grad_in, block_size)
         src = _blocked(grad.contiguous(), block_size)
         sends, recvs, landing = [], [], []
         for p, ((s_blocks, s_heads), (r_slots, r_heads)) in enumerate(zip(plan.send, plan.recv)):
             if p == plan.rank:
-                acc.index_put_((s_blocks, s_heads), src[r_slots, r_heads], accumulate=True)
+                landing.append((src[r_slots, r_heads].to(work), s_blocks, s_heads))
                 continue
             if len(r_slots):
-                sends.append((src[r_slots, r_heads].contiguous(), plan.ranks[p]))
+                sends.append((src[r_slots, r_heads].to(work).contiguous(), plan.ranks[p]))
             if len(s_blocks):
-                buf = grad.new_empty(len(s_blocks), b, block_size, c)
+                buf = grad.new_empty(len(s_blocks), b, block_size, c, dtype=work)
                 recvs.append((buf, plan.ranks[p]))
                 landing.append((buf, s_blocks, s_heads))
         for req in send_recv(sends, recvs, ctx.group):
             req.wait()
         for buf, blocks, heads in landing:
-            acc.index_put_((blocks, heads), buf, accumulate=True)
-        return grad_in, None, None, None
+            acc.index_put_((blocks, heads), acc[blocks, heads] + buf)
+        return grad_in.to(grad.dtype), None, None, None
 
 
 def exchange_blocks(kv: torch.Tensor, need: torch.Tensor, layout, block_size: int, group):
@@ -146,3 +157,209 @@ def exchange_blocks(kv: torch.Tensor, need: torch.Tensor, layout, block_size: in
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(size))
     plan = _Plan(need_all, rank, geo, ranks, kv.device)
     return _Exchange.apply(kv, plan, block_size, group), plan.table.to(kv.device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Peer by peer: memory 1/P, no host sync, fp32 deterministic gradient returns.
+#
+# At step `s` of `P`, rank `r` computes against the keys of rank `src = r - s` (step 0: its own), which
+# `src` sent it, while it sends its own to `dst = r + s`. The next step's message is posted before a
+# step computes, so at most the current and the incoming peer's keys are held. The backward fetches
+# again, and sends each step's dK/dV (fp32) straight back to their owner, which adds them to its own in
+# step order: no atomics, the same sums in the same order on every run. Message sizes come from a plan
+# fixed on the host before the first step (every rank computes every rank's plan), so no size is read
+# back from the device.
+
+
+def _wait(requests) -> None:
+    for req in requests:
+        req.wait()
+
+
+class _Peers:
+    """Group ranks and the step peers of one rank."""
+
+    def __init__(self, rank: int, size: int, group):
+        self.rank, self.size, self.group = rank, size, group
+        self.ranks = dist.get_process_group_ranks(group) if group is not None else list(range(size))
+
+    def src(self, step: int) -> int:
+        return (self.rank - step) % self.size
+
+    def dst(self, step: int) -> int:
+        return (self.rank + step) % self.size
+
+
+class WholeShards(_Peers):
+    """Every step moves a peer's whole shard (`[B, T_local, H_kv, C]`): what a data-dependent pattern
+    (NSA's selection) needs when no size may be read back from the device."""
+
+    def post(self, step: int, kv: torch.Tensor):
+        buf = torch.empty_like(kv)
+        reqs = send_recv([(kv, self.ranks[self.dst(step)])], [(buf, self.ranks[self.src(step)])], self.group)
+        return buf, reqs
+
+    def arrived(self, step: int, posted) -> torch.Tensor:
+        _wait(posted[1])
+        return posted[0]
+
+    def post_grad(self, step: int, dkv: torch.Tensor, acc: torch.Tensor):
+        buf = torch.empty_like(acc)
+        sends = [(dkv.contiguous(), self.ranks[self.src(step)])]
+        return buf, send_recv(sends, [(buf, self.ranks[self.dst(step)])], self.group)
+
+    def add_grad(self, step: int, posted, acc: torch.Tensor) -> None:
+        _wait(posted[1])
+        acc += posted[0]
+
+
+class BlockPairs(_Peers):
+    """Every step moves exactly the (block, kv head) pairs the receiver needs from the sender, fixed
+    by a static pattern (`need [P, H_kv, n_blocks]` bool, every rank's needs, known on every rank).
+
+    The received pairs are laid into the union, over kv heads, of the blocks needed from that peer
+    (`k_ids[step]`, ascending global ids; a head's blocks it does not need stay zero and its pattern
+    never visits them): at most one peer's blocks, so memory stays ~1/P.
+    """
+
+    def __init__(self, need: torch.Tensor, rank: int, geo: ZigzagBlocks, block_size: int, group, device):
+        size = need.shape[0]
+        super().__init__(rank, size, group)
+        self.block_size, self.n_kv = block_size, need.shape[1]
+        self.k_ids, self.recv, self.send = [], [], []
+        for step in range(size):
+            src, dst = self.src(step), self.dst(step)
+            mine = need[rank] & (geo.owner == src)[None]  # [H_kv, n_blocks]
+            union = torch.nonzero(mine.any(dim=0)).flatten()
+            slot = torch.full((geo.n_blocks,), -1, dtype=torch.long)
+            slot[union] = torch.arange(len(union))
+            blocks, heads = _pairs(mine)
+            self.k_ids.append(union if step else geo.held_by(rank))
+            self.recv.append((slot[blocks].to(device), heads.to(device), len(union)))
+            blocks, heads = _pairs(need[dst] & (geo.owner == rank)[None])
+            self.send.append((geo.local[blocks].to(device), heads.to(device)))
+
+    def post(self, step: int, kv: torch.Tensor):
+        b, _, n_kv, c = kv.shape
+        s_blocks, s_heads = self.send[step]
+        r_slots, r_heads, _ = self.recv[step]
+        sends = [(_blocked(kv, self.block_size)[s_blocks, s_heads].contiguous(), self.ranks[self.dst(step)])]
+        buf = kv.new_empty(len(r_slots), b, self.block_size, c)
+        recvs = [(buf, self.ranks[self.src(step)])]
+        return buf, send_recv(sends if len(s_blocks) else [], recvs if len(r_slots) else [], self.group)
+
+    def arrived(self, step: int, posted) -> torch.Tensor | None:
+        """`[B, n_union * bs, H_kv, C]` the step's keys, or None when nothing is needed from this peer."""
+        buf, reqs = posted
+        _wait(reqs)
+        r_slots, r_heads, n_union = self.recv[step]
+        if n_union == 0:
+            return None
+        b, bs, c = buf.shape[1], self.block_size, buf.shape[-1]
+        n_kv = self.n_kv
+        laid = buf.new_zeros(n_union, n_kv, b, bs, c)
+        laid.index_put_((r_slots, r_heads), buf)
+        return laid.permute(2, 0, 3, 1, 4).reshape(b, n_union * bs, n_kv, c)
+
+    def post_grad(self, step: int, dkv: torch.Tensor | None, acc: torch.Tensor):
+        """Send the step's dK/dV (None: nothing was fetched) to their owner; receive those of this
+        rank's blocks from the rank it served."""
+        r_slots, r_heads, _ = self.recv[step]
+        s_blocks, _ = self.send[step]
+        b, c = acc.shape[0], acc.shape[-1]
+        msg = None if dkv is None else _blocked(dkv, self.block_size)[r_slots, r_heads].contiguous()
+        buf = acc.new_empty(len(s_blocks), b, self.block_size, c)
+        reqs = send_recv(
+            [(msg, self.ranks[self.src(step)])] if len(r_slots) else [],
+            [(buf, self.ranks[self.dst(step)])] if len(s_blocks) else [],
+            self.group,
+        )
+        return buf, reqs
+
+    def add_grad(self, step: int, posted, acc: torch.Tensor) -> None:
+        buf, reqs = posted
+        _wait(reqs)
+        s_blocks, s_heads = self.send[step]
+        if len(s_blocks):
+            blocked = _blocked(acc, self.block_size)
+            # Distinct (block, head) pairs: gather, add, put back; no atomic accumulation.
+            blocked.index_put_((s_blocks, s_heads), blocked[s_blocks, s_heads] + buf)
+
+
+class PeerRounds(torch.autograd.Function):
+    """Attention of the local queries over every rank's keys, peer by peer (see above).
+
+    `compute` supplies the math: `forward(step, q, kv_step, extra) -> [(slot, (o, lse)), ...]` (partials
+    over disjoint key sets, merged here by lse in fp32), `assemble({slot: o}) -> tuple of outputs`,
+    `split(tuple of output grads) -> {slot: do}` and `backward(step, q, kv_step, extra, do, o, lse) ->
+    (dq, dkv_step)` (given the merged `o`, `lse`: the step's exact share). `extra` is an optional
+    non-differentiable tensor (NSA's block lists), saved with the rest.
+    """
+
+    @staticmethod
+    def forward(ctx, q, kv, extra, schedule, compute):
+        work = torch.promote_types(q.dtype, torch.float32)
+        merged: dict = {}
+        size = schedule.size
+        posted = schedule.post(1, kv) if size > 1 else None
+        for step in range(size):
+            if step == 0:
+                kv_s = kv
+            else:
+                kv_s = schedule.arrived(step, posted)
+                posted = schedule.post(step + 1, kv) if step + 1 < size else None
+            if kv_s is None:
+                continue
+            for slot, (o, lse) in compute.forward(step, q, kv_s, extra):
+                if slot in merged:
+                    merged[slot] = merge_partials([merged[slot][0], o.to(work)], [merged[slot][1], lse])
+                else:
+                    merged[slot] = (o.to(work), lse)
+        slots = sorted(merged)
+        ctx.slots, ctx.schedule, ctx.compute = slots, schedule, compute
+        ctx.has_extra = extra is not None
+        outputs = compute.assemble({s: merged[s][0].to(q.dtype) for s in slots})
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        # The outputs themselves are saved (o only enters rowsum(dO * O), in the activation dtype): the
+        # next op usually saves them too, and a saved tensor is held once. lse in fp32.
+        lses = [merged[s][1] for s in slots]
+        ctx.save_for_backward(q, kv, *([extra] if extra is not None else []), *lses, *outputs)
+        return outputs if len(outputs) > 1 else outputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        q, kv, *rest = ctx.saved_tensors
+        extra = rest.pop(0) if ctx.has_extra else None
+        n = len(ctx.slots)
+        lse = dict(zip(ctx.slots, rest[:n]))
+        schedule, compute = ctx.schedule, ctx.compute
+        o = compute.split(tuple(rest[n:]))
+        do = compute.split(grads)
+        work = torch.promote_types(q.dtype, torch.float32)
+        dq = torch.zeros_like(q, dtype=work)
+        acc = torch.zeros_like(kv, dtype=work)
+        size = schedule.size
+        posted = schedule.post(1, kv) if size > 1 else None
+        returning = None  # the previous step's gradient exchange, finished one step later
+        for step in range(size):
+            if step == 0:
+                kv_s = kv
+            else:
+                kv_s = schedule.arrived(step, posted)
+                posted = schedule.post(step + 1, kv) if step + 1 < size else None
+            if kv_s is None:
+                dkv = None
+            else:
+                dq_s, dkv = compute.backward(step, q, kv_s, extra, do, o, lse)
+                dq += dq_s
+                dkv = dkv.to(work)
+            if step == 0:
+                acc += dkv
+                continue
+            sent = schedule.post_grad(step, dkv, acc)
+            if returning is not None:
+                schedule.add_grad(*returning, acc)
+            returning = (step, sent)
+        if returning is not None:
+            schedule.add_grad(*returning, acc)
+        return dq.to(q.dtype), acc.to(kv.dtype), None, None, None

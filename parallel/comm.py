@@ -70,8 +70,9 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        # Each rank's shard was used by every rank: its gradient is the sum of theirs.
-        return reduce_scatter_tensor(grad, ctx.group), None
+        # Each rank's shard was used by every rank: its gradient is the sum of theirs, summed in fp32.
+        work = torch.promote_types(grad.dtype, torch.float32)
+        return reduce_scatter_tensor(grad.to(work), ctx.group).to(grad.dtype), None
 
 
 def all_gather(x: torch.Tensor, group) -> torch.Tensor:

@@ -6,29 +6,35 @@ Per layer, on the zigzag shard of rank `r` (chunks `r` and `2P-1-r`, each `n` to
    `l = cmp_block`) and belongs to the chunk holding the window's last token. A chunk's windows
    reach `l - s` tokens into the chunk before it, so every chunk's last `l - s` keys/values are
    all-gathered (the halo); each rank compresses its own chunks (the learned MLP runs where the
-   tokens are) and the compressed tokens, `T / s` in all, are all-gathered.
+   tokens are) and the compressed tokens, `T / s` in all, are all-gathered (their gradients are
+   reduce-scattered in fp32).
 2. selection: local queries attend every compressed token at their global positions and choose
    their blocks among all selection blocks of the sequence (`nsa_select_blocks` with `q_offset`).
-3. one block exchange (`parallel.blocks`) fetches, per kv head, the union of the blocks its queries
-   selected and the blocks the sliding window reaches back into; the selected attention then runs
-   one kv head at a time over a sequence-long buffer holding only that head's blocks (memory bounded
-   by one kv head), and the window attention over the halo and the local chunk.
+3. selected and sliding-window attention, peer by peer (`parallel.blocks.PeerRounds`): at step `s`
+   rank `r` holds rank `r - s`'s key/value shard and runs, for each pair of its query chunks and that
+   shard's chunks, the selected attention over the listed blocks that fall in the key chunk and the
+   window attention where the window reaches it; partials merge by lse in fp32. The selection is data
+   dependent, so no rank can know without a device-to-host read which blocks a peer will ask for: every
+   step moves a whole shard, a size fixed in advance (no host sync, memory ~1/P: the queries' own
+   block lists and two shards at a time, never a sequence-long buffer). The backward fetches again and
+   returns each shard's dK/dV in fp32 to its owner, added in step order (deterministic).
 
-Communication per layer: the halos and the compressed tokens (`(P - 1) / P` of `T / s` tokens), the
-need masks (one byte per block and kv head), and the blocks actually selected or in a window halo.
-The backward mirrors every step through autograd.
+Communication per layer: the halos and the compressed tokens (`(P - 1) / P` of `T / s` tokens), and
+`(P - 1) / P` of K, V (a dense ring's volume; the compute stays sparse); the backward moves K, V again
+plus their fp32 gradients.
 
 Documents (`layout.docs`, global boundaries known to every rank): every branch gets `cu_seqlens` and
-masks to each query's document; blocks are fetched only if some local query selected them (selection
-ranks only blocks of the query's document) or its window reaches them, and the window halo starts
-no earlier than the document of the chunk's first query.
+masks to each query's document; chunk pairs whose key chunk ends before the query chunk's first
+document are skipped on the host, and the window halo starts no earlier than that document.
 """
 
 import torch
 from torch import nn
 
-from longctx.kernels import flash_attn_chunk, nsa_cmp_attn, nsa_select_attn, nsa_select_blocks
-from longctx.parallel.blocks import exchange_blocks
+from longctx.kernels import nsa_cmp_attn, nsa_select_blocks
+from longctx.kernels.flash_attn import flash_attn_chunk_bwd, flash_attn_chunk_fwd
+from longctx.kernels.nsa import nsa_select_attn_chunk_bwd, nsa_select_attn_chunk_fwd
+from longctx.parallel.blocks import PeerRounds, WholeShards
 from longctx.parallel.comm import all_gather
 from longctx.parallel.dense import check_zigzag
 
@@ -72,44 +78,42 @@ class ContextParallelNSACore(nn.Module):
             for slot, chunk in enumerate((p, 2 * size - 1 - p)):
                 by_chunk[chunk] = gathered[p, slot]
         full = torch.cat(by_chunk, dim=1)[:, halo // c.cmp_stride :]
-        return full.chunk(2, dim=2)
+        # Contiguous once here, not once per kernel call (each would save its own copy).
+        return tuple(x.contiguous() for x in full.chunk(2, dim=2))
 
     def forward(self, q, k, v, gates, compress_k, compress_v, layout):
         from longctx.model.mixers.nsa import mix_branches
 
         rank, size = check_zigzag(layout, self.group)
         c = self.cfg
-        n_kv, groups = k.shape[2], q.shape[2] // k.shape[2]
         k_cmp, v_cmp = self.compress(k, v, compress_k, compress_v, layout, rank, size)
         docs = layout.docs
         cu = None if docs is None else docs.on(q.device)
 
         o_cmp, block_idx = [], []
-        need = torch.zeros(n_kv, layout.seq_len // c.slc_block, dtype=torch.bool, device=q.device)
         for rows, begin, _ in _segments(layout):
             o, lse = nsa_cmp_attn(
                 q[:, rows], k_cmp, v_cmp, c.cmp_block, c.cmp_stride, return_lse=True, q_offset=begin,
                 cu_seqlens=cu,
             )  # fmt: skip
             o_cmp.append(o)
-            idx = nsa_select_blocks(
-                q[:, rows].detach(), k_cmp.detach(), lse.detach(), c.cmp_block, c.cmp_stride,
-                c.slc_block, c.slc_top, q_offset=begin, cu_seqlens=cu,
-            )  # fmt: skip
-            block_idx.append(idx)
-            chosen = idx.long().permute(2, 0, 1, 3).reshape(n_kv, -1)  # [H_kv, B * n * top]
-            for g in range(n_kv):
-                ids = chosen[g][chosen[g] >= 0]
-                need[g, ids] = True
-            first = self.window_start(begin, docs) // c.slc_block
-            need[:, first : begin // c.slc_block] = True
-
-        b, t_local, _, d = k.shape
-        packed = torch.stack([k, v], dim=3).reshape(b, t_local, n_kv, 2 * d)
-        fetched, table = exchange_blocks(packed, need, layout, c.slc_block, self.group)
-
-        o_slc = self.selected(q, fetched, table, block_idx, layout, n_kv, groups, d, cu)
-        o_win = self.window(q, k, v, fetched, table, layout, n_kv, d, cu)
+            block_idx.append(
+                nsa_select_blocks(
+                    q[:, rows].detach(),
+                    k_cmp.detach(),
+                    lse.detach(),
+                    c.cmp_block,
+                    c.cmp_stride,
+                    c.slc_block,
+                    c.slc_top,
+                    q_offset=begin,
+                    cu_seqlens=cu,
+                )  # fmt: skip
+            )
+        kv = torch.cat([k, v], dim=-1)  # [B, T_local, H_kv, 2D]: one message per step
+        steps = _NSASteps(self, layout, rank, size, k.shape[-1], cu)
+        shards = WholeShards(rank, size, self.group)
+        o_slc, o_win = PeerRounds.apply(q, kv, torch.cat(block_idx, dim=1), shards, steps)
         return mix_branches(gates, torch.cat(o_cmp, dim=1), o_slc, o_win)
 
     def window_start(self, begin: int, docs) -> int:
@@ -117,48 +121,68 @@ class ContextParallelNSACore(nn.Module):
         first = max(0, begin - self.cfg.window + 1)
         return first if docs is None else max(first, docs.first_visible(begin, 1))
 
-    def selected(self, q, fetched, table, block_idx, layout, n_kv, groups, d, cu=None):
-        """Selected-block attention, one kv head at a time over a sequence-long sparse buffer."""
-        c = self.cfg
-        bs = c.slc_block
-        b = q.shape[0]
-        per_head = []
-        for g in range(n_kv):
-            ids = table[g][table[g] >= 0]
-            tokens = (ids[:, None] * bs + torch.arange(bs, device=q.device)).flatten()
-            buffer = fetched.new_zeros(b, layout.seq_len, 2 * d)
-            buffer = buffer.index_copy(1, tokens, fetched[:, : len(ids) * bs, g])
-            k_g, v_g = buffer[:, :, None, :d], buffer[:, :, None, d:]
-            heads = slice(g * groups, (g + 1) * groups)
-            outs = [
-                nsa_select_attn(
-                    q[:, rows, heads], k_g, v_g, idx[:, :, g : g + 1], bs, q_offset=begin, cu_seqlens=cu
-                )
-                for (rows, begin, _), idx in zip(_segments(layout), block_idx)
-            ]
-            per_head.append(torch.cat(outs, dim=1))
-        return torch.cat(per_head, dim=2)
 
-    def window(self, q, k, v, fetched, table, layout, n_kv, d, cu=None):
-        """Sliding-window attention over each local chunk and the fetched blocks before it."""
-        c = self.cfg
-        bs = c.slc_block
-        outs = []
-        for rows, begin, _ in _segments(layout):
-            first = self.window_start(begin, layout.docs) // bs
-            halo_ids = torch.arange(first, begin // bs, device=q.device)
-            k_win, v_win = k[:, rows], v[:, rows]
-            if len(halo_ids):
-                # Where each halo block sits in each kv head's fetched blocks (padding sorts last).
-                ordered = torch.where(table < 0, torch.iinfo(table.dtype).max, table)
-                slots = torch.searchsorted(ordered, halo_ids.expand(n_kv, -1).contiguous())  # [H_kv, n]
-                blocks = fetched.reshape(fetched.shape[0], -1, bs, n_kv, 2 * d)
-                halo = torch.stack([blocks[:, slots[g], :, g] for g in range(n_kv)], dim=3)
-                halo = halo.flatten(1, 2)  # [B, n * bs, H_kv, 2D]
-                k_win = torch.cat([halo[..., :d], k_win], dim=1)
-                v_win = torch.cat([halo[..., d:], v_win], dim=1)
-            o, _ = flash_attn_chunk(
-                q[:, rows], k_win, v_win, begin, first * bs, window=c.window, cu_seqlens=cu
-            )
-            outs.append(o)
-        return torch.cat(outs, dim=1)
+class _NSASteps:
+    """Selected and window attention of one step for `PeerRounds`: slot `2 * branch + query chunk`
+    (branch 0 selected, 1 window)."""
+
+    def __init__(self, core, layout, rank, size, d, cu_seqlens):
+        self.core, self.cfg, self.docs = core, core.cfg, layout.docs
+        self.rank, self.size, self.d, self.cu = rank, size, d, cu_seqlens
+        self.n = layout.segments[0][1]
+
+    def _chunks(self, owner):
+        return owner, 2 * self.size - 1 - owner
+
+    def _pairs(self, step):
+        """(query slot, query rows, key cols, q offset, k offset, selected?, window?) worth computing."""
+        n, src = self.n, (self.rank - step) % self.size
+        for qi, q_id in enumerate(self._chunks(self.rank)):
+            q_off = q_id * n
+            for ki, k_id in enumerate(self._chunks(src)):
+                k_off = k_id * n
+                if k_id > q_id:
+                    continue
+                if self.docs is not None and k_off + n <= self.docs.first_visible(q_off, n):
+                    continue
+                window = k_off + n > self.core.window_start(q_off, self.docs)
+                yield qi, slice(qi * n, (qi + 1) * n), slice(ki * n, (ki + 1) * n), q_off, k_off, window
+
+    def forward(self, step, q, kv, idx):
+        c, d = self.cfg, self.d
+        out = []
+        for qi, rows, cols, q_off, k_off, window in self._pairs(step):
+            k_c, v_c = kv[:, cols, :, :d], kv[:, cols, :, d:]
+            out.append((qi, nsa_select_attn_chunk_fwd(q[:, rows], k_c, v_c, idx[:, rows], c.slc_block, q_off,
+                                                      k_off, self.cu)))  # fmt: skip
+            if window:
+                out.append((2 + qi, flash_attn_chunk_fwd(q[:, rows], k_c, v_c, q_off, k_off, window=c.window,
+                                                         cu_seqlens=self.cu)))  # fmt: skip
+        return out
+
+    def assemble(self, outs):
+        return torch.cat([outs[0], outs[1]], dim=1), torch.cat([outs[2], outs[3]], dim=1)
+
+    def split(self, grads):
+        n = self.n
+        return {2 * b + qi: g[:, qi * n : (qi + 1) * n] for b, g in enumerate(grads) for qi in range(2)}
+
+    def backward(self, step, q, kv, idx, do, o, lse):
+        c, d = self.cfg, self.d
+        work = torch.promote_types(q.dtype, torch.float32)
+        dq = torch.zeros_like(q, dtype=work)
+        dkv = torch.zeros_like(kv, dtype=work)
+        for qi, rows, cols, q_off, k_off, window in self._pairs(step):
+            k_c, v_c = kv[:, cols, :, :d], kv[:, cols, :, d:]
+            grads = [nsa_select_attn_chunk_bwd(do[qi], q[:, rows], k_c, v_c, o[qi].to(q.dtype), lse[qi],
+                                               idx[:, rows], c.slc_block, q_off, k_off, self.cu)]  # fmt: skip
+            if window:
+                s = 2 + qi
+                o_s = o[s].to(q.dtype)
+                grads.append(flash_attn_chunk_bwd(do[s], q[:, rows], k_c, v_c, o_s, lse[s], q_off, k_off,
+                                                  window=c.window, cu_seqlens=self.cu))  # fmt: skip
+            for dq_p, dk_p, dv_p in grads:
+                dq[:, rows] += dq_p
+                dkv[:, cols, :, :d] += dk_p
+                dkv[:, cols, :, d:] += dv_p
+        return dq, dkv

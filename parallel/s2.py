@@ -1,18 +1,25 @@
-"""Context-parallel S2 attention (S layers): a pattern-aware exchange.
+"""Context-parallel S2 attention (S layers): the pattern's blocks, peer by peer.
 
 S2's pattern depends only on block indices and the head, so every rank knows, before any data moves,
 which key blocks each of its query blocks may attend for each head: its local window (the halo
 reaches back `local_blocks - 1` blocks, possibly into another rank's chunk) and the strided blocks
-`(j + 1 + h * head_step) % vert_stride == 0`. Per kv head it needs the union over the heads of its
-group; a block exchange (`parallel.blocks`) fetches exactly those blocks from their owners, and the
-S2 kernel runs on the local query blocks against them at their global block ids. The backward
-returns each fetched block's dK, dV to its owner.
+`(j + 1 + h * head_step) % vert_stride == 0`; per kv head, the union over the heads of its group. Each
+rank computes this for every rank once per (sequence length, rank, pattern, heads, documents) and
+caches the plan (`BlockPairs`): the (block, kv head) pairs every step of the peer-by-peer schedule
+moves, their sizes and the device index tensors that place them. Steady-state steps build nothing and
+read nothing back from the device.
 
-The kernel takes one set of key block ids for every head, so the fetched blocks are laid into the
-union of all kv heads' blocks, each head's unneeded blocks left zero. The kernel never reads those:
-head `h` visits only blocks its pattern allows, and those are exactly the ones fetched for its kv
-head. Communication is therefore about `1 / vert_stride` of a dense ring per strided residue a kv
-group holds, plus the halo; `dense_heads` need every earlier block.
+Step `s` (`parallel.blocks.PeerRounds`): rank `r` runs the S2 kernel over its queries (global block
+ids `held_by(r)`) against the blocks rank `r - s` sent it (the union of its kv heads' blocks from that
+peer, heads' unneeded blocks left zero, which their pattern never visits), merges by lse in fp32, and
+meanwhile receives the next peer's blocks. At most two peers' blocks are held at once, never the union
+over all peers: memory ~1/P of the sequence however many blocks a kv head needs in all (small
+`vert_stride`, several heads per kv group, `dense_heads`). The backward fetches again and returns each
+step's dK/dV in fp32 to the owner, which adds them in step order (deterministic).
+
+Communication per layer: each (block, kv head) pair some query head of the group may attend, once
+(about `1 / vert_stride` of a dense ring per strided residue a kv group holds, plus the halo; dense
+heads need every earlier block); the backward moves them again plus their fp32 gradients.
 
 Documents: a key block is fetched only if it shares a document with some local query block that
 may attend it, i.e. it ends after the start of that query block's first document in some sequence
@@ -20,13 +27,17 @@ of the batch (`Documents.first_visible`, decided on the host from the global bou
 holds). The kernel then masks each query to its own document.
 """
 
+import collections
+
 import torch
 from torch import nn
 
-from longctx.kernels import s2_attn
-from longctx.kernels.s2_attn import s2_block_mask
-from longctx.parallel.blocks import ZigzagBlocks, exchange_blocks
+from longctx.kernels.s2_attn import s2_attn_chunk_bwd, s2_attn_chunk_fwd, s2_block_mask
+from longctx.parallel.blocks import BlockPairs, PeerRounds, ZigzagBlocks
 from longctx.parallel.dense import check_zigzag
+
+_PLANS_KEPT = 16
+_plans: collections.OrderedDict = collections.OrderedDict()
 
 
 def s2_needed_blocks(
@@ -46,6 +57,57 @@ def s2_needed_blocks(
     return per_head.view(n_kv, n_heads // n_kv, n_blocks).any(dim=1)
 
 
+def s2_plan(cfg, n_heads: int, n_kv: int, layout, rank: int, size: int, group, device) -> BlockPairs:
+    """The cached peer-by-peer plan of one rank (module docstring); built on the host on first use."""
+    docs = layout.docs
+    key = (
+        layout.seq_len, size, rank, id(group), cfg.block_size, cfg.local_blocks, cfg.vert_stride,
+        cfg.dense_heads, n_heads, n_kv, str(torch.device(device)),
+        None if docs is None else docs.cu_seqlens.numpy().tobytes(),
+    )  # fmt: skip
+    plan = _plans.get(key)
+    if plan is None:
+        geo = ZigzagBlocks(layout.seq_len, size, cfg.block_size)
+        need = torch.stack(
+            [s2_needed_blocks(cfg, n_heads, n_kv, geo.held_by(p), geo.n_blocks, docs) for p in range(size)]
+        )  # every rank's needs, [P, H_kv, n_blocks]: no mask travels
+        plan = BlockPairs(need, rank, geo, cfg.block_size, group, device)
+        plan.q_ids = geo.held_by(rank)
+        _plans[key] = plan
+        if len(_plans) > _PLANS_KEPT:
+            _plans.popitem(last=False)
+    else:
+        _plans.move_to_end(key)
+    return plan
+
+
+class _S2Steps:
+    """The S2 math of one step for `PeerRounds`: one slot, every local query."""
+
+    def __init__(self, cfg, plan: BlockPairs, d: int, cu_seqlens):
+        self.cfg, self.plan, self.d, self.cu = cfg, plan, d, cu_seqlens
+
+    def _args(self, step):
+        c = self.cfg
+        return (c.block_size, c.local_blocks, c.vert_stride, c.dense_heads, self.plan.q_ids,
+                self.plan.k_ids[step], self.cu)  # fmt: skip
+
+    def forward(self, step, q, kv, extra):
+        d = self.d
+        return [(0, s2_attn_chunk_fwd(q, kv[..., :d], kv[..., d:], *self._args(step)))]
+
+    def assemble(self, outs):
+        return outs[0]
+
+    def split(self, grads):
+        return {0: grads[0]}
+
+    def backward(self, step, q, kv, extra, do, o, lse):
+        d = self.d
+        dq, dk, dv = s2_attn_chunk_bwd(do[0], q, kv[..., :d], kv[..., d:], o[0], lse[0], *self._args(step))
+        return dq, torch.cat([dk, dv], dim=-1)
+
+
 class ContextParallelS2Core(nn.Module):
     letter = "S"
 
@@ -55,28 +117,9 @@ class ContextParallelS2Core(nn.Module):
 
     def forward(self, q, k, v, layout):
         rank, size = check_zigzag(layout, self.group)
-        c = self.cfg
-        bs = c.block_size
         b, t_local, n_kv, d = k.shape
-        geo = ZigzagBlocks(layout.seq_len, size, bs)
-        q_ids = geo.held_by(rank)  # ascending: chunk r's blocks, then chunk 2P-1-r's
+        plan = s2_plan(self.cfg, q.shape[2], n_kv, layout, rank, size, self.group, q.device)
         docs = layout.docs
-        need = s2_needed_blocks(c, q.shape[2], n_kv, q_ids, geo.n_blocks, docs).to(q.device)
-        packed = torch.stack([k, v], dim=3).reshape(b, t_local, n_kv, 2 * d)
-        fetched, table = exchange_blocks(packed, need, layout, bs, self.group)
-
-        union = torch.unique(table[table >= 0])  # sorted global ids
-        counts = (table >= 0).sum(dim=1)
-        slots = torch.arange(table.shape[1], device=table.device)
-        valid = slots[None, :] < counts[:, None]  # [H_kv, n_max]
-        heads = torch.arange(n_kv, device=table.device)[:, None].expand_as(table)[valid]
-        src = slots[None, :].expand_as(table)[valid]
-        dst = torch.searchsorted(union, table[valid])
-        blocks = fetched.view(b, -1, bs, n_kv, 2 * d).permute(1, 3, 0, 2, 4)  # [n_max, H_kv, B, bs, 2D]
-        laid = blocks.new_zeros(len(union), n_kv, b, bs, 2 * d).index_put((dst, heads), blocks[src, heads])
-        keys = laid.permute(2, 0, 3, 1, 4).reshape(b, len(union) * bs, n_kv, 2 * d)
-        return s2_attn(
-            q, keys[..., :d], keys[..., d:], bs, c.local_blocks, c.vert_stride, c.dense_heads,
-            q_block_ids=q_ids, k_block_ids=union.cpu(),
-            cu_seqlens=None if docs is None else docs.on(q.device),
-        )  # fmt: skip
+        steps = _S2Steps(self.cfg, plan, d, None if docs is None else docs.on(q.device))
+        kv = torch.cat([k, v], dim=-1)  # [B, T_local, H_kv, 2D]: one message per block and head
+        return PeerRounds.apply(q, kv, None, plan, steps)

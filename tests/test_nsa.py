@@ -316,3 +316,34 @@ def test_nsa_mixer_triton_path_matches_reference_path(t, launches):
     assert grads.keys() == grads_ref.keys()
     for name, g in grads.items():
         assert rel_err(g, grads_ref[name]) < TOL, name
+
+
+@pytest.mark.parametrize("where", ["triton", "naive"])
+def test_nsa_select_chunk_entry_points_merge_to_full_attention_and_its_gradients(where):
+    """`nsa_select_attn_chunk_fwd` over two key chunks (listed blocks outside a chunk skipped), merged by
+    lse, gives the full selected attention; `nsa_select_attn_chunk_bwd` of each chunk, given the MERGED
+    o and lse, sums to the full gradients (context parallelism's peer-by-peer N backward)."""
+    from longctx.kernels.flash_attn.naive import merge_partials_ref
+    from longctx.kernels.nsa import nsa_select_attn_chunk_bwd, nsa_select_attn_chunk_fwd
+
+    bs, q_off, t, t_k = 16, 64, 32, 96
+    q, k, v, idx = select_inputs(1, t, 4, 2, 16, bs, 3, q_off, 0, t_k)
+    do = torch.randn_like(q)
+    chunks = [(0, 32), (32, 96)]
+    with backend(where):
+        parts = [
+            nsa_select_attn_chunk_fwd(q, k[:, a:b], v[:, a:b], idx, bs, q_off, a) for a, b in chunks
+        ]
+        o, lse = merge_partials_ref([p[0] for p in parts], [p[1] for p in parts])
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for a, b in chunks:
+            g = nsa_select_attn_chunk_bwd(do, q, k[:, a:b], v[:, a:b], o, lse, idx, bs, q_off, a)
+            dq += g[0]
+            dk[:, a:b] += g[1]
+            dv[:, a:b] += g[2]
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    o_ref, lse_ref = select_attn_ref(*leaves, idx, bs, return_lse=True, q_offset=q_off)
+    (o_ref * do.double()).sum().backward()
+    assert rel_err(o, o_ref.detach()) < TOL and rel_err(lse, lse_ref.detach()) < TOL
+    for name, got, want in zip("qkv", (dq, dk, dv), leaves):
+        assert rel_err(got, want.grad) < TOL, f"d{name}"

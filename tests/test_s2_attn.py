@@ -345,3 +345,43 @@ def test_s2_attn_bf16_on_gpu_matches_reference():
     # bf16 keeps 8 bits of mantissa: inputs alone are off by ~4e-3 relative.
     for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), got, want):
         assert rel_err(a, b) < 2e-2, name
+
+
+@pytest.mark.parametrize("where", ["triton", "naive"])
+def test_s2_chunk_entry_points_merge_to_full_attention_and_its_gradients(where, s2_triton):
+    """`s2_attn_chunk_fwd` over two key-block sets of a zigzag query shard, merged by lse, gives the
+    shard's rows of the full attention; `s2_attn_chunk_bwd` of each set, given the MERGED o and lse,
+    sums to the full gradients (what context parallelism's peer-by-peer backward relies on)."""
+    from longctx.kernels.s2_attn import s2_attn_chunk_bwd, s2_attn_chunk_fwd
+
+    bs, local, stride, dense, n_heads, n_kv, d = 16, 2, 4, 1, 4, 2, 16
+    t = 12 * bs
+    q_ids = torch.tensor([0, 1, 2, 9, 10, 11])
+    key_sets = [torch.tensor([0, 3, 4, 7, 10, 11]), torch.tensor([1, 2, 5, 6, 8, 9])]
+
+    def tokens(block_ids):
+        return torch.cat([torch.arange(i * bs, (i + 1) * bs) for i in block_ids.tolist()])
+
+    q, k, v, do, _ = make_inputs(1, t, t, n_heads, n_kv, d)
+    rows = tokens(q_ids)
+    dtype = torch.float32 if where == "triton" else torch.float64
+    qs, ks, vs, dos = (x.to(dtype) for x in (q[:, rows], k, v, do[:, rows]))
+    pattern = (bs, local, stride, dense, q_ids)
+    with backend(where):
+        parts = [s2_attn_chunk_fwd(qs, ks[:, tokens(i)], vs[:, tokens(i)], *pattern, i) for i in key_sets]
+        o, lse = merge_partials_ref([p[0] for p in parts], [p[1] for p in parts])
+        dq, dk, dv = torch.zeros_like(qs), torch.zeros_like(ks), torch.zeros_like(vs)
+        for ids in key_sets:
+            cols = tokens(ids)
+            g = s2_attn_chunk_bwd(dos, qs, ks[:, cols], vs[:, cols], o, lse, *pattern, ids)
+            dq += g[0]
+            dk[:, cols] += g[1]
+            dv[:, cols] += g[2]
+
+    def whole(q_, k_, v_):
+        o_all, lse_all = s2_attn_ref(q_, k_, v_, bs, local, stride, dense, return_lse=True)
+        return o_all[:, rows], lse_all[..., rows]
+
+    want = run_with_grads(whole, q, k, v, do[:, rows], torch.zeros(1, n_heads, len(rows)), torch.float64)
+    want[2] = want[2][:, rows]
+    assert_close([o, lse, dq, dk, dv], want)

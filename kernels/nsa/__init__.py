@@ -16,6 +16,7 @@ import torch
 
 from longctx.kernels.common.backend import op_backend
 from longctx.kernels.common.docs import check_cu_seqlens, doc_bounds
+from longctx.kernels.flash_attn.naive import attention_bwd_ref, attention_ref
 from longctx.kernels.nsa.naive import (
     cmp_attn_ref,
     compress_ref,
@@ -167,7 +168,73 @@ def nsa_select_attn(
     return (o, lse) if return_lse else o
 
 
+def _select_on_triton(q, k, v, block_idx) -> bool:
+    return op_backend("nsa", q, k, v, block_idx) == "triton"
+
+
+def _select_ref_mask(block_idx, block_size, t_k, k_offset, n_heads, doc_start, q_offset):
+    """`[B, H, T, Tk]` bool: listed blocks, causality and documents (`select_attn_ref`'s mask; the
+    membership is built without reading the indices on the host)."""
+    b, t, n_kv, _ = block_idx.shape
+    key_block = (torch.arange(t_k, device=block_idx.device) + k_offset) // block_size
+    member = (block_idx.long()[..., None] == key_block).any(dim=-2)  # [B, T, H_kv, Tk]
+    mask = member.repeat_interleave(n_heads // n_kv, dim=2, output_size=n_heads).permute(0, 2, 1, 3)
+    k_pos = torch.arange(t_k, device=block_idx.device) + k_offset
+    q_pos = torch.arange(t, device=block_idx.device) + q_offset
+    mask = mask & (k_pos[None, :] <= q_pos[:, None])
+    if doc_start is not None:
+        mask = mask & (k_pos[None, None, None, :] >= doc_start[:, None, :, None])
+    return mask
+
+
+def nsa_select_attn_chunk_fwd(
+    q, k, v, block_idx, block_size, q_offset, k_offset, cu_seqlens=None, scale=None
+):
+    """`(o, lse)` of `nsa_select_attn` without autograd, over the keys `[k_offset, k_offset + Tk)` only:
+    blocks listed in `block_idx` (global ids) outside them are skipped, so a context-parallel rank can
+    attend one peer's chunk at a time and merge by lse. Arguments as `nsa_select_attn`."""
+    _check_heads(q, k, "k")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    doc_start = _doc_start(q, cu_seqlens, q_offset)
+    with torch.no_grad():
+        if _select_on_triton(q, k, v, block_idx):
+            from longctx.kernels.nsa.select_attn import normalize_block_idx, select_attn_fwd
+
+            k, v = (x.to(q.dtype).contiguous() for x in (k, v))
+            idx = normalize_block_idx(block_idx, block_size, k.shape[1], q_offset, k_offset)
+            return select_attn_fwd(
+                q.contiguous(), k, v, idx, block_size, scale, q_offset, k_offset, doc_start
+            )
+        mask = _select_ref_mask(block_idx, block_size, k.shape[1], k_offset, q.shape[2], doc_start, q_offset)
+        return attention_ref(q, k, v, causal=False, scale=scale, return_lse=True, mask=mask)
+
+
+def nsa_select_attn_chunk_bwd(
+    do, q, k, v, o, lse, block_idx, block_size, q_offset, k_offset, cu_seqlens=None, scale=None
+):
+    """`(dq, dk, dv)` of one key chunk given the output and lse of the WHOLE row (all chunks merged):
+    this chunk's exact share of the gradient. Arguments as `nsa_select_attn_chunk_fwd`."""
+    _check_heads(q, k, "k")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    doc_start = _doc_start(q, cu_seqlens, q_offset)
+    if _select_on_triton(q, k, v, block_idx):
+        from longctx.kernels.nsa.select_attn import normalize_block_idx, select_attn_bwd
+
+        k_dtype = k.dtype
+        k, v = (x.to(q.dtype).contiguous() for x in (k, v))
+        idx = normalize_block_idx(block_idx, block_size, k.shape[1], q_offset, k_offset)
+        dq, dk, dv = select_attn_bwd(
+            q.contiguous(), k, v, idx, o.to(q.dtype).contiguous(), lse.float().contiguous(),
+            do.to(q.dtype).contiguous(), None, block_size, scale, q_offset, k_offset, doc_start,
+        )  # fmt: skip
+        return dq, dk.to(k_dtype), dv.to(k_dtype)
+    mask = _select_ref_mask(block_idx, block_size, k.shape[1], k_offset, q.shape[2], doc_start, q_offset)
+    return attention_bwd_ref(do, q, k, v, o, lse, causal=False, scale=scale, mask=mask)
+
+
 __all__ = [
+    "nsa_select_attn_chunk_bwd",
+    "nsa_select_attn_chunk_fwd",
     "nsa_compress",
     "nsa_cmp_attn",
     "nsa_select_blocks",

@@ -9,10 +9,17 @@ import torch
 
 from longctx.kernels import flex
 from longctx.kernels.common import get_backend
-from longctx.kernels.common.backend import op_backend
+from longctx.kernels.common.backend import op_backend, use_triton
 from longctx.kernels.common.docs import check_cu_seqlens, doc_bounds
+from longctx.kernels.flash_attn.naive import attention_bwd_ref
 from longctx.kernels.s2_attn.blocks import check_block_ids
-from longctx.kernels.s2_attn.naive import s2_attn_ref, s2_block_mask, s2_token_mask, token_positions
+from longctx.kernels.s2_attn.naive import (
+    s2_attn_ref,
+    s2_block_mask,
+    s2_ref_mask,
+    s2_token_mask,
+    token_positions,
+)
 
 
 def _check_args(q, k, v, block_size, local_blocks, vert_stride, dense_heads):
@@ -141,4 +148,98 @@ def s2_attn(
     )
 
 
-__all__ = ["s2_attn", "s2_attn_ref", "s2_block_mask", "s2_token_mask"]
+def _chunk_on_triton(q, k, v, block_size) -> bool:
+    """Whether the chunk entry points run the Triton kernels (the flex backend has no external-lse
+    backward, so it takes them too where they can run: CUDA or the interpreter)."""
+    where = op_backend("s2", q, k, v)
+    if where == "naive" or (where == "flex" and not use_triton(q, k, v)):
+        return False
+    reason = _triton_limits(q, k, block_size)
+    if reason is not None and get_backend() == "triton":
+        raise ValueError(f"the Triton backend was forced but cannot run: {reason}")
+    return reason is None
+
+
+def _chunk_args(q, k, block_size, q_block_ids, k_block_ids, cu_seqlens):
+    q_ids = check_block_ids(q_block_ids, q.shape[1], block_size, "q_block_ids")
+    k_ids = check_block_ids(k_block_ids, k.shape[1], block_size, "k_block_ids")
+    doc_start = None
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, q.shape[0])
+        doc_start = doc_bounds(cu_seqlens, token_positions(q.shape[1], block_size, 0, q_ids, q.device))[0]
+    return q_ids, k_ids, doc_start
+
+
+def s2_attn_chunk_fwd(
+    q, k, v, block_size, local_blocks, vert_stride, dense_heads, q_block_ids, k_block_ids, cu_seqlens=None,
+    scale=None,
+):  # fmt: skip
+    """`(o, lse)` of `s2_attn` without autograd, for callers that drive their own backward (context
+    parallelism merges several key sets by lse, then calls `s2_attn_chunk_bwd` per key set).
+
+    Arguments as `s2_attn` (block ids as CPU tensors). `o` is in q's dtype, `lse` `[B, H, Tq]` fp32
+    (fp64 for fp64 inputs on the reference); rows that see no key give `o = 0`, `lse = -inf`.
+    """
+    _check_args(q, k, v, block_size, local_blocks, vert_stride, dense_heads)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q_ids, k_ids, doc_start = _chunk_args(q, k, block_size, q_block_ids, k_block_ids, cu_seqlens)
+    with torch.no_grad():
+        if _chunk_on_triton(q, k, v, block_size):
+            from longctx.kernels.s2_attn.triton import _last_dim_contiguous, s2_attn_fwd, s2_block_lists
+
+            t_q, t_k = q.shape[1], k.shape[1]
+            q, k, v = (_last_dim_contiguous(x.to(q.dtype)) for x in (q, k, v))
+            lists = s2_block_lists(
+                q.shape[2],
+                q_ids,
+                k_ids,
+                local_blocks,
+                vert_stride,
+                dense_heads,
+                q.device,
+                block_size,
+                t_q,
+                t_k,
+            )
+            return s2_attn_fwd(q, k, v, lists, block_size, scale, None, doc_start)
+        return s2_attn_ref(
+            q, k, v, block_size, local_blocks, vert_stride, dense_heads, scale=scale, return_lse=True,
+            q_block_ids=q_ids, k_block_ids=k_ids, cu_seqlens=cu_seqlens,
+        )  # fmt: skip
+
+
+def s2_attn_chunk_bwd(
+    do, q, k, v, o, lse, block_size, local_blocks, vert_stride, dense_heads, q_block_ids, k_block_ids,
+    cu_seqlens=None, scale=None,
+):  # fmt: skip
+    """`(dq, dk, dv)` of one key set given the output `o` and `lse` of the WHOLE row (all key sets
+    merged): probabilities are `exp(S - lse)`, so the result is this key set's exact share of the full
+    gradient (sum dq over key sets). Arguments as `s2_attn_chunk_fwd`; results in q's / k's dtypes.
+    """
+    _check_args(q, k, v, block_size, local_blocks, vert_stride, dense_heads)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q_ids, k_ids, doc_start = _chunk_args(q, k, block_size, q_block_ids, k_block_ids, cu_seqlens)
+    if _chunk_on_triton(q, k, v, block_size):
+        from longctx.kernels.s2_attn.triton import _last_dim_contiguous, s2_attn_bwd, s2_block_lists
+
+        t_q, t_k = q.shape[1], k.shape[1]
+        k_dtype = k.dtype
+        q, k, v, do = (_last_dim_contiguous(x.to(q.dtype)) for x in (q, k, v, do))
+        lists = s2_block_lists(
+            q.shape[2], q_ids, k_ids, local_blocks, vert_stride, dense_heads, q.device, block_size, t_q, t_k
+        )
+        dq, dk, dv = s2_attn_bwd(
+            do, None, q, k, v, o.to(q.dtype).contiguous(), lse.float().contiguous(), lists, block_size,
+            scale, None, doc_start,
+        )  # fmt: skip
+        return dq, dk.to(k_dtype), dv.to(k_dtype)
+    mask = s2_ref_mask(
+        q.shape[2], q.shape[1], k.shape[1], block_size, local_blocks, vert_stride, dense_heads,
+        q_block_ids=q_ids, k_block_ids=k_ids, cu_seqlens=cu_seqlens, device=q.device,
+    )  # fmt: skip
+    return attention_bwd_ref(do, q, k, v, o, lse, causal=False, scale=scale, mask=mask)
+
+
+__all__ = [
+    "s2_attn", "s2_attn_chunk_bwd", "s2_attn_chunk_fwd", "s2_attn_ref", "s2_block_mask", "s2_token_mask",
+]  # fmt: skip

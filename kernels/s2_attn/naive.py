@@ -110,25 +110,27 @@ def s2_attn_ref(
     precedence. Rows that see no key give `o = 0`, `lse = -inf`. `cu_seqlens` `[B, N + 1]`: keep
     each query to the keys of its own document.
     """
-    t_q, t_k, n_heads, device = q.shape[1], k.shape[1], q.shape[2], q.device
+    mask = s2_ref_mask(
+        q.shape[2], q.shape[1], k.shape[1], block_size, local_blocks, vert_stride, dense_heads, q_offset,
+        k_offset, q_block_ids, k_block_ids, cu_seqlens, q.device,
+    )  # fmt: skip
+    return attention_ref(q, k, v, causal=False, scale=scale, return_lse=return_lse, mask=mask)
+
+
+def s2_ref_mask(
+    n_heads, t_q, t_k, block_size, local_blocks, vert_stride, dense_heads, q_offset=0, k_offset=0,
+    q_block_ids=None, k_block_ids=None, cu_seqlens=None, device=None,
+) -> torch.Tensor:  # fmt: skip
+    """The full mask of `s2_attn_ref`: pattern, causality and documents, `[H, Tq, Tk]` (`[B, H, Tq, Tk]`
+    with `cu_seqlens`). Arguments as `s2_attn_ref`."""
     q_pos = token_positions(t_q, block_size, q_offset, q_block_ids, device)
     k_pos = token_positions(t_k, block_size, k_offset, k_block_ids, device)
     pattern = s2_token_mask(
-        n_heads,
-        t_q,
-        t_k,
-        block_size,
-        local_blocks,
-        vert_stride,
-        dense_heads,
-        q_offset,
-        k_offset,
-        device,
-        q_block_ids,
-        k_block_ids,
-    )
+        n_heads, t_q, t_k, block_size, local_blocks, vert_stride, dense_heads, q_offset, k_offset, device,
+        q_block_ids, k_block_ids,
+    )  # fmt: skip
     mask = pattern & (k_pos[None, :] <= q_pos[:, None])
     if cu_seqlens is not None:
         same_doc = doc_bounds(cu_seqlens, q_pos)[0][:, :, None] == doc_bounds(cu_seqlens, k_pos)[0][:, None]
         mask = mask[None] & same_doc[:, None]  # [B, H, Tq, Tk]
-    return attention_ref(q, k, v, causal=False, scale=scale, return_lse=return_lse, mask=mask)
+    return mask
