@@ -198,7 +198,7 @@ def nsa_select_attn_chunk_fwd(
     doc_start = _doc_start(q, cu_seqlens, q_offset)
     with torch.no_grad():
         if _select_on_triton(q, k, v, block_idx):
-            from longctx.kernels.nsa.select_attn import normalize_block_idx, select_attn_fwd
+            from longctx.kernels.nsa.triton.select_attn import normalize_block_idx, select_attn_fwd
 
             k, v = (x.to(q.dtype).contiguous() for x in (k, v))
             idx = normalize_block_idx(block_idx, block_size, k.shape[1], q_offset, k_offset)
@@ -218,7 +218,7 @@ def nsa_select_attn_chunk_bwd(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     doc_start = _doc_start(q, cu_seqlens, q_offset)
     if _select_on_triton(q, k, v, block_idx):
-        from longctx.kernels.nsa.select_attn import normalize_block_idx, select_attn_bwd
+        from longctx.kernels.nsa.triton.select_attn import normalize_block_idx, select_attn_bwd
 
         k_dtype = k.dtype
         k, v = (x.to(q.dtype).contiguous() for x in (k, v))
