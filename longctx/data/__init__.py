@@ -8,7 +8,13 @@ batch = train.next_batch()                            # PackedBatch
 
 from longctx.data.corpus import Corpus, builtin_documents, iter_documents, megatron_prefix
 from longctx.data.indexed import TokenDocuments
-from longctx.data.passkey import PasskeySample, make_passkey_sample, read_haystack
+from longctx.data.passkey import (
+    PasskeySample,
+    PasskeySegment,
+    make_passkey_sample,
+    make_passkey_segment,
+    read_haystack,
+)
 from longctx.data.prepare import PreparedData, load_tokenizer, prepare_dataset
 from longctx.data.sampler import PackedBatch, PackedSampler, PasskeyMixture
 
@@ -20,7 +26,9 @@ def build_samplers(
     None when the validation split is empty), at `seq_len` (default `data.seq_len`)."""
     passkey = None
     if cfg.data.passkey_fraction > 0:
-        passkey = PasskeyMixture(cfg.data.passkey_fraction, tokenizer, cfg.data.passkey_digits)
+        passkey = PasskeyMixture(
+            cfg.data.passkey_fraction, tokenizer, cfg.data.passkey_digits, cfg.data.passkey_min_share
+        )
     common = dict(
         seq_len=seq_len or cfg.data.seq_len,
         batch_size=cfg.train.batch_size,
@@ -40,6 +48,7 @@ __all__ = [
     "PackedSampler",
     "PasskeyMixture",
     "PasskeySample",
+    "PasskeySegment",
     "PreparedData",
     "TokenDocuments",
     "build_samplers",
@@ -47,6 +56,7 @@ __all__ = [
     "iter_documents",
     "load_tokenizer",
     "make_passkey_sample",
+    "make_passkey_segment",
     "megatron_prefix",
     "prepare_dataset",
     "read_haystack",
