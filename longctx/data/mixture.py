@@ -8,9 +8,9 @@ its share of the samples over every window of steps (`data.seq_len_mix`, or a mi
     batch = sampler.next_batch()      # a PackedBatch of the step's length
 
 The schedule is deficit round robin: step `n` takes the length that is furthest behind its share
-(`(n + 1) * share - count so far`), ties broken by a seeded order of the lengths. Every length's count
-after `n` steps is then within one of `n * share`, so over any window of `w` steps a length gets
-`w * share` steps give or take two. Each length has its own `PackedSampler`; the samples a step reads
+(`(n + 1) * share - count so far`). Every length's count after `n` steps is then within one of
+`n * share`, so over any window of `w` steps a length gets `w * share` steps give or take two. The seed
+picks the stage's starting point in that sequence (a window of it is still a window) and breaks ties. Each length has its own `PackedSampler`; the samples a step reads
 depend only on the step (how many earlier steps took its length), so a resumed run reads exactly what
 the uninterrupted one did.
 """
@@ -20,6 +20,7 @@ import numpy as np
 from longctx.data.sampler import PackedBatch, PackedSampler
 
 _SCHEDULE_KEY = 3
+_MAX_OFFSET = 1000
 
 
 class LengthSchedule:
@@ -29,13 +30,17 @@ class LengthSchedule:
         self.mix = [(int(n), float(share)) for n, share in mix]
         self.lengths = [n for n, _ in self.mix]
         self.shares = np.array([share for _, share in self.mix])
-        # Ties (e.g. at step 0) go to lengths in a seeded order.
-        rank = np.random.default_rng([seed & (2**64 - 1), _SCHEDULE_KEY]).permutation(len(mix))
-        self._tiebreak = -rank * 1e-9
+        # The seed picks where in the (otherwise fixed) sequence the stage starts, and the order ties
+        # are broken in.
+        rng = np.random.default_rng([seed & (2**64 - 1), _SCHEDULE_KEY])
+        self._tiebreak = -rng.permutation(len(mix)) * 1e-9
+        self._offset = int(rng.integers(0, _MAX_OFFSET))
         # Per step: the length index it takes and how many earlier steps took that length.
         self._choices: list[int] = []
         self._before: list[int] = []
         self._counts = np.zeros(len(mix), dtype=np.int64)
+        self._extend(self._offset)
+        self._at_offset = self._counts.copy()
 
     def _extend(self, steps: int) -> None:
         while len(self._choices) < steps:
@@ -52,8 +57,10 @@ class LengthSchedule:
 
     def slot(self, step: int) -> tuple[int, int]:
         """`(length, k)`: step `step` trains `length`, and is the `k`-th step (from 0) to do so."""
-        self._extend(step + 1)
-        return self.lengths[self._choices[step]], self._before[step]
+        at = self._offset + step
+        self._extend(at + 1)
+        i = self._choices[at]
+        return self.lengths[i], self._before[at] - int(self._at_offset[i])
 
 
 class MixedSampler:
