@@ -10,7 +10,8 @@ its share of the samples over every window of steps (`data.seq_len_mix`, or a mi
 The schedule is deficit round robin: step `n` takes the length that is furthest behind its share
 (`(n + 1) * share - count so far`). Every length's count after `n` steps is then within one of
 `n * share`, so over any window of `w` steps a length gets `w * share` steps give or take two. The seed
-picks the stage's starting point in that sequence (a window of it is still a window) and breaks ties. Each length has its own `PackedSampler`; the samples a step reads
+picks the stage's starting point in that sequence (a window of it is still a window) and breaks ties.
+Each length has its own `PackedSampler`; the samples a step reads
 depend only on the step (how many earlier steps took its length), so a resumed run reads exactly what
 the uninterrupted one did.
 """
