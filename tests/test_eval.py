@@ -13,7 +13,7 @@ from longctx.config import ModelConfig, NSAConfig, S2Config, load_config, save_c
 from longctx.data import builtin_documents
 from longctx.data.indexed import TokenDocuments
 from longctx.eval import answer_logits, evaluate_niah, evaluate_ppl, niah_sample, niah_table, token_losses
-from longctx.eval.cli import load_checkpoint_weights
+from longctx.eval.cli import load_checkpoint_weights, load_model_for_eval
 from longctx.eval.niah import write_niah
 from longctx.model import build_model
 from longctx.tokenizer import Tokenizer, train_tokenizer
@@ -213,6 +213,37 @@ def test_cli_eval_niah_and_ppl_load_exported_weights(tmp_path, tokenizer, capsys
     )
     assert code == 0
     assert len(json.loads((out / "ppl.json").read_text())["loss"]) == 8
+
+
+def test_cli_eval_ppl_compares_two_runs_at_each_length(tmp_path, tokenizer, capsys):
+    """`eval ppl --compare A B --lengths`: both runs at each length, by bucket and overall; the overall
+    loss equals plain cross-entropy of the model's full logits on the same held-out samples."""
+    from longctx.data import PackedSampler, prepare_dataset
+
+    runs = []
+    for name, seed in (("a", 5), ("b", 6)):
+        (tmp_path / name).mkdir()
+        runs.append(make_run(tmp_path / name, tokenizer, small_model(seed=seed)))
+    args = ["eval", "ppl", "--compare", *map(str, runs), "--lengths", "32,64", "--batches", "1"]
+    assert main([*args, "--buckets", "4", "--batch-size", "2", "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    compare = json.loads((runs[1] / "ppl-compare" / "ppl-compare.json").read_text())
+    assert list(compare) == [str(r) for r in runs]  # both are named "run": full paths tell them apart
+    assert (runs[1] / "ppl-compare" / "ppl-compare.png").is_file()
+    assert "vs " in table and sum(line.split()[1] == "all" for line in table.splitlines()[2:]) == 2
+    for run, results in zip(runs, compare.values()):
+        model, cfg, tok = load_model_for_eval(run)
+        docs = prepare_dataset(cfg, tok, progress=False).val
+        for length, res in zip((32, 64), results):
+            tokens = PackedSampler(docs, length, 2, seed=cfg.train.seed).get_batch(0).tokens
+            with torch.no_grad():
+                logits = model(tokens[:, :-1])
+            want = F.cross_entropy(logits.flatten(0, 1).double(), tokens[:, 1:].flatten())
+            assert res["seq_len"] == length and len(res["loss"]) == 4
+            assert res["overall_loss"] == pytest.approx(float(want), rel=1e-5)
+            assert res["overall_ppl"] == pytest.approx(float(want.exp()), rel=1e-5)
+    assert main(["eval", "ppl", "--run", str(runs[0]), "--compare", *map(str, runs)]) != 0
+    assert "needs either --run RUN or --compare RUN_A RUN_B" in capsys.readouterr().err
 
 
 def test_checkpoint_loading_checks_names_shapes_and_format(tmp_path, tokenizer):
