@@ -309,6 +309,12 @@ class DataConfig:
         final = (
             _parse_mix(self.seq_len_mix, "data.seq_len_mix") if self.seq_len_mix else [(self.seq_len, 1.0)]
         )
+        _require(
+            max(n for n, _ in final) <= self.seq_len,
+            "data.seq_len_mix",
+            f"length {max(n for n, _ in final)} exceeds data.seq_len={self.seq_len}, the longest length "
+            "the run trains at (what model and evaluation defaults are sized for); raise data.seq_len",
+        )
         stages.append((start, final))
         return stages
 

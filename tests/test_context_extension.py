@@ -180,6 +180,8 @@ def test_seq_len_mix_config_errors():
     ]:
         with pytest.raises(ConfigError, match=f"data.seq_len_mix: .*{message}"):
             load_config("configs/tiny.yaml", [f"data.seq_len_mix={bad}"])
+    with pytest.raises(ConfigError, match=r"data.seq_len_mix: length 1024 exceeds data.seq_len=512"):
+        load_config("configs/tiny.yaml", ['data.seq_len_mix=["512:0.5","1024:0.5"]'])
     with pytest.raises(ConfigError, match=r"data.seq_len_mix: 80 does not split into 4"):
         load_config("configs/tiny.yaml", ['data.seq_len_mix=["80:0.5","128:0.5"]', "parallel.cp=2"])
     with pytest.raises(ConfigError, match=r"train.eval_lengths: 80 does not split"):
