@@ -325,3 +325,40 @@ def test_demo_quick_runs_every_stage(tmp_path):
     ruler = json.loads((root / "demo-continue" / "ruler" / "results.json").read_text())
     assert ruler["tasks"] == ["passkey", "niah_multikey"] and ruler["processes"] == {"dp": 2, "cp": 1}
     assert "RULER-style suite" in (root / "demo-continue" / "demo-summary.txt").read_text()
+    assert cont.data.seq_len_mix == ["256:0.5", "512:0.5"]
+    compare = json.loads((root / "demo-continue" / "ppl-compare" / "ppl-compare.json").read_text())
+    assert [[r["seq_len"] for r in runs] for runs in compare.values()] == [[256, 512], [256, 512]]
+    assert "held-out perplexity" in (root / "demo-continue" / "demo-summary.txt").read_text()
+
+
+def _niah(lengths: list[int], exact: list[float]) -> dict:
+    cells = [[e, e] for e in exact]
+    return {"lengths": lengths, "accuracy": cells, "digit_accuracy": cells}
+
+
+def test_demo_summary_fails_on_each_missed_target():
+    """The demo's closing table: every target of issue #27 checked; one missed makes it fail."""
+    from longctx.demo import summary
+
+    lengths = [128, 192, 256, 384, 512]
+    pre = _niah(lengths, [0.9, 0.95, 1.0, 0.3, 0.2])
+
+    def ppl(before: float, after: float) -> dict:
+        return {
+            "pre": [{"seq_len": 256, "overall_ppl": before}, {"seq_len": 512, "overall_ppl": 40.0}],
+            "ext": [{"seq_len": 256, "overall_ppl": after}, {"seq_len": 512, "overall_ppl": 30.0}],
+        }
+
+    good = _niah(lengths, [0.9, 0.9, 0.95, 0.9, 0.92])
+    text, met = summary(pre, good, ppl(20.0, 20.9), {}, 256, 700, 14.0)
+    assert met and "MISSED" not in text and "+4.5%" in text
+    assert "0.95 (0.95)" in text.splitlines()[5]  # the L row: extended exact (per-digit)
+    for bad, why in [
+        (_niah(lengths, [0.9, 0.9, 0.94, 0.9, 0.92]), "at L=256"),  # 0.06 below the pretrained at L
+        (_niah(lengths, [0.9, 0.9, 0.95, 0.9, 0.89]), "at 2L=512"),
+        (_niah(lengths, [0.84, 0.9, 0.95, 0.9, 0.92]), "at 128, 192, 384"),
+    ]:
+        text, met = summary(pre, bad, ppl(20.0, 20.9), {}, 256, 700, 14.0)
+        assert not met and [line for line in text.splitlines() if "MISSED" in line][0].count(why) == 1
+    text, met = summary(pre, good, ppl(20.0, 21.1), {}, 256, 700, 14.0)
+    assert not met and "[MISSED] extended held-out perplexity" in text
