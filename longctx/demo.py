@@ -39,8 +39,9 @@ QUICK = ["train.steps=6", "train.ckpt_every=2"]
 # forgetting, at L (at most 0.05 below the pretrained model) and at the lengths between that it never
 # trained at exactly; its held-out perplexity at L within 5% of the pretrained model's.
 TARGET_PRETRAINED_L, TARGET_EXTENDED, TARGET_BETWEEN, MAX_DROP_L, MAX_PPL_RISE = 0.8, 0.9, 0.85, 0.05, 0.05
-# Needle lengths as multiples of L (the 4L extrapolation is run separately, with fewer samples).
-NEEDLE_FACTORS, EXTRAPOLATION_SAMPLES = (0.5, 0.75, 1, 1.5, 2), 10
+# Needle lengths as multiples of L (the 4L extrapolation is run separately, with fewer samples and
+# depths: it is reported, not a target).
+NEEDLE_FACTORS, EXTRAPOLATION_SAMPLES, EXTRAPOLATION_DEPTHS = (0.5, 0.75, 1, 1.5, 2), 4, "0,0.5,1"
 # The RULER step: the training format's passkey and a key among distractor keys.
 RULER_TASKS, RULER_SAMPLES, RULER_DEPTHS = "passkey,niah_multikey", 8, "0,0.5,1"
 
@@ -291,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                     str(four),
                     "--samples",
                     str(EXTRAPOLATION_SAMPLES),
+                    "--depths",
+                    EXTRAPOLATION_DEPTHS,
                     "--out",
                     str(out),
                     "--no-progress",
