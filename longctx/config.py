@@ -371,7 +371,7 @@ class TrainConfig:
     # val_loss@L and needle@L); empty: the pretraining length (model.rope.scaling.original_max_len,
     # when the RoPE is scaled) and data.seq_len.
     eval_lengths: list[int] = field(default_factory=list)
-    # Needle samples per depth (eval.depths) of that check; 0: no needle check.
+    # Needle samples per depth (eval.depths) of that check, made when data.passkey_fraction > 0; 0: none.
     eval_needle_samples: int = 2
     # Save a checkpoint every this many steps, and always at the last step (0: only at the last step).
     ckpt_every: int = 0

@@ -420,7 +420,8 @@ class Trainer:
                     self.cfg, self.data, self.tokenizer, *ranks, seq_len=length
                 )[1]
             record[f"val_loss@{length}"] = self.evaluate(self.val_samplers[length])
-            if self.cfg.train.eval_needle_samples:
+            # Only a model taught retrieval (passkey samples in training) is asked for needles.
+            if self.cfg.train.eval_needle_samples and self.cfg.data.passkey_fraction > 0:
                 record[f"needle@{length}"] = self.needle_check(length)
         seq_len = self.cfg.data.seq_len
         return {"val_loss": record.get(f"val_loss@{seq_len}") or self.evaluate(), **record}
