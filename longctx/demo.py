@@ -1,7 +1,8 @@
 """`make demo`: pretrain, get interrupted and resume, extend the context, and prove recall, end to end.
 
-    python -m longctx.demo              # what `make demo` runs (about 15 minutes on 2 CPU cores)
+    python -m longctx.demo              # what `make demo` runs (budget: 15 minutes on 2 idle CPU cores)
     python -m longctx.demo --quick      # a few steps of each stage, to check the plumbing
+    python -m longctx.demo --skip-pretrain   # reuse runs/demo-pretrain, redo continue-training and evals
 
 Steps, each an ordinary `longctx` command a user could type (printed before it runs):
 1. Pretrain `configs/demo.yaml` (every mixer, passkey mixture) at L tokens, context-parallel over 2
