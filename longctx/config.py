@@ -224,11 +224,19 @@ class DataConfig:
     val_fraction: float = 0.05
     # Digits of the passkey in passkey samples (one token each).
     passkey_digits: int = 5
+    # A passkey training sample takes a uniform share in [passkey_min_share, 1] of its sequence, at a
+    # random offset, the rest corpus text, so its answer lands at varying positions (1.0: the whole
+    # sequence, the answer always at its end; docs/context-extension.md).
+    passkey_min_share: float = 0.25
     # Tokenizer threads for `data prepare`; 0: every core this process may use.
     num_workers: int = 0
     # Shorter contexts first: stages "LENxSTEPS" (train LEN tokens for STEPS steps), in order, then
     # data.seq_len for the remaining steps. E.g. ["128x300", "256x300"]. Empty: data.seq_len throughout.
     seq_len_schedule: list[str] = field(default_factory=list)
+    # A mixture of lengths "LEN:SHARE" for the steps after the schedule (in place of data.seq_len),
+    # e.g. ["256:0.3", "512:0.7"]: each step trains one length, the shares holding over every window
+    # of steps (longctx.data.mixture). A schedule stage takes one as "256:0.3+512:0.7x300".
+    seq_len_mix: list[str] = field(default_factory=list)
     # Train on a corpus shorter than one sample (seq_len + 1 tokens) by repeating it within each
     # sample (a warning gives the repetition factor); off: such a corpus is an error.
     allow_repeat: bool = False
@@ -249,6 +257,11 @@ class DataConfig:
             0.0 <= self.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {self.val_fraction}"
         )
         _require(
+            0.0 < self.passkey_min_share <= 1.0,
+            "data.passkey_min_share",
+            f"must be in (0, 1] (1.0: passkey samples fill the sequence), got {self.passkey_min_share}",
+        )
+        _require(
             1 <= self.passkey_digits <= 18,
             "data.passkey_digits",
             f"must be in [1, 18] (the key is a 64-bit integer), got {self.passkey_digits}",
@@ -263,29 +276,74 @@ class DataConfig:
 
     def stages(self) -> list[tuple[int, int]]:
         """`(first step, seq_len)` of every stage of `seq_len_schedule`, then `(k, data.seq_len)`;
-        steps count from 0."""
+        steps count from 0. A stage with a length mixture gives its longest length."""
+        return [(start, max(n for n, _ in mix)) for start, mix in self.stage_mixes()]
+
+    def stage_mixes(self) -> list[tuple[int, list[tuple[int, float]]]]:
+        """`(first step, [(seq_len, share), ...])` of every stage: those of `seq_len_schedule`, then
+        `data.seq_len_mix` (or `data.seq_len` alone) for the remaining steps."""
         stages, start = [], 0
         for i, entry in enumerate(self.seq_len_schedule):
             key = f"data.seq_len_schedule[{i}]"
-            length, sep, steps = str(entry).partition("x")
+            lengths, sep, steps = str(entry).rpartition("x")
             try:
-                length, steps = int(length), int(steps)
+                steps = int(steps)
             except ValueError:
-                length = steps = 0
+                steps = 0
             _require(
-                sep == "x" and length >= 2 and steps >= 1,
+                sep == "x" and steps >= 1,
                 key,
-                f"must be 'LENxSTEPS' (train LEN tokens for STEPS steps), e.g. '128x300'; got {entry!r}",
+                f"must be 'LENxSTEPS' (train LEN tokens for STEPS steps), e.g. '128x300', or a mixture "
+                f"'LEN:SHARE+LEN:SHARExSTEPS', e.g. '128:0.5+256:0.5x300'; got {entry!r}",
             )
-            _require(
-                length <= self.seq_len,
-                key,
-                f"length {length} exceeds data.seq_len={self.seq_len}, the length the schedule ends at",
-            )
-            stages.append((start, length))
+            mix = _parse_mix(lengths.split("+") if ":" in lengths else [f"{lengths}:1"], key)
+            for length, _ in mix:
+                _require(
+                    length <= self.seq_len,
+                    key,
+                    f"length {length} exceeds data.seq_len={self.seq_len}, the length the schedule ends at",
+                )
+            stages.append((start, mix))
             start += steps
-        stages.append((start, self.seq_len))
+        final = (
+            _parse_mix(self.seq_len_mix, "data.seq_len_mix") if self.seq_len_mix else [(self.seq_len, 1.0)]
+        )
+        _require(
+            max(n for n, _ in final) <= self.seq_len,
+            "data.seq_len_mix",
+            f"length {max(n for n, _ in final)} exceeds data.seq_len={self.seq_len}, the longest length "
+            "the run trains at (what model and evaluation defaults are sized for); raise data.seq_len",
+        )
+        stages.append((start, final))
         return stages
+
+
+def _parse_mix(entries: list[str], key: str) -> list[tuple[int, float]]:
+    """`["256:0.3", "512:0.7"]` -> `[(256, 0.3), (512, 0.7)]`, checked: lengths >= 2 and distinct,
+    shares positive and summing to 1."""
+    mix = []
+    for entry in entries:
+        length, sep, share = str(entry).partition(":")
+        try:
+            length, share = int(length), float(share)
+        except ValueError:
+            length, share = 0, 0.0
+        _require(
+            sep == ":" and length >= 2 and share > 0,
+            key,
+            f"each entry must be 'LEN:SHARE' (a length of at least 2 tokens and a positive share of the "
+            f"samples), e.g. '256:0.3'; got {entry!r}",
+        )
+        mix.append((length, share))
+    lengths = [n for n, _ in mix]
+    _require(len(set(lengths)) == len(lengths), key, f"lists a length twice: {lengths}")
+    total = sum(share for _, share in mix)
+    _require(
+        abs(total - 1.0) < 1e-6,
+        key,
+        f"the shares must sum to 1, got {total:g} ({entries}); e.g. ['256:0.3', '512:0.7']",
+    )
+    return mix
 
 
 @dataclass
@@ -308,6 +366,12 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0
     eval_batches: int = 4
+    # Lengths the eval_every evaluation runs at (validation loss and a needle check, logged as
+    # val_loss@L and needle@L); empty: the pretraining length (model.rope.scaling.original_max_len,
+    # when the RoPE is scaled) and data.seq_len.
+    eval_lengths: list[int] = field(default_factory=list)
+    # Needle samples per depth (eval.depths) of that check, made when data.passkey_fraction > 0; 0: none.
+    eval_needle_samples: int = 2
     # Save a checkpoint every this many steps, and always at the last step (0: only at the last step).
     ckpt_every: int = 0
     # Complete checkpoints kept (0: all).
@@ -349,9 +413,14 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every", "eval_batches"):
             _require(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup", "eval_every", "ckpt_every", "keep_last"):
+        for name in ("warmup", "eval_every", "ckpt_every", "keep_last", "eval_needle_samples"):
             _require(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _require(
+            all(n >= 2 for n in self.eval_lengths),
+            "train.eval_lengths",
+            f"must be lengths of at least 2 tokens, got {self.eval_lengths}",
+        )
         _require(
             0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"
         )
@@ -479,9 +548,12 @@ class Config:
     def __post_init__(self):
         multiple = 2 * self.parallel.cp * self.model.block_multiple()
         # One process runs any length; sharding needs whole blocks in each of the 2 * cp chunks.
+        mixes = self.data.stage_mixes()
         lengths = [("data.seq_len", self.data.seq_len)] + [
-            (f"data.seq_len_schedule[{i}]", n) for i, (_, n) in enumerate(self.data.stages()[:-1])
+            (f"data.seq_len_schedule[{i}]", n) for i, (_, mix) in enumerate(mixes[:-1]) for n, _ in mix
         ]
+        lengths += [("data.seq_len_mix", n) for n, _ in mixes[-1][1]] if self.data.seq_len_mix else []
+        lengths += [("train.eval_lengths", n) for n in self.eval_lengths()] if self.train.eval_every else []
         for key, seq_len in lengths:
             if self.parallel.cp > 1 and seq_len % multiple:
                 working = [multiple * n for n in range(1, 5)]
@@ -492,6 +564,15 @@ class Config:
                     f"{self.parallel.cp}, layers {self.model.pattern!r}); it must be a multiple of "
                     f"{multiple}, e.g. {near} or one of {working}"
                 )
+
+    def eval_lengths(self) -> list[int]:
+        """`train.eval_lengths`, or by default the pretraining length (the RoPE scaling's
+        original_max_len, when scaled) and data.seq_len."""
+        if self.train.eval_lengths:
+            return list(self.train.eval_lengths)
+        scaling = self.model.rope.scaling
+        pretrained = [scaling.original_max_len] if scaling.type != "none" else []
+        return sorted({*pretrained, self.data.seq_len})
 
 
 def _type_name(tp) -> str:

@@ -24,7 +24,7 @@ from longctx.eval import (
 from longctx.eval.niah import write_niah
 from longctx.model import build_model
 from longctx.tokenizer import Tokenizer, train_tokenizer
-from longctx.weights import EVAL_FIX, find_weights, load_weights
+from longctx.weights import EVAL_FIX, find_weights, load_model_for_eval, load_weights
 
 KEY_PATTERN = re.compile(r"The pass key is (\d+)\.")
 
@@ -213,6 +213,37 @@ def test_cli_eval_niah_and_ppl_load_exported_weights(tmp_path, tokenizer, capsys
     assert len(json.loads((out / "ppl.json").read_text())["loss"]) == 8
 
 
+def test_cli_eval_ppl_compares_two_runs_at_each_length(tmp_path, tokenizer, capsys):
+    """`eval ppl --compare A B --lengths`: both runs at each length, by bucket and overall; the overall
+    loss equals plain cross-entropy of the model's full logits on the same held-out samples."""
+    from longctx.data import PackedSampler, prepare_dataset
+
+    runs = []
+    for name, seed in (("a", 5), ("b", 6)):
+        (tmp_path / name).mkdir()
+        runs.append(make_run(tmp_path / name, tokenizer, small_model(seed=seed)))
+    args = ["eval", "ppl", "--compare", *map(str, runs), "--lengths", "32,64", "--batches", "1"]
+    assert main([*args, "--buckets", "4", "--batch-size", "2", "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    compare = json.loads((runs[1] / "ppl-compare" / "ppl-compare.json").read_text())
+    assert list(compare) == [str(r) for r in runs]  # both are named "run": full paths tell them apart
+    assert (runs[1] / "ppl-compare" / "ppl-compare.png").is_file()
+    assert "vs " in table and sum(line.split()[1] == "all" for line in table.splitlines()[2:]) == 2
+    for run, results in zip(runs, compare.values()):
+        model, cfg, tok = load_model_for_eval(run)
+        docs = prepare_dataset(cfg.data, tok, progress=False).val
+        for length, res in zip((32, 64), results):
+            tokens = PackedSampler(docs, length, 2, seed=cfg.train.seed).get_batch(0).tokens
+            with torch.no_grad():
+                logits = model(tokens[:, :-1])
+            want = F.cross_entropy(logits.flatten(0, 1).double(), tokens[:, 1:].flatten())
+            assert res["seq_len"] == length and len(res["loss"]) == 4
+            assert res["overall_loss"] == pytest.approx(float(want), rel=1e-5)
+            assert res["overall_ppl"] == pytest.approx(float(want.exp()), rel=1e-5)
+    assert main(["eval", "ppl", "--run", str(runs[0]), "--compare", *map(str, runs)]) != 0
+    assert "needs either --run RUN or --compare RUN_A RUN_B" in capsys.readouterr().err
+
+
 def test_checkpoint_loading_checks_names_shapes_and_format(tmp_path, tokenizer):
     model = small_model(seed=1)
     run = make_run(tmp_path, tokenizer, model)
@@ -293,3 +324,40 @@ def test_demo_quick_runs_every_stage(tmp_path):
     ruler = json.loads((root / "demo-continue" / "ruler" / "results.json").read_text())
     assert ruler["tasks"] == ["passkey", "niah_multikey"] and ruler["processes"] == {"dp": 2, "cp": 1}
     assert "RULER-style suite" in (root / "demo-continue" / "demo-summary.txt").read_text()
+    assert cont.data.seq_len_mix == ["256:0.5", "512:0.5"]
+    compare = json.loads((root / "demo-continue" / "ppl-compare" / "ppl-compare.json").read_text())
+    assert [[r["seq_len"] for r in runs] for runs in compare.values()] == [[256, 512], [256, 512]]
+    assert "held-out perplexity" in (root / "demo-continue" / "demo-summary.txt").read_text()
+
+
+def _niah(lengths: list[int], exact: list[float]) -> dict:
+    cells = [[e, e] for e in exact]
+    return {"lengths": lengths, "accuracy": cells, "digit_accuracy": cells}
+
+
+def test_demo_summary_fails_on_each_missed_target():
+    """The demo's closing table: every target of issue #27 checked; one missed makes it fail."""
+    from longctx.demo import summary
+
+    lengths = [128, 192, 256, 384, 512]
+    pre = _niah(lengths, [0.9, 0.95, 1.0, 0.3, 0.2])
+
+    def ppl(before: float, after: float) -> dict:
+        return {
+            "pre": [{"seq_len": 256, "overall_ppl": before}, {"seq_len": 512, "overall_ppl": 40.0}],
+            "ext": [{"seq_len": 256, "overall_ppl": after}, {"seq_len": 512, "overall_ppl": 30.0}],
+        }
+
+    good = _niah(lengths, [0.9, 0.9, 0.95, 0.9, 0.92])
+    text, met = summary(pre, good, ppl(20.0, 20.9), {}, 256, 700, 14.0)
+    assert met and "MISSED" not in text and "+4.5%" in text
+    assert "0.95 (0.95)" in text.splitlines()[5]  # the L row: extended exact (per-digit)
+    for bad, why in [
+        (_niah(lengths, [0.9, 0.9, 0.94, 0.9, 0.92]), "at L=256"),  # 0.06 below the pretrained at L
+        (_niah(lengths, [0.9, 0.9, 0.95, 0.9, 0.89]), "at 2L=512"),
+        (_niah(lengths, [0.84, 0.9, 0.95, 0.9, 0.92]), "at 128, 192, 384"),
+    ]:
+        text, met = summary(pre, bad, ppl(20.0, 20.9), {}, 256, 700, 14.0)
+        assert not met and [line for line in text.splitlines() if "MISSED" in line][0].count(why) == 1
+    text, met = summary(pre, good, ppl(20.0, 21.1), {}, 256, 700, 14.0)
+    assert not met and "[MISSED] extended held-out perplexity" in text

@@ -308,6 +308,7 @@ def hf_runs(tmp_path_factory, sp_model):
         f"train.init_from=hf:{hf}",
         "data.seq_len=128",
         "data.seq_len_schedule=[]",
+        "data.seq_len_mix=[]",
         "data.val_fraction=0.05",
         f"data.cache_dir={root / 'cache'}",
         "model.rope.scaling.original_max_len=32",

@@ -9,7 +9,13 @@ batch = train.next_batch()                            # PackedBatch
 from longctx.config import DataConfig
 from longctx.data.corpus import Corpus, builtin_documents, iter_documents, megatron_prefix
 from longctx.data.indexed import TokenDocuments
-from longctx.data.passkey import PasskeySample, make_passkey_sample, read_haystack
+from longctx.data.passkey import (
+    PasskeySample,
+    PasskeySegment,
+    make_passkey_sample,
+    make_passkey_segment,
+    read_haystack,
+)
 from longctx.data.prepare import PreparedData, load_tokenizer, open_dataset, prepare_dataset
 from longctx.data.sampler import PackedBatch, PackedSampler, PasskeyMixture
 
@@ -32,7 +38,7 @@ def build_samplers(
     `vocab_size`, drawn in the order `seed` gives."""
     passkey = None
     if cfg.passkey_fraction > 0:
-        passkey = PasskeyMixture(cfg.passkey_fraction, tokenizer, cfg.passkey_digits)
+        passkey = PasskeyMixture(cfg.passkey_fraction, tokenizer, cfg.passkey_digits, cfg.passkey_min_share)
     common = dict(
         seq_len=seq_len or cfg.seq_len,
         batch_size=batch_size,
@@ -52,6 +58,7 @@ __all__ = [
     "PackedSampler",
     "PasskeyMixture",
     "PasskeySample",
+    "PasskeySegment",
     "PreparedData",
     "TokenDocuments",
     "build_samplers",
@@ -59,6 +66,7 @@ __all__ = [
     "iter_documents",
     "load_tokenizer",
     "make_passkey_sample",
+    "make_passkey_segment",
     "megatron_prefix",
     "open_dataset",
     "prepare_dataset",

@@ -12,6 +12,9 @@ answer. The answer is the last `n_digits` tokens (one token per digit), so a mod
 when its prediction at positions `answer_start - 1 ... length - 2` is the answer's digits. With a
 tokenizer that groups digits (Llama 3's takes up to three a token), the key is written one digit token
 at a time between the encoded text around it, so the answer still has one position per digit.
+
+Training uses `make_passkey_segment`: such a sample, of random length, at a random offset of a longer
+sequence of corpus text, so the answer does not always sit at the same absolute positions.
 """
 
 from dataclasses import dataclass
@@ -53,6 +56,12 @@ def make_passkey_sample(
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"passkey depth must lie in [0, 1], got {depth}")
+    key, needle, question = _needle_and_question(tokenizer, rng, n_digits)
+    return _assemble(key, needle, question, haystack_tokens, length, depth)
+
+
+def _needle_and_question(tokenizer, rng: np.random.Generator, n_digits: int) -> tuple[str, list, list]:
+    """A random `n_digits`-digit key and the token ids of the needle and of the question + answer."""
     if n_digits < 1:
         raise ValueError(f"a passkey needs at least 1 digit, got n_digits={n_digits}")
     key = str(int(rng.integers(10 ** (n_digits - 1), 10**n_digits)))
@@ -63,6 +72,11 @@ def make_passkey_sample(
     if question[-n_digits:] != key_ids:
         # The tokenizer groups digits: spell the key one digit token at a time.
         needle, question = _spelled(tokenizer, NEEDLE, key_ids), _spelled(tokenizer, QUESTION, key_ids)
+    return key, needle, question
+
+
+def _assemble(key: str, needle: list, question: list, haystack_tokens, length: int, depth: float):
+    n_digits = len(key)
     n_hay = length - len(needle) - len(question)
     if n_hay < 0:
         raise ValueError(
@@ -75,6 +89,60 @@ def make_passkey_sample(
     hay = np.asarray(haystack_tokens[:n_hay], dtype=np.int64)
     tokens = np.concatenate([hay[:cut], needle, hay[cut:], question]).astype(np.int64)
     return PasskeySample(tokens, length - n_digits, n_digits, key, cut, depth)
+
+
+@dataclass
+class PasskeySegment:
+    tokens: np.ndarray  # [length] int64: corpus text, the passkey sample, corpus text
+    answer_start: int  # position of the first answer digit in `tokens`
+    answer_len: int
+    key: str
+    segment_start: int  # where the passkey sample begins
+    segment_len: int  # its length (it ends with the answer)
+
+
+def make_passkey_segment(
+    tokenizer,
+    docs,
+    length: int,
+    rng: np.random.Generator,
+    n_digits: int = 5,
+    min_share: float = 0.25,
+    drop_ids=(),
+) -> PasskeySegment:
+    """`length` tokens of corpus text holding one passkey sample (`make_passkey_sample`) whose length
+    is uniform between `min_share * length` (at least what needle and question need) and `length`,
+    at a uniform offset, its needle at a uniform depth. The answer thus lands at varying absolute
+    positions, as it does in needle prompts of varying length. `min_share=1.0`: the sample is the
+    whole sequence (the answer at its end).
+
+    Args:
+        tokenizer: as for `make_passkey_sample`.
+        docs: `TokenDocuments` the haystack and the surrounding text are read from (`read_haystack`).
+        length: tokens of the whole sequence (`seq_len + 1` for a training sample).
+        rng: draws the key, the segment's length, offset and depth, and where the text is read.
+        n_digits: digits of the key.
+        min_share: the shortest segment as a share of `length`, in (0, 1].
+        drop_ids: token ids left out of the text (EOS, BOS).
+    """
+    if not 0.0 < min_share <= 1.0:
+        raise ValueError(f"the passkey segment's min_share must lie in (0, 1], got {min_share}")
+    key, needle, question = _needle_and_question(tokenizer, rng, n_digits)
+    overhead = len(needle) + len(question)
+    if overhead > length:
+        raise ValueError(
+            f"a passkey sample needs at least {overhead} tokens (needle, question and answer), but the "
+            f"length is {length}; use a longer data.seq_len or data.passkey_fraction=0"
+        )
+    shortest = min(length, max(overhead, int(np.ceil(min_share * length))))
+    segment_len = int(rng.integers(shortest, length + 1))
+    offset = int(rng.integers(0, length - segment_len + 1))
+    depth = float(rng.random())
+    text = read_haystack(docs, length - overhead, rng, drop_ids=drop_ids)
+    n_hay = segment_len - overhead
+    sample = _assemble(key, needle, question, text[offset : offset + n_hay], segment_len, depth)
+    tokens = np.concatenate([text[:offset], sample.tokens, text[offset + n_hay :]]).astype(np.int64)
+    return PasskeySegment(tokens, offset + sample.answer_start, n_digits, key, offset, segment_len)
 
 
 def _spelled(tokenizer, template: str, key_ids: list[int]) -> list[int]:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from longctx.data.indexed import TokenDocuments
-from longctx.data.passkey import make_passkey_sample, read_haystack
+from longctx.data.passkey import PasskeySegment, make_passkey_sample, make_passkey_segment, read_haystack
 
 # Fractions are kept as integers over this denominator so the mixture rule has no rounding drift.
 _FRACTION_SCALE = 1_000_000
@@ -48,6 +48,9 @@ class PasskeyMixture:
     fraction: float
     tokenizer: object
     n_digits: int = 5
+    # The passkey sample's share of the sequence is uniform in [min_share, 1], the rest corpus text
+    # (`make_passkey_segment`); 1.0: it fills the sequence, its answer at the end.
+    min_share: float = 1.0
 
 
 class PackedSampler:
@@ -136,15 +139,17 @@ class PackedSampler:
                 self._sample_orders.popitem(last=False)
         return block * self.samples_per_epoch + int(self._sample_orders[block][within])
 
-    def _passkey_sample(self, q: int):
+    def _passkey_sample(self, q: int) -> PasskeySegment:
         rng = self._rng(_PASSKEY, q)
-        tok = self.passkey.tokenizer
-        hay = read_haystack(
-            self.docs, self.seq_len + 1, rng, drop_ids=[i for i in (tok.eos_id, tok.bos_id) if i >= 0]
-        )
-        return make_passkey_sample(
-            tok, hay, self.seq_len + 1, float(rng.random()), rng, self.passkey.n_digits
-        )
+        tok, length = self.passkey.tokenizer, self.seq_len + 1
+        drop = [i for i in (tok.eos_id, tok.bos_id) if i >= 0]
+        if self.passkey.min_share < 1.0:
+            return make_passkey_segment(
+                tok, self.docs, length, rng, self.passkey.n_digits, self.passkey.min_share, drop
+            )
+        hay = read_haystack(self.docs, length, rng, drop_ids=drop)
+        s = make_passkey_sample(tok, hay, length, float(rng.random()), rng, self.passkey.n_digits)
+        return PasskeySegment(s.tokens, s.answer_start, s.answer_len, s.key, 0, length)
 
     def sample(self, q: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Tokens, document starts and answer mask of position `q` of the visiting order."""
@@ -152,8 +157,11 @@ class PackedSampler:
         if self.passkey_scale and self.is_passkey(q):
             s = self._passkey_sample(q)
             answer[s.answer_start : s.answer_start + s.answer_len] = True
+            # The text before the passkey sample, the sample, and the text after it are documents.
             starts = np.zeros(self.seq_len + 1, dtype=bool)
-            starts[0] = True
+            starts[[0, s.segment_start]] = True
+            if s.segment_start + s.segment_len <= self.seq_len:
+                starts[s.segment_start + s.segment_len] = True
             return s.tokens, starts, answer
         tokens, starts = self.corpus_sample(self.corpus_index(q))
         return tokens, starts, answer
@@ -191,7 +199,7 @@ class PackedSampler:
         return batch
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "position": self.position,
             "seed": self.seed,
             "seq_len": self.seq_len,
@@ -199,16 +207,20 @@ class PackedSampler:
             "num_docs": self.docs.num_docs,
             "passkey_scale": self.passkey_scale,
         }
+        if self.passkey and self.passkey.min_share < 1.0:
+            # Only when set, so checkpoints from before data.passkey_min_share existed still load.
+            state["passkey_min_share"] = self.passkey.min_share
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        differ = [k for k in mine if k != "position" and state.get(k) != mine[k]]
+        differ = [k for k in {**mine, **state} if k != "position" and state.get(k) != mine.get(k)]
         if differ:
             saved = ", ".join(f"{k}={state.get(k)}" for k in differ)
-            now = ", ".join(f"{k}={mine[k]}" for k in differ)
+            now = ", ".join(f"{k}={mine.get(k)}" for k in differ)
             raise ValueError(
                 f"the data loader state was saved with {saved}, but this run has {now}; resume with the "
-                "same data, data.seq_len, train.seed and data.passkey_fraction, or start fresh with "
-                "train.resume=none"
+                "same data, data.seq_len, train.seed, data.passkey_fraction and data.passkey_min_share, or "
+                "start fresh with train.resume=none"
             )
         self.position = int(state["position"])

@@ -3,6 +3,7 @@
     longctx eval niah --run runs/demo-pretrain --lengths 256,512 --depths 0,0.25,0.5,0.75,1 --samples 20
     longctx eval niah --run RUN --lengths 512 model.rope.scaling.type=linear model.rope.scaling.factor=2
     longctx eval ppl --run runs/demo-pretrain --seq-len 512 --batches 8
+    longctx eval ppl --compare runs/demo-pretrain runs/demo-continue --lengths 256,512
     longctx eval ruler --run runs/demo-continue --lengths 256,512 --tasks niah_multikey,vt --samples 8
 
 The model is rebuilt from `RUN/config.yaml` (plus any `key=value` overrides, e.g. a RoPE scaling to
@@ -35,13 +36,13 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
+def _add_run_args(p: argparse.ArgumentParser, run_required: bool = True) -> None:
     # `--run-dir` too: under torchrun, whose own parser takes `--run` for its `--run-path`.
     p.add_argument(
         "--run",
         "--run-dir",
         dest="run",
-        required=True,
+        required=run_required,
         help="run directory (holds config.yaml and its tokenizer); spell it --run-dir under torchrun",
     )
     p.add_argument(
@@ -93,8 +94,15 @@ def add_eval_parsers(sub) -> None:
     p.set_defaults(func=cmd_lm_eval)
 
     p = ev.add_parser("ppl", help="validation perplexity by position bucket")
-    _add_run_args(p)
+    _add_run_args(p, run_required=False)
     p.add_argument("--seq-len", type=int, help="tokens per sample (default data.seq_len)")
+    p.add_argument("--lengths", type=_int_list, help="several lengths, e.g. 256,512 (instead of --seq-len)")
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("RUN_A", "RUN_B"),
+        help="two runs side by side at each length (e.g. before and after extension), instead of --run",
+    )
     p.add_argument("--batches", type=int, default=8, help="batches to average (default 8)")
     p.add_argument("--buckets", type=int, default=8, help="position buckets (default 8)")
     p.set_defaults(func=cmd_ppl)
@@ -263,27 +271,58 @@ def cmd_lm_eval(args) -> int:
 
 
 def cmd_ppl(args) -> int:
-    from longctx.eval.ppl import evaluate_ppl, ppl_table, write_ppl
+    from longctx.eval.ppl import ppl_compare_table, ppl_table, write_ppl, write_ppl_compare
 
-    model, cfg, tok = load_model_for_eval(args.run, args.checkpoint, args.overrides)
+    if (args.run is None) == (args.compare is None):
+        raise ValueError("eval ppl needs either --run RUN or --compare RUN_A RUN_B")
+    if args.lengths and args.seq_len:
+        raise ValueError("give --seq-len or --lengths, not both")
+    if args.compare:
+        if args.checkpoint:
+            raise ValueError("--checkpoint names one run's weights; --compare uses each run's own")
+        compare = {run: _ppl_at_lengths(run, args) for run in args.compare}
+        names = {run: Path(run).name or run for run in args.compare}
+        if len(set(names.values())) < len(names):
+            names = {run: run for run in args.compare}
+        compare = {names[run]: results for run, results in compare.items()}
+        json_path, png_path = write_ppl_compare(compare, args.out or Path(args.compare[1]) / "ppl-compare")
+        print(ppl_compare_table(compare))
+        print(f"wrote {json_path} and {png_path}")
+        return 0
+    results = _ppl_at_lengths(args.run, args)
+    out = Path(args.out or Path(args.run) / "ppl")
+    for res in results:
+        # One length keeps the plain RUN/ppl/ppl.json; several go to RUN/ppl/<length>/.
+        json_path, png_path = write_ppl(res, out if len(results) == 1 else out / str(res["seq_len"]))
+        print(ppl_table(res))
+        print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def _ppl_at_lengths(run: str, args) -> list[dict]:
+    """`evaluate_ppl` of run `run` at each of `--lengths` (or `--seq-len`, or its data.seq_len), on
+    its held-out text."""
+    from longctx.eval.ppl import evaluate_ppl
+
+    model, cfg, tok = load_model_for_eval(run, args.checkpoint, args.overrides)
     progress = not args.no_progress
     data = _prepared(cfg, tok, progress)
     # A tiny corpus may have no validation split; its training text then stands in, said aloud.
     docs = data.val
     if docs.num_tokens == 0:
-        print("the corpus has no validation split; measuring on training text")
+        print(f"{run}: the corpus has no validation split; measuring on training text")
         docs = data.train
-    results = evaluate_ppl(
-        model,
-        docs,
-        seq_len=args.seq_len or cfg.data.seq_len,
-        batch_size=args.batch_size or cfg.eval.batch_size,
-        batches=args.batches,
-        n_buckets=args.buckets,
-        seed=cfg.train.seed,
-        progress=progress,
-    )
-    json_path, png_path = write_ppl(results, args.out or Path(args.run) / "ppl")
-    print(ppl_table(results))
-    print(f"wrote {json_path} and {png_path}")
-    return 0
+    lengths = args.lengths or [args.seq_len or cfg.data.seq_len]
+    return [
+        evaluate_ppl(
+            model,
+            docs,
+            seq_len=length,
+            batch_size=args.batch_size or cfg.eval.batch_size,
+            batches=args.batches,
+            n_buckets=args.buckets,
+            seed=cfg.train.seed,
+            progress=progress,
+        )
+        for length in lengths
+    ]

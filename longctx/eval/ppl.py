@@ -3,6 +3,8 @@
     results = evaluate_ppl(model, data.val, seq_len=1024, batch_size=4, batches=8, n_buckets=8)
     write_ppl(results, "runs/x/ppl")         # ppl.json and ppl.png
     print(ppl_table(results))
+    compare = {"pretrained": [results_256, results_512], "extended": [...]}   # per run, per length
+    print(ppl_compare_table(compare)); write_ppl_compare(compare, "runs/x/ppl-compare")
 
 The validation samples are the packed corpus samples of `PackedSampler` (no passkey mixture), the
 same ones the trainer's validation loss reads. The next-token loss of every position is averaged
@@ -68,7 +70,7 @@ def evaluate_ppl(
 
     Returns:
         `{"seq_len", "buckets": [[first, last + 1] per bucket], "loss": [...], "ppl": [...],
-        "tokens": tokens scored, "samples"}`.
+        "overall_loss", "overall_ppl" (over every position), "tokens": tokens scored, "samples"}`.
     """
     if seq_len % n_buckets:
         raise ValueError(f"seq_len {seq_len} does not split into {n_buckets} equal buckets; pick a divisor")
@@ -89,11 +91,14 @@ def evaluate_ppl(
     width = seq_len // n_buckets
     per_bucket = batches * batch_size * width
     loss = (sums / per_bucket).tolist()
+    overall = float(sums.sum()) / (per_bucket * n_buckets)
     return {
         "seq_len": seq_len,
         "buckets": [[k * width, (k + 1) * width] for k in range(n_buckets)],
         "loss": loss,
         "ppl": [math.exp(x) for x in loss],
+        "overall_loss": overall,
+        "overall_ppl": math.exp(overall),
         "tokens": batches * batch_size * seq_len,
         "samples": batches * batch_size,
     }
@@ -104,7 +109,59 @@ def ppl_table(results: dict) -> str:
     lines.append(f"{'positions':>13}  {'loss':>7}  {'ppl':>9}")
     for (a, b), loss, ppl in zip(results["buckets"], results["loss"], results["ppl"]):
         lines.append(f"{f'{a}-{b - 1}':>13}  {loss:7.4f}  {ppl:9.2f}")
+    lines.append(f"{'all':>13}  {results['overall_loss']:7.4f}  {results['overall_ppl']:9.2f}")
     return "\n".join(lines)
+
+
+def ppl_compare_table(compare: dict[str, list[dict]]) -> str:
+    """Runs side by side: `compare` maps a run's name to its `evaluate_ppl` results, one per length
+    (the same lengths in the same order for every run). A row per position bucket and one for all
+    positions, a perplexity column per run, and each later run's change against the first."""
+    names = list(compare)
+    first = compare[names[0]]
+    width = max(10, *(len(n) for n in names))
+    head = f"{'length':>6}  {'positions':>11}  " + "  ".join(f"{n:>{width}}" for n in names)
+    head += "".join(f"  {'vs ' + names[0]:>{width}}" for _ in names[1:])
+    lines = [f"perplexity on held-out text ({first[0]['samples']} samples per length)", head]
+    for i, res in enumerate(first):
+        rows = [(f"{a}-{b - 1}", k) for k, (a, b) in enumerate(res["buckets"])] + [("all", None)]
+        for label, k in rows:
+            values = [compare[n][i]["overall_ppl"] if k is None else compare[n][i]["ppl"][k] for n in names]
+            line = f"{res['seq_len']:>6}  {label:>11}  " + "  ".join(f"{v:>{width}.2f}" for v in values)
+            line += "".join(f"  {f'{(v / values[0] - 1) * 100:+.1f}%':>{width}}" for v in values[1:])
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def write_ppl_compare(compare: dict[str, list[dict]], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write `out_dir/ppl-compare.json` and `out_dir/ppl-compare.png` (a panel per length, loss by
+    position, a line per run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "ppl-compare.json"
+    json_path.write_text(json.dumps(compare, indent=2) + "\n")
+    n_lengths = len(next(iter(compare.values())))
+    fig, axes = plt.subplots(1, n_lengths, figsize=(4.5 * n_lengths, 3.5), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        for name, results in compare.items():
+            res = results[i]
+            centers = [(a + b) / 2 for a, b in res["buckets"]]
+            ax.plot(centers, res["loss"], "o-", label=f"{name} (ppl {res['overall_ppl']:.1f})")
+        ax.set_xlabel("position (bucket centre)")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title(f"{res['seq_len']} tokens")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    png_path = out / "ppl-compare.png"
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return json_path, png_path
 
 
 def write_ppl(results: dict, out_dir: str | Path) -> tuple[Path, Path]:

@@ -51,6 +51,35 @@ class MetricsLogger:
             self.wandb_run = None
 
 
+class LengthMeter:
+    """Loss and tokens/s of each sequence length over a logging window, for length mixtures: `add` every
+    step, `pop` at a logged step gives `{"loss@L": mean step loss, "tokens_per_s@L": tokens / seconds
+    of the steps at L}` and starts a new window. Falsy until a step was added."""
+
+    def __init__(self):
+        self.window: dict[int, list[float]] = {}
+        self.seen = False
+
+    def __bool__(self) -> bool:
+        return self.seen
+
+    def add(self, seq_len: int, loss: float, tokens: int, seconds: float) -> None:
+        self.seen = True
+        sums = self.window.setdefault(seq_len, [0.0, 0, 0, 0.0])
+        sums[0] += loss
+        sums[1] += 1
+        sums[2] += tokens
+        sums[3] += seconds
+
+    def pop(self) -> dict:
+        out = {}
+        for n, (loss, steps, tokens, seconds) in sorted(self.window.items()):
+            out[f"loss@{n}"] = loss / steps
+            out[f"tokens_per_s@{n}"] = tokens / max(seconds, 1e-9)
+        self.window = {}
+        return out
+
+
 def _start_wandb(cfg, run_dir: Path):
     import dataclasses
 
@@ -85,9 +114,16 @@ def plot_loss(run_dir: str | Path) -> Path | None:
     if not train:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*zip(*train), label="train")
+    ax.plot(*zip(*train), label="train", alpha=0.6)
+    # A length mixture logs each length's training loss (loss@L); train.eval_lengths its validation
+    # loss (val_loss@L): one line per length, so forgetting at a short length shows.
+    for prefix, style, name in (("loss@", "-", "train"), ("val_loss@", "o-", "validation")):
+        lengths = sorted({int(k[len(prefix) :]) for r in records for k in r if k.startswith(prefix)})
+        for n in lengths:
+            points = [(r["step"], r[f"{prefix}{n}"]) for r in records if f"{prefix}{n}" in r]
+            ax.plot(*zip(*points), style, label=f"{name} at {n} tokens", markersize=3)
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    if val:
+    if val and not any(k.startswith("val_loss@") for r in records for k in r):
         ax.plot(*zip(*val), "o-", label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")

@@ -25,6 +25,7 @@ import torch
 
 from longctx.config import Config, save_config
 from longctx.data import build_samplers, load_tokenizer, open_dataset, prepare_dataset
+from longctx.data.mixture import LengthSchedule, MixedSampler
 from longctx.kernels.common import set_backend as set_kernel_backend
 from longctx.kernels.common.tuning import synchronize as synchronize_tuning
 from longctx.model import build_model
@@ -41,7 +42,7 @@ from longctx.train.distributed import (
     shutdown,
 )
 from longctx.train.engine import build_engine
-from longctx.train.metrics import MetricsLogger, plot_loss
+from longctx.train.metrics import LengthMeter, MetricsLogger, plot_loss
 from longctx.train.run_dir import RunLock, keep_metrics_upto
 from longctx.train.start import plan_start
 from longctx.weights import check_weights
@@ -127,7 +128,10 @@ class Trainer:
         )
         self.sampler, self.val_sampler = self.build_samplers()
         self.stages = cfg.data.stages()
+        self.stage_mixes = cfg.data.stage_mixes()
         self.stage = -1
+        # Validation samplers of train.eval_lengths, made when first needed.
+        self.val_samplers = {}
         if cfg.train.eval_every and self.val_sampler is None:
             raise ValueError(
                 f"train.eval_every={cfg.train.eval_every} needs validation data, but the validation split of "
@@ -218,9 +222,13 @@ class Trainer:
         stage = max(i for i, (start, _) in enumerate(self.stages) if start <= step)
         if stage == self.stage:
             return False
-        start, seq_len = self.stages[stage]
-        if seq_len != self.sampler.seq_len:
-            self.sampler, _ = self.build_samplers(seq_len)
+        start, mix = self.stage_mixes[stage]
+        if len(mix) > 1:
+            samplers = {n: self.build_samplers(n)[0] for n, _ in mix}
+            schedule = LengthSchedule(mix, self.cfg.train.seed)
+            self.sampler = MixedSampler(samplers, schedule, self.grad_accum)
+        elif isinstance(self.sampler, MixedSampler) or mix[0][0] != self.sampler.seq_len:
+            self.sampler, _ = self.build_samplers(mix[0][0])
         self.sampler.position = (step - start) * self.sampler.global_batch * self.grad_accum
         self.stage = stage
         return True
@@ -248,12 +256,10 @@ class Trainer:
         meta = self.checkpointer.load(path, self.engine)
         self.step, self.tokens = meta["step"], meta["tokens"]
         self.enter_stage(self.step)
-        saved = meta["sampler"]
-        previous = self.stages[self.stage - 1][1] if self.stage > 0 else None
         # Saved on the last step of the previous schedule stage: this stage starts at its own
         # position 0 (enter_stage), so the saved position has nothing left to say.
-        if not (saved.get("seq_len") != self.sampler.seq_len and saved.get("seq_len") == previous):
-            self.sampler.load_state_dict(saved)
+        if self.step != self.stages[self.stage][0]:
+            self.sampler.load_state_dict(meta["sampler"])
 
     def save_checkpoint(self) -> None:
         state = {"tokens": self.tokens, "sampler": self.sampler.state_dict(), "params": self.param_shapes}
@@ -316,6 +322,7 @@ class Trainer:
             [loss_sum.item(), float(count), *answer_stats.tolist(), n_docs, float(n_samples)], self.dist
         )
         out = {"loss": total / n_tokens, "grad_norm": grad_norm, "tokens": int(n_tokens), "comm_bytes": comm}
+        out["seq_len"] = batches[0].tokens.shape[1] - 1
         if docs_sum:
             out["docs_per_sample"] = docs_sum / samples
         if n_answers and self.cfg.train.loss_impl == "chunked":
@@ -323,13 +330,15 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self, sampler=None) -> float:
         """Mean next-token loss over the first `train.eval_batches` validation batches of every
-        data-parallel rank (the same batches every time, so values at different steps compare)."""
+        data-parallel rank (the same batches every time, so values at different steps compare), from
+        `sampler` (default: the validation sampler at data.seq_len)."""
+        sampler = sampler or self.val_sampler
         self.model.eval()
         loss_sum, count = 0.0, 0
         for index in range(self.cfg.train.eval_batches):
-            batch = self.val_sampler.get_batch(index)
+            batch = sampler.get_batch(index)
             docs = self.documents(batch.doc_starts)
             inputs, targets, layout = self.shard(batch.tokens.to(self.device), docs)
             with self.autocast():
@@ -339,11 +348,54 @@ class Trainer:
         total, n_tokens = all_reduce_sum([loss_sum, float(count)], self.dist)
         return total / n_tokens
 
+    @torch.no_grad()
+    def needle_check(self, length: int) -> float:
+        """Exact-match needle accuracy at `length`: `train.eval_needle_samples` samples at each depth of
+        `eval.depths` (`longctx.eval.niah`, the same samples every time), split over the data-parallel
+        ranks and run context-parallel like training."""
+        from longctx.eval.niah import NiahOptions, context_parallel_answer_logits, evaluate_niah
+
+        info, kwargs = self.dist, {}
+        if info.cp_size > 1:
+            kwargs["forward"] = context_parallel_answer_logits(
+                self.model, info.cp_rank, info.cp_size, info.cp_group
+            )
+        if info.enabled:
+            # Every rank of a CP group sees the same hits; one of them counts.
+            kwargs["reduce"] = lambda v: all_reduce_sum([x if info.cp_rank == 0 else 0.0 for x in v], info)
+        with self.autocast():
+            options = NiahOptions(
+                lengths=[length],
+                depths=self.cfg.eval.depths,
+                samples=self.cfg.train.eval_needle_samples,
+                n_digits=self.cfg.data.passkey_digits,
+                batch_size=self.cfg.eval.batch_size,
+                progress=False,
+            )
+            shard = (info.dp_rank, info.dp_size)
+            results = evaluate_niah(self.model, self.tokenizer, self.data.train, options, shard=shard, **kwargs)
+        return float(np.mean(results["accuracy"][0]))
+
+    def evaluate_lengths(self) -> dict:
+        """`val_loss` at data.seq_len, and `val_loss@L` and `needle@L` at every train.eval_lengths."""
+        record = {}
+        for length in self.cfg.eval_lengths():
+            if length not in self.val_samplers:
+                self.val_samplers[length] = self.build_samplers(length)[1]
+            record[f"val_loss@{length}"] = self.evaluate(self.val_samplers[length])
+            # Only a model taught retrieval (passkey samples in training) is asked for needles.
+            if self.cfg.train.eval_needle_samples and self.cfg.data.passkey_fraction > 0:
+                record[f"needle@{length}"] = self.needle_check(length)
+        seq_len = self.cfg.data.seq_len
+        return {"val_loss": record.get(f"val_loss@{seq_len}") or self.evaluate(), **record}
+
     def train(self) -> None:
         cfg = self.cfg.train
         self.model.train()
         start = time.perf_counter()
         window_t, window_tokens = start, self.tokens
+        # Loss and tokens/s of each length, logged while a length mixture trains.
+        meter = LengthMeter()
         while self.step < cfg.steps:
             lr = self.engine.lr
             if self.enter_stage(self.step) and len(self.stages) > 1:
@@ -351,7 +403,10 @@ class Trainer:
                     f"step {self.step + 1}: seq_len {self.sampler.seq_len} "
                     f"(data.seq_len_schedule stage {self.stage + 1} of {len(self.stages)})"
                 )
+            step_start = time.perf_counter()
             out = self.train_step([self.sampler.next_batch() for _ in range(self.grad_accum)])
+            if isinstance(self.sampler, MixedSampler) or meter:
+                meter.add(out["seq_len"], out["loss"], out["tokens"], time.perf_counter() - step_start)
             if not self._tuned_in_sync:
                 # Every rank has now met its kernels' shapes: adopt rank 0's tuned configs.
                 synchronize_tuning()
@@ -377,9 +432,10 @@ class Trainer:
                 )
                 extra = ("answer_loss", "answer_acc", "docs_per_sample")
                 record.update({k: out[k] for k in extra if k in out})
+                record.update(meter.pop())
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 eval_start = time.perf_counter()
-                record["val_loss"] = self.evaluate()
+                record.update(self.evaluate_lengths())
                 # Evaluation time is not training time.
                 window_t += time.perf_counter() - eval_start
             if len(record) > 1:
