@@ -331,9 +331,7 @@ def test_nsa_select_chunk_entry_points_merge_to_full_attention_and_its_gradients
     do = torch.randn_like(q)
     chunks = [(0, 32), (32, 96)]
     with backend(where):
-        parts = [
-            nsa_select_attn_chunk_fwd(q, k[:, a:b], v[:, a:b], idx, bs, q_off, a) for a, b in chunks
-        ]
+        parts = [nsa_select_attn_chunk_fwd(q, k[:, a:b], v[:, a:b], idx, bs, q_off, a) for a, b in chunks]
         o, lse = merge_partials_ref([p[0] for p in parts], [p[1] for p in parts])
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for a, b in chunks:

@@ -373,7 +373,9 @@ class Trainer:
                 progress=False,
             )
             shard = (info.dp_rank, info.dp_size)
-            results = evaluate_niah(self.model, self.tokenizer, self.data.train, options, shard=shard, **kwargs)
+            results = evaluate_niah(
+                self.model, self.tokenizer, self.data.train, options, shard=shard, **kwargs
+            )
         return float(np.mean(results["accuracy"][0]))
 
     def evaluate_lengths(self) -> dict:
