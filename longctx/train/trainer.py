@@ -172,7 +172,10 @@ class Trainer:
         if resume_from is None and cfg.train.init_from and not on_meta:
             init_note = self.init_weights(model, cfg.train.init_from)
         if self.dist.cp_size > 1:
-            parallelize_model(model, self.dist.cp_group, cfg.parallel.cp_comm)
+            parallelize_model(
+                model, self.dist.cp_group, cfg.parallel.cp_comm, cfg.parallel.ulysses_size,
+                cfg.parallel.deterministic,
+            )  # fmt: skip
         self.model = model
         universal = resume_from is not None and self.needs_universal(resume_from)
         self.engine = build_engine(
