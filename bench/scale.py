@@ -93,13 +93,11 @@ def s2_need_closed_form(s2, heads: int, kv_heads: int, q_ids: torch.Tensor, n_bl
     up to the last query block."""
     j = torch.arange(n_blocks)
     last = int(q_ids.max())
-    local = torch.zeros(n_blocks + s2.local_blocks, dtype=torch.long)
-    local.index_add_(0, q_ids, torch.ones_like(q_ids))
-    local.index_add_(0, q_ids + s2.local_blocks, -torch.ones_like(q_ids))
-    # A block is local to some query block iff one lies in [j, j + local_blocks).
-    windows = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), local]), 0)
-    in_window = (windows[j + s2.local_blocks] - windows[j]) > 0
-    del windows
+    # A block is in some query block's window iff a query block lies in [j, j + local_blocks).
+    is_query = torch.zeros(n_blocks + s2.local_blocks, dtype=torch.long)
+    is_query[q_ids] = 1
+    count = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), is_query]), 0)
+    in_window = (count[j + s2.local_blocks] - count[j]) > 0
     step = max(1, s2.vert_stride // heads)
     h = torch.arange(heads)
     strided = ((j[None] + 1 + h[:, None] * step) % s2.vert_stride == 0) | (h >= heads - s2.dense_heads)[
@@ -355,10 +353,28 @@ def main(argv=None) -> int:
                 )
     for r in records:
         r.update(config=args.config, links=vars(links))
+    print("fastest D scheme (layer ms, fwd + bwd):")
+    lines = ["| T | GPUs | " + " | ".join(SCHEMES) + " | fastest D |", "|---" * (len(SCHEMES) + 3) + "|"]
+    for t in args.seq_len:
+        for n in sizes:
+            rows = {r["scheme"]: r for r in records if r["T"] == t and r["gpus"] == n}
+            if not rows:
+                continue
+            best = best_scheme(list(rows.values()), "D")["scheme"]
+            print(f"  T={t:>9} GPUs={n:>5}: {best}")
+            cells = [
+                f"{rows[s]['layer_ms']:.2f}{'' if rows[s]['hides'] else '*'}" if s in rows else "-"
+                for s in SCHEMES
+            ]
+            lines.append(f"| {t} | {n} | " + " | ".join(cells) + f" | {best} |")
+    table = Path(args.plot).with_suffix(".md")
+    table.parent.mkdir(parents=True, exist_ok=True)
+    note = "ms per layer (forward + backward, exposed communication included); * = communication not hidden"
+    table.write_text(f"{args.config}, {links}\n\n{note}\n\n" + "\n".join(lines) + "\n")
     path = write_results(BENCH, records, path=args.out)
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
     plot(records, Path(args.plot))
-    print(f"wrote {path} and {args.plot}")
+    print(f"wrote {path}, {table} and {args.plot}")
     return 0
 
 
