@@ -185,3 +185,19 @@ def test_s2_need_closed_form_equals_needed_blocks(heads, kv, dense, stride, loca
         q_ids = geo.held_by(rank)
         expected = s2_needed_blocks(cfg, heads, kv, q_ids, geo.n_blocks)
         assert torch.equal(s2_need_closed_form(cfg, heads, kv, q_ids, geo.n_blocks), expected), rank
+
+
+def test_usp_config_says_what_divides():
+    from longctx.config import ConfigError, load_config
+
+    cfg = load_config(None, ["parallel.cp=8", "parallel.cp_comm=usp", "parallel.ulysses_size=4"])
+    assert (cfg.parallel.ulysses_size, cfg.parallel.deterministic) == (4, False)
+    with pytest.raises(ConfigError, match="must divide parallel.cp=8"):
+        load_config(None, ["parallel.cp=8", "parallel.cp_comm=usp", "parallel.ulysses_size=3"])
+    with pytest.raises(ConfigError, match="only used with parallel.cp_comm=usp"):
+        load_config(None, ["parallel.cp=8", "parallel.ulysses_size=2"])
+    from longctx.parallel.ulysses import check_heads
+
+    with pytest.raises(ValueError, match="6 query heads do not divide over parallel.ulysses_size=4"):
+        check_heads(6, 2, 4, "usp", "parallel.ulysses_size")
+    assert check_heads(8, 2, 4, "usp", "parallel.ulysses_size") == 2
