@@ -79,7 +79,7 @@ def s2_need_counts(s2, heads: int, kv_heads: int, seq_len: int, size: int, rank:
     geo = ZigzagBlocks(seq_len, size, s2.block_size)
     q_ids = geo.held_by(rank)
     n = geo.n_blocks
-    if heads * len(q_ids) * n <= 2**24:
+    if heads * len(q_ids) * n <= 2**20:
         need = s2_needed_blocks(s2, heads, kv_heads, q_ids, n)
     else:
         need = s2_need_closed_form(s2, heads, kv_heads, q_ids, n)
