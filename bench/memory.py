@@ -199,11 +199,17 @@ def main(argv=None) -> int:
     if 1 not in args.ranks:
         raise SystemExit("--ranks must include 1 (the target compares against one process)")
     defaults = [
-        "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.s2.block_size=16",
+        "model.dim=128", "model.n_heads=8", "model.n_kv_heads=2", "model.s2.block_size=16",
         "model.s2.local_blocks=4", "model.s2.vert_stride=8", "model.nsa.slc_block=16", "model.nsa.slc_top=4",
         "model.nsa.window=64", "model.nsa.cmp_block=16", "model.nsa.cmp_stride=8",
     ]  # fmt: skip
     cfg = load_config(None, [*defaults, *args.overrides]).model
+    bad = [p for p in args.ranks if cfg.n_heads % p]
+    if bad:
+        raise SystemExit(
+            f"D ulysses splits {cfg.n_heads} heads over the ranks: --ranks {bad} do not divide them; "
+            "pick ranks that divide model.n_heads (or raise it)"
+        )
     by_p = {}
     for size in sorted(args.ranks):
         by_p[size] = measure(cfg, args.seq_len, size)
