@@ -77,7 +77,7 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 
-BENCHES = ("kernels", "train", "comm", "report")
+BENCHES = ("kernels", "train", "comm", "report", "memory", "scale")
 
 
 def cmd_bench(args) -> int:
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     p = sub.add_parser(
         "bench",
-        help="benchmarks: kernels | train (GPU), comm (any machine), report (README table + plot)",
+        help="benchmarks: kernels | train (GPU), comm | memory | scale (any machine), report (README table)",
         description="Run a benchmark; options after the name go to it (e.g. `longctx bench comm --help`).",
     )
     p.add_argument("which", choices=BENCHES)

@@ -486,7 +486,9 @@ class TrainConfig:
 class ParallelConfig:
     cp: int = 1
     # How D layers exchange keys/values (S, N and L layers have their own schemes).
-    cp_comm: Literal["ring", "ulysses", "allgather"] = "ring"
+    cp_comm: Literal["ring", "ulysses", "allgather", "usp"] = "ring"
+    # usp: all-to-all over heads within groups of this many consecutive CP ranks, ring across groups.
+    ulysses_size: int = 1
     engine: Literal["torch", "deepspeed"] = "torch"
     zero_stage: int = 1
     fsdp: bool = False
@@ -499,12 +501,24 @@ class ParallelConfig:
     # HSDP: FSDP2 / ZeRO-3 shard within groups of (DP x CP) / dp_replicate ranks and replicate across
     # the groups (a 2D mesh; DeepSpeed's zero_hpz_partition_size), so parameter gathers stay in a node.
     dp_replicate: int = 1
-    # Every context-parallel reduction in a fixed order without atomics (the same gradients to the
-    # last bit on every run). S and N layers always reduce this way (docs/parallelism.md).
+    # Every context-parallel reduction in a fixed order without atomics, and kernel backwards without
+    # atomics (the same gradients to the last bit on every run). S and N layers always reduce this way
+    # (docs/parallelism.md).
     deterministic: bool = False
 
     def __post_init__(self):
         _require(self.cp >= 1, "parallel.cp", f"must be >= 1, got {self.cp}")
+        _require(
+            self.cp_comm != "usp" or (self.ulysses_size >= 1 and self.cp % self.ulysses_size == 0),
+            "parallel.ulysses_size",
+            f"{self.ulysses_size} must divide parallel.cp={self.cp} under parallel.cp_comm=usp "
+            "(cp = ulysses_size x ring size)",
+        )
+        _require(
+            self.ulysses_size == 1 or self.cp_comm == "usp",
+            "parallel.ulysses_size",
+            f"{self.ulysses_size} is only used with parallel.cp_comm=usp (got cp_comm={self.cp_comm})",
+        )
         _require(
             self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0-3, got {self.zero_stage}"
         )

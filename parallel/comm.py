@@ -62,22 +62,37 @@ def reduce_scatter_tensor(x: torch.Tensor, group) -> torch.Tensor:
     return out.view(x.shape[1:])
 
 
+def reduce_scatter_ordered(x: torch.Tensor, group) -> torch.Tensor:
+    """`reduce_scatter_tensor` with a fixed summation order: an all-to-all hands every rank all `P`
+    contributions to its slice, summed in rank order in fp32 (fp64 stays fp64). Bitwise reproducible
+    whatever the backend's reduction algorithm; the same bytes as a reduce-scatter."""
+    parts = all_to_all_tensor(x, group)  # [P, ...]: slot j is rank j's contribution to my slice
+    work = torch.promote_types(x.dtype, torch.float32)
+    total = parts[0].to(work, copy=True)
+    for part in parts[1:]:
+        total += part
+    return total.to(x.dtype)
+
+
 class _AllGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
+    def forward(ctx, x, group, deterministic):
+        ctx.group, ctx.deterministic = group, deterministic
         return all_gather_tensor(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        # Each rank's shard was used by every rank: its gradient is the sum of theirs, summed in fp32.
+        # Each rank's shard was used by every rank: its gradient is the sum of theirs, summed in fp32
+        # (in a fixed order when deterministic).
+        reduce = reduce_scatter_ordered if ctx.deterministic else reduce_scatter_tensor
         work = torch.promote_types(grad.dtype, torch.float32)
-        return reduce_scatter_tensor(grad.to(work), ctx.group).to(grad.dtype), None
+        return reduce(grad.to(work), ctx.group).to(grad.dtype), None, None
 
 
-def all_gather(x: torch.Tensor, group) -> torch.Tensor:
-    """Differentiable all-gather: `[P, *x.shape]`; the backward reduce-scatters the gradient."""
-    return _AllGather.apply(x, group)
+def all_gather(x: torch.Tensor, group, deterministic: bool = False) -> torch.Tensor:
+    """Differentiable all-gather: `[P, *x.shape]`; the backward reduce-scatters the gradient (in a fixed
+    order when `deterministic`)."""
+    return _AllGather.apply(x, group, deterministic)
 
 
 def all_to_all_tensor(x: torch.Tensor, group) -> torch.Tensor:

@@ -12,7 +12,9 @@ the decayed contribution of `H_c`:
 
     o_t = o_t^0 + scale * exp(b_t) q_t H_c,    b_t = sum of g from the chunk's first token to t.
 
-Every exponent is a sum of log-decays (<= 0). The backward is autograd through the same steps: the
+Every exponent is a sum of log-decays (<= 0). A rank needs the states entering its two chunks only,
+so it forms those two weighted sums from the gathered chunks (`entering_state`), no scan over all
+`2P`, in fp32 with autocast off. The backward is autograd through the same steps: the
 all-gather's backward reduce-scatters the gradients of the gathered states back to their owners, and
 the kernel carries them from `S_c` into that chunk's q, k, v, g.
 
@@ -36,27 +38,32 @@ def zigzag_chunk_ids(rank: int, size: int) -> tuple[int, int]:
     return rank, 2 * size - 1 - rank
 
 
-def entering_states(states: torch.Tensor, decays: torch.Tensor) -> torch.Tensor:
-    """States entering each chunk, in global chunk order.
+def entering_state(states: torch.Tensor, decays: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The state entering global chunk `chunk`, from every earlier chunk's (state, decay).
 
     Args:
-        states: `[C, B, H, Dk, Dv]` each chunk's final state from a zero start (fp32).
-        decays: `[C, B, H]` each chunk's total log-decay.
+        states: `[C, B, H, Dk, Dv]` each chunk's final state from a zero start (fp32 or fp64).
+        decays: `[C, B, H]` each chunk's total log-decay (<= 0).
     Returns:
-        `[C, B, H, Dk, Dv]`, `H_0 = 0`, `H_{c+1} = exp(a_c) H_c + S_c`.
+        `[B, H, Dk, Dv]`: `H_c = sum_{c' < c} exp(a_{c'+1} + ... + a_{c-1}) S_{c'}` (`H_0 = 0`).
+
+    One weighted sum, not a scan: the exponents are suffix sums of log-decays (sums of numbers <= 0,
+    so no cancellation of large partial sums), and a rank needs only its own two chunks' states.
     """
-    entering = [torch.zeros_like(states[0])]
-    for c in range(states.shape[0] - 1):
-        entering.append(torch.exp(decays[c])[..., None, None] * entering[-1] + states[c])
-    return torch.stack(entering)
+    if chunk == 0:
+        return torch.zeros_like(states[0])
+    # suffix[c'] = a_{c'+1} + ... + a_{chunk-1}, for c' < chunk.
+    later = decays[1:chunk].flip(0).cumsum(0).flip(0)  # [chunk - 1, B, H]
+    suffix = torch.cat([later, torch.zeros_like(decays[:1])])  # [chunk, B, H]
+    return torch.einsum("cbh,cbhkv->bhkv", torch.exp(suffix), states[:chunk])
 
 
 class StatePassingLinearCore(nn.Module):
     letter = "L"
 
-    def __init__(self, group):
+    def __init__(self, group, deterministic: bool = False):
         super().__init__()
-        self.group = group
+        self.group, self.deterministic = group, deterministic
 
     def forward(self, q, k, v, g, layout):
         rank, size = check_zigzag(layout, self.group)
@@ -81,18 +88,21 @@ class StatePassingLinearCore(nn.Module):
             decay = g_seg.to(work).sum(dim=1)  # [B, H]
             packed.append(torch.cat([state.to(work).flatten(2), decay[..., None]], dim=-1))
         # One all-gather of both chunks' (state, decay): [P, 2, B, H, Dk * Dv + 1].
-        gathered = all_gather(torch.stack(packed), self.group)
+        gathered = all_gather(torch.stack(packed), self.group, deterministic=self.deterministic)
         by_chunk = [None] * (2 * size)
         for p in range(size):
             for slot, c in enumerate(zigzag_chunk_ids(p, size)):
                 by_chunk[c] = gathered[p, slot]
         chunks = torch.stack(by_chunk)
-        entering = entering_states(chunks[..., :-1].view(2 * size, b, h, dk, dv), chunks[..., -1])
+        states, chunk_decays = chunks[..., :-1].view(2 * size, b, h, dk, dv), chunks[..., -1]
         scale = dk**-0.5
         result = []
-        for slot, (o, seg, g_seg) in enumerate(zip(outs, segments, decays)):
-            h_in = entering[zigzag_chunk_ids(rank, size)[slot]]  # [B, H, Dk, Dv]
-            cum = torch.cumsum(g_seg.to(work), dim=1)  # [B, n, H]
-            carry = torch.einsum("bthk,bhkv->bthv", q[:, seg].to(work) * torch.exp(cum)[..., None], h_in)
-            result.append((o.to(work) + scale * carry).to(o.dtype))
+        # The carry is fp32 math whatever autocast says: bf16 einsums would round the states.
+        with torch.autocast(q.device.type, enabled=False):
+            for slot, (o, seg, g_seg) in enumerate(zip(outs, segments, decays)):
+                chunk = zigzag_chunk_ids(rank, size)[slot]
+                h_in = entering_state(states, chunk_decays, chunk)  # [B, H, Dk, Dv]
+                cum = torch.cumsum(g_seg.to(work), dim=1)  # [B, n, H]
+                carry = torch.einsum("bthk,bhkv->bthv", q[:, seg].to(work) * torch.exp(cum)[..., None], h_in)
+                result.append((o.to(work) + scale * carry).to(o.dtype))
         return torch.cat(result, dim=1)

@@ -70,10 +70,10 @@ class _Ring:
     def cu_seqlens(self, device):
         return None if self.docs is None else self.docs.on(device)
 
-    def shift(self, tensor: torch.Tensor):
-        """Send `tensor` to the next rank and receive the previous rank's into a new buffer."""
-        incoming = torch.empty_like(tensor)
-        return incoming, send_recv([(tensor, self.next)], [(incoming, self.prev)], self.group)
+    def shift(self, tensor: torch.Tensor, into: torch.Tensor):
+        """Send `tensor` to the next rank and receive the previous rank's into `into` (same shape);
+        returns the requests. Both must stay untouched until they complete."""
+        return send_recv([(tensor, self.next)], [(into, self.prev)], self.group)
 
 
 class RingAttention(torch.autograd.Function):
@@ -88,8 +88,10 @@ class RingAttention(torch.autograd.Function):
         work = torch.promote_types(q.dtype, torch.float32)
         outs = [None, None]
         lses = [None, None]
+        # Two K,V buffers alternate for the whole ring: one is read while the other receives.
+        spare = torch.empty_like(kv) if ring.size > 1 else None
         for step in range(ring.size):
-            pending = ring.shift(kv) if step < ring.size - 1 else (None, [])
+            pending = ring.shift(kv, spare) if step < ring.size - 1 else []
             for qi, ki, q_off, k_off in ring.pairs(step):
                 k_c = kv[:, ki * c : (ki + 1) * c, :n_kv]
                 v_c = kv[:, ki * c : (ki + 1) * c, n_kv:]
@@ -100,9 +102,9 @@ class RingAttention(torch.autograd.Function):
                     outs[qi], lses[qi] = o.to(work), lse
                 else:
                     outs[qi], lses[qi] = merge_partials([outs[qi], o.to(work)], [lses[qi], lse])
-            _wait(pending[1])
-            if pending[0] is not None:
-                kv = pending[0]
+            _wait(pending)
+            if pending:
+                kv, spare = spare, kv
         o = torch.cat(outs, dim=1)
         lse = torch.cat(lses, dim=2)
         ctx.save_for_backward(q, k, v, o, lse)
@@ -121,11 +123,17 @@ class RingAttention(torch.autograd.Function):
         kv = torch.cat([k, v], dim=2).contiguous()
         work = torch.promote_types(q.dtype, torch.float32)
         dq = torch.zeros_like(q, dtype=work)
-        own = None
-        dkv_pending = (None, [])
+        # Buffers live for the whole backward: two for the travelling K,V, this rank's own chunk's
+        # dK,dV share, one step's share of a visiting chunk, and two for the travelling dK,dV sums.
+        spare = torch.empty_like(kv) if ring.size > 1 else None
+        own = torch.zeros_like(kv, dtype=work)
+        contrib = torch.zeros_like(own) if ring.size > 1 else None
+        sums = [torch.empty_like(own), torch.empty_like(own)] if ring.size > 1 else None
+        dkv_pending = []
         for step in range(ring.size):
-            pending = ring.shift(kv) if step < ring.size - 1 else (None, [])
-            contrib = torch.zeros_like(kv, dtype=work)
+            pending = ring.shift(kv, spare) if step < ring.size - 1 else []
+            # Step 0 computes the share of this rank's own chunk, which stays home.
+            acc = own if step == 0 else contrib.zero_()
             for qi, ki, q_off, k_off in ring.pairs(step):
                 rows = slice(qi * c, (qi + 1) * c)
                 cols = slice(ki * c, (ki + 1) * c)
@@ -134,23 +142,25 @@ class RingAttention(torch.autograd.Function):
                     lse[:, :, rows], q_off, k_off, window=ctx.window, cu_seqlens=cu_seqlens,
                 )  # fmt: skip
                 dq[:, rows] += dq_p
-                contrib[:, cols, :n_kv] += dk_p
-                contrib[:, cols, n_kv:] += dv_p
-            if step == 0:
-                # This rank's own chunk: its share stays home.
-                own = contrib
-            else:
-                # The visiting chunk's dK, dV buffer (from the previous rank) arrived while this step
-                # computed; add this rank's share and pass it on.
-                _wait(dkv_pending[1])
-                dkv = contrib if dkv_pending[0] is None else dkv_pending[0] + contrib
-                dkv_pending = ring.shift(dkv)
-            _wait(pending[1])
-            if pending[0] is not None:
-                kv = pending[0]
+                acc[:, cols, :n_kv] += dk_p
+                acc[:, cols, n_kv:] += dv_p
+            if step > 0:
+                # The visiting chunk's dK,dV sum (from the previous rank) arrived while this step
+                # computed, into sums[step % 2]; add this rank's share (fp32) and pass it on, while
+                # the other buffer (its send done) receives the next one.
+                _wait(dkv_pending)
+                total = sums[step % 2]
+                if step == 1:
+                    total.copy_(contrib)
+                else:
+                    total += contrib
+                dkv_pending = ring.shift(total, sums[(step + 1) % 2])
+            _wait(pending)
+            if pending:
+                kv, spare = spare, kv
         # The last hop brings every rank the other ranks' shares of its own chunk's dK, dV.
-        _wait(dkv_pending[1])
-        dkv = own + dkv_pending[0]
+        _wait(dkv_pending)
+        dkv = own if ring.size == 1 else own + sums[ring.size % 2]
         return dq.to(q.dtype), dkv[:, :, :n_kv].to(k.dtype), dkv[:, :, n_kv:].to(v.dtype), None, None, None
 
 

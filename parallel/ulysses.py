@@ -21,19 +21,21 @@ from longctx.parallel.dense import check_zigzag
 from longctx.parallel.layout import zigzag_shard, zigzag_unshard
 
 
-def check_heads(n_heads: int, n_kv_heads: int, size: int) -> int:
+def check_heads(
+    n_heads: int, n_kv_heads: int, size: int, scheme: str = "ulysses", axis: str = "parallel.cp"
+) -> int:
     """How many times each kv head is repeated so the heads split evenly over `size` ranks."""
     if n_heads % size:
         raise ValueError(
-            f"parallel.cp_comm=ulysses splits heads over ranks: {n_heads} query heads do not divide over "
-            f"parallel.cp={size}; use a cp that divides {n_heads}, or parallel.cp_comm=ring"
+            f"parallel.cp_comm={scheme} splits heads over ranks: {n_heads} query heads do not divide over "
+            f"{axis}={size}; use a {axis} that divides {n_heads}, or parallel.cp_comm=ring"
         )
     if n_kv_heads % size == 0:
         return 1
     if size % n_kv_heads == 0:
         return size // n_kv_heads
     raise ValueError(
-        f"parallel.cp_comm=ulysses: {n_kv_heads} kv heads and parallel.cp={size} must divide one another "
+        f"parallel.cp_comm={scheme}: {n_kv_heads} kv heads and {axis}={size} must divide one another "
         "(kv heads are split, or replicated when fewer than the ranks); use parallel.cp_comm=ring"
     )
 

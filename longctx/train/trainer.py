@@ -153,7 +153,10 @@ class Trainer:
         if start.init_from and not start.init_sharded:
             init_note = self.init_weights(model, start.init_from)
         if self.dist.cp_size > 1:
-            parallelize_model(model, self.dist.cp_group, cfg.parallel.cp_comm)
+            parallelize_model(
+                model, self.dist.cp_group, cfg.parallel.cp_comm, cfg.parallel.ulysses_size,
+                cfg.parallel.deterministic,
+            )  # fmt: skip
         self.model = model
         if start.universal:
             self.convert_to_universal(start.resume_from)
