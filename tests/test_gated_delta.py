@@ -183,7 +183,8 @@ def test_gated_delta_documents_match_each_document_alone(kernel):
             *leaves[:5], initial_state=leaves[5], output_final_state=True, chunk_size=16, cu_seqlens=cu
         )
     ((o * do).sum() + (state * ds).sum()).backward()
-    ref_o, ref_state = torch.zeros(o.shape, dtype=torch.float64), torch.zeros(state.shape, dtype=torch.float64)
+    ref_o = torch.zeros(o.shape, dtype=torch.float64)
+    ref_state = torch.zeros(state.shape, dtype=torch.float64)
     ref_grads = [torch.zeros(x.shape, dtype=torch.float64) for x in leaves[:5]]
     for row, start, n in docs:
         part = [x[row : row + 1, start : start + n].double().requires_grad_() for x in (q, k, v, g, beta)]

@@ -9,12 +9,12 @@ after `longctx.kernels` was imported still takes effect.
 import torch
 
 from longctx.kernels.common import use_triton
-from longctx.kernels.gla import reset_at_documents
 from longctx.kernels.gated_delta.naive import (
     gated_delta_chunk_ref,
     gated_delta_recurrent_ref,
     gated_delta_step_ref,
 )
+from longctx.kernels.gla import reset_at_documents
 
 
 def _check_shapes(q, k, v, g, beta, initial_state):
