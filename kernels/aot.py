@@ -1,16 +1,16 @@
 """Compile every Triton kernel of longctx for a GPU target on a machine without one, and report it.
 
-    python -m longctx.kernels.aot           # all four families, sm_80 + sm_90, hd 64..256, bf16 + fp16
+    python -m longctx.kernels.aot           # all five families, sm_80 + sm_90, hd 64..256, bf16 + fp16
     python -m longctx.kernels.aot --quick   # sm_90, hd 128, bf16, each kernel's first config (the test)
     python -m longctx.kernels.aot --arch 90 --head-dims 128 256 --dtypes bf16 --families flash s2
 
 The CPU tests run the kernels under the Triton interpreter, which checks the numbers but not what only
 the GPU compiler decides: register pressure and spills, shared memory per block, operands a matmul
-cannot take. This module runs the real launchers of every family (flash attention, S2, NSA, GLA) on
-tiny CPU tensors with each kernel swapped for a recorder, expands every autotuned launch into all of its
-candidate configs (the `triton.autotune` lists and S2's own tuner), then compiles each distinct launch
-for the target with `triton.compile` (same constexprs, warps and stages, 16-byte aligned pointers as the
-JIT assumes). For each it reads the cubin's resource usage with the `cuobjdump` Triton ships and prints
+cannot take. This module runs the real launchers of every family (flash attention, S2, NSA, GLA, gated
+delta) on tiny CPU tensors with each kernel swapped for a recorder, expands every autotuned launch into
+all of its candidate configs (the `triton.autotune` lists and S2's own tuner), then compiles each
+distinct launch for the target with `triton.compile` (same constexprs, warps and stages, 16-byte
+aligned pointers as the JIT assumes). For each it reads the cubin's resource usage with the `cuobjdump` Triton ships and prints
 registers per thread, stack bytes per thread (register spills), shared memory, and whether a block can
 launch on the target (shared memory within the per-block limit, registers x threads within the SM's
 register file).
@@ -40,11 +40,11 @@ import torch
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 REGS_PER_SM = 65536
 MAX_REGS_PER_THREAD = 255
-# The head dims each family accepts among those the report covers (all four take any head dim <= 256,
+# The head dims each family accepts among those the report covers (all five take any head dim <= 256,
 # padded to a power of two inside the kernels).
 HEAD_DIMS = (64, 96, 128, 192, 256)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-FAMILIES = ("flash", "s2", "nsa", "gla")
+FAMILIES = ("flash", "s2", "nsa", "gla", "delta")
 _TYPES = {
     torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
     torch.int32: "i32", torch.int64: "i64", torch.bool: "i1", torch.uint8: "u8",
@@ -269,7 +269,30 @@ def record_gla(head_dim, dtype, quick):
     return out
 
 
-RECORDERS = {"flash": record_flash, "s2": record_s2, "nsa": record_nsa, "gla": record_gla}
+def record_gated_delta(head_dim, dtype, quick):
+    from longctx.kernels.gated_delta import chunk
+
+    names = [f"chunk_gated_delta_{n}_kernel" for n in ("fwd", "bwd_dh", "bwd")]
+    out = []
+    with _recording("delta", [(chunk.__name__, n) for n in names], out):
+        t, h = 256, 2
+        q, k, v = _qkv(t, h, h, head_dim, dtype)
+        g, beta = torch.zeros(1, t, h), torch.zeros(1, t, h)
+        state = torch.zeros(1, h, head_dim, head_dim)
+        # Training (states kept for the backward, with and without an initial state: CP chunks start
+        # from one) and the no-grad forward (decoding prefill, CP's map pass under no_grad).
+        variants = [(state, True)] if quick else [(state, True), (None, True), (None, False)]
+        states = us = None
+        for initial, save in variants:
+            _, _, saved = chunk.chunk_gated_delta_fwd(q, k, v, g, beta, head_dim**-0.5, initial, 64, save)
+            states, us = saved or (states, us)
+        chunk.chunk_gated_delta_bwd(q, k, v, g, beta, states, us, q, state, head_dim**-0.5, 64)
+    return out
+
+
+RECORDERS = {
+    "flash": record_flash, "s2": record_s2, "nsa": record_nsa, "gla": record_gla, "delta": record_gated_delta,
+}  # fmt: skip
 
 
 def _first_per_kernel(launches):

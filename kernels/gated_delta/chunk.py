@@ -63,6 +63,9 @@ _BV = 16 if interpreting() else 64
 # for the same reason.
 _BK_BWD = 16 if interpreting() else 64
 MAX_HEAD_DIM_K = 256
+# Warps and pipeline stages of the three kernels (no autotuning: one config each, checked by
+# `python -m longctx.kernels.aot --families delta`).
+_WARPS, _STAGES = 8, 1
 
 
 @triton.jit
@@ -494,7 +497,7 @@ def chunk_gated_delta_fwd(q, k, v, g, beta, scale: float, initial_state, chunk_s
     chunk_gated_delta_fwd_kernel[(triton.cdiv(V, BV), B * H)](
         q, k, v, g, beta, initial_state, o, final_state, states, us, scale, T, NT, H=H, K=K, V=V,
         BT=chunk_size, BK=BK, BV=BV, USE_H0=initial_state is not None, STORE_STATES=save_states,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=_WARPS, num_stages=_STAGES,
     )  # fmt: skip
     return o, final_state, (states, us) if save_states else None
 
@@ -518,7 +521,7 @@ def chunk_gated_delta_bwd(q, k, v, g, beta, states, us, do, dht, scale: float, c
     chunk_gated_delta_bwd_dh_kernel[(triton.cdiv(V, BV), B * H)](
         q, k, g, beta, do, dht, dstates, dus, dh0, scale, T, NT, H=H, K=K, V=V, BT=chunk_size,
         BK=max(min(BK, _BK_BWD), BK // 4), BV=BV, USE_DHT=dht is not None, PRECISION=precision,
-        num_warps=4,
+        num_warps=_WARPS, num_stages=_STAGES,
     )  # fmt: skip
     dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
     dk = _empty(*k.shape, dtype=torch.float32, device=q.device)  # written in two steps, kept fp32
@@ -527,7 +530,8 @@ def chunk_gated_delta_bwd(q, k, v, g, beta, states, us, do, dht, scale: float, c
     dbeta = _empty(*beta.shape, dtype=torch.float32, device=q.device)
     chunk_gated_delta_bwd_kernel[(NT, B * H)](
         q, k, v, g, beta, do, states, dstates, us, dus, dq, dk, dv, dg, dbeta, scale, T, NT, H=H, K=K,
-        V=V, BT=chunk_size, BK=min(BK, _BK_BWD), BV=BV, PRECISION=precision, num_warps=4,
+        V=V, BT=chunk_size, BK=min(BK, _BK_BWD), BV=BV, PRECISION=precision, num_warps=_WARPS,
+        num_stages=_STAGES,
     )  # fmt: skip
     return dq, dk.to(k.dtype), dv, dg, dbeta, dh0
 
