@@ -42,14 +42,15 @@ def _env():
 @pytest.mark.slow
 def test_aot_quick_compiles_every_family_for_sm90():
     """Each family's heaviest backward kernel (as the launcher calls it) compiles for sm_90 without a
-    GPU, with no spill and within the shared memory (the whole quick subset, 22 compiles, is about a
-    minute on two idle cores: `python -m longctx.kernels.aot --quick`)."""
-    kernels = ["_attn_bwd_dkdv", "_s2_bwd_dkdv", "_cmp_bwd_dq", "chunk_bwd_dqk"]
+    GPU, within the shared memory, and no tunable config spills (the gated delta kernels are not tuned
+    and still spill: reported, docs/kernels.md). The whole quick subset is
+    `python -m longctx.kernels.aot --quick`."""
+    kernels = ["_attn_bwd_dkdv", "_s2_bwd_dkdv", "_cmp_bwd_dq", "chunk_bwd_dqk", "gated_delta_bwd_kernel"]
     cmd = [sys.executable, "-m", "longctx.kernels.aot", "--quick", "--jobs", "2", "--kernels", *kernels]
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=ROOT)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
-    for family in ("flash", "s2", "nsa", "gla"):
+    for family in ("flash", "s2", "nsa", "gla", "delta"):
         assert f"\n{family} " in out, family
     assert " 0 cannot launch, 0 of " in out and "aot: passed" in out, out[-2000:]
 
