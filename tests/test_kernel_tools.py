@@ -82,3 +82,26 @@ def test_check_fails_when_a_kernel_is_off():
     assert [r[5] for r in rows] == [False, False]
     exact = check.compare("fake", "4x64", lambda x: (torch.softmax(x, -1),), [x], ["o"], ["dx"])
     assert all(r[5] for r in exact)
+
+
+def test_flash_dkdv_tuner_offers_only_the_wide_tiles_above_head_dim_128(monkeypatch):
+    """At head dim 256 the dK/dV tuner picks among the 32-key tiles the AOT report found spill-free;
+    at head dims <= 128 among the others (which spill at 256)."""
+    import triton
+
+    # Imported as the interpreter tests import it (its module-level configs depend on the mode).
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from longctx.kernels.flash_attn import triton as fa
+
+    configs = [
+        triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s)
+        for m, n, w, s in [(32, 128, 8, 2), (16, 64, 4, 3), *fa._DKDV_WIDE]
+    ]
+
+    def picked(head_dim):
+        kept = fa._dkdv_for_head_dim(configs, {"HEAD_DIM": head_dim})
+        return [(c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) for c in kept]
+
+    assert picked(256) == picked(192) == fa._DKDV_WIDE
+    assert picked(128) == picked(64) == [(32, 128, 8, 2), (16, 64, 4, 3)]

@@ -80,10 +80,28 @@ _FWD_CONFIGS = _configs(
     ],
     interp=(64, 32),
 )
+# dK/dV over head dims above 128: the two fp32 [BN, 256] accumulators of a 128- or 64-key tile spill in
+# every config above (and 16x64 w8 s1: 80 B); these 32-key tiles do not (sm_90, bf16, causal: 236, 166
+# and 188 registers) and are the tuner's only candidates there, and only there (the tiles above are
+# faster at head dims <= 128). Measured with `python -m longctx.kernels.aot --families flash --kernels
+# dkdv --head-dims 256` (docs/kernels.md).
+_DKDV_WIDE = [(16, 32, 4, 1), (16, 32, 8, 2), (32, 32, 8, 2)]
 _DKDV_CONFIGS = _configs(
-    [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 4, 2), (16, 64, 4, 3)],
+    [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 4, 2), (16, 64, 4, 3), *_DKDV_WIDE],
     interp=(32, 64),
 )
+
+
+def _dkdv_for_head_dim(configs, values):
+    """The dK/dV candidates for a launch: the wide-head-dim tiles above head dim 128, the others below."""
+    wide = values["HEAD_DIM"] > 128
+
+    def is_wide(c):
+        return (c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) in _DKDV_WIDE
+
+    return [c for c in configs if is_wide(c) == wide]
+
+
 _DQ_CONFIGS = _configs(
     [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
     interp=(64, 32),
@@ -500,7 +518,7 @@ def _attn_bwd_dkdv_inner(
     return b_dk, b_dv
 
 
-@tuned(_DKDV_CONFIGS, _TUNE_KEY)
+@tuned(_DKDV_CONFIGS, _TUNE_KEY, prune=_dkdv_for_head_dim)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q,
