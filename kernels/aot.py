@@ -285,10 +285,11 @@ def record_gated_delta(head_dim, dtype, quick):
         # from one) and the no-grad forward (decoding prefill, CP's map pass under no_grad).
         variants = [(state, True)] if quick else [(state, True), (None, True), (None, False)]
         states = us = None
+        bt = chunk.DEFAULT_CHUNK
         for initial, save in variants:
-            _, _, saved = chunk.chunk_gated_delta_fwd(q, k, v, g, beta, head_dim**-0.5, initial, 64, save)
+            _, _, saved = chunk.chunk_gated_delta_fwd(q, k, v, g, beta, head_dim**-0.5, initial, bt, save)
             states, us = saved or (states, us)
-        chunk.chunk_gated_delta_bwd(q, k, v, g, beta, states, us, q, state, head_dim**-0.5, 64)
+        chunk.chunk_gated_delta_bwd(q, k, v, g, beta, states, us, q, state, head_dim**-0.5, bt)
     return out
 
 

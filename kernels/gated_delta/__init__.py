@@ -35,7 +35,7 @@ def _check_shapes(q, k, v, g, beta, initial_state):
 
 
 def gated_delta_rule(
-    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, chunk_size=64,
+    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, chunk_size=None,
     cu_seqlens=None, offset=0,
 ):  # fmt: skip
     """Chunked gated delta rule: `S_t = exp(g_t) S_{t-1}`, `u_t = beta_t (v_t - S_t^T k_t)`,
@@ -51,7 +51,8 @@ def gated_delta_rule(
         initial_state: `[B, H, Dk, Dv]` state carried in (fp32), or None for zeros. Differentiable.
         output_final_state: also return the state after the last token (differentiable).
         chunk_size: tokens per chunk (16, 32 or 64 on the Triton path); the result does not depend on
-            it beyond rounding.
+            it beyond rounding. None: 16 on the Triton path (`chunk.DEFAULT_CHUNK`: larger chunks make
+            the kernels spill registers, docs/gated-deltanet.md), 64 for the reference.
         cu_seqlens: `[B, N + 1]` int32 global document start offsets per sequence (see
             `kernels.common.docs`), or None for one document. The state resets to zero at every
             document start, inside a chunk too, forward and backward: the start token's log-decay
@@ -77,7 +78,7 @@ def gated_delta_rule(
         )  # fmt: skip
     return gated_delta_chunk_ref(
         q, k, v, g, beta, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, chunk_size=chunk_size,
+        output_final_state=output_final_state, chunk_size=64 if chunk_size is None else chunk_size,
     )  # fmt: skip
 
 
