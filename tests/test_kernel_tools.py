@@ -105,3 +105,20 @@ def test_flash_dkdv_tuner_offers_only_the_wide_tiles_above_head_dim_128(monkeypa
 
     assert picked(256) == picked(192) == fa._DKDV_WIDE
     assert picked(128) == picked(64) == [(32, 128, 8, 2), (16, 64, 4, 3)]
+
+
+def test_flash_forward_and_dq_keep_only_launchable_tiles_above_head_dim_128(monkeypatch):
+    """At head dim 256 the forward and dQ tuners offer only the tiles that fit the shared memory and
+    do not spill (AOT, docs/kernels.md); at head dims <= 128 every candidate."""
+    import triton
+
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from longctx.kernels.flash_attn import triton as fa
+
+    tiles = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 4, 3)]
+    configs = [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+    for wide in (fa._FWD_WIDE, fa._DQ_WIDE):
+        prune = fa._above_128(wide)
+        assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 256})] == wide
+        assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 128})] == tiles

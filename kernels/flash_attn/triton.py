@@ -92,16 +92,30 @@ _DKDV_CONFIGS = _configs(
 )
 
 
+def _config_key(c) -> tuple:
+    return c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages
+
+
 def _dkdv_for_head_dim(configs, values):
     """The dK/dV candidates for a launch: the wide-head-dim tiles above head dim 128, the others below."""
     wide = values["HEAD_DIM"] > 128
-
-    def is_wide(c):
-        return (c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) in _DKDV_WIDE
-
-    return [c for c in configs if is_wide(c) == wide]
+    return [c for c in configs if (_config_key(c) in _DKDV_WIDE) == wide]
 
 
+def _above_128(wide: list):
+    """A prune keeping only `wide` above head dim 128 (every candidate at head dims <= 128)."""
+
+    def prune(configs, values):
+        return [c for c in configs if values["HEAD_DIM"] <= 128 or _config_key(c) in wide]
+
+    return prune
+
+
+# Forward and dQ above head dim 128 (sm_90, bf16, causal, hd 256): every 128-row candidate needs
+# 262,144 B or more of shared memory (sm_90 allows 232,448), 64x64 spills (32 and 136 B); these fit
+# sm_80's 166,912 B too and do not spill on sm_90 (234 and 232 registers). The only candidates there.
+_FWD_WIDE = [(64, 32, 4, 2)]
+_DQ_WIDE = [(64, 32, 4, 3)]
 _DQ_CONFIGS = _configs(
     [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
     interp=(64, 32),
@@ -321,7 +335,7 @@ def _attn_fwd_inner(
     return b_acc, b_l, b_m
 
 
-@tuned(_FWD_CONFIGS, _TUNE_KEY)
+@tuned(_FWD_CONFIGS, _TUNE_KEY, prune=_above_128(_FWD_WIDE))
 @triton.jit
 def _attn_fwd_kernel(
     Q,
@@ -688,7 +702,7 @@ def _attn_bwd_dq_inner(
     return b_dq
 
 
-@tuned(_DQ_CONFIGS, _TUNE_KEY)
+@tuned(_DQ_CONFIGS, _TUNE_KEY, prune=_above_128(_DQ_WIDE))
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q,
