@@ -1,19 +1,19 @@
 """Compile every Triton kernel of longctx for a GPU target on a machine without one, and report it.
 
-    python -m longctx.kernels.aot           # all four families, sm_80 + sm_90, hd 64..256, bf16 + fp16
+    python -m longctx.kernels.aot           # all five families, sm_80 + sm_90, hd 64..256, bf16 + fp16
     python -m longctx.kernels.aot --quick   # sm_90, hd 128, bf16, each kernel's first config (the test)
     python -m longctx.kernels.aot --arch 90 --head-dims 128 256 --dtypes bf16 --families flash s2
 
 The CPU tests run the kernels under the Triton interpreter, which checks the numbers but not what only
 the GPU compiler decides: register pressure and spills, shared memory per block, operands a matmul
-cannot take. This module runs the real launchers of every family (flash attention, S2, NSA, GLA) on
-tiny CPU tensors with each kernel swapped for a recorder, expands every autotuned launch into all of its
-candidate configs (the `triton.autotune` lists and S2's own tuner), then compiles each distinct launch
-for the target with `triton.compile` (same constexprs, warps and stages, 16-byte aligned pointers as the
-JIT assumes). For each it reads the cubin's resource usage with the `cuobjdump` Triton ships and prints
-registers per thread, stack bytes per thread (register spills), shared memory, and whether a block can
-launch on the target (shared memory within the per-block limit, registers x threads within the SM's
-register file).
+cannot take. This module runs the real launchers of every family (flash attention, S2, NSA, GLA, gated
+delta) on tiny CPU tensors with each kernel swapped for a recorder, expands every autotuned launch into
+all of its candidate configs (the `triton.autotune` lists and S2's own tuner), then compiles each
+distinct launch for the target with `triton.compile` (same constexprs, warps and stages, 16-byte
+aligned pointers as the JIT assumes). For each it reads the cubin's resource usage with the `cuobjdump`
+Triton ships and prints registers per thread, stack bytes per thread (register spills), shared memory,
+and whether a block can launch on the target (shared memory within the per-block limit, registers x
+threads within the SM's register file).
 
 It fails (exit 1) when a kernel does not compile, when a launch the code makes cannot launch, or when a
 config a tuner may pick spills at head dim <= 128. Spills at larger head dims are reported, not failed:
@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
+import json
 import os
 import re
 import shutil
@@ -40,11 +41,11 @@ import torch
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 REGS_PER_SM = 65536
 MAX_REGS_PER_THREAD = 255
-# The head dims each family accepts among those the report covers (all four take any head dim <= 256,
+# The head dims each family accepts among those the report covers (all five take any head dim <= 256,
 # padded to a power of two inside the kernels).
 HEAD_DIMS = (64, 96, 128, 192, 256)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-FAMILIES = ("flash", "s2", "nsa", "gla")
+FAMILIES = ("flash", "s2", "nsa", "gla", "delta")
 _TYPES = {
     torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
     torch.int32: "i32", torch.int64: "i64", torch.bool: "i1", torch.uint8: "u8",
@@ -86,6 +87,7 @@ class Result:
     shared: int = 0
     can_launch: bool = False
     error: str = ""
+    compiled: bool = False  # False: the compile failed (`error` says why)
 
     @property
     def spills(self) -> bool:
@@ -269,7 +271,31 @@ def record_gla(head_dim, dtype, quick):
     return out
 
 
-RECORDERS = {"flash": record_flash, "s2": record_s2, "nsa": record_nsa, "gla": record_gla}
+def record_gated_delta(head_dim, dtype, quick):
+    from longctx.kernels.gated_delta import chunk
+
+    names = [f"chunk_gated_delta_{n}_kernel" for n in ("fwd", "bwd_dh", "bwd")]
+    out = []
+    with _recording("delta", [(chunk.__name__, n) for n in names], out):
+        t, h = 256, 2
+        q, k, v = _qkv(t, h, h, head_dim, dtype)
+        g, beta = torch.zeros(1, t, h), torch.zeros(1, t, h)
+        state = torch.zeros(1, h, head_dim, head_dim)
+        # Training (states kept for the backward, with and without an initial state: CP chunks start
+        # from one) and the no-grad forward (decoding prefill, CP's map pass under no_grad).
+        variants = [(state, True)] if quick else [(state, True), (None, True), (None, False)]
+        states = us = None
+        bt = chunk.DEFAULT_CHUNK
+        for initial, save in variants:
+            _, _, saved = chunk.chunk_gated_delta_fwd(q, k, v, g, beta, head_dim**-0.5, initial, bt, save)
+            states, us = saved or (states, us)
+        chunk.chunk_gated_delta_bwd(q, k, v, g, beta, states, us, q, state, head_dim**-0.5, bt)
+    return out
+
+
+RECORDERS = {
+    "flash": record_flash, "s2": record_s2, "nsa": record_nsa, "gla": record_gla, "delta": record_gated_delta,
+}  # fmt: skip
 
 
 def _first_per_kernel(launches):
@@ -344,12 +370,18 @@ def compile_launch(launch: Launch, arch: int):
 
 
 def check(launch: Launch, arch: int, head_dim: int, dtype: str) -> Result:
-    result = Result(launch, arch, head_dim, dtype)
     try:
-        result.regs, result.stack, result.shared = compile_launch(launch, arch)
+        regs, stack, shared = compile_launch(launch, arch)
     except Exception as e:  # noqa: BLE001 -- report every kernel's failure, then fail the run
+        result = Result(launch, arch, head_dim, dtype)
         result.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
         return result
+    return _from_usage(launch, arch, head_dim, dtype, regs, stack, shared)
+
+
+def _from_usage(launch, arch, head_dim, dtype, regs, stack, shared) -> Result:
+    """The result of a compiled launch from its resource usage: can a block launch on `sm_<arch>`?"""
+    result = Result(launch, arch, head_dim, dtype, regs, stack, shared, compiled=True)
     threads = launch.num_warps * 32
     smem_ok = result.shared <= SMEM_LIMIT.get(arch, SMEM_LIMIT[80])
     regs_ok = result.regs <= MAX_REGS_PER_THREAD and result.regs * threads <= REGS_PER_SM
@@ -404,8 +436,67 @@ def summary(results: list[Result]) -> str:
     )
 
 
-def run(archs, head_dims, dtypes, families, quick=False, jobs=1, kernels=None, out=sys.stdout):
-    """Record and compile everything asked; returns the results."""
+def family_summary(results: list[Result]) -> list[str]:
+    """One line per family: compiles, cannot launch, spilling launches (tunable / all)."""
+    lines = []
+    for family in dict.fromkeys(r.launch.family for r in results):
+        rs = [r for r in results if r.launch.family == family]
+        lines.append(
+            f"aot: {family:<5} {len(rs):>5} compiles, {sum(not r.can_launch for r in rs)} cannot launch, "
+            f"{sum(r.spills for r in rs if r.launch.tunable)} of {sum(r.launch.tunable for r in rs)} tunable "
+            f"and {sum(r.spills for r in rs if not r.launch.tunable)} of "
+            f"{sum(not r.launch.tunable for r in rs)} fixed launches spill"
+        )
+    return lines
+
+
+def cache_path() -> str:
+    """Where compile results are kept between runs (`LONGCTX_AOT_CACHE` overrides)."""
+    default = os.path.join(os.path.expanduser("~"), ".cache", "longctx", "aot-results.json")
+    return os.environ.get("LONGCTX_AOT_CACHE", default)
+
+
+def cache_key(launch: Launch, arch: int) -> str:
+    """The kernel's source hash (Triton's `cache_key`: its source and every jitted function it calls)
+    with the launch's constexprs, signature, attributes, warps and stages, the target and Triton's
+    version: two launches with equal keys compile to the same kernel."""
+    import hashlib
+
+    import triton
+    from triton.runtime.autotuner import Autotuner
+
+    from longctx.kernels.common.tuning import Tuned
+
+    kernel = getattr(importlib.import_module(launch.module), launch.name)
+    fn = kernel.fn if isinstance(kernel, (Autotuner, Tuned)) else kernel
+    attrs = tuple(sorted((i, repr(a)) for i, a in launch.attrs.items()))
+    text = repr((fn.cache_key, launch.key(), attrs, arch, triton.__version__))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _load_cache(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_cache(path: str, cache: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(cache, f)
+    os.replace(tmp, path)
+
+
+def run(
+    archs, head_dims, dtypes, families, quick=False, jobs=1, kernels=None, out=sys.stdout, use_cache=True
+):
+    """Record and compile everything asked; returns the results (one per launch, target, head dim and
+    dtype). Launches that compile to the same kernel (equal `cache_key`: e.g. a kernel whose code does
+    not depend on the head dim) are compiled once, and results found in the cache file are not
+    compiled again; compile errors are never cached."""
     jobs_list = []
     for family in families:
         for dtype in dtypes:
@@ -414,22 +505,43 @@ def run(archs, head_dims, dtypes, families, quick=False, jobs=1, kernels=None, o
                     if kernels and not any(k in launch.name for k in kernels):
                         continue
                     jobs_list += [(launch, arch, head_dim, dtype) for arch in archs]
-    print(f"aot: compiling {len(jobs_list)} launches with {jobs} process(es)", file=out, flush=True)
-    print(_HEADER, file=out)
-    print("-" * len(_HEADER), file=out, flush=True)
-    results = []
+    keys = [cache_key(launch, arch) for launch, arch, _, _ in jobs_list]
+    cache = _load_cache(cache_path()) if use_cache else {}
+    todo = {}
+    for key, job in zip(keys, jobs_list):
+        if key not in cache and key not in todo:
+            todo[key] = job
+    print(f"aot: {len(jobs_list)} launches, {len(set(keys))} distinct kernels, {len(todo)} to compile "
+          f"({len(set(keys)) - len(todo)} from {cache_path() if use_cache else 'no cache'}) with {jobs} "
+          "process(es)", file=out, flush=True)  # fmt: skip
     with contextlib.ExitStack() as stack:
-        if jobs > 1:
+        if jobs > 1 and len(todo) > 1:
             import multiprocessing
 
             context = multiprocessing.get_context("fork")
             pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=context))
-            done = pool.map(_check_job, jobs_list, chunksize=1)
+            done = pool.map(_check_job, todo.values(), chunksize=1)
         else:
-            done = (check(*job) for job in jobs_list)
-        for result in done:
-            print(row(result), file=out, flush=True)
-            results.append(result)
+            done = (check(*job) for job in todo.values())
+        failed = {}
+        for key, result in zip(todo, done):
+            if not result.compiled:  # a compile error: reported, never cached
+                failed[key] = result
+                continue
+            cache[key] = {"regs": result.regs, "stack": result.stack, "shared": result.shared}
+            if use_cache:
+                _save_cache(cache_path(), cache)
+    print(_HEADER, file=out)
+    print("-" * len(_HEADER), file=out, flush=True)
+    results = []
+    for key, (launch, arch, head_dim, dtype) in zip(keys, jobs_list):
+        if key in failed:
+            result = dataclasses.replace(failed[key], launch=launch, head_dim=head_dim, dtype=dtype)
+        else:
+            use = cache[key]
+            result = _from_usage(launch, arch, head_dim, dtype, use["regs"], use["stack"], use["shared"])
+        print(row(result), file=out, flush=True)
+        results.append(result)
     return results
 
 
@@ -442,7 +554,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", nargs="+", default=None, help="only kernels whose name contains one")
     quick = "sm_90, hd 128, bf16: the fixed launches and each tuned kernel's first config"
     parser.add_argument("--quick", action="store_true", help=quick)
-    parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)), help="compile processes")
+    parser.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1), help="compile processes")
+    parser.add_argument("--no-cache", action="store_true", help="compile all, ignore the results cache")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("aot: unset TRITON_INTERPRET: the interpreter compiles nothing", file=sys.stderr)
@@ -453,8 +566,19 @@ def main(argv=None) -> int:
     head_dims = args.head_dims or ([128] if args.quick else list(HEAD_DIMS))
     dtypes = args.dtypes or (["bf16"] if args.quick else ["bf16", "fp16"])
     start = time.time()
-    results = run(archs, head_dims, dtypes, args.families, args.quick, args.jobs, args.kernels)
+    results = run(
+        archs,
+        head_dims,
+        dtypes,
+        args.families,
+        args.quick,
+        args.jobs,
+        args.kernels,
+        use_cache=not args.no_cache,
+    )
     bad = failures(results)
+    for line in family_summary(results):
+        print(line)
     for line in bad:
         print("FAILED:", line)
     print(f"{summary(results)}; triton {triton.__version__}, {time.time() - start:.0f} s")

@@ -23,12 +23,19 @@ inputs and its initial state. Bytes sent per rank and layer, forward, with `C` t
 `(P - 1) x 2 x B x H x Dk x (Dk + Dv) x 4` for the maps plus `(P - 1) x 2 x 3 x B x C x` the
 activation size for the halos, independent of the sequence length; the backward sends the same.
 Compute: each chunk runs the op twice (maps, then outputs), the first pass on `Dv + Dk` columns.
+
+Documents (a layout with `docs`): both passes run the op with `cu_seqlens` at the chunk's global offset,
+so a document start inside chunk `c` drops the state entering it there: the map's `[B_c | A_c]` then
+ignores everything before that start (`A_c`'s factor `exp(g_start)` is exactly 0), with no extra
+communication. The convolution reads the halo only for tokens whose document began before the chunk
+(global positions, `since_document_start`).
 """
 
 import torch
 from torch import nn
 
 from longctx.kernels import gated_delta_rule
+from longctx.model.mixers.delta import since_document_start
 from longctx.parallel.comm import all_gather
 from longctx.parallel.dense import check_zigzag
 
@@ -79,17 +86,21 @@ class StatePassingDeltaCore(nn.Module):
         tails = all_gather(torch.stack([qkv[:, seg][:, n - halo :] for seg in segments]), self.group)
         tail_of = {c: tails[p, slot] for p in range(size) for slot, c in enumerate(zigzag_chunk_ids(p, size))}
         work = torch.promote_types(qkv.dtype, torch.float32)
+        cu_seqlens = None if layout.docs is None else layout.docs.on(qkv.device)
         prepared, maps, first_outputs = [], [], []
         for seg, c in zip(segments, chunk_ids):
-            q, k, v = self.local.prepare(qkv[:, seg], conv_weight, tail_of[c - 1] if c > 0 else None)
+            since_start = since_document_start(layout, c * n, n, qkv.device)
+            halo_in = tail_of[c - 1] if c > 0 else None
+            q, k, v = self.local.prepare(qkv[:, seg], conv_weight, halo_in, since_start)
             b, _, h, dk = q.shape
             dv = v.shape[-1]
             v_aug = torch.cat([v, v.new_zeros(b, n, h, dk)], dim=-1)
             eye = torch.eye(dk, dtype=work, device=q.device).expand(b, h, dk, dk)
             start = torch.cat([eye.new_zeros(b, h, dk, dv), eye], dim=-1)
             o_aug, ab = gated_delta_rule(
-                q, k, v_aug, g[:, seg], beta[:, seg], initial_state=start, output_final_state=True
-            )
+                q, k, v_aug, g[:, seg], beta[:, seg], initial_state=start, output_final_state=True,
+                cu_seqlens=cu_seqlens, offset=c * n,
+            )  # fmt: skip
             prepared.append((q, k, v))
             maps.append(ab.to(work))
             first_outputs.append(o_aug[..., :dv])
@@ -105,6 +116,9 @@ class StatePassingDeltaCore(nn.Module):
             if c == 0:
                 outs.append(o_first)
                 continue
-            o, _ = gated_delta_rule(q, k, v, g[:, seg], beta[:, seg], initial_state=entering[c])
+            o, _ = gated_delta_rule(
+                q, k, v, g[:, seg], beta[:, seg], initial_state=entering[c],
+                cu_seqlens=cu_seqlens, offset=c * n,
+            )  # fmt: skip
             outs.append(o)
         return torch.cat(outs, dim=1)

@@ -148,6 +148,51 @@ def test_gated_delta_check_fires_on_a_wrong_beta():
         assert_close(errors_against_brute_force(off, q, k, v, g, beta, s0, torch.float64, "cpu"))
 
 
+# Packed documents (lengths per row, T = 40): row 0 has one shorter than a chunk (16), starts mid-chunk
+# and at a chunk start (16, 32); row 1 has two.
+DOC_LENGTHS = [[5, 11, 3, 13, 8], [30, 10]]
+
+
+@pytest.mark.parametrize("kernel", ["naive", "triton"])
+def test_gated_delta_documents_match_each_document_alone(kernel):
+    """With `cu_seqlens` the packed rows equal each document run alone from a zero state (the fp64
+    brute force), in fp32: o, the final state (the last document's) and all six gradients. The
+    initial state is dropped at token 0 (a document start): its gradient is exactly 0."""
+    t, h, dk, dv = 40, 1, 16, 16
+    q, k, v, g, beta, s0 = make_inputs(2, t, h, dk, dv, "mixed", True, dtype=torch.float32)
+    cu = torch.full((2, 6), t, dtype=torch.int32)
+    docs = []
+    for row, lengths in enumerate(DOC_LENGTHS):
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        cu[row, : len(starts)] = torch.tensor(starts, dtype=torch.int32)
+        docs += [(row, start, n) for start, n in zip(starts, lengths)]
+    do, ds = torch.randn(2, t, h, dv), torch.randn(2, h, dk, dv)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta, s0)]
+    with backend(kernel):
+        o, state = gated_delta_rule(
+            *leaves[:5], initial_state=leaves[5], output_final_state=True, chunk_size=16, cu_seqlens=cu
+        )
+    ((o * do).sum() + (state * ds).sum()).backward()
+    ref_o = torch.zeros(o.shape, dtype=torch.float64)
+    ref_state = torch.zeros(state.shape, dtype=torch.float64)
+    ref_grads = [torch.zeros(x.shape, dtype=torch.float64) for x in leaves[:5]]
+    for row, start, n in docs:
+        part = [x[row : row + 1, start : start + n].double().requires_grad_() for x in (q, k, v, g, beta)]
+        o_doc, s_doc = brute_force(*part, None)
+        loss = (o_doc * do[row : row + 1, start : start + n].double()).sum()
+        if start + n == t:
+            loss = loss + (s_doc * ds[row : row + 1].double()).sum()
+            ref_state[row] = s_doc[0].detach()
+        loss.backward()
+        ref_o[row, start : start + n] = o_doc[0].detach()
+        for ref, x in zip(ref_grads, part):
+            ref[row, start : start + n] = x.grad[0]
+    errors = {"o": rel_err(o.detach(), ref_o), "final_state": rel_err(state.detach(), ref_state)}
+    errors.update({name: rel_err(x.grad, ref) for name, x, ref in zip(NAMES[2:], leaves, ref_grads)})
+    assert_close(errors)
+    assert torch.count_nonzero(leaves[5].grad) == 0
+
+
 def test_gated_delta_step_continues_the_chunked_form():
     q, k, v, g, beta, _ = make_inputs(2, 21, 2, 16, 16, "mixed", False, dtype=torch.float32)
     with backend("triton"):

@@ -45,6 +45,9 @@ KERNELS = {
         "chunk_local_cumsum_kernel", "chunk_fwd_h_kernel", "chunk_fwd_o_kernel", "chunk_bwd_dh_kernel",
         "chunk_bwd_dv_kernel", "chunk_bwd_dqk_kernel",
     ],
+    "longctx.kernels.gated_delta.chunk": [
+        "chunk_gated_delta_fwd_kernel", "chunk_gated_delta_bwd_dh_kernel", "chunk_gated_delta_bwd_kernel",
+    ],
 }  # fmt: skip
 
 
@@ -140,7 +143,22 @@ def _gla():
     (o.sum() + state.sum()).backward()
 
 
-@pytest.mark.parametrize("op", [_flash, _s2, _nsa, _gla], ids=["flash", "s2", "nsa", "gla"])
+def _delta():
+    """Packed documents (cu_seqlens at a CP offset) and an initial state."""
+    q, k, v = _qkv(h=2, h_kv=2)
+    g = torch.nn.functional.logsigmoid(torch.randn(1, 128, 2)).requires_grad_()
+    beta = torch.rand(1, 128, 2, requires_grad=True)
+    h0 = torch.zeros(1, 2, 32, 32, requires_grad=True)
+    cu = torch.tensor([[0, 150, 200, 256]], dtype=torch.int32)
+    o, state = K.gated_delta_rule(
+        q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu, offset=128
+    )
+    (o.sum() + state.sum()).backward()
+
+
+@pytest.mark.parametrize(
+    "op", [_flash, _s2, _nsa, _gla, _delta], ids=["flash", "s2", "nsa", "gla", "gated_delta"]
+)
 def test_no_host_sync_on_the_steady_state_path(op, monkeypatch):
     with no_kernels(monkeypatch):
         op()  # the first call with a shape may build and cache plans

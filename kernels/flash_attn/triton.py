@@ -86,10 +86,42 @@ _FWD_CONFIGS = _configs(
     ],
     interp=(64, 32),
 )
+# dK/dV over head dims above 128: the two fp32 [BN, 256] accumulators of a 128- or 64-key tile spill in
+# every config above (and 16x64 w8 s1: 80 B); these 32-key tiles do not (sm_90, bf16, causal: 236, 166
+# and 188 registers) and are the tuner's only candidates there, and only there (the tiles above are
+# faster at head dims <= 128). Measured with `python -m longctx.kernels.aot --families flash --kernels
+# dkdv --head-dims 256` (docs/kernels.md).
+_DKDV_WIDE = [(16, 32, 4, 1), (16, 32, 8, 2), (32, 32, 8, 2)]
 _DKDV_CONFIGS = _configs(
-    [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 4, 2), (16, 64, 4, 3)],
+    [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 4, 2), (16, 64, 4, 3), *_DKDV_WIDE],
     interp=(32, 64),
 )
+
+
+def _config_key(c) -> tuple:
+    return c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages
+
+
+def _dkdv_for_head_dim(configs, values):
+    """The dK/dV candidates for a launch: the wide-head-dim tiles above head dim 128, the others below."""
+    wide = values["HEAD_DIM"] > 128
+    return [c for c in configs if (_config_key(c) in _DKDV_WIDE) == wide]
+
+
+def _above_128(wide: list):
+    """A prune keeping only `wide` above head dim 128 (every candidate at head dims <= 128)."""
+
+    def prune(configs, values):
+        return [c for c in configs if values["HEAD_DIM"] <= 128 or _config_key(c) in wide]
+
+    return prune
+
+
+# Forward and dQ above head dim 128 (sm_90, bf16, causal, hd 256): every 128-row candidate needs
+# 262,144 B or more of shared memory (sm_90 allows 232,448), 64x64 spills (32 and 136 B); these fit
+# sm_80's 166,912 B too and do not spill on sm_90 (234 and 232 registers). The only candidates there.
+_FWD_WIDE = [(64, 32, 4, 2)]
+_DQ_WIDE = [(64, 32, 4, 3)]
 _DQ_CONFIGS = _configs(
     [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
     interp=(64, 32),
@@ -303,7 +335,7 @@ def _attn_fwd_inner(
     return b_acc, b_l, b_m
 
 
-@tuned(_FWD_CONFIGS, _TUNE_KEY)
+@tuned(_FWD_CONFIGS, _TUNE_KEY, prune=_above_128(_FWD_WIDE))
 @triton.jit
 def _attn_fwd_kernel(
     Q,
@@ -494,7 +526,7 @@ def _attn_bwd_dkdv_inner(
     return b_dk, b_dv
 
 
-@tuned(_DKDV_CONFIGS, _TUNE_KEY)
+@tuned(_DKDV_CONFIGS, _TUNE_KEY, prune=_dkdv_for_head_dim)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q,
@@ -664,7 +696,7 @@ def _attn_bwd_dq_inner(
     return b_dq
 
 
-@tuned(_DQ_CONFIGS, _TUNE_KEY)
+@tuned(_DQ_CONFIGS, _TUNE_KEY, prune=_above_128(_DQ_WIDE))
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q,

@@ -56,10 +56,22 @@ from longctx.kernels.common.triton import dot_precision, head_dim_tile, strided_
 
 # Small Dv tiles under the interpreter make the CPU tests cover the loop over several tiles.
 _BV = 16 if interpreting() else 64
+# The forward holds Dk whole (a [Dk, BV] fp32 state next to [BT, Dk] tiles of q, k and W): a narrower
+# Dv tile there.
+_BV_FWD = 16 if interpreting() else 32
+# The chunk (BT) the Triton path takes when none is asked for. Next to their [BT, Dk] tiles the kernels
+# hold several [BT, BT] fp32 tiles (A, T, the decay mask, Q K^T) and build T row by row. Spills per thread
+# measured by `python -m longctx.kernels.aot` (sm_90, bf16, Dk = Dv = 128, 8 warps, 1 stage; forward /
+# reverse state pass / per-chunk backward): BT 64: 1616 / 728 / 1280 B, BT 32: 712 / 0 / 416 B,
+# BT 16: 56 / 0 / 0 B (forward with 64-wide Dv tiles). docs/gated-deltanet.md has the table.
+DEFAULT_CHUNK = 16
 # Dk tile of the backward's per-chunk kernel (the others hold Dk whole), small under the interpreter
 # for the same reason.
 _BK_BWD = 16 if interpreting() else 64
 MAX_HEAD_DIM_K = 256
+# Warps and pipeline stages of the three kernels (no autotuning: one config each, checked by
+# `python -m longctx.kernels.aot --families delta`).
+_WARPS, _STAGES = 8, 1
 
 
 @triton.jit
@@ -459,8 +471,8 @@ def chunk_gated_delta_bwd_kernel(
         tl.store(p_dk, b_dk, mask=m_k)
 
 
-def _tiles(K, V):
-    return head_dim_tile(K), min(_BV, head_dim_tile(V))
+def _tiles(K, V, bv=None):
+    return head_dim_tile(K), min(bv or _BV, head_dim_tile(V))
 
 
 def chunk_gated_delta_fwd(q, k, v, g, beta, scale: float, initial_state, chunk_size: int, save_states=False):
@@ -474,7 +486,7 @@ def chunk_gated_delta_fwd(q, k, v, g, beta, scale: float, initial_state, chunk_s
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, chunk_size)
-    BK, BV = _tiles(K, V)
+    BK, BV = _tiles(K, V, _BV_FWD)
     o = torch.empty(B, T, H, V, dtype=v.dtype, device=q.device)
     final_state = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
     states = us = None
@@ -484,7 +496,7 @@ def chunk_gated_delta_fwd(q, k, v, g, beta, scale: float, initial_state, chunk_s
     chunk_gated_delta_fwd_kernel[(triton.cdiv(V, BV), B * H)](
         q, k, v, g, beta, initial_state, o, final_state, states, us, scale, T, NT, H=H, K=K, V=V,
         BT=chunk_size, BK=BK, BV=BV, USE_H0=initial_state is not None, STORE_STATES=save_states,
-        PRECISION=dot_precision(q.dtype), num_warps=4,
+        PRECISION=dot_precision(q.dtype), num_warps=_WARPS, num_stages=_STAGES,
     )  # fmt: skip
     return o, final_state, (states, us) if save_states else None
 
@@ -508,7 +520,7 @@ def chunk_gated_delta_bwd(q, k, v, g, beta, states, us, do, dht, scale: float, c
     chunk_gated_delta_bwd_dh_kernel[(triton.cdiv(V, BV), B * H)](
         q, k, g, beta, do, dht, dstates, dus, dh0, scale, T, NT, H=H, K=K, V=V, BT=chunk_size,
         BK=max(min(BK, _BK_BWD), BK // 4), BV=BV, USE_DHT=dht is not None, PRECISION=precision,
-        num_warps=4,
+        num_warps=_WARPS, num_stages=_STAGES,
     )  # fmt: skip
     dq = torch.empty(*q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(*k.shape, dtype=torch.float32, device=q.device)  # written in two steps, kept fp32
@@ -517,7 +529,8 @@ def chunk_gated_delta_bwd(q, k, v, g, beta, states, us, do, dht, scale: float, c
     dbeta = torch.empty(*beta.shape, dtype=torch.float32, device=q.device)
     chunk_gated_delta_bwd_kernel[(NT, B * H)](
         q, k, v, g, beta, do, states, dstates, us, dus, dq, dk, dv, dg, dbeta, scale, T, NT, H=H, K=K,
-        V=V, BT=chunk_size, BK=min(BK, _BK_BWD), BV=BV, PRECISION=precision, num_warps=4,
+        V=V, BT=chunk_size, BK=min(BK, _BK_BWD), BV=BV, PRECISION=precision, num_warps=_WARPS,
+        num_stages=_STAGES,
     )  # fmt: skip
     return dq, dk.to(k.dtype), dv, dg, dbeta, dh0
 
@@ -545,11 +558,12 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
 
 
 def chunk_gated_delta_rule(
-    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, chunk_size=64
+    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, chunk_size=None
 ):
     """The Triton path of `longctx.kernels.gated_delta_rule` (see there); `chunk_size` is the chunk
-    length BT, a power of two from 16 to 64. Inputs are made contiguous, k and v take q's dtype, and
-    g, beta and the initial state are used in fp32."""
+    length BT, a power of two from 16 to 64 (None: DEFAULT_CHUNK). Inputs are made contiguous, k and v
+    take q's dtype, and g, beta and the initial state are used in fp32."""
+    chunk_size = DEFAULT_CHUNK if chunk_size is None else chunk_size
     if chunk_size not in (16, 32, 64):
         raise ValueError(f"chunk_size must be 16, 32 or 64 (a tl.dot tile), got {chunk_size}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):

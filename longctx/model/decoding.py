@@ -385,8 +385,14 @@ class DeltaDecoder(Decoder):
     def prefill(self, mixer, x, cos, sin, layout, cache):
         cache.length = x.shape[1]
         if layout.is_full:
-            out, (cache.window, cache.state) = mixer.prefill(x)
+            # Packed documents (layout.docs): the cache holds the last document's state and window.
+            out, (cache.window, cache.state) = mixer.prefill(x, layout)
             return out
+        if layout.docs is not None:
+            raise ValueError(
+                "a context-parallel prefill of packed documents is not supported for G layers (the "
+                "gathered state would cross documents); prefill the documents in one process"
+            )
         # The context-parallel core computes the outputs; `gather` rebuilds the prompt's state from
         # each local segment's inputs (kept until then: this rank's share of the prompt only).
         qkv, g, beta = mixer.gates(x)

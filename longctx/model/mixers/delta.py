@@ -12,10 +12,14 @@ convolution order tokens.
 
 Decoding: `prefill(x)` runs the chunked op and returns the cache (the last 3 pre-convolution inputs
 and the state); `step(x_t, cache)` advances one token.
+
+Documents (a layout with `docs`): the state and the convolution window reset at every document start,
+so a packed row equals its documents run one by one: the op drops the state entering a start token
+(`cu_seqlens`), and the convolution's tap `j` tokens back reads zero unless that token is in the same
+document (`since_start >= j`).
 """
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -33,19 +37,6 @@ DT_RANGE = (1e-3, 1e-1)
 A_RANGE = (1.0, 16.0)
 
 
-_warned_docs = False
-
-
-def _warn_docs() -> None:
-    global _warned_docs
-    _warned_docs = True
-    warnings.warn(
-        "G layers do not reset their state at document starts yet: with data.doc_mask=true the other "
-        "mixers keep packed documents apart, G layers carry state across them (docs/gated-deltanet.md)",
-        stacklevel=3,
-    )
-
-
 def _decay_init(n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`(A_log, dt_bias)` `[H]`: A and dt spaced over A_RANGE and DT_RANGE (dt geometrically)."""
     a = torch.linspace(*A_RANGE, n_heads)
@@ -54,14 +45,34 @@ def _decay_init(n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.log(a), dt + torch.log(-torch.expm1(-dt))
 
 
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, halo: torch.Tensor | None) -> torch.Tensor:
+def causal_conv(
+    x: torch.Tensor, weight: torch.Tensor, halo: torch.Tensor | None, since_start: torch.Tensor | None = None
+) -> torch.Tensor:
     """Depthwise causal convolution. x `[B, T, C]`, weight `[C, 1, W]` (the last tap on the current
-    token), halo `[B, W - 1, C]`: the inputs before the first token (None: zeros)."""
+    token), halo `[B, W - 1, C]`: the inputs before the first token (None: zeros). since_start `[B, T]`
+    (or None: one document): how many tokens each token is past its document's start; the tap `j`
+    tokens back is used only where `since_start >= j`, so the window restarts at each document."""
     width = weight.shape[-1]
     if halo is None:
         halo = x.new_zeros(x.shape[0], width - 1, x.shape[2])
-    padded = torch.cat([halo.to(x.dtype), x], dim=1).transpose(1, 2)  # [B, C, W - 1 + T]
-    return F.conv1d(padded, weight.to(x.dtype), groups=x.shape[2]).transpose(1, 2)
+    padded = torch.cat([halo.to(x.dtype), x], dim=1)  # [B, W - 1 + T, C]
+    if since_start is None:
+        return F.conv1d(padded.transpose(1, 2), weight.to(x.dtype), groups=x.shape[2]).transpose(1, 2)
+    t, w = x.shape[1], weight.to(x.dtype)[:, 0]  # [C, W]
+    out = x * w[:, width - 1]
+    for j in range(1, width):
+        keep = (since_start >= j).to(x.dtype)[..., None]  # [B, T, 1]
+        out = out + padded[:, width - 1 - j : width - 1 - j + t] * w[:, width - 1 - j] * keep
+    return out
+
+
+def since_document_start(layout, offset: int, length: int, device) -> torch.Tensor | None:
+    """`[B, length]` tokens since the document start for global positions `[offset, offset + length)`
+    of a layout with documents (None without)."""
+    if layout.docs is None:
+        return None
+    positions = torch.arange(offset, offset + length, device=device)
+    return positions[None] - layout.docs.start_of(positions).to(torch.int64)
 
 
 class GatedDeltaCore(Core):
@@ -73,12 +84,13 @@ class GatedDeltaCore(Core):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
 
-    def prepare(self, qkv, conv_weight, halo):
-        """Convolution (with `halo` before the first token), SiLU, L2 norm of q and k, GQA repeat.
+    def prepare(self, qkv, conv_weight, halo, since_start=None):
+        """Convolution (with `halo` before the first token, restarting at document starts when
+        `since_start` is given, see `causal_conv`), SiLU, L2 norm of q and k, GQA repeat.
         qkv `[B, T, C]` pre-convolution projections -> q, k, v `[B, T, H, D]`."""
         b, t, _ = qkv.shape
         d, groups = self.head_dim, self.n_heads // self.n_kv_heads
-        x = F.silu(causal_conv(qkv, conv_weight, halo))
+        x = F.silu(causal_conv(qkv, conv_weight, halo, since_start))
         q, k, v = x.split([self.n_heads * d, self.n_kv_heads * d, self.n_kv_heads * d], dim=-1)
         q = F.normalize(q.view(b, t, self.n_heads, d), dim=-1)
         k = F.normalize(k.view(b, t, self.n_kv_heads, d), dim=-1).repeat_interleave(groups, dim=2)
@@ -87,7 +99,10 @@ class GatedDeltaCore(Core):
 
     def forward(self, qkv, g, beta, conv_weight, layout):
         self.check_full(layout)
-        o, _ = gated_delta_rule(*self.prepare(qkv, conv_weight, None), g, beta)
+        since_start = since_document_start(layout, 0, qkv.shape[1], qkv.device)
+        cu_seqlens = None if layout.docs is None else layout.docs.on(qkv.device)
+        q, k, v = self.prepare(qkv, conv_weight, None, since_start)
+        o, _ = gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu_seqlens)
         return o
 
 
@@ -158,27 +173,38 @@ class GatedDeltaNet(nn.Module):
         return self.wo((self.o_norm(o) * gate).flatten(-2))
 
     def forward(self, x, cos, sin, layout):
-        if layout.docs is not None and not _warned_docs and bool((layout.docs.num_docs() > 1).any()):
-            _warn_docs()
         qkv, g, beta = self.gates(x)
         return self.out(self.core(qkv, g, beta, self.conv_weight(), layout), x)
 
-    def prefill(self, x):
-        """Single-process forward over x `[B, T, dim]` that also returns the decoding cache."""
+    def prefill(self, x, layout=None):
+        """Single-process forward over x `[B, T, dim]` that also returns the decoding cache. With a
+        layout carrying documents, each document restarts the state and the window; the cache then
+        holds the last document's (its window zero before that document's start)."""
         qkv, g, beta = self.gates(x)
-        q, k, v = self.core.prepare(qkv, self.conv_weight(), None)
-        o, state = gated_delta_rule(q, k, v, g, beta, output_final_state=True)
+        since_start = cu_seqlens = None
+        if layout is not None and layout.docs is not None:
+            since_start = since_document_start(layout, 0, x.shape[1], x.device)
+            cu_seqlens = layout.docs.on(x.device)
+        q, k, v = self.core.prepare(qkv, self.conv_weight(), None, since_start)
+        o, state = gated_delta_rule(q, k, v, g, beta, output_final_state=True, cu_seqlens=cu_seqlens)
         window = F.pad(qkv, (0, 0, CONV_WIDTH - 1, 0))[:, -(CONV_WIDTH - 1) :]
+        if since_start is not None:
+            # Window slot i holds token T - 3 + i: kept if it is in the last token's document.
+            back = torch.arange(CONV_WIDTH - 2, -1, -1, device=x.device)  # tokens before the last
+            window = window * (since_start[:, -1:] >= back[None]).to(window.dtype)[..., None]
         return self.out(o, x), (window, state)
 
-    def step(self, x_t, cache=None):
+    def step(self, x_t, cache=None, reset=None):
         """One token x_t `[B, dim]` -> `(y_t [B, dim], cache)`; cache is `(window [B, 3, C], state
-        [B, H, Dk, Dv] fp32)` or None before the first token."""
+        [B, H, Dk, Dv] fp32)` or None before the first token. reset `[B]` bool (or None): the rows
+        whose token starts a new document; their window and state are dropped before it."""
         qkv, g, beta = self.gates(x_t)
         window, state = cache if cache is not None else (None, None)
-        q, k, v = self.core.prepare(qkv[:, None], self.conv_weight(), window)
-        o_t, state = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g, beta, state)
         if window is None:
             window = qkv.new_zeros(qkv.shape[0], CONV_WIDTH - 1, qkv.shape[1])
+        if reset is not None:
+            window = torch.where(reset.to(window.device)[:, None, None], 0.0, window)
+        q, k, v = self.core.prepare(qkv[:, None], self.conv_weight(), window)
+        o_t, state = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g, beta, state, reset=reset)
         window = torch.cat([window[:, 1:], qkv[:, None]], dim=1)
         return self.out(o_t, x_t), (window, state)
