@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     p = sub.add_parser(
         "bench",
-        help="benchmarks: kernels | train (GPU), comm (any machine), report (README table + plot)",
+        help="benchmarks: kernels | train (GPU), comm (any machine), report (docs/benchmarks.md tables)",
         description="Run a benchmark; options after the name go to it (e.g. `longctx bench comm --help`).",
     )
     p.add_argument("which", choices=BENCHES)
