@@ -5,7 +5,7 @@
 1. `longctx check`: every kernel compiled, forward and backward, against the reference;
 2. the GPU-marked tests (`pytest -m gpu`, when pytest is installed);
 3. `longctx bench kernels --quick` (16k and 64k), written to `bench/results/<device>-<date>.json`;
-4. `longctx bench report`: the README targets table from every recorded result.
+4. `longctx bench report`: the targets table of docs/benchmarks.md from every recorded result.
 
 Every step runs (a failed check does not hide the benchmarks); the exit status is non-zero if any
 failed. Needs torch and triton; not deepspeed, megatron-core, wandb or datasets.

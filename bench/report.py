@@ -1,9 +1,9 @@
-"""Turn recorded benchmark results into the README's performance section and a plot.
+"""Turn recorded benchmark results into the performance section of docs/benchmarks.md and a plot.
 
-    longctx bench report                  # every bench/results/*.json -> README section + PNG
-    python -m longctx.bench.report --readme README.md --png bench/results/performance.png
+    longctx bench report                  # every bench/results/*.json -> docs/benchmarks.md section + PNG
+    python -m longctx.bench.report --page docs/benchmarks.md --png bench/results/performance.png
 
-The README section sits between `<!-- performance:start -->` and `<!-- performance:end -->` and is
+The section sits between `<!-- performance:start -->` and `<!-- performance:end -->` and is
 rewritten in place: the DESIGN.md targets with the measured value where a GPU run recorded one, the
 communication table, and each results file's device, versions and commands.
 """
@@ -155,7 +155,10 @@ def plot(docs: list[dict], out: Path) -> Path | None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="longctx bench report", description=__doc__.split("\n")[0])
     parser.add_argument("--results", default=str(RESULTS_DIR))
-    parser.add_argument("--readme", default=str(RESULTS_DIR.parent.parent / "README.md"))
+    parser.add_argument(
+        "--page", "--readme", default=str(RESULTS_DIR.parent.parent / "docs" / "benchmarks.md"),
+        help="the Markdown page whose performance section is rewritten (default docs/benchmarks.md)",
+    )
     parser.add_argument("--png", default=str(RESULTS_DIR / "performance.png"))
     args = parser.parse_args(argv)
     docs = load_results(Path(args.results))
@@ -165,10 +168,10 @@ def main(argv=None) -> int:
         )
         return 1
     text = section(docs)
-    write_readme(Path(args.readme), text)
+    write_readme(Path(args.page), text)
     png = plot(docs, Path(args.png))
     print(text)
-    print(f"updated {args.readme}" + (f" and wrote {png}" if png else ""))
+    print(f"updated {args.page}" + (f" and wrote {png}" if png else ""))
     return 0
 
 

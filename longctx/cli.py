@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     p = sub.add_parser(
         "bench",
-        help="benchmarks: kernels | train (GPU), comm | memory | scale (any machine), report (README table)",
+        help="benchmarks: kernels | train (GPU); comm | memory | scale | report (any machine)",
         description="Run a benchmark; options after the name go to it (e.g. `longctx bench comm --help`).",
     )
     p.add_argument("which", choices=BENCHES)

@@ -125,11 +125,11 @@ def test_answer_loss_under_context_parallelism_equals_one_process(tmp_path):
         "train.wandb=false",
         "train.progress=false",
     ]
-    runs = {}
-    for name, nproc, extra in (("one", 1, []), ("cp2", 2, ["parallel.cp=2"])):
-        proc = run_cli([*common, f"train.run_dir={tmp_path / name}", *extra], nproc=nproc)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[name] = metrics(tmp_path / name)
+    # One process (this one) against two launched with torchrun.
+    assert main([*common, f"train.run_dir={tmp_path / 'one'}"]) == 0
+    proc = run_cli([*common, f"train.run_dir={tmp_path / 'cp2'}", "parallel.cp=2"], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {name: metrics(tmp_path / name) for name in ("one", "cp2")}
     for one, cp in zip(runs["one"], runs["cp2"]):
         for key in ("loss", "answer_loss"):
             assert cp[key] == pytest.approx(one[key], rel=1e-4), key

@@ -1,5 +1,9 @@
 """Context parallelism for S, N, L and G layers: each core on P = 2 and 4 gloo processes against one
-process (fp64), outputs and every gradient, and the bytes each moves."""
+process (fp64), outputs and every gradient, and the bytes each moves.
+
+Every case runs in one spawn of 4 processes (the `runs` fixture): the P = 2 cases on the process group
+of ranks 0 and 1, the P = 4 cases on all four. A spawn costs each process seconds of imports; one
+launch instead of fourteen saves most of this file's time."""
 
 import pytest
 import torch
@@ -9,11 +13,11 @@ from longctx.parallel import SeqLayout, comm_stats, reset_comm_stats, zigzag_sha
 from tests.dist_utils import spawn
 
 
-def _run_core(rank, world, core_fn, inputs, do):
+def _run_core(rank, world, group, core_fn, inputs, do):
     layout = SeqLayout.zigzag(inputs[0].shape[1], rank, world)
     local = [zigzag_shard(t, rank, world).clone().requires_grad_() for t in inputs]
     reset_comm_stats()
-    o = core_fn()(*local, layout)
+    o = core_fn(group)(*local, layout)
     o.backward(zigzag_shard(do, rank, world))
     return o.detach(), [t.grad for t in local], comm_stats()
 
@@ -24,23 +28,55 @@ def _gather(results):
     return o, grads
 
 
-def _linear_core():
+def _cases_worker(rank, world, cases):
+    """Run every case `(P, worker, args)` on the process group of ranks 0..P-1."""
+    import torch.distributed as dist
+
+    groups = {p: dist.new_group(list(range(p))) for p in sorted({p for p, _, _ in cases.values()})}
+    return {
+        key: worker(rank, p, groups[p], *args) for key, (p, worker, args) in cases.items() if rank < p
+    }
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """Every case's inputs and per-rank results (ranks 0..P-1), from one spawn of 4 processes."""
+    torch.manual_seed(0)
+    cases = {}
+    for world in (2, 4):
+        for decay in ("weak", "strong"):
+            cases[("linear", world, decay)] = (world, *_linear_case(world, decay))
+        cases[("delta", world)] = (world, *_delta_case(world))
+        cases[("exchange", world)] = (world, *_exchange_case(world))
+        cases[("nsa", world)] = (world, *_nsa_case(world))
+        for n_kv, dense in ((4, 0), (2, 1)):
+            cases[("s2", world, n_kv, dense)] = (world, *_s2_case(world, n_kv, dense))
+    results = spawn(_cases_worker, 4, (cases,))
+    return {key: (args, [r[key] for r in results[:p]]) for key, (p, _, args) in cases.items()}
+
+
+def _linear_core(group):
     from longctx.parallel.linear import StatePassingLinearCore
 
-    return StatePassingLinearCore(None)
+    return StatePassingLinearCore(group)
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("decay", ["weak", "strong"])
-def test_linear_state_passing_matches_one_process(world, decay):
+def _linear_case(world, decay):
     t, b, h, d = 8 * world * 5, 2, 3, 8
     q, k, v = (torch.randn(b, t, h, d, dtype=torch.float64) for _ in range(3))
     g = -torch.rand(b, t, h, dtype=torch.float64) * (20.0 if decay == "strong" else 0.5)
     do = torch.randn(b, t, h, d, dtype=torch.float64)
+    return _run_core, (_linear_core, (q, k, v, g), do)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("decay", ["weak", "strong"])
+def test_linear_state_passing_matches_one_process(runs, world, decay):
+    (_, (q, k, v, g), do), results = runs[("linear", world, decay)]
+    b, _, h, d = q.shape
     ref_in = [x.clone().requires_grad_() for x in (q, k, v, g)]
     ref, _ = gla_recurrent_ref(*ref_in)
     ref.backward(do)
-    results = spawn(_run_core, world, (_linear_core, (q, k, v, g), do))
     o, grads = _gather(results)
     assert torch.allclose(o, ref.detach(), atol=1e-10)
     for grad, x in zip(grads, ref_in):
@@ -50,7 +86,7 @@ def test_linear_state_passing_matches_one_process(world, decay):
     assert all(r[2]["bytes_sent"] == 2 * (world - 1) * per_rank for r in results)
 
 
-def _delta_worker(rank, world, qkv, g, beta, weight, do, heads, docs):
+def _delta_worker(rank, world, group, qkv, g, beta, weight, do, heads, docs):
     """The CP core without documents, then (same launch) on packed documents `docs` (cu_seqlens)."""
     from longctx.model.mixers.delta import GatedDeltaCore
     from longctx.parallel.delta import StatePassingDeltaCore
@@ -64,20 +100,13 @@ def _delta_worker(rank, world, qkv, g, beta, weight, do, heads, docs):
         local = [zigzag_shard(t, rank, world).clone().requires_grad_() for t in (qkv, g, beta)]
         w = weight.clone().requires_grad_()
         reset_comm_stats()
-        o = StatePassingDeltaCore(GatedDeltaCore(*heads), None)(*local, w, layout)
+        o = StatePassingDeltaCore(GatedDeltaCore(*heads), group)(*local, w, layout)
         o.backward(zigzag_shard(do, rank, world))
         out.append((o.detach(), [t.grad for t in local], w.grad, comm_stats()))
     return out
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_delta_state_passing_matches_one_process(world):
-    """G layers: outputs and the gradients of q/k/v (pre-convolution), g, beta and the convolution
-    weight equal one process (fp64); the convolution halo crosses chunk owners. The same launch runs
-    packed documents (starts inside chunks, at a chunk start, one shorter than the halo, one spanning
-    chunks) against each document run alone in one process."""
-    from longctx.model.mixers.delta import GatedDeltaCore
-
+def _delta_case(world):
     heads = (4, 2, 8)  # n_heads, n_kv_heads (GQA), head_dim
     t, b, c = 2 * world * 5, 2, (4 + 2 * 2) * 8
     qkv = torch.randn(b, t, c, dtype=torch.float64)
@@ -89,50 +118,62 @@ def test_delta_state_passing_matches_one_process(world):
     # row 1 has one document crossing every chunk boundary but the first.
     starts = [[0, 2, 10, 12], [0, 4]]
     cu = torch.full((b, 5), t, dtype=torch.int32)
-    for row, s in enumerate(starts):
-        cu[row, : len(s)] = torch.tensor(s, dtype=torch.int32)
+    for row, st in enumerate(starts):
+        cu[row, : len(st)] = torch.tensor(st, dtype=torch.int32)
+    return _delta_worker, (qkv, g, beta, weight, do, heads, (cu, starts))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_delta_state_passing_matches_one_process(runs, world):
+    """G layers: outputs and the gradients of q/k/v (pre-convolution), g, beta and the convolution
+    weight equal one process (fp64); the convolution halo crosses chunk owners. The same launch runs
+    packed documents (starts inside chunks, at a chunk start, one shorter than the halo, one spanning
+    chunks) against each document run alone in one process."""
+    from longctx.model.mixers.delta import GatedDeltaCore
+
+    (qkv, g, beta, weight, do, heads, (_, starts)), results = runs[("delta", world)]
+    b, t, c = qkv.shape
     ref_in = [x.clone().requires_grad_() for x in (qkv, g, beta, weight)]
     ref = GatedDeltaCore(*heads)(*ref_in, SeqLayout.full(t))
     ref.backward(do)
     # Packed documents in one process: each document alone (no halo, zero state).
     doc_o = torch.zeros_like(do)
     doc_grads = [torch.zeros_like(x) for x in (qkv, g, beta)] + [torch.zeros_like(weight)]
-    for row, s in enumerate(starts):
-        for start, end in zip(s, [*s[1:], t]):
-            part = [x[row : row + 1, start:end].clone().requires_grad_() for x in (qkv, g, beta)]
+    for row, st in enumerate(starts):
+        for begin, finish in zip(st, [*st[1:], t]):
+            part = [x[row : row + 1, begin:finish].clone().requires_grad_() for x in (qkv, g, beta)]
             w = weight.clone().requires_grad_()
-            o_doc = GatedDeltaCore(*heads)(*part, w, SeqLayout.full(end - start))
-            o_doc.backward(do[row : row + 1, start:end])
-            doc_o[row, start:end] = o_doc[0].detach()
+            o_doc = GatedDeltaCore(*heads)(*part, w, SeqLayout.full(finish - begin))
+            o_doc.backward(do[row : row + 1, begin:finish])
+            doc_o[row, begin:finish] = o_doc[0].detach()
             for acc, x in zip(doc_grads, part):
-                acc[row, start:end] = x.grad[0]
+                acc[row, begin:finish] = x.grad[0]
             doc_grads[3] += w.grad
-    results = spawn(_delta_worker, world, (qkv, g, beta, weight, do, heads, cu))
     for variant, (want_o, want_grads) in enumerate(
         [(ref.detach(), [x.grad for x in ref_in]), (doc_o, doc_grads)]
     ):
-        runs = [r[variant] for r in results]
-        o, grads = _gather([(r[0], r[1]) for r in runs])
+        per_rank = [r[variant] for r in results]
+        o, grads = _gather([(r[0], r[1]) for r in per_rank])
         assert torch.allclose(o, want_o, atol=1e-10)
         for grad, want in zip(grads, want_grads):
             assert torch.allclose(grad, want, atol=1e-9)
-        assert torch.allclose(sum(r[2] for r in runs), want_grads[3], atol=1e-9)
+        assert torch.allclose(sum(r[2] for r in per_rank), want_grads[3], atol=1e-9)
         # Forward: the halos (2 chunks x 3 tokens x C) and the maps (2 chunks x [B | A]) all-gathered;
         # backward: the same bytes reduce-scattered. Independent of T, and of the documents.
         halo = 2 * b * 3 * c * 8
         maps = 2 * b * 4 * 8 * (8 + 8) * 8  # fp64 in this test
-        assert all(r[3]["bytes_sent"] == 2 * (world - 1) * (halo + maps) for r in runs)
+        assert all(r[3]["bytes_sent"] == 2 * (world - 1) * (halo + maps) for r in per_rank)
     # The document check can fail: the packed documents differ from the one-document run.
     assert not torch.allclose(doc_o, ref.detach(), atol=1e-3)
 
 
-def _exchange_worker(rank, world, full, need_by_rank, grad_full, block_size):
+def _exchange_worker(rank, world, group, full, need_by_rank, grad_full, block_size):
     from longctx.parallel.blocks import exchange_blocks
 
     layout = SeqLayout.zigzag(full.shape[1], rank, world)
     local = zigzag_shard(full, rank, world).clone().requires_grad_()
     reset_comm_stats()
-    out, table = exchange_blocks(local, need_by_rank[rank], layout, block_size, None)
+    out, table = exchange_blocks(local, need_by_rank[rank], layout, block_size, group)
     # The gradient of the gathered blocks: the same slices of a full-sequence gradient.
     grad = torch.zeros_like(out)
     for g in range(table.shape[0]):
@@ -145,15 +186,21 @@ def _exchange_worker(rank, world, full, need_by_rank, grad_full, block_size):
     return out.detach(), table, local.grad, comm_stats()
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_block_exchange_fetches_exactly_the_needed_blocks(world):
+def _exchange_case(world):
     bs, n_kv = 4, 3
     t = 2 * world * 3 * bs  # 3 blocks per zigzag chunk
     n_blocks = t // bs
     full = torch.randn(2, t, n_kv, 5, dtype=torch.float64)
     need = [torch.rand(n_kv, n_blocks) < 0.4 for _ in range(world)]
     grad_full = torch.randn_like(full)
-    results = spawn(_exchange_worker, world, (full, need, grad_full, bs))
+    return _exchange_worker, (full, need, grad_full, bs)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_block_exchange_fetches_exactly_the_needed_blocks(runs, world):
+    (full, need, grad_full, bs), results = runs[("exchange", world)]
+    t, n_kv = full.shape[1], full.shape[2]
+    n_blocks = t // bs
     expected_grad = torch.zeros_like(full)
     for rank, (out, table, _, _) in enumerate(results):
         for g in range(n_kv):
@@ -190,33 +237,38 @@ def _nsa_modules(d, state=None):
     return NSAConfig(**NSA), comps
 
 
-def _nsa_worker(rank, world, q, k, v, gates, do):
+def _nsa_worker(rank, world, group, q, k, v, gates, do):
     from longctx.parallel.nsa import ContextParallelNSACore
 
     cfg, (ck, cv) = _nsa_modules(q.shape[-1])
     layout = SeqLayout.zigzag(q.shape[1], rank, world)
     local = [zigzag_shard(t, rank, world).clone().requires_grad_() for t in (q, k, v, gates)]
     reset_comm_stats()
-    o = ContextParallelNSACore(cfg, None)(*local, ck, cv, layout)
+    o = ContextParallelNSACore(cfg, group)(*local, ck, cv, layout)
     o.backward(zigzag_shard(do, rank, world))
     params = [p.grad for p in (*ck.parameters(), *cv.parameters())]
     return o.detach(), [t.grad for t in local], params, comm_stats()
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_nsa_context_parallel_matches_one_process(world):
-    from longctx.model.mixers.nsa import NSACore
-
+def _nsa_case(world):
     t, b, h, n_kv, d = 2 * world * 16, 2, 4, 2, 8  # chunks of 16 tokens: 2 selection blocks each
     q = torch.randn(b, t, h, d, dtype=torch.float64)
     k, v = torch.randn(b, t, n_kv, d, dtype=torch.float64), torch.randn(b, t, n_kv, d, dtype=torch.float64)
     gates = torch.rand(b, t, h, 3, dtype=torch.float64)
     do = torch.randn(b, t, h, d, dtype=torch.float64)
+    return _nsa_worker, (q, k, v, gates, do)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_nsa_context_parallel_matches_one_process(runs, world):
+    from longctx.model.mixers.nsa import NSACore
+
+    (q, k, v, gates, do), results = runs[("nsa", world)]
+    t, d = q.shape[1], q.shape[-1]
     cfg, (ck, cv) = _nsa_modules(d)
     ref_in = [x.clone().requires_grad_() for x in (q, k, v, gates)]
     ref = NSACore(cfg)(*ref_in, ck, cv, SeqLayout.full(t))
     ref.backward(do)
-    results = spawn(_nsa_worker, world, (q, k, v, gates, do))
     o, grads = _gather([(r[0], r[1]) for r in results])
     assert torch.allclose(o, ref.detach(), atol=1e-10)
     for grad, x in zip(grads, ref_in):
@@ -226,27 +278,32 @@ def test_nsa_context_parallel_matches_one_process(world):
         assert torch.allclose(sum(r[2][i] for r in results), p.grad, atol=1e-10)
 
 
-def _s2_worker(rank, world, cfg, q, k, v, do):
+def _s2_worker(rank, world, group, cfg, q, k, v, do):
     from longctx.parallel.s2 import ContextParallelS2Core
 
-    return _run_core(rank, world, lambda: ContextParallelS2Core(cfg, None), (q, k, v), do)
+    return _run_core(rank, world, group, lambda g: ContextParallelS2Core(cfg, g), (q, k, v), do)
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("n_kv,dense", [(4, 0), (2, 1)], ids=["mha", "gqa-dense1"])
-def test_s2_context_parallel_matches_one_process(world, n_kv, dense):
+def _s2_case(world, n_kv, dense):
     from longctx.config import S2Config
-    from longctx.kernels.s2_attn import s2_attn_ref
 
     cfg = S2Config(block_size=4, local_blocks=2, vert_stride=4, dense_heads=dense)
     t, b, h, d = 2 * world * 3 * 4, 2, 4, 8  # 3 blocks per zigzag chunk
     q = torch.randn(b, t, h, d, dtype=torch.float64)
     k, v = torch.randn(b, t, n_kv, d, dtype=torch.float64), torch.randn(b, t, n_kv, d, dtype=torch.float64)
     do = torch.randn(b, t, h, d, dtype=torch.float64)
+    return _s2_worker, (cfg, q, k, v, do)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("n_kv,dense", [(4, 0), (2, 1)], ids=["mha", "gqa-dense1"])
+def test_s2_context_parallel_matches_one_process(runs, world, n_kv, dense):
+    from longctx.kernels.s2_attn import s2_attn_ref
+
+    (cfg, q, k, v, do), results = runs[("s2", world, n_kv, dense)]
     ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
     ref = s2_attn_ref(*ref_in, cfg.block_size, cfg.local_blocks, cfg.vert_stride, cfg.dense_heads)
     ref.backward(do)
-    results = spawn(_s2_worker, world, (cfg, q, k, v, do))
     o, grads = _gather(results)
     assert torch.allclose(o, ref.detach(), atol=1e-12)
     for grad, x in zip(grads, ref_in):
