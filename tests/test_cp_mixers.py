@@ -87,13 +87,13 @@ def test_linear_state_passing_matches_one_process(runs, world, decay):
 
 
 def _delta_worker(rank, world, group, qkv, g, beta, weight, do, heads, docs):
-    """The CP core without documents, then (same launch) on packed documents `docs` (cu_seqlens)."""
+    """The CP core without documents, then (same launch) on packed documents `docs` ((cu_seqlens, starts))."""
     from longctx.model.mixers.delta import GatedDeltaCore
     from longctx.parallel.delta import StatePassingDeltaCore
     from longctx.parallel.layout import Documents
 
     out = []
-    for cu in (None, docs):
+    for cu in (None, docs[0]):
         layout = SeqLayout.zigzag(qkv.shape[1], rank, world)
         if cu is not None:
             layout = layout.with_docs(Documents(cu))
