@@ -238,6 +238,7 @@ def cmd_ruler(args) -> int:
         seed=args.seed,
         batch_size=args.batch_size or cfg.eval.batch_size,
         progress=progress,
+        passkey_digits=cfg.data.passkey_digits,
         **dist_kwargs,
     )
     if info is not None:

@@ -264,9 +264,9 @@ def _frequent_words(tokenizer, docs, pool, length, depth, rng):
     return tokens, answer, top, False
 
 
-def _passkey(tokenizer, docs, pool, length, depth, rng):
+def _passkey(tokenizer, docs, pool, length, depth, rng, n_digits=5):
     hay = read_haystack(docs, length + 8, rng, drop_ids=_drop_ids(tokenizer))
-    s = make_passkey_sample(tokenizer, hay, length + 5, depth, rng, n_digits=5)
+    s = make_passkey_sample(tokenizer, hay, length + 5, depth, rng, n_digits=n_digits)
     return s.tokens[:length], s.tokens[length:].tolist(), [s.key], True
 
 
@@ -297,8 +297,12 @@ def parse_tasks(text: str) -> list[str]:
     return names
 
 
-def ruler_sample(tokenizer, docs, task: str, length: int, depth: float, seed: int, index: int) -> RulerSample:
-    """Sample `index` of `task` at (`length`, `depth`): a pure function of its arguments and the corpus."""
+def ruler_sample(
+    tokenizer, docs, task: str, length: int, depth: float, seed: int, index: int, passkey_digits: int = 5
+) -> RulerSample:
+    """Sample `index` of `task` at (`length`, `depth`): a pure function of its arguments and the corpus.
+    `passkey_digits`: the key length of the `passkey` task (a run's `data.passkey_digits`, so the task
+    asks in the format the model was trained on)."""
     if task not in TASKS:
         raise ValueError(f"unknown RULER task {task!r}; choose from {', '.join(TASKS)}")
     if not 0.0 <= depth <= 1.0:
@@ -306,7 +310,8 @@ def ruler_sample(tokenizer, docs, task: str, length: int, depth: float, seed: in
     task_id = zlib.crc32(task.encode())
     rng = np.random.default_rng([seed & (2**64 - 1), task_id, length, round(depth * 1_000_000), index])
     pool = word_pool(tokenizer, docs)
-    tokens, answer_tokens, items, ordered = TASKS[task](tokenizer, docs, pool, length, depth, rng)
+    options = {"n_digits": passkey_digits} if task == "passkey" else {}
+    tokens, answer_tokens, items, ordered = TASKS[task](tokenizer, docs, pool, length, depth, rng, **options)
     assert len(tokens) == length, (task, len(tokens), length)
     return RulerSample(task, tokens, list(answer_tokens), tokenizer.decode(answer_tokens), items, ordered)
 
@@ -358,6 +363,7 @@ def evaluate_ruler(
     progress: bool = True,
     shard: tuple[int, int] = (0, 1),
     reduce: Callable[[list[float]], list[float]] | None = None,
+    passkey_digits: int = 5,
 ) -> dict:
     """Exact-match and item accuracy of every task at every (length, depth).
 
@@ -369,6 +375,7 @@ def evaluate_ruler(
         batch_size: prompts generated together (all of one cell have the same length).
         generate: `(prompts [B, T], n) -> [B, n]` greedy continuation; default `longctx.generate`.
         shard, reduce: as `evaluate_niah` (data-parallel processes split the samples and sum counts).
+        passkey_digits: the `passkey` task's key length (`ruler_sample`).
 
     Returns:
         `{"tasks", "lengths", "depths", "samples", "seed", "accuracy": {task: [[exact per depth] per
@@ -402,7 +409,10 @@ def evaluate_ruler(
                         indices = mine[b * batch_size : (b + 1) * batch_size]
                         counted = len(indices)
                         indices = indices or [mine[-1] if mine else 0]
-                        batch = [ruler_sample(tokenizer, docs, task, length, depth, seed, k) for k in indices]
+                        batch = [
+                            ruler_sample(tokenizer, docs, task, length, depth, seed, k, passkey_digits)
+                            for k in indices
+                        ]
                         prompts = torch.from_numpy(np.stack([s.tokens for s in batch])).to(device)
                         out = generate(prompts, max(new_tokens_for(s) for s in batch)).cpu()
                         for k, s, row in list(zip(indices, batch, out))[:counted]:
