@@ -110,6 +110,13 @@ def load_hf_weights(model, source: str | Path) -> list[str]:
                 else:
                     param.copy_(view[:])
                 loaded.add(key)
+    return converted_params(path, names, loaded, unexpected)
+
+
+def converted_params(path, names: dict, loaded: set, unexpected: list) -> list[str]:
+    """After loading checkpoint `path`: an HFCheckpointError if it lacked a tensor of a dense layer or
+    held one the model has no place for; else the longctx names of the parameters it did not hold
+    (those of converted layers, which `init_converted` sets)."""
     dense_missing = [k for k in names if k not in loaded and ".longctx." not in k]
     if unexpected or dense_missing:
         problems = []

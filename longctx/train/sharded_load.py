@@ -151,7 +151,8 @@ def read_safetensors(model, files: list[Path], names: dict[str, str], what: str)
 def load_hf_rows(model, source: str | Path) -> list[str]:
     """`longctx.hf.load_hf_weights`, reading only this rank's rows with positioned reads; returns the
     parameters of converted layers the checkpoint did not hold."""
-    from longctx.hf import SUPPORTED, HFCheckpointError, _shards, hf_dir, hf_names
+    from longctx.hf import HFCheckpointError, _shards, hf_dir, hf_names
+    from longctx.hf.weights import converted_params
 
     path = hf_dir(source)
     names = hf_names(model)
@@ -164,18 +165,7 @@ def load_hf_rows(model, source: str | Path) -> list[str]:
     except ValueError as e:
         raise HFCheckpointError(str(e)) from None
     unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
-    dense_missing = [k for k in names if k not in loaded and ".longctx." not in k]
-    if unexpected or dense_missing:
-        problems = []
-        if dense_missing:
-            problems.append(f"missing {', '.join(sorted(dense_missing)[:4])}")
-        if unexpected:
-            problems.append(f"unexpected {', '.join(sorted(unexpected)[:4])}")
-        raise HFCheckpointError(
-            f"{str(path)!r} does not match its config.json as a {'/'.join(SUPPORTED)} model: "
-            f"{'; '.join(problems)}"
-        )
-    return sorted(names[k] for k in names if k not in loaded)
+    return converted_params(path, names, loaded, unexpected)
 
 
 @torch.no_grad()
