@@ -95,8 +95,8 @@ def test_samples_are_reproducible_exact_length_and_vary(tokenizer, docs):
         ruler_sample(tokenizer, docs, "niah_multiquery", 96, 0.5, 0, 0)
     # The passkey task asks in the run's key length (data.passkey_digits).
     for digits in (3, 5):
-        key = ruler_sample(tokenizer, docs, "passkey", 320, 0.5, 1, 2, passkey_digits=digits).items[0]
-        assert key.isdigit() and len(key) == digits
+        sample = ruler_sample(tokenizer, docs, "passkey", 320, 0.5, 1, 2, passkey_digits=digits)
+        assert sample.answer == sample.items[0] and sample.answer.isdigit() and len(sample.answer) == digits
     assert parse_tasks("vt, cwe") == ["vt", "cwe"] and parse_tasks("all") == list(TASKS)
     with pytest.raises(ValueError, match="unknown RULER task"):
         parse_tasks("vt,nope")

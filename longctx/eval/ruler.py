@@ -265,8 +265,9 @@ def _frequent_words(tokenizer, docs, pool, length, depth, rng):
 
 
 def _passkey(tokenizer, docs, pool, length, depth, rng, n_digits=5):
-    hay = read_haystack(docs, length + 8, rng, drop_ids=_drop_ids(tokenizer))
-    s = make_passkey_sample(tokenizer, hay, length + 5, depth, rng, n_digits=n_digits)
+    # The key's digits are single tokens and end the sample: the prompt is all before them.
+    hay = read_haystack(docs, length + n_digits + 3, rng, drop_ids=_drop_ids(tokenizer))
+    s = make_passkey_sample(tokenizer, hay, length + n_digits, depth, rng, n_digits=n_digits)
     return s.tokens[:length], s.tokens[length:].tolist(), [s.key], True
 
 
