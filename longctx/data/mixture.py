@@ -18,7 +18,7 @@ the uninterrupted one did.
 
 import numpy as np
 
-from longctx.data.sampler import PackedBatch, PackedSampler
+from longctx.data.sampler import PackedBatch, PackedSampler, check_same_state
 
 _SCHEDULE_KEY = 3
 _MAX_OFFSET = 1000
@@ -106,14 +106,5 @@ class MixedSampler:
         return {**same, "position": self.position, "seq_len_mix": [list(m) for m in self.mix]}
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        differ = [k for k in {**mine, **state} if k != "position" and state.get(k) != mine.get(k)]
-        if differ:
-            saved = ", ".join(f"{k}={state.get(k)}" for k in differ)
-            now = ", ".join(f"{k}={mine.get(k)}" for k in differ)
-            raise ValueError(
-                f"the data loader state was saved with {saved}, but this run has {now}; resume with the "
-                "same data, data.seq_len_mix, train.seed and passkey settings, or start fresh with "
-                "train.resume=none"
-            )
+        check_same_state(state, self.state_dict(), "data.seq_len_mix, train.seed and passkey settings")
         self.position = int(state["position"])

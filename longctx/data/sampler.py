@@ -213,14 +213,21 @@ class PackedSampler:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        differ = [k for k in {**mine, **state} if k != "position" and state.get(k) != mine.get(k)]
-        if differ:
-            saved = ", ".join(f"{k}={state.get(k)}" for k in differ)
-            now = ", ".join(f"{k}={mine.get(k)}" for k in differ)
-            raise ValueError(
-                f"the data loader state was saved with {saved}, but this run has {now}; resume with the "
-                "same data, data.seq_len, train.seed, data.passkey_fraction and data.passkey_min_share, or "
-                "start fresh with train.resume=none"
-            )
+        check_same_state(
+            state, self.state_dict(),
+            "data.seq_len, train.seed, data.passkey_fraction and data.passkey_min_share",
+        )  # fmt: skip
         self.position = int(state["position"])
+
+
+def check_same_state(saved: dict, mine: dict, settings: str) -> None:
+    """A ValueError naming every key but `position` in which the data loader state `saved` (from a
+    checkpoint) differs from this run's `mine`; `settings` names what must match."""
+    differ = [k for k in {**mine, **saved} if k != "position" and saved.get(k) != mine.get(k)]
+    if differ:
+        was = ", ".join(f"{k}={saved.get(k)}" for k in differ)
+        now = ", ".join(f"{k}={mine.get(k)}" for k in differ)
+        raise ValueError(
+            f"the data loader state was saved with {was}, but this run has {now}; resume with the same "
+            f"data, {settings}, or start fresh with train.resume=none"
+        )
