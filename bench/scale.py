@@ -158,19 +158,20 @@ def plan_bytes(
         phases += [Phase("kv + fp32 dkv hop", {nxt_g: kv_ring * (itemsize + 4)}, True, True, 2)] * (ring - 1)
         return phases
     if scheme == "S pattern":
+        # Peer by peer (`parallel.blocks.BlockPairs`, plan fixed on the host: no mask exchange). Step s
+        # sends rank + s the (block, kv head) pairs it needs of mine, overlapped with the step's compute;
+        # the backward fetches them again and returns the fp32 dK, dV of the pairs I took from each peer.
         s2 = model.s2
-        n_blocks = seq_len // s2.block_size
-        block = batch * s2.block_size * 2 * d * itemsize  # one kv head's K and V of one block
-        mask = {p: h_kv * n_blocks for p in range(size) if p != rank}
-        # What each peer needs of mine (sent forward) and what I need of theirs (their dK, dV, sent back).
-        sends = {p: int(s2_need_counts(s2, h, h_kv, seq_len, size, p)[rank]) * block for p in range(size)}
+        pair = batch * s2.block_size * 2 * d  # one kv head's K and V of one block, in elements
+        theirs = {p: int(s2_need_counts(s2, h, h_kv, seq_len, size, p)[rank]) for p in range(size)}
+        sends = {p: n * pair * itemsize for p, n in theirs.items()}
         mine = s2_need_counts(s2, h, h_kv, seq_len, size, rank)
-        back = {p: int(mine[p]) * block for p in range(size)}
+        back = {p: int(mine[p]) * pair * 4 for p in range(size)}
         sends.pop(rank), back.pop(rank)
         return [
-            Phase("all-gather need masks", mask, False, False),
-            Phase("blocks", sends, False, False),
-            Phase("dkv of blocks", back, False, True),
+            *(Phase("blocks", {p: n}, True, False) for p, n in sends.items()),
+            *(Phase("blocks again", {p: n}, True, True) for p, n in sends.items()),
+            *(Phase("fp32 dkv of blocks", {p: n}, True, True) for p, n in back.items()),
         ]
     if scheme == "N select":
         # Bound: every earlier block is fetched, as by an all-gather of K, V (module docstring).
