@@ -170,13 +170,13 @@ def measure(cfg, seq_len: int, size: int) -> list[tuple]:
     import torch
     import torch.multiprocessing as mp
 
-    from longctx.bench.comm import _free_port
+    from longctx.train.distributed import free_port
 
     # The workers' kernels run under the Triton interpreter (module docstring).
     os.environ["TRITON_INTERPRET"] = "1"
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
-            _worker, args=(size, _free_port(), out_dir, cfg, seq_len), nprocs=size, start_method="spawn"
+            _worker, args=(size, free_port(), out_dir, cfg, seq_len), nprocs=size, start_method="spawn"
         )
         ranks = [torch.load(Path(out_dir) / f"{r}.pt", weights_only=True) for r in range(size)]
     return [

@@ -108,7 +108,7 @@ class SafetensorsFile:
 
 def _rows(param) -> tuple[int, int]:
     if hasattr(param, "to_local"):
-        from longctx.hf import local_rows
+        from longctx.hf.weights import local_rows
 
         return local_rows(param)
     return 0, param.shape[0] if param.dim() else 1
@@ -151,8 +151,8 @@ def read_safetensors(model, files: list[Path], names: dict[str, str], what: str)
 def load_hf_rows(model, source: str | Path) -> list[str]:
     """`longctx.hf.load_hf_weights`, reading only this rank's rows with positioned reads; returns the
     parameters of converted layers the checkpoint did not hold."""
-    from longctx.hf import HFCheckpointError, _shards, hf_dir, hf_names
-    from longctx.hf.weights import converted_params
+    from longctx.hf.config import HFCheckpointError, hf_dir
+    from longctx.hf.weights import _shards, converted_params, hf_names
 
     path = hf_dir(source)
     names = hf_names(model)
@@ -173,7 +173,7 @@ def init_converted_rows(model, new: list[str]) -> None:
     """`longctx.hf.init_converted` for a model whose parameters may be sharded: the parameters in
     `new` are gathered whole (they are a converted layer's gates, convolutions and compressors,
     small next to the model), set on those full copies, and each rank keeps its rows back."""
-    from longctx.hf import init_converted
+    from longctx.hf.convert import init_converted
 
     sharded = [n for n in sorted(new) if hasattr(model.get_parameter(n), "to_local")]
     swapped = []
