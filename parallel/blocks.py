@@ -286,6 +286,19 @@ class BlockPairs(_Peers):
             blocked.index_put_((s_blocks, s_heads), blocked[s_blocks, s_heads] + buf)
 
 
+def _peer_keys(schedule, kv: torch.Tensor):
+    """Yield `(step, keys of that step's peer)` for every step of `schedule`: step 0 this rank's own
+    `kv`; each later step's message is posted before the previous step is computed, so the fetch
+    overlaps the compute. The keys are None when nothing is needed from that peer."""
+    size = schedule.size
+    posted = schedule.post(1, kv) if size > 1 else None
+    yield 0, kv
+    for step in range(1, size):
+        kv_s = schedule.arrived(step, posted)
+        posted = schedule.post(step + 1, kv) if step + 1 < size else None
+        yield step, kv_s
+
+
 class PeerRounds(torch.autograd.Function):
     """Attention of the local queries over every rank's keys, peer by peer (see above).
 
@@ -300,14 +313,7 @@ class PeerRounds(torch.autograd.Function):
     def forward(ctx, q, kv, extra, schedule, compute):
         work = torch.promote_types(q.dtype, torch.float32)
         merged: dict = {}
-        size = schedule.size
-        posted = schedule.post(1, kv) if size > 1 else None
-        for step in range(size):
-            if step == 0:
-                kv_s = kv
-            else:
-                kv_s = schedule.arrived(step, posted)
-                posted = schedule.post(step + 1, kv) if step + 1 < size else None
+        for step, kv_s in _peer_keys(schedule, kv):
             if kv_s is None:
                 continue
             for slot, (o, lse) in compute.forward(step, q, kv_s, extra):
@@ -338,15 +344,8 @@ class PeerRounds(torch.autograd.Function):
         work = torch.promote_types(q.dtype, torch.float32)
         dq = torch.zeros_like(q, dtype=work)
         acc = torch.zeros_like(kv, dtype=work)
-        size = schedule.size
-        posted = schedule.post(1, kv) if size > 1 else None
         returning = None  # the previous step's gradient exchange, finished one step later
-        for step in range(size):
-            if step == 0:
-                kv_s = kv
-            else:
-                kv_s = schedule.arrived(step, posted)
-                posted = schedule.post(step + 1, kv) if step + 1 < size else None
+        for step, kv_s in _peer_keys(schedule, kv):
             if kv_s is None:
                 dkv = None
             else:
