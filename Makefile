@@ -28,8 +28,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# Two pytest-xdist workers, one test file per worker at a time (module fixtures stay in one process);
+# PYTEST_WORKERS=0 runs everything in one process (docs/testing.md).
+PYTEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Pretrain (killed and resumed once), needle eval at L and 2L, continue-train at 2L, eval, summary.
 demo: setup

@@ -8,6 +8,17 @@ import torch
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+def _share_cores_between_workers() -> None:
+    """Under pytest-xdist each worker gets its share of the cores, not all of them: two workers with
+    two threads each on a 2-core machine would spend their time preempting each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+_share_cores_between_workers()
+
+
 def _import_triton_for_interpreter() -> None:
     """Without CUDA, import Triton once with `TRITON_INTERPRET=1`, then put the flag back.
 
@@ -46,6 +57,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _kernel_backend_reset():
+    """The kernel backend is process-global (`set_backend`, which a Trainer built with
+    `train.kernels=flex` calls): put it back after every test, so a test's result never depends on
+    which tests ran before it in the same process (as they do under pytest-xdist's workers)."""
+    from longctx.kernels.common import set_backend
+
+    yield
+    set_backend(None)
 
 
 @pytest.fixture(scope="module")
