@@ -6,6 +6,7 @@ Workers set up the default process group themselves through `init_worker`. Resul
 through files, so they can hold tensors.
 """
 
+import datetime
 import json
 import os
 import pickle
@@ -24,37 +25,65 @@ from longctx.train.distributed import free_port, torchrun_command
 REPO = Path(__file__).resolve().parent.parent
 
 
+# How long a worker waits in one collective before it gives up: a rank that raised while the others
+# wait in a collective would otherwise hang the batched spawn until pytest's timeout, with no error.
+COLLECTIVE_TIMEOUT_S = int(os.environ.get("LONGCTX_TEST_COLLECTIVE_TIMEOUT", "300"))
+
+
 def _entry(rank, world_size, port, out_dir, fn, args):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size)
     )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+    )
     try:
-        result = fn(rank, world_size, *args)
-        error = None
+        result, error = fn(rank, world_size, *args), None
     except Exception:
         result, error = None, traceback.format_exc()
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+    # The result is written before the closing barrier, so a rank's own error survives a peer that
+    # never reaches it.
     with open(Path(out_dir) / f"{rank}.pkl", "wb") as f:
         pickle.dump((result, error), f)
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _waited(error: str) -> bool:
+    """Whether a rank's error is a peer's symptom (it timed out waiting, or died) rather than a cause."""
+    text = error.lower()
+    return "timed out" in text or "timeout" in text or text.startswith("no result")
 
 
 def spawn(fn, world_size: int, args: tuple = ()) -> list:
-    """Run `fn(rank, world_size, *args)` in `world_size` gloo processes; return their results by rank."""
+    """Run `fn(rank, world_size, *args)` in `world_size` gloo processes; return their results by rank.
+    Every failing rank's traceback is reported, the first rank's that is not a collective timeout
+    first (that one is usually the cause, the timeouts its peers waiting for it)."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(
-            _entry, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size, start_method="spawn"
-        )
-        results = []
+        launch_error = None
+        try:
+            args_ = (world_size, free_port(), out_dir, fn, args)
+            mp.start_processes(_entry, args=args_, nprocs=world_size, start_method="spawn")
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:  # results below say why
+            launch_error = e
+        results, errors = [], []
         for rank in range(world_size):
-            with open(Path(out_dir) / f"{rank}.pkl", "rb") as f:
+            path = Path(out_dir) / f"{rank}.pkl"
+            if not path.exists():
+                errors.append((rank, f"no result (the process died):\n{launch_error}"))
+                results.append(None)
+                continue
+            with open(path, "rb") as f:
                 result, error = pickle.load(f)
             if error:
-                raise AssertionError(f"rank {rank} failed:\n{error}")
+                errors.append((rank, error))
             results.append(result)
+        if errors:
+            errors.sort(key=lambda e: (_waited(e[1]), e[0]))
+            raise AssertionError("\n".join(f"rank {rank} failed:\n{error}" for rank, error in errors))
     return results
 
 
