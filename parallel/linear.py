@@ -134,6 +134,35 @@ class ZigzagStateScan(torch.autograd.Function):
         return d_decays, d_states, None, None, None
 
 
+class DecayedCarry(torch.autograd.Function):
+    """`scale * exp(cum_t) q_t H` per token: what the state `H` entering a chunk adds to its outputs.
+
+    Forward: `q` `[B, n, H, Dk]` (any float dtype), `cum` `[B, n, H]` log-decay from the chunk's first
+    token, `state` `[B, H, Dk, Dv]` (fp32 or fp64; the math runs in its dtype) -> `[B, n, H, Dv]`.
+    Saves only its inputs: autograd through the einsum would keep the decayed queries, a second copy
+    of `q` in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, q, cum, state, scale):
+        ctx.save_for_backward(q, cum, state)
+        ctx.scale = scale
+        decayed = q.to(state.dtype) * torch.exp(cum)[..., None]
+        return scale * torch.einsum("bthk,bhkv->bthv", decayed, state)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, cum, state = ctx.saved_tensors
+        q_dtype, q = q.dtype, q.to(state.dtype)
+        decay = torch.exp(cum)[..., None]  # [B, n, H, 1]
+        d_out = d_out.to(state.dtype)
+        # The gradient of the decayed queries q_t exp(cum_t), then through the product.
+        d_decayed = ctx.scale * torch.einsum("bthv,bhkv->bthk", d_out, state)
+        d_state = ctx.scale * torch.einsum("bthk,bthv->bhkv", q * decay, d_out)
+        d_cum = (d_decayed * q).sum(dim=-1) * decay[..., 0]
+        return (d_decayed * decay).to(q_dtype), d_cum, d_state, None
+
+
 def zigzag_state_scan(decays: torch.Tensor, states: torch.Tensor, group) -> torch.Tensor:
     """Differentiable `ZigzagStateScan` over `group` (None: the default group).
 
@@ -184,7 +213,6 @@ class StatePassingLinearCore(nn.Module):
             entering = zigzag_state_scan(totals, torch.stack(states), self.group)  # [2, B, H, Dk, Dv]
             for slot, (o, seg, g_seg) in enumerate(zip(outs, segments, decays)):
                 cum = torch.cumsum(g_seg.to(work), dim=1)  # [B, n, H]
-                q_decayed = q[:, seg].to(work) * torch.exp(cum)[..., None]
-                carry = torch.einsum("bthk,bhkv->bthv", q_decayed, entering[slot])
-                result.append((o.to(work) + scale * carry).to(o.dtype))
+                carry = DecayedCarry.apply(q[:, seg], cum, entering[slot], scale)  # [B, n, H, Dv]
+                result.append((o.to(work) + carry).to(o.dtype))
         return torch.cat(result, dim=1)
