@@ -141,6 +141,42 @@ def test_linear_state_scan_matches_one_process(runs, world, variant):
         assert r[2]["bytes_sent"] <= 2 * 2 * (2 * world - 1).bit_length() * per_map
 
 
+@pytest.mark.parametrize("world", [1, 2, 3, 5, 6, 7, 8, 12, 1000])
+def test_scan_rounds_pair_up_and_cover_every_earlier_chunk(world):
+    """The scan's plan at sizes no test can spawn: every message sent is received by the peer in the
+    same round (and no peer gets two from one rank), and following the rounds each chunk's exclusive
+    accumulator covers exactly the chunks before it, composed in order."""
+    from longctx.parallel.linear import scan_rounds, zigzag_chunk_ids
+
+    n = 2 * world
+    plans = [scan_rounds(r, world) for r in range(world)]
+    assert all(len(plan) == (n - 1).bit_length() for plan in plans)
+    # Chunk intervals [lo, hi] each position's map covers; the exclusive one starts empty.
+    x = {c: (c, c) for c in range(n)}
+    e = {c: None for c in range(n)}
+    for k in range(len(plans[0])):
+        step = 2**k
+        sent = {}
+        for r in range(world):
+            sends, _ = plans[r][k]
+            assert len({peer for _, peer in sends if peer != r}) == len([p for _, p in sends if p != r])
+            for slot, peer in sends:
+                sent[(r, zigzag_chunk_ids(r, world)[slot] + step)] = peer
+        new_x, new_e = dict(x), dict(e)
+        for r in range(world):
+            _, recvs = plans[r][k]
+            for slot, peer in recvs:
+                pos = zigzag_chunk_ids(r, world)[slot]
+                assert sent.pop((peer, pos)) == r
+                lo, hi = x[pos - step]
+                assert hi + 1 == (pos if e[pos] is None else e[pos][0])
+                new_e[pos] = (lo, pos - 1 if e[pos] is None else e[pos][1])
+                new_x[pos] = (lo, x[pos][1])
+        assert not sent, f"sent but not received: {sent}"
+        x, e = new_x, new_e
+    assert e == {c: None if c == 0 else (0, c - 1) for c in range(n)}
+
+
 def _delta_worker(rank, world, group, qkv, g, beta, weight, do, heads, docs):
     """The CP core without documents, then (same launch) on packed documents `docs` ((cu_seqlens, starts))."""
     from longctx.model.mixers.delta import GatedDeltaCore
