@@ -17,10 +17,11 @@ Ulysses), S, N and L, and measures two things:
 The Triton kernels' wrappers run (`TRITON_INTERPRET=1`, set before torch is imported in each process)
 so that what is saved is what the GPU path saves, not the reference's `T x T` scores. With
 `--kernels interpret` (the default) the kernels themselves run in the interpreter: exact but slow
-(an hour at T = 1024 on a loaded 2-core machine). With `--kernels skip` every Triton launch is a
-no-op: the wrappers allocate and save the same tensors (sizes come from shapes, never from values,
-since no CP path reads the device from the host), so the bytes are the same and T = 16k takes
-minutes; `tests/test_bench_memory.py` checks that the two modes give identical bytes. Reported per
+(one process at T = 1024 did not finish in 10 minutes on a loaded 2-core machine). With
+`--kernels skip` every Triton launch is a no-op: the wrappers allocate and save the same tensors
+(sizes come from shapes, never from values, since no CP path reads the device from the host), so
+the bytes are the same and T = 16k takes minutes; `tests/test_bench_memory.py` checks that the two
+modes give identical bytes. Reported per
 mixer and P: the largest rank's bytes, and against the target of DESIGN.md ("memory falls as 1/P"),
 `ratio = (saved at the largest P - halo) / (saved at P=1 / P)`, PASS when <= 1.3; the halo is what a
 rank must hold whatever P is (S: `local_blocks - 1` blocks before each chunk; N: the window and
