@@ -6,7 +6,7 @@
 Nobody here has 1024 GPUs, so nothing runs on N processes: for every mixer and scheme, the bytes and
 messages each rank sends per layer and training step (forward + backward) come from the exchange
 plans the layers use (`plan_bytes`: zigzag shards, the ring's hops, Ulysses' all-to-alls, USP's
-split, S2's needed blocks per kv head from `parallel.s2.s2_needed_blocks`, L's state all-gather). A
+split, S2's needed blocks per kv head from `parallel.s2.s2_needed_blocks`, L's state scan rounds). A
 test checks them byte-exactly against what the gloo runs count (`longctx.parallel.comm_stats`).
 
 Time is an alpha-beta model: a message costs `alpha + bytes / beta`, with NVLink inside a node of
@@ -185,12 +185,15 @@ def plan_bytes(
             Phase("their gradients", others, False, True),
         ]
     if scheme == "L state":
-        # Both chunks' fp32 (state, total decay): [2, B, H, Dk * Dv + 1].
-        state = 2 * batch * h * (d * d + 1) * 4
-        others = {p: state for p in range(size) if p != rank}
-        return [
-            Phase("all-gather states", others, False, False),
-            Phase("reduce-scatter dstates", others, False, True),
+        # The scan's rounds (`parallel.linear.scan_rounds`): at most two fp32 (state, log-decay) maps
+        # [B, H, Dk * Dv + 1] a round, to two different peers; the backward's reverse scan the same.
+        from longctx.parallel.linear import scan_rounds
+
+        one_map = batch * h * (d * d + 1) * 4
+        rounds = [{p: one_map for _, p in sends if p != rank} for sends, _ in scan_rounds(rank, size)]
+        rounds = [r for r in rounds if r]
+        return [Phase("scan round", r, False, False) for r in rounds] + [
+            Phase("reverse scan round", r, False, True) for r in rounds
         ]
     raise ValueError(f"unknown scheme {scheme!r}")
 
