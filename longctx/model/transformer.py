@@ -121,6 +121,11 @@ class Transformer(nn.Module):
         for name, param in self.named_parameters():
             kind, std = rules[name]
             init_param(param, kind, std, param_seed(seed, name))
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Fill the buffers (RoPE frequencies) after `to_empty` or a materialisation of them alone."""
         inv_freq, self.rope_mscale = rope_inv_freq(self.cfg.head_dim, self.cfg.rope)
         self.rope_inv_freq.copy_(inv_freq)
 
