@@ -42,6 +42,7 @@ from longctx.train.distributed import (
     shutdown,
 )
 from longctx.train.engine import build_engine
+from longctx.train.host_memory import pin_mmap_threshold, unpin_mmap_threshold
 from longctx.train.metrics import LengthMeter, MetricsLogger, plot_loss
 from longctx.train.run_dir import RunLock, keep_metrics_upto
 from longctx.train.start import plan_start
@@ -143,6 +144,8 @@ class Trainer:
         # FSDP2: every rank builds on meta and materialises its shards only; train.init_from weights
         # are then read into the shards, each rank its rows (longctx.train.sharded_load).
         on_meta = start.on_meta or start.zero_init
+        # Freed full-size temporaries of the init and the load must not stay resident (host_memory).
+        pin_mmap_threshold()
         model = build_model(cfg.model, "meta" if on_meta else self.device, seed=cfg.train.seed)
         model.activation_checkpointing = cfg.train.activation_checkpointing
         model.activation_offload = cfg.train.activation_offload
@@ -177,6 +180,7 @@ class Trainer:
         self.tokens = 0
         if start.resume_from is not None:
             self.resume(start.resume_from)
+        unpin_mmap_threshold()
         if self.dist.is_main:
             # Resumed: records after the checkpoint; a torchrun restart before any checkpoint: all.
             kept_aside = keep_metrics_upto(self.run_dir, self.step)
