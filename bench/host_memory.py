@@ -6,7 +6,9 @@
 
 `make` saves a random ~300M-parameter Llama with `transformers` (fp32 safetensors, 1.2 GB) next to the
 given SentencePiece tokenizer; `run` trains the config and prints, per rank, the process's peak
-resident memory after building and loading (before the first step) and after training (`--load-only`:
+resident memory just before the engine is built (`before_engine_mib`: for DeepSpeed ZeRO-3 the model
+is partitioned and loaded by then, and `deepspeed.initialize` adds its fp32 master and gradient
+partitions), after building and loading (before the first step) and after training (`--load-only`:
 stop after loading).
 """
 
@@ -46,12 +48,24 @@ def peak_mib() -> float:
 def run(config: str, overrides: list[str], load_only: bool = False) -> None:
     import torch.distributed as dist
 
+    import longctx.train.trainer as trainer_module
     from longctx.hf import load_config
     from longctx.train.trainer import Trainer
 
-    trainer = Trainer(load_config(config, overrides))
+    build_engine, before = trainer_module.build_engine, {}
+
+    def measured_build_engine(*args, **kwargs):
+        before["mib"] = peak_mib()
+        return build_engine(*args, **kwargs)
+
+    trainer_module.build_engine = measured_build_engine
+    try:
+        trainer = Trainer(load_config(config, overrides))
+    finally:
+        trainer_module.build_engine = build_engine
     loaded = peak_mib()
-    mine = {"rank": trainer.dist.rank, "after_load_mib": round(loaded)}
+    mine = {"rank": trainer.dist.rank, "before_engine_mib": round(before["mib"])}
+    mine["after_load_mib"] = round(loaded)
     if not load_only:
         trainer.train()
         mine["after_train_mib"] = round(peak_mib())

@@ -107,6 +107,12 @@ SHORT = ["data.seq_len=128", "train.steps=3"]
 # DeepSpeed ZeRO-2 run and a one-process run's export; a learning rate of 1e-30 leaves them unchanged
 # through the one step, so the run's checkpoint holds exactly what was loaded.
 INIT_FROM = {"from-ddp": "ddp", "from-zero2": "deepspeed", "from-export": "export"}
+# DeepSpeed ZeRO-3 at 2 ranks: built on meta, each parameter made and partitioned on its own
+# (longctx/train/zero3.py); 5 steps against one process, a fresh 1-step run at learning rate 1e-30
+# (its checkpoint holds the initial weights) and init_from read into the partitions (an export folder
+# goes through the same safetensors reader as hf:).
+ZERO3 = ["parallel.engine=deepspeed", "parallel.zero_stage=3"]
+ZERO3_INIT_FROM = {"z3-from-ddp": "ddp", "z3-from-hf": "export-hf"}
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +122,7 @@ def parallel_runs(tmp_path_factory, cache, single_batch_4_dir):
     root = tmp_path_factory.mktemp("parallel")
     base = [*OVERRIDES, f"data.cache_dir={cache}"]
     assert main(["export", "--run", str(single_batch_4_dir), "--out", str(root / "export")]) == 0
+    assert main(["export", "--hf", "--run", str(single_batch_4_dir), "--out", str(root / "export-hf")]) == 0
     by_nproc = {2: [], 4: []}
     for cp in (2, 4):
         for scheme in SCHEMES:
@@ -128,6 +135,12 @@ def parallel_runs(tmp_path_factory, cache, single_batch_4_dir):
         by_nproc[2].append((root / f"{name}-accum", [*base, "train.steps=5", *extra, *accum], CONFIG))
     for name, source in INIT_FROM.items():
         load = ["train.steps=1", "train.lr=1e-30", "parallel.fsdp=true", f"train.init_from={root / source}"]
+        by_nproc[2].append((root / name, [*base, *load], CONFIG))
+    by_nproc[2].append((root / "zero3", [*base, "train.steps=5", *ZERO3], CONFIG))
+    by_nproc[2].append((root / "z3-fresh", [*base, "train.steps=1", "train.lr=1e-30", *ZERO3], CONFIG))
+    for name, source in ZERO3_INIT_FROM.items():
+        prefix = "hf:" if source == "export-hf" else ""
+        load = ["train.steps=1", "train.lr=1e-30", *ZERO3, f"train.init_from={prefix}{root / source}"]
         by_nproc[2].append((root / name, [*base, *load], CONFIG))
     zero3 = ["train.steps=3", "parallel.cp=2", "parallel.engine=deepspeed", "parallel.zero_stage=3"]
     by_nproc[4].append((root / "dp2cp2", [*base, *zero3], CONFIG))
@@ -228,6 +241,37 @@ def test_hsdp_equals_one_process(parallel_runs, cache, tmp_path, name):
         chunks = dcp.FileSystemReader(str(state)).read_metadata().state_dict_metadata
         w1 = chunks["model.layers.0.mlp.w1.weight"].chunks
         assert sorted((c.offsets[0], c.sizes[0]) for c in w1) == [(0, 176), (176, 176)]
+
+
+@pytest.mark.slow
+def test_zero3_meta_init_equals_one_process(parallel_runs, single_batch_4):
+    from longctx.model import build_model
+    from longctx.train.checkpoint import full_weights, latest_checkpoint
+
+    # The initial weights, exactly: the fresh run's checkpoint after one step at learning rate 1e-30.
+    cfg = load_config(CONFIG, OVERRIDES)
+    fresh = build_model(cfg.model, "cpu", seed=cfg.train.seed).state_dict()
+    saved = full_weights(latest_checkpoint(parallel_runs / "z3-fresh"))
+    assert saved.keys() == fresh.keys()
+    for name in fresh:
+        assert torch.equal(saved[name], fresh[name]), name
+    # Step 1's loss comes before any update; the 5 steps train like one process with twice the batch.
+    zero3 = losses(parallel_runs / "zero3")
+    assert zero3[0] == pytest.approx(single_batch_4[0], rel=1e-6)
+    assert_close(zero3, single_batch_4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(ZERO3_INIT_FROM))
+def test_zero3_init_from_reads_each_rank_its_partition(parallel_runs, single_batch_4_dir, name):
+    source = parallel_runs / "ddp" if name == "z3-from-ddp" else single_batch_4_dir
+    assert_same_weights(parallel_runs / name, source)
+    # The loaded weights are not the seed's initial ones (which z3-fresh holds).
+    from longctx.train.checkpoint import full_weights, latest_checkpoint
+
+    loaded = full_weights(latest_checkpoint(parallel_runs / name))
+    fresh = full_weights(latest_checkpoint(parallel_runs / "z3-fresh"))
+    assert max((loaded[k] - fresh[k]).abs().max().item() for k in fresh) > 1e-4
 
 
 @pytest.mark.slow

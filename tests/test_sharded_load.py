@@ -39,6 +39,12 @@ def test_read_rows_equals_safetensors(tmp_path):
         out = torch.empty(3, 5)
         st.read_rows("w", 3, 6, out, fd)
         assert not torch.equal(out, want["w"][2:5])
+        # Flat element ranges (a ZeRO-3 partition), across row boundaries, into a view of a longer buffer.
+        for name, start, stop in [("w", 3, 21), ("w", 34, 35), ("b16", 5, 36), ("v", 0, 9)]:
+            buf = torch.full((stop - start + 2,), float("nan"), dtype=want[name].dtype)
+            st.read_elements(name, start, stop, buf.narrow(0, 0, stop - start), fd)
+            assert torch.equal(buf[: stop - start], want[name].reshape(-1)[start:stop]), name
+            assert buf[stop - start :].isnan().all()
     finally:
         os.close(fd)
     truncated = tmp_path / "cut.safetensors"

@@ -121,6 +121,11 @@ class Transformer(nn.Module):
         for name, param in self.named_parameters():
             kind, std = rules[name]
             init_param(param, kind, std, param_seed(seed, name))
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Fill the buffers (RoPE frequencies) after `to_empty` or a materialisation of them alone."""
         inv_freq, self.rope_mscale = rope_inv_freq(self.cfg.head_dim, self.cfg.rope)
         self.rope_inv_freq.copy_(inv_freq)
 
@@ -203,7 +208,8 @@ def init_param(param: torch.Tensor, kind: str, std: float, seed: int) -> None:
     else:
         generator = torch.Generator(device=local.device)
         generator.manual_seed(seed)
-        full = torch.empty(param.shape, dtype=local.dtype, device=local.device)
+        # A whole parameter is drawn into in place: no second full-size tensor next to it.
+        full = param if local is param else torch.empty(param.shape, dtype=local.dtype, device=local.device)
         if kind == "uniform":
             full.uniform_(-std, std, generator=generator)
         else:
@@ -213,7 +219,8 @@ def init_param(param: torch.Tensor, kind: str, std: float, seed: int) -> None:
 
         # The slice this rank keeps, cut locally (no communication).
         full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-    local.copy_(full)
+    if full is not local:
+        local.copy_(full)
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = None) -> Transformer:

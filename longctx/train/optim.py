@@ -11,8 +11,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            # Norm gains, biases and position embeddings (1-D / small) are not decayed.
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            # Norm gains, biases and position embeddings (1-D / small) are not decayed. A ZeRO-3
+            # partitioned parameter's data is flat; its shape is `ds_shape`.
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=True)
 

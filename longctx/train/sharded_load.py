@@ -3,9 +3,11 @@
     source = init_source("runs/base")           # ("checkpoint", path), ("export", dir) or ("hf", dir)
     note = load_init_weights(model, source, param_shapes(model))
 
-`model` is the one the trainer trains: plain parameters (one process, DDP, DeepSpeed) or FSDP2's
-dim-0-sharded DTensors, already materialised. For a sharded parameter a rank reads rows
-`local_rows(param)` of the tensor and nothing else; for a plain one, the whole tensor.
+`model` is the one the trainer trains: plain parameters (one process, DDP, DeepSpeed ZeRO 0-2),
+FSDP2's dim-0-sharded DTensors, or DeepSpeed ZeRO-3 partitions (`longctx.train.zero3`), already
+materialised. For an FSDP2 parameter a rank reads rows `local_rows(param)` of the tensor and nothing
+else; for a ZeRO-3 one, the elements `flat_range(param)` of the flattened tensor; for a plain one, the
+whole tensor.
 
 - `hf:DIR` (any layer letters) and a `longctx export` folder (`config.json` + `model.safetensors`):
   safetensors files are read with plain positioned reads (`SafetensorsFile.read_rows`) straight into
@@ -15,9 +17,10 @@ dim-0-sharded DTensors, already materialised. For a sharded parameter a rank rea
   The parameters of converted layers that the checkpoint lacks start as `longctx.hf.init_converted`
   says, computed on full-size copies of those (small) tensors.
 - A run or a checkpoint written by the torch engine: DCP reads into the sharded state dict (each
-  rank the stored chunks that overlap its rows, one at a time).
-- A checkpoint written by DeepSpeed: its ZeRO files hold flat partitions that do not map onto rows,
-  so every rank reads the whole fp32 weights (`full_weights`) and keeps its rows; the peak is N + N/W.
+  rank the stored chunks that overlap its rows, one at a time); into ZeRO-3 partitions, one full
+  tensor at a time, of which the rank keeps its elements.
+- A checkpoint written by DeepSpeed: its ZeRO files hold flat partitions of another layout, so every
+  rank reads the whole fp32 weights (`full_weights`) and keeps its part; the peak is N + N/W.
 """
 
 import json
@@ -29,6 +32,7 @@ import torch
 
 from longctx.train.checkpoint import META, full_weights, read_meta, resolve_checkpoint
 from longctx.train.checkpoint_io import dcp_load
+from longctx.train.zero3 import flat_range, is_zero3
 from longctx.weights import check_weights
 
 # How to get weights that fit, for init_from's messages.
@@ -80,23 +84,29 @@ class SafetensorsFile:
     def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor, fd: int) -> None:
         """Copy rows `[start, stop)` (of dim 0) of tensor `name` into `out` (of that slice's shape),
         reading only their bytes from the open file descriptor `fd`."""
+        shape = self.tensors[name]["shape"]
+        row = int(torch.Size(shape[1:]).numel()) if len(shape) > 1 else 1
+        self.read_elements(name, start * row, stop * row, out, fd)
+
+    def read_elements(self, name: str, start: int, stop: int, out: torch.Tensor, fd: int) -> None:
+        """Copy elements `[start, stop)` of the flattened tensor `name` into `out` (`stop - start`
+        elements, any shape), reading only their bytes from the open file descriptor `fd`."""
         info = self.tensors[name]
         if info["dtype"] not in _DTYPES:
             raise ValueError(
                 f"{str(self.path)!r}: {name} has dtype {info['dtype']}, which longctx does not read"
             )
         dtype, shape = _DTYPES[info["dtype"]], info["shape"]
-        row_bytes = dtype.itemsize * (int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1)
         begin, end = info["data_offsets"]
-        rows = shape[0] if shape else 1
-        if end - begin != row_bytes * rows:
+        if end - begin != dtype.itemsize * int(torch.Size(shape).numel()):
             raise ValueError(
                 f"{str(self.path)!r}: {name}'s data offsets do not match its shape; the file is damaged"
             )
+        assert out.numel() == stop - start, (name, start, stop, out.shape)
         direct = out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous()
         buf = out if direct else torch.empty(out.shape, dtype=dtype)
         view = memoryview(buf.view(-1).view(torch.uint8).numpy()) if buf.numel() else memoryview(b"")
-        offset, done = self.data_start + begin + start * row_bytes, 0
+        offset, done = self.data_start + begin + start * dtype.itemsize, 0
         while done < len(view):
             n = os.preadv(fd, [view[done:]], offset + done)
             if n <= 0:
@@ -118,6 +128,21 @@ def _local(param) -> torch.Tensor:
     return param.to_local() if hasattr(param, "to_local") else param
 
 
+def _full_shape(param) -> list[int]:
+    # A ZeRO-3 parameter's own data is empty; its full shape is `ds_shape`.
+    return list(getattr(param, "ds_shape", param.shape))
+
+
+def _keep(param, full: torch.Tensor) -> None:
+    """Copy this rank's part of the full-size tensor `full` into `param` (plain, FSDP2 or ZeRO-3)."""
+    if is_zero3(param):
+        start, stop = flat_range(param)
+        param.ds_tensor.narrow(0, 0, stop - start).copy_(full.reshape(-1)[start:stop])
+        return
+    start, stop = _rows(param)
+    _local(param).copy_(full[start:stop] if full.dim() else full)
+
+
 @torch.no_grad()
 def read_safetensors(model, files: list[Path], names: dict[str, str], what: str) -> tuple[set, list]:
     """Read every tensor of `files` that `names` maps (`{file name: parameter name}`) into `model`'s
@@ -133,14 +158,18 @@ def read_safetensors(model, files: list[Path], names: dict[str, str], what: str)
                     unexpected.append(key)
                     continue
                 param = params[names[key]]
-                if st.shape(key) != list(param.shape):
+                if st.shape(key) != _full_shape(param):
                     raise ValueError(
                         f"{str(path)!r}: {key} has shape {st.shape(key)} but longctx's {names[key]} is "
-                        f"{list(param.shape)}; {what}"
+                        f"{_full_shape(param)}; {what}"
                     )
-                start, stop = _rows(param)
-                local = _local(param)
-                st.read_rows(key, start, stop, local if local.dim() else local.view(1), fd)
+                if is_zero3(param):
+                    start, stop = flat_range(param)
+                    st.read_elements(key, start, stop, param.ds_tensor.narrow(0, 0, stop - start), fd)
+                else:
+                    start, stop = _rows(param)
+                    local = _local(param)
+                    st.read_rows(key, start, stop, local if local.dim() else local.view(1), fd)
                 loaded.add(key)
         finally:
             os.close(fd)
@@ -172,24 +201,28 @@ def load_hf_rows(model, source: str | Path) -> list[str]:
 def init_converted_rows(model, new: list[str]) -> None:
     """`longctx.hf.init_converted` for a model whose parameters may be sharded: the parameters in
     `new` are gathered whole (they are a converted layer's gates, convolutions and compressors,
-    small next to the model), set on those full copies, and each rank keeps its rows back."""
+    small next to the model), set on those full copies, and each rank keeps its part back."""
     from longctx.hf.convert import init_converted
 
-    sharded = [n for n in sorted(new) if hasattr(model.get_parameter(n), "to_local")]
     swapped = []
-    for name in sharded:
+    for name in sorted(new):
         owner, attr = name.rsplit(".", 1)
         module = model.get_submodule(owner)
         param = module._parameters[attr]
-        module._parameters[attr] = torch.nn.Parameter(param.full_tensor(), requires_grad=False)
+        if hasattr(param, "to_local"):
+            full = param.full_tensor()
+        elif is_zero3(param):
+            # init_converted overwrites every element of these, so their current values are not needed.
+            full = torch.empty(param.ds_shape, dtype=param.ds_tensor.dtype, device=param.ds_tensor.device)
+        else:
+            continue
+        module._parameters[attr] = torch.nn.Parameter(full, requires_grad=False)
         swapped.append((module, attr, param))
     try:
         init_converted(model, new)
     finally:
         for module, attr, param in swapped:
-            full = module._parameters[attr]
-            start, stop = _rows(param)
-            param.to_local().copy_(full[start:stop])
+            _keep(param, module._parameters[attr])
             module._parameters[attr] = param
 
 
@@ -234,13 +267,17 @@ def load_init_weights(model, source: tuple[str, str], shapes: dict[str, list[int
         return f"initialised the weights from the export {path} (train.init_from; {fresh})"
     meta = read_meta(path)
     check_weights(meta["params"], shapes, f"checkpoint {path!r}", INIT_FIX)
-    state = model.state_dict()
     if meta["engine"] == "deepspeed":
         weights = full_weights(Path(path))
-        for name, t in state.items():
-            start, stop = _rows(t)
-            _local(t).copy_(weights[name][start:stop] if t.dim() else weights[name])
+        for name, param in model.named_parameters(remove_duplicate=False):
+            _keep(param, weights[name])
         del weights
+    elif any(is_zero3(p) for p in model.parameters()):
+        # One full tensor at a time (DCP reads it whole), of which this rank keeps its elements.
+        for name, param in model.named_parameters():
+            full = torch.empty(_full_shape(param), dtype=torch.float32)
+            dcp_load({"model": {name: full}}, Path(path) / "state")
+            _keep(param, full)
     else:
-        dcp_load({"model": state}, Path(path) / "state")
+        dcp_load({"model": model.state_dict()}, Path(path) / "state")
     return f"initialised the weights from {path} (train.init_from; {fresh})"

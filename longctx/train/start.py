@@ -7,6 +7,7 @@ initialised from other weights.
     start.init_from         # train.init_from, when it is used (a new run only), or None
     start.universal         # the DeepSpeed checkpoint must go through the universal format first
     start.on_meta           # build the model on the meta device (FSDP materialises its shards)
+    start.zero_init         # build on meta and partition for DeepSpeed ZeRO-3 before the engine
 
 The trainer then carries it out in order (`Trainer.__init__`): build the model (on meta or the
 device), load `init_from` (into the plain model, or per shard after the engine is built for an
@@ -20,6 +21,7 @@ from pathlib import Path
 from longctx.config import Config
 from longctx.train.checkpoint import find_resume, read_meta
 from longctx.train.run_dir import check_history
+from longctx.train.zero3 import uses_zero_init
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class Start:
     init_from: str | None = None
     universal: bool = False
     on_meta: bool = False
+    zero_init: bool = False
     # For the log: what check_history did to the run directory ("" if nothing).
     note: str = ""
 
@@ -62,5 +65,8 @@ def plan_start(cfg: Config, run_dir: str | Path, world_size: int, lock=None) -> 
     # FSDP2: every rank builds on meta and materialises its shards only; init_from weights are read
     # into the shards afterwards, each rank its rows (longctx.train.sharded_load).
     on_meta = cfg.parallel.fsdp and not cfg.model.tie_embeddings
+    # DeepSpeed ZeRO-3: every rank builds on meta and keeps its partition of each parameter, made one
+    # at a time (longctx.train.zero3); init_from weights are read into the partitions.
+    zero_init = uses_zero_init(cfg, world_size)
     universal = resume_from is not None and needs_universal(read_meta(resume_from), cfg, world_size)
-    return Start(resume_from, init_from, universal, on_meta, note)
+    return Start(resume_from, init_from, universal, on_meta, zero_init, note)

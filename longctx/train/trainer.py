@@ -42,9 +42,11 @@ from longctx.train.distributed import (
     shutdown,
 )
 from longctx.train.engine import build_engine
+from longctx.train.host_memory import pin_mmap_threshold, unpin_mmap_threshold
 from longctx.train.metrics import LengthMeter, MetricsLogger, plot_loss
 from longctx.train.run_dir import RunLock, keep_metrics_upto
 from longctx.train.start import plan_start
+from longctx.train.zero3 import partition_zero3
 from longctx.weights import check_weights
 
 # How to get a checkpoint that fits the model being trained.
@@ -141,7 +143,10 @@ class Trainer:
 
         # FSDP2: every rank builds on meta and materialises its shards only; train.init_from weights
         # are then read into the shards, each rank its rows (longctx.train.sharded_load).
-        model = build_model(cfg.model, "meta" if start.on_meta else self.device, seed=cfg.train.seed)
+        on_meta = start.on_meta or start.zero_init
+        # Freed full-size temporaries of the init and the load must not stay resident (host_memory).
+        pin_mmap_threshold()
+        model = build_model(cfg.model, "meta" if on_meta else self.device, seed=cfg.train.seed)
         model.activation_checkpointing = cfg.train.activation_checkpointing
         model.activation_offload = cfg.train.activation_offload
         model.checkpoint_every_k = cfg.train.checkpoint_every_k
@@ -149,6 +154,11 @@ class Trainer:
         # Micro-batches per optimizer step; the global batch is batch_size x grad_accum x dp.
         self.grad_accum = cfg.train.accum_steps(cfg.data.seq_len, self.dist.dp_size)
         self.param_shapes = param_shapes(model)
+        num_params = model.num_params()
+        if start.zero_init:
+            # DeepSpeed ZeRO-3: each parameter made, initialised and partitioned on its own; init_from
+            # is then read into the partitions (longctx.train.zero3).
+            partition_zero3(model, cfg, self.dist, self.grad_accum)
         init_note = ""
         if start.init_from and not start.init_sharded:
             init_note = self.init_weights(model, start.init_from)
@@ -170,6 +180,7 @@ class Trainer:
         self.tokens = 0
         if start.resume_from is not None:
             self.resume(start.resume_from)
+        unpin_mmap_threshold()
         if self.dist.is_main:
             # Resumed: records after the checkpoint; a torchrun restart before any checkpoint: all.
             kept_aside = keep_metrics_upto(self.run_dir, self.step)
@@ -177,7 +188,7 @@ class Trainer:
                 history_note = f"metrics.jsonl records after step {self.step} moved to {kept_aside}"
         self.metrics = MetricsLogger(self.run_dir, cfg, cfg.train.steps, self.step, enabled=self.dist.is_main)
         self.metrics.write(
-            f"model: {model.num_params() / 1e6:.2f}M parameters, layers {cfg.model.pattern}, "
+            f"model: {num_params / 1e6:.2f}M parameters, layers {cfg.model.pattern}, "
             f"seq_len {cfg.data.seq_len}, {self.data.train.num_tokens:,} training tokens in "
             f"{self.data.train.num_docs:,} documents, {self.data.val.num_tokens:,} validation tokens; "
             f"{self.dist.world_size} process(es): dp {self.dist.dp_size} x cp {self.dist.cp_size}, "
@@ -195,14 +206,13 @@ class Trainer:
             self.metrics.write(init_note)
         if history_note:
             self.metrics.write(history_note)
-        if cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
-            # Not built on meta: DeepSpeed takes a materialised module (deepspeed.zero.Init would
-            # partition at construction, before the per-parameter seeded init; docs/scale.md).
+        zero3 = cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage == 3
+        if zero3 and self.dist.enabled and not start.zero_init:
+            # Tied embeddings: built whole, then partitioned (docs/scale.md).
             gib = 4 * sum(torch.Size(shape).numel() for shape in self.param_shapes.values()) / 2**30
             self.metrics.write(
                 f"DeepSpeed ZeRO-3 partitions the model after every rank built it whole in host memory "
-                f"({gib:.2f} GiB fp32 a rank); parallel.engine=torch parallel.fsdp=true builds it on meta "
-                "and reads only each rank's shard"
+                f"({gib:.2f} GiB fp32 a rank), as model.tie_embeddings=true shares one matrix under two names"
             )
 
     def lock_run_dir(self) -> None:
