@@ -57,7 +57,11 @@ def _pairs(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks, heads
 
 
-class _Plan:
+class OneShotPlan:
+    """Who sends which (block, kv head) pairs to whom in one exchange, and where they land: `table`
+    `[H_kv, n_max]` (each kv head's needed blocks ascending, `-1` padded). Built on the host from every
+    rank's needs `need_all [P, H_kv, n_blocks]`."""
+
     def __init__(self, need_all: torch.Tensor, rank: int, geo: ZigzagBlocks, ranks: list[int], device):
         size, n_kv, _ = need_all.shape
         self.rank, self.ranks, self.geo = rank, ranks, geo
@@ -155,8 +159,14 @@ def exchange_blocks(kv: torch.Tensor, need: torch.Tensor, layout, block_size: in
     geo = ZigzagBlocks(layout.seq_len, size, block_size)
     need_all = all_gather_tensor(need.to(torch.uint8), group).bool().cpu()  # [P, H_kv, n_blocks]
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(size))
-    plan = _Plan(need_all, rank, geo, ranks, kv.device)
+    plan = OneShotPlan(need_all, rank, geo, ranks, kv.device)
     return _Exchange.apply(kv, plan, block_size, group), plan.table.to(kv.device)
+
+
+def exchange_planned(kv: torch.Tensor, plan: OneShotPlan, block_size: int, group) -> torch.Tensor:
+    """`exchange_blocks` with a plan every rank built beforehand (a static pattern): no mask travels,
+    nothing is read back from the device. Returns `kv_needed [B, n_max * block_size, H_kv, C]`."""
+    return _Exchange.apply(kv, plan, block_size, group)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,61 +223,79 @@ class WholeShards(_Peers):
         acc += posted[0]
 
 
-class BlockPairs(_Peers):
-    """Every step moves exactly the (block, kv head) pairs the receiver needs from the sender, fixed
-    by a static pattern (`need [P, H_kv, n_blocks]` bool, every rank's needs, known on every rank).
+def step_tables(need: torch.Tensor, rank: int, src: int, owner: torch.Tensor) -> torch.Tensor:
+    """`[H_kv, n]` the global blocks `rank` needs from `src`, ascending per kv head, `-1` padded to the
+    longest head's count `n` (`need [P, H_kv, n_blocks]`, every rank's needs)."""
+    mine = need[rank] & (owner == src)[None]  # [H_kv, n_blocks]
+    n = int(mine.sum(dim=1).max()) if mine.numel() else 0
+    table = torch.full((mine.shape[0], n), -1, dtype=torch.long)
+    for g in range(mine.shape[0]):
+        ids = torch.nonzero(mine[g]).flatten()
+        table[g, : len(ids)] = ids
+    return table
 
-    The received pairs are laid into the union, over kv heads, of the blocks needed from that peer
-    (`k_ids[step]`, ascending global ids; a head's blocks it does not need stay zero and its pattern
-    never visits them): at most one peer's blocks, so memory stays ~1/P.
+
+class BlockPairs(_Peers):
+    """Every step moves the (block, kv head) pairs the receiver needs from the sender, fixed by a
+    static pattern (`need [P, H_kv, n_blocks]` bool, every rank's needs, known on every rank).
+
+    Step `s >= 1` sends one message `[B, H_kv, n_s, bs, C]`: each kv head's needed blocks from this
+    peer in ascending order, padded to the longest head's count `n_s` (the padding slots carry a
+    block of the sender's, never read: the table `tables[s]` marks them `-1`). The receiver hands the
+    message to the kernel as it arrived, a compact per-kv-head buffer: no union over kv heads, no copy.
+    Step 0 is this rank's own shard (`k_ids[0]`, its block ids). Gradients go back as the real pairs
+    only, `[n_pairs, B, bs, C]` in fp32.
     """
 
     def __init__(self, need: torch.Tensor, rank: int, geo: ZigzagBlocks, block_size: int, group, device):
         size = need.shape[0]
         super().__init__(rank, size, group)
         self.block_size, self.n_kv = block_size, need.shape[1]
-        self.k_ids, self.recv, self.send = [], [], []
-        for step in range(size):
+        self.k_ids, self.recv, self.send = [geo.held_by(rank)], [None], [None]
+        for step in range(1, size):
             src, dst = self.src(step), self.dst(step)
-            mine = need[rank] & (geo.owner == src)[None]  # [H_kv, n_blocks]
-            union = torch.nonzero(mine.any(dim=0)).flatten()
-            slot = torch.full((geo.n_blocks,), -1, dtype=torch.long)
-            slot[union] = torch.arange(len(union))
-            blocks, heads = _pairs(mine)
-            self.k_ids.append(union if step else geo.held_by(rank))
-            self.recv.append((slot[blocks].to(device), heads.to(device), len(union)))
+            table = step_tables(need, rank, src, geo.owner)
+            self.k_ids.append(table)
+            heads, slots = torch.nonzero(table >= 0, as_tuple=True)  # real pairs: by head, then block
+            self.recv.append((slots.to(device), heads.to(device), table.shape[1]))
+            # What dst needs of mine, in its table's layout; padding slots repeat my block 0.
+            theirs = step_tables(need, dst, rank, geo.owner)
+            local = torch.where(theirs >= 0, geo.local[theirs.clamp(min=0)], 0)
             blocks, heads = _pairs(need[dst] & (geo.owner == rank)[None])
-            self.send.append((geo.local[blocks].to(device), heads.to(device)))
+            self.send.append((local.to(device), geo.local[blocks].to(device), heads.to(device)))
+
+    def step_slots(self, step: int) -> int:
+        """Slots `H_kv x n_s` of step `step`'s buffer (0: nothing fetched)."""
+        return self.n_kv * self.k_ids[step].shape[1] if step else 0
 
     def post(self, step: int, kv: torch.Tensor):
-        b, _, n_kv, c = kv.shape
-        s_blocks, s_heads = self.send[step]
-        r_slots, r_heads, _ = self.recv[step]
-        sends = [(_blocked(kv, self.block_size)[s_blocks, s_heads].contiguous(), self.ranks[self.dst(step)])]
-        buf = kv.new_empty(len(r_slots), b, self.block_size, c)
-        recvs = [(buf, self.ranks[self.src(step)])]
-        return buf, send_recv(sends if len(s_blocks) else [], recvs if len(r_slots) else [], self.group)
+        b, t, n_kv, c = kv.shape
+        bs = self.block_size
+        local, s_blocks, _ = self.send[step]
+        _, _, n_step = self.recv[step]
+        msg = None
+        if local.numel():
+            heads = torch.arange(n_kv, device=kv.device)[:, None]
+            # [H_kv, n, B, bs, C] (the indexed dims lead) -> [B, H_kv, n, bs, C]
+            msg = kv.view(b, t // bs, bs, n_kv, c)[:, local, :, heads].permute(2, 0, 1, 3, 4).contiguous()
+        buf = kv.new_empty(b, n_kv, n_step, bs, c)
+        sends = [(msg, self.ranks[self.dst(step)])] if msg is not None else []
+        return buf, send_recv(sends, [(buf, self.ranks[self.src(step)])] if n_step else [], self.group)
 
     def arrived(self, step: int, posted) -> torch.Tensor | None:
-        """`[B, n_union * bs, H_kv, C]` the step's keys, or None when nothing is needed from this peer."""
+        """`[B, H_kv, n_s, bs, C]` the step's keys per kv head (table `k_ids[step]`), or None when
+        nothing is needed from this peer."""
         buf, reqs = posted
         _wait(reqs)
-        r_slots, r_heads, n_union = self.recv[step]
-        if n_union == 0:
-            return None
-        b, bs, c = buf.shape[1], self.block_size, buf.shape[-1]
-        n_kv = self.n_kv
-        laid = buf.new_zeros(n_union, n_kv, b, bs, c)
-        laid.index_put_((r_slots, r_heads), buf)
-        return laid.permute(2, 0, 3, 1, 4).reshape(b, n_union * bs, n_kv, c)
+        return buf if buf.shape[2] else None
 
     def post_grad(self, step: int, dkv: torch.Tensor | None, acc: torch.Tensor):
-        """Send the step's dK/dV (None: nothing was fetched) to their owner; receive those of this
-        rank's blocks from the rank it served."""
+        """Send the step's dK/dV (`[B, H_kv, n_s, bs, C]`; None: nothing was fetched) of the real pairs
+        to their owner; receive those of this rank's blocks from the rank it served."""
         r_slots, r_heads, _ = self.recv[step]
-        s_blocks, _ = self.send[step]
+        _, s_blocks, _ = self.send[step]
         b, c = acc.shape[0], acc.shape[-1]
-        msg = None if dkv is None else _blocked(dkv, self.block_size)[r_slots, r_heads].contiguous()
+        msg = None if dkv is None else dkv[:, r_heads, r_slots].transpose(0, 1).contiguous()
         buf = acc.new_empty(len(s_blocks), b, self.block_size, c)
         reqs = send_recv(
             [(msg, self.ranks[self.src(step)])] if len(r_slots) else [],
@@ -279,7 +307,7 @@ class BlockPairs(_Peers):
     def add_grad(self, step: int, posted, acc: torch.Tensor) -> None:
         buf, reqs = posted
         _wait(reqs)
-        s_blocks, s_heads = self.send[step]
+        _, s_blocks, s_heads = self.send[step]
         if len(s_blocks):
             blocked = _blocked(acc, self.block_size)
             # Distinct (block, head) pairs: gather, add, put back; no atomic accumulation.

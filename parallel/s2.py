@@ -28,13 +28,17 @@ holds). The kernel then masks each query to its own document.
 """
 
 import collections
+import logging
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from longctx.kernels.s2_attn import s2_attn_chunk_bwd, s2_attn_chunk_fwd, s2_block_mask
-from longctx.parallel.blocks import BlockPairs, PeerRounds, ZigzagBlocks
+from longctx.kernels.s2_attn import s2_attn, s2_attn_chunk_bwd, s2_attn_chunk_fwd, s2_block_mask
+from longctx.parallel.blocks import BlockPairs, OneShotPlan, PeerRounds, ZigzagBlocks, exchange_planned
 from longctx.parallel.dense import check_zigzag
+
+log = logging.getLogger(__name__)
 
 _PLANS_KEPT = 16
 _plans: collections.OrderedDict = collections.OrderedDict()
@@ -57,8 +61,75 @@ def s2_needed_blocks(
     return per_head.view(n_kv, n_heads // n_kv, n_blocks).any(dim=1)
 
 
-def s2_plan(cfg, n_heads: int, n_kv: int, layout, rank: int, size: int, group, device) -> BlockPairs:
-    """The cached peer-by-peer plan of one rank (module docstring); built on the host on first use."""
+def need_counts(need: torch.Tensor, owner: torch.Tensor, size: int) -> torch.Tensor:
+    """`[P, P, H_kv]` how many blocks each rank (dim 0) needs from each owner (dim 1) per kv head."""
+    n_ranks, n_kv, _ = need.shape
+    counts = torch.zeros(n_ranks, size, n_kv, dtype=torch.long)
+    return counts.index_add_(1, owner, need.long().transpose(1, 2))
+
+
+def exchange_slots(counts: torch.Tensor) -> tuple[int, int]:
+    """`(one-shot, peer by peer)`: the most (block, kv head) slots of fetched keys any rank holds at once
+    (`counts [P, P, H_kv]`, `need_counts`), the same numbers on every rank.
+
+    One-shot holds every needed block at once, each kv head padded to the longest head's total
+    (`parallel.blocks.exchange_blocks`; saved for the backward). Peer by peer holds step `s`'s buffer
+    (each kv head padded to the longest head's count from that peer) while step `s + 1`'s arrives:
+    the peak over steps of two consecutive buffers (one with a single fetched step, P = 2).
+    """
+    size, _, n_kv = counts.shape
+    oneshot = n_kv * int(counts.sum(dim=1).max()) if counts.numel() else 0
+    peer = 0
+    for r in range(size):
+        steps = [n_kv * int(counts[r, (r - s) % size].max()) for s in range(1, size)]
+        pairs = [a + b for a, b in zip(steps, steps[1:])] or steps
+        peer = max(peer, *pairs, 0)
+    return oneshot, peer
+
+
+def choose_exchange(mode: str, counts: torch.Tensor) -> str:
+    """`"oneshot"` or `"peer"` for `parallel.s2_exchange=mode` (`auto`: one-shot where it holds no more
+    than peer by peer, `exchange_slots`)."""
+    if mode not in ("auto", "peer", "oneshot"):
+        raise ValueError(f"parallel.s2_exchange must be auto, peer or oneshot, got {mode!r}")
+    if mode != "auto":
+        return mode
+    oneshot, peer = exchange_slots(counts)
+    return "oneshot" if oneshot <= peer else "peer"
+
+
+class S2Plan:
+    """One rank's cached S2 exchange: the peer-by-peer `BlockPairs`, every rank's needs, and (built on
+    first use) the one-shot exchange plan."""
+
+    def __init__(self, need, rank, geo, cfg, group, device):
+        self.pairs = BlockPairs(need, rank, geo, cfg.block_size, group, device)
+        self.pairs.q_ids = self.q_ids = geo.held_by(rank)
+        self.need, self.rank, self.geo, self.group, self.device = need, rank, geo, group, device
+        self.counts = need_counts(need, geo.owner, need.shape[0])
+        self._oneshot, self._chosen = None, {}
+
+    def choice(self, mode: str) -> str:
+        if mode not in self._chosen:
+            self._chosen[mode] = choose_exchange(mode, self.counts)
+            oneshot, peer = exchange_slots(self.counts)
+            log.info(
+                "S2 exchange (parallel.s2_exchange=%s): %s; fetched keys held at once, in (block, kv head) "
+                "slots: one-shot %d, peer by peer %d", mode, self._chosen[mode], oneshot, peer,
+            )  # fmt: skip
+        return self._chosen[mode]
+
+    @property
+    def oneshot(self):
+        if self._oneshot is None:
+            size = self.need.shape[0]
+            ranks = dist.get_process_group_ranks(self.group) if self.group is not None else list(range(size))
+            self._oneshot = OneShotPlan(self.need, self.rank, self.geo, ranks, self.device)
+        return self._oneshot
+
+
+def s2_plan(cfg, n_heads: int, n_kv: int, layout, rank: int, size: int, group, device) -> S2Plan:
+    """The cached exchange plan of one rank (module docstring); built on the host on first use."""
     docs = layout.docs
     key = (
         layout.seq_len, size, rank, id(group), cfg.block_size, cfg.local_blocks, cfg.vert_stride,
@@ -71,8 +142,7 @@ def s2_plan(cfg, n_heads: int, n_kv: int, layout, rank: int, size: int, group, d
         need = torch.stack(
             [s2_needed_blocks(cfg, n_heads, n_kv, geo.held_by(p), geo.n_blocks, docs) for p in range(size)]
         )  # every rank's needs, [P, H_kv, n_blocks]: no mask travels
-        plan = BlockPairs(need, rank, geo, cfg.block_size, group, device)
-        plan.q_ids = geo.held_by(rank)
+        plan = S2Plan(need, rank, geo, cfg, group, device)
         _plans[key] = plan
         if len(_plans) > _PLANS_KEPT:
             _plans.popitem(last=False)
@@ -82,7 +152,9 @@ def s2_plan(cfg, n_heads: int, n_kv: int, layout, rank: int, size: int, group, d
 
 
 class _S2Steps:
-    """The S2 math of one step for `PeerRounds`: one slot, every local query."""
+    """The S2 math of one step for `PeerRounds`: one slot, every local query. Step 0's keys are this
+    rank's shard `[B, T_local, H_kv, 2D]`; later steps' a per-kv-head buffer `[B, H_kv, n, bs, 2D]`
+    with its block table."""
 
     def __init__(self, cfg, plan: BlockPairs, d: int, cu_seqlens):
         self.cfg, self.plan, self.d, self.cu = cfg, plan, d, cu_seqlens
@@ -109,17 +181,30 @@ class _S2Steps:
 
 
 class ContextParallelS2Core(nn.Module):
+    """S layers under context parallelism; `exchange` is `parallel.s2_exchange` (auto, peer, oneshot)."""
+
     letter = "S"
 
-    def __init__(self, cfg, group):
+    def __init__(self, cfg, group, exchange: str = "auto"):
         super().__init__()
-        self.cfg, self.group = cfg, group
+        choose_exchange(exchange, torch.zeros(1, 1, 1, dtype=torch.long))  # validates the name
+        self.cfg, self.group, self.exchange = cfg, group, exchange
 
     def forward(self, q, k, v, layout):
         rank, size = check_zigzag(layout, self.group)
         b, t_local, n_kv, d = k.shape
         plan = s2_plan(self.cfg, q.shape[2], n_kv, layout, rank, size, self.group, q.device)
         docs = layout.docs
-        steps = _S2Steps(self.cfg, plan, d, None if docs is None else docs.on(q.device))
+        cu = None if docs is None else docs.on(q.device)
         kv = torch.cat([k, v], dim=-1)  # [B, T_local, H_kv, 2D]: one message per block and head
-        return PeerRounds.apply(q, kv, None, plan, steps)
+        if plan.choice(self.exchange) == "peer":
+            return PeerRounds.apply(q, kv, None, plan.pairs, _S2Steps(self.cfg, plan.pairs, d, cu))
+        # One-shot: every needed block at once, [B, n * bs, H_kv, 2D] with its [H_kv, n] table.
+        shot = plan.oneshot
+        kv_needed = exchange_planned(kv, shot, self.cfg.block_size, self.group)
+        blocks = kv_needed.unflatten(1, (-1, self.cfg.block_size)).permute(0, 3, 1, 2, 4)
+        c = self.cfg
+        return s2_attn(
+            q, blocks[..., :d], blocks[..., d:], c.block_size, c.local_blocks, c.vert_stride, c.dense_heads,
+            q_block_ids=plan.q_ids, k_block_ids=shot.table, cu_seqlens=cu,
+        )  # fmt: skip

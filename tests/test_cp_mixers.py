@@ -50,7 +50,8 @@ def runs():
         cases[("exchange", world)] = (world, *_exchange_case(world))
         cases[("nsa", world)] = (world, *_nsa_case(world))
         for n_kv, dense in ((4, 0), (2, 1)):
-            cases[("s2", world, n_kv, dense)] = (world, *_s2_case(world, n_kv, dense))
+            for exchange in ("peer", "oneshot"):
+                cases[("s2", world, n_kv, dense, exchange)] = (world, *_s2_case(world, n_kv, dense, exchange))
     results = spawn(_cases_worker, 4, (cases,))
     return {key: (args, [r[key] for r in results[:p]]) for key, (p, _, args) in cases.items()}
 
@@ -278,13 +279,13 @@ def test_nsa_context_parallel_matches_one_process(runs, world):
         assert torch.allclose(sum(r[2][i] for r in results), p.grad, atol=1e-10)
 
 
-def _s2_worker(rank, world, group, cfg, q, k, v, do):
+def _s2_worker(rank, world, group, cfg, exchange, q, k, v, do):
     from longctx.parallel.s2 import ContextParallelS2Core
 
-    return _run_core(rank, world, group, lambda g: ContextParallelS2Core(cfg, g), (q, k, v), do)
+    return _run_core(rank, world, group, lambda g: ContextParallelS2Core(cfg, g, exchange), (q, k, v), do)
 
 
-def _s2_case(world, n_kv, dense):
+def _s2_case(world, n_kv, dense, exchange):
     from longctx.config import S2Config
 
     cfg = S2Config(block_size=4, local_blocks=2, vert_stride=4, dense_heads=dense)
@@ -292,15 +293,17 @@ def _s2_case(world, n_kv, dense):
     q = torch.randn(b, t, h, d, dtype=torch.float64)
     k, v = torch.randn(b, t, n_kv, d, dtype=torch.float64), torch.randn(b, t, n_kv, d, dtype=torch.float64)
     do = torch.randn(b, t, h, d, dtype=torch.float64)
-    return _s2_worker, (cfg, q, k, v, do)
+    return _s2_worker, (cfg, exchange, q, k, v, do)
 
 
+@pytest.mark.parametrize("exchange", ["peer", "oneshot"])
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("n_kv,dense", [(4, 0), (2, 1)], ids=["mha", "gqa-dense1"])
-def test_s2_context_parallel_matches_one_process(runs, world, n_kv, dense):
+def test_s2_context_parallel_matches_one_process(runs, world, n_kv, dense, exchange):
+    """Both exchanges (`parallel.s2_exchange=peer | oneshot`), forced, equal one process in fp64."""
     from longctx.kernels.s2_attn import s2_attn_ref
 
-    (cfg, q, k, v, do), results = runs[("s2", world, n_kv, dense)]
+    (cfg, _, q, k, v, do), results = runs[("s2", world, n_kv, dense, exchange)]
     ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
     ref = s2_attn_ref(*ref_in, cfg.block_size, cfg.local_blocks, cfg.vert_stride, cfg.dense_heads)
     ref.backward(do)
