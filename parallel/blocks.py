@@ -57,11 +57,7 @@ def _pairs(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks, heads
 
 
-class OneShotPlan:
-    """Who sends which (block, kv head) pairs to whom in one exchange, and where they land: `table`
-    `[H_kv, n_max]` (each kv head's needed blocks ascending, `-1` padded). Built on the host from every
-    rank's needs `need_all [P, H_kv, n_blocks]`."""
-
+class _Plan:
     def __init__(self, need_all: torch.Tensor, rank: int, geo: ZigzagBlocks, ranks: list[int], device):
         size, n_kv, _ = need_all.shape
         self.rank, self.ranks, self.geo = rank, ranks, geo
@@ -159,14 +155,8 @@ def exchange_blocks(kv: torch.Tensor, need: torch.Tensor, layout, block_size: in
     geo = ZigzagBlocks(layout.seq_len, size, block_size)
     need_all = all_gather_tensor(need.to(torch.uint8), group).bool().cpu()  # [P, H_kv, n_blocks]
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(size))
-    plan = OneShotPlan(need_all, rank, geo, ranks, kv.device)
+    plan = _Plan(need_all, rank, geo, ranks, kv.device)
     return _Exchange.apply(kv, plan, block_size, group), plan.table.to(kv.device)
-
-
-def exchange_planned(kv: torch.Tensor, plan: OneShotPlan, block_size: int, group) -> torch.Tensor:
-    """`exchange_blocks` with a plan every rank built beforehand (a static pattern): no mask travels,
-    nothing is read back from the device. Returns `kv_needed [B, n_max * block_size, H_kv, C]`."""
-    return _Exchange.apply(kv, plan, block_size, group)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -312,6 +302,80 @@ class BlockPairs(_Peers):
             blocked = _blocked(acc, self.block_size)
             # Distinct (block, head) pairs: gather, add, put back; no atomic accumulation.
             blocked.index_put_((s_blocks, s_heads), blocked[s_blocks, s_heads] + buf)
+
+
+class AllRemote(_Peers):
+    """The one-shot schedule for `PeerRounds`: step 0 this rank's own shard, step 1 every block it
+    needs from all other ranks at once (one batch of point-to-point messages, the exact (block, kv
+    head) pairs, posted before step 0 computes), laid into one compact per-kv-head buffer
+    `[B, H_kv, n, bs, C]` whose table `k_ids[1]` lists each kv head's remote blocks ascending, `-1`
+    padded. The backward fetches again and returns each peer's pairs' gradients in fp32, added in peer
+    order. Fewer rounds than `BlockPairs`, but all remote blocks are held at once (`parallel.s2`
+    decides which is smaller)."""
+
+    def __init__(self, need: torch.Tensor, rank: int, geo: ZigzagBlocks, block_size: int, group, device):
+        n_ranks = need.shape[0]
+        super().__init__(rank, n_ranks, group)
+        self.size = 2  # steps: own shard, then everything remote
+        self.block_size, self.n_kv = block_size, need.shape[1]
+        remote = need[rank] & (geo.owner != rank)[None]  # [H_kv, n_blocks]
+        n = int(remote.sum(dim=1).max()) if remote.numel() else 0
+        table = torch.full((self.n_kv, n), -1, dtype=torch.long)
+        slot = torch.zeros(self.n_kv, geo.n_blocks, dtype=torch.long)
+        for g in range(self.n_kv):
+            ids = torch.nonzero(remote[g]).flatten()
+            table[g, : len(ids)] = ids
+            slot[g, ids] = torch.arange(len(ids))
+        self.k_ids = [geo.held_by(rank), table]
+        self.recv, self.send = {}, {}  # peer -> (slots, heads) / (local blocks, heads)
+        for p in range(n_ranks):
+            if p == rank:
+                continue
+            blocks, heads = _pairs(remote & (geo.owner == p)[None])
+            if len(blocks):
+                self.recv[p] = (slot[heads, blocks].to(device), heads.to(device))
+            blocks, heads = _pairs(need[p] & (geo.owner == rank)[None])
+            if len(blocks):
+                self.send[p] = (geo.local[blocks].to(device), heads.to(device))
+
+    def post(self, step: int, kv: torch.Tensor):
+        b, _, _, c = kv.shape
+        src = _blocked(kv, self.block_size)
+        sends = [(src[blk, hd].contiguous(), self.ranks[p]) for p, (blk, hd) in self.send.items()]
+        bufs = {p: kv.new_empty(len(sl), b, self.block_size, c) for p, (sl, _) in self.recv.items()}
+        return kv, bufs, send_recv(sends, [(buf, self.ranks[p]) for p, buf in bufs.items()], self.group)
+
+    def arrived(self, step: int, posted) -> torch.Tensor | None:
+        kv, bufs, reqs = posted
+        _wait(reqs)
+        n = self.k_ids[1].shape[1]
+        if n == 0:
+            return None
+        b, c = kv.shape[0], kv.shape[-1]
+        # Unused slots stay zero (finite; the kernel never reads them).
+        out = kv.new_zeros(b, self.n_kv, n, self.block_size, c)
+        for p, buf in bufs.items():
+            slots, heads = self.recv[p]
+            out[:, heads, slots] = buf.transpose(0, 1)
+        return out
+
+    def post_grad(self, step: int, dkv: torch.Tensor | None, acc: torch.Tensor):
+        b, c = acc.shape[0], acc.shape[-1]
+        sends = []
+        if dkv is not None:
+            for p, (slots, heads) in self.recv.items():
+                sends.append((dkv[:, heads, slots].transpose(0, 1).contiguous(), self.ranks[p]))
+        bufs = {p: acc.new_empty(len(blk), b, self.block_size, c) for p, (blk, _) in self.send.items()}
+        return bufs, send_recv(sends, [(buf, self.ranks[p]) for p, buf in bufs.items()], self.group)
+
+    def add_grad(self, step: int, posted, acc: torch.Tensor) -> None:
+        bufs, reqs = posted
+        _wait(reqs)
+        blocked = _blocked(acc, self.block_size)
+        # In peer order; each message holds distinct (block, head) pairs: no atomics.
+        for p in sorted(bufs):
+            blocks, heads = self.send[p]
+            blocked.index_put_((blocks, heads), blocked[blocks, heads] + bufs[p])
 
 
 def _peer_keys(schedule, kv: torch.Tensor):

@@ -9,13 +9,20 @@ caches the plan (`BlockPairs`): the (block, kv head) pairs every step of the pee
 moves, their sizes and the device index tensors that place them. Steady-state steps build nothing and
 read nothing back from the device.
 
-Step `s` (`parallel.blocks.PeerRounds`): rank `r` runs the S2 kernel over its queries (global block
-ids `held_by(r)`) against the blocks rank `r - s` sent it (the union of its kv heads' blocks from that
-peer, heads' unneeded blocks left zero, which their pattern never visits), merges by lse in fp32, and
-meanwhile receives the next peer's blocks. At most two peers' blocks are held at once, never the union
-over all peers: memory ~1/P of the sequence however many blocks a kv head needs in all (small
-`vert_stride`, several heads per kv group, `dense_heads`). The backward fetches again and returns each
-step's dK/dV in fp32 to the owner, which adds them in step order (deterministic).
+Peer by peer (`parallel.s2_exchange=peer`; `parallel.blocks.BlockPairs` under `PeerRounds`): at step
+`s` rank `r` runs the S2 kernel over its queries (global block ids `held_by(r)`) against the blocks
+rank `r - s` sent it, merges by lse in fp32, and meanwhile receives the next peer's blocks. The message
+is the kernel's compact per-kv-head buffer as it arrives (`[B, H_kv, n, bs, 2D]`: each kv head's
+blocks from that peer, padded to the longest head's count, with the `[H_kv, n]` block table), so
+no kv head holds another's blocks. At most two peers' blocks are held at once: memory ~1/P of the
+sequence however many blocks a kv head needs in all (small `vert_stride`, several heads per kv
+group, `dense_heads`). The backward fetches again and returns each step's dK/dV in fp32 to the
+owner, which adds them in step order (deterministic).
+
+One-shot (`oneshot`; `parallel.blocks.AllRemote`): every block needed from other ranks in one batch
+of messages, while the rank's own shard is computed; then one kernel call over them, merged by lse.
+Fewer rounds, all remote blocks at once. `auto` (the default) picks, from the cached plan and thus
+the same on every rank, the one that holds fewer fetched bytes (`exchange_slots`), and logs it once.
 
 Communication per layer: each (block, kv head) pair some query head of the group may attend, once
 (about `1 / vert_stride` of a dense ring per strided residue a kv group holds, plus the halo; dense
@@ -31,11 +38,10 @@ import collections
 import logging
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from longctx.kernels.s2_attn import s2_attn, s2_attn_chunk_bwd, s2_attn_chunk_fwd, s2_block_mask
-from longctx.parallel.blocks import BlockPairs, OneShotPlan, PeerRounds, ZigzagBlocks, exchange_planned
+from longctx.kernels.s2_attn import s2_attn_chunk_bwd, s2_attn_chunk_fwd, s2_block_mask
+from longctx.parallel.blocks import AllRemote, BlockPairs, PeerRounds, ZigzagBlocks
 from longctx.parallel.dense import check_zigzag
 
 log = logging.getLogger(__name__)
@@ -72,18 +78,19 @@ def exchange_slots(counts: torch.Tensor) -> tuple[int, int]:
     """`(one-shot, peer by peer)`: the most (block, kv head) slots of fetched keys any rank holds at once
     (`counts [P, P, H_kv]`, `need_counts`), the same numbers on every rank.
 
-    One-shot holds every needed block at once, each kv head padded to the longest head's total
-    (`parallel.blocks.exchange_blocks`; saved for the backward). Peer by peer holds step `s`'s buffer
-    (each kv head padded to the longest head's count from that peer) while step `s + 1`'s arrives:
-    the peak over steps of two consecutive buffers (one with a single fetched step, P = 2).
+    One-shot (`parallel.blocks.AllRemote`) computes with every block needed from other ranks at
+    once, each kv head padded to the longest head's count. Peer by peer (`BlockPairs`) computes with
+    one step's buffer (each kv head padded to the longest head's count from that peer) while the next
+    step's arrives: twice the largest step's buffer (the bound a caching allocator keeps for the
+    two; one-shot wins ties). Not counted: the rank's own shard (held either way) and one-shot's
+    receive buffers while they are laid into its compact buffer (unpadded pairs, freed before the
+    kernel runs).
     """
     size, _, n_kv = counts.shape
-    oneshot = n_kv * int(counts.sum(dim=1).max()) if counts.numel() else 0
-    peer = 0
-    for r in range(size):
-        steps = [n_kv * int(counts[r, (r - s) % size].max()) for s in range(1, size)]
-        pairs = [a + b for a, b in zip(steps, steps[1:])] or steps
-        peer = max(peer, *pairs, 0)
+    remote = counts.clone()
+    remote[torch.arange(size), torch.arange(size)] = 0  # a rank's own blocks are not fetched
+    oneshot = n_kv * int(remote.sum(dim=1).max()) if counts.numel() else 0
+    peer = 2 * n_kv * int(remote.amax(dim=2).max()) if counts.numel() else 0
     return oneshot, peer
 
 
@@ -99,15 +106,14 @@ def choose_exchange(mode: str, counts: torch.Tensor) -> str:
 
 
 class S2Plan:
-    """One rank's cached S2 exchange: the peer-by-peer `BlockPairs`, every rank's needs, and (built on
-    first use) the one-shot exchange plan."""
+    """One rank's cached S2 exchange: every rank's needs and, built on first use, the peer-by-peer
+    (`BlockPairs`) or one-shot (`AllRemote`) schedule."""
 
     def __init__(self, need, rank, geo, cfg, group, device):
-        self.pairs = BlockPairs(need, rank, geo, cfg.block_size, group, device)
-        self.pairs.q_ids = self.q_ids = geo.held_by(rank)
         self.need, self.rank, self.geo, self.group, self.device = need, rank, geo, group, device
+        self.block_size = cfg.block_size
         self.counts = need_counts(need, geo.owner, need.shape[0])
-        self._oneshot, self._chosen = None, {}
+        self._schedules, self._chosen = {}, {}
 
     def choice(self, mode: str) -> str:
         if mode not in self._chosen:
@@ -119,13 +125,15 @@ class S2Plan:
             )  # fmt: skip
         return self._chosen[mode]
 
-    @property
-    def oneshot(self):
-        if self._oneshot is None:
-            size = self.need.shape[0]
-            ranks = dist.get_process_group_ranks(self.group) if self.group is not None else list(range(size))
-            self._oneshot = OneShotPlan(self.need, self.rank, self.geo, ranks, self.device)
-        return self._oneshot
+    def schedule(self, mode: str):
+        """The `PeerRounds` schedule for `parallel.s2_exchange=mode`, with the local query ids."""
+        kind = self.choice(mode)
+        if kind not in self._schedules:
+            cls = BlockPairs if kind == "peer" else AllRemote
+            sched = cls(self.need, self.rank, self.geo, self.block_size, self.group, self.device)
+            sched.q_ids = self.geo.held_by(self.rank)
+            self._schedules[kind] = sched
+        return self._schedules[kind]
 
 
 def s2_plan(cfg, n_heads: int, n_kv: int, layout, rank: int, size: int, group, device) -> S2Plan:
@@ -156,7 +164,7 @@ class _S2Steps:
     rank's shard `[B, T_local, H_kv, 2D]`; later steps' a per-kv-head buffer `[B, H_kv, n, bs, 2D]`
     with its block table."""
 
-    def __init__(self, cfg, plan: BlockPairs, d: int, cu_seqlens):
+    def __init__(self, cfg, plan, d: int, cu_seqlens):
         self.cfg, self.plan, self.d, self.cu = cfg, plan, d, cu_seqlens
 
     def _args(self, step):
@@ -197,14 +205,5 @@ class ContextParallelS2Core(nn.Module):
         docs = layout.docs
         cu = None if docs is None else docs.on(q.device)
         kv = torch.cat([k, v], dim=-1)  # [B, T_local, H_kv, 2D]: one message per block and head
-        if plan.choice(self.exchange) == "peer":
-            return PeerRounds.apply(q, kv, None, plan.pairs, _S2Steps(self.cfg, plan.pairs, d, cu))
-        # One-shot: every needed block at once, [B, n * bs, H_kv, 2D] with its [H_kv, n] table.
-        shot = plan.oneshot
-        kv_needed = exchange_planned(kv, shot, self.cfg.block_size, self.group)
-        blocks = kv_needed.unflatten(1, (-1, self.cfg.block_size)).permute(0, 3, 1, 2, 4)
-        c = self.cfg
-        return s2_attn(
-            q, blocks[..., :d], blocks[..., d:], c.block_size, c.local_blocks, c.vert_stride, c.dense_heads,
-            q_block_ids=plan.q_ids, k_block_ids=shot.table, cu_seqlens=cu,
-        )  # fmt: skip
+        schedule = plan.schedule(self.exchange)
+        return PeerRounds.apply(q, kv, None, schedule, _S2Steps(self.cfg, schedule, d, cu))

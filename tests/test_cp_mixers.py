@@ -311,3 +311,36 @@ def test_s2_context_parallel_matches_one_process(runs, world, n_kv, dense, excha
     assert torch.allclose(o, ref.detach(), atol=1e-12)
     for grad, x in zip(grads, ref_in):
         assert torch.allclose(grad, x.grad, atol=1e-12)
+
+
+def _counts(t, size, heads, kv_heads, **pattern):
+    from longctx.config import S2Config
+    from longctx.parallel.blocks import ZigzagBlocks
+    from longctx.parallel.s2 import need_counts, s2_needed_blocks
+
+    cfg = S2Config(**pattern)
+    geo = ZigzagBlocks(t, size, cfg.block_size)
+    need = [s2_needed_blocks(cfg, heads, kv_heads, geo.held_by(p), geo.n_blocks) for p in range(size)]
+    return need_counts(torch.stack(need), geo.owner, size)
+
+
+def test_s2_exchange_choice_follows_the_held_bytes():
+    """auto takes one-shot where all remote blocks at once are no more than twice the largest peer
+    step's buffer (a stride past the sequence: only the halo), peer by peer where the strided blocks
+    spread over many peers; forcing works; a bad name is a ValueError."""
+    from longctx.parallel.s2 import choose_exchange, exchange_slots
+
+    halo_only = _counts(256, 4, 4, 1, block_size=16, local_blocks=2, vert_stride=64)
+    spread = _counts(1024, 4, 8, 2, block_size=16, local_blocks=2, vert_stride=4)
+    for counts, want in ((halo_only, "oneshot"), (spread, "peer")):
+        oneshot, peer = exchange_slots(counts)
+        size, _, n_kv = counts.shape
+        # Brute force: per rank, remote blocks (padded per kv head) vs twice the largest step's buffer.
+        remote = max(n_kv * max(sum(int(counts[r, o, g]) for o in range(size) if o != r) for g in range(n_kv))
+                     for r in range(size))  # fmt: skip
+        step = max(n_kv * int(counts[r, o].max()) for r in range(size) for o in range(size) if o != r)
+        assert (oneshot, peer) == (remote, 2 * step)
+        assert choose_exchange("auto", counts) == want
+        assert choose_exchange("peer", counts) == "peer" and choose_exchange("oneshot", counts) == "oneshot"
+    with pytest.raises(ValueError, match="auto, peer or oneshot"):
+        choose_exchange("ring", halo_only)
