@@ -17,6 +17,8 @@ the longest programs launch first.
 
 Positions index the blocks of the tensors handed to the kernel; `q_ids` / `k_ids` hold their global
 block indices (`0..n-1` for a whole sequence, any strictly increasing ids for a context-parallel shard).
+`k_ids` may instead be a per-kv-head block table `[H_kv, n]` (kv head `g`'s slot `s` holds global block
+`k_ids[g, s]`, `-1` unused): each query head's lists then index its own kv head's slots.
 
     lists = s2_block_lists(16, torch.arange(2048), torch.arange(2048), 8, 16, 0, "cuda",
                            block_size=64, t_q=131072, t_k=131072)

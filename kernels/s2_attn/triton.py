@@ -24,6 +24,11 @@ blocks), its inner tile `BI` rows of one listed block. The host splits each list
 need no mask (loaded and computed bare) and a few that do (diagonal blocks, blocks only part of the
 tile may see, partial last blocks), where the kernel applies S2's rule token by token.
 
+Per-kv-head key blocks: `k_ids` is one id list for every kv head (`stride_kid = 0`) or a `[H_kv, n]`
+table (`stride_kid = n`; `k`, `v` then `[B, n * bs, H_kv, D]` views of a compact `[B, H_kv, n, bs, D]`
+buffer); a program reads its kv head's row. Unused slots (`-1`) are never listed, and where a 2-block
+dK/dV tile holds one, the S2 rule masks it (`kb >= 0`), so its gradient is exactly zero.
+
 Documents (`doc_start`, each query's document start): the pattern is unchanged (blocks are counted in
 global block positions); a listed block that ends before every row of the tile's document is skipped
 before anything is loaded, and the others are masked to each row's document (`k_pos >= doc_start`).
