@@ -35,18 +35,18 @@ holds). The kernel then masks each query to its own document.
 """
 
 import collections
-import logging
+import sys
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from longctx.kernels.s2_attn import s2_attn_chunk_bwd, s2_attn_chunk_fwd, s2_block_mask
 from longctx.parallel.blocks import AllRemote, BlockPairs, PeerRounds, ZigzagBlocks
 from longctx.parallel.dense import check_zigzag
 
-log = logging.getLogger(__name__)
-
 _PLANS_KEPT = 16
+_announced: set = set()
 _plans: collections.OrderedDict = collections.OrderedDict()
 
 
@@ -117,12 +117,16 @@ class S2Plan:
 
     def choice(self, mode: str) -> str:
         if mode not in self._chosen:
-            self._chosen[mode] = choose_exchange(mode, self.counts)
+            self._chosen[mode] = choice = choose_exchange(mode, self.counts)
             oneshot, peer = exchange_slots(self.counts)
-            log.info(
-                "S2 exchange (parallel.s2_exchange=%s): %s; fetched keys held at once, in (block, kv head) "
-                "slots: one-shot %d, peer by peer %d", mode, self._chosen[mode], oneshot, peer,
-            )  # fmt: skip
+            # Once per process and choice (document boundaries make new plans every batch), on rank 0.
+            if (mode, choice) not in _announced and (not dist.is_initialized() or dist.get_rank() == 0):
+                _announced.add((mode, choice))
+                print(
+                    f"longctx: S layers exchange key blocks {choice} (parallel.s2_exchange={mode}; fetched "
+                    f"keys held at once, (block, kv head) slots: one-shot {oneshot}, peer by peer {peer})",
+                    file=sys.stderr, flush=True,
+                )  # fmt: skip
         return self._chosen[mode]
 
     def schedule(self, mode: str):
