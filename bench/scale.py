@@ -172,9 +172,11 @@ def plan_bytes(
     if scheme == "S pattern":
         # The exchange `parallel.s2_exchange=auto` picks from the same plan (`parallel.s2`). Peer by
         # peer (`BlockPairs`): step s sends rank + s its needed blocks of mine, each kv head padded to
-        # the longest head's count (the kernel's compact buffer), overlapped with the step's compute.
+        # the longest head's count (the kernel's compact buffer), or the exact pairs where padding
+        # would add more than `PAD_LIMIT` (`lands`), overlapped with the step's compute.
         # One-shot (`AllRemote`): every peer's exact pairs at once. Either way the backward fetches
         # them again and returns the fp32 dK, dV of the (real) pairs I took from each peer.
+        from longctx.parallel.blocks import lands
         from longctx.parallel.s2 import choose_exchange
 
         s2 = model.s2
@@ -189,7 +191,10 @@ def plan_bytes(
                 Phase("all remote blocks again", sends, False, True),
                 Phase("fp32 dkv of blocks", back, False, True),
             ]
-        sends = {p: h_kv * int(counts[p, rank].max()) * pair * itemsize for p in peers}
+        sends = {}
+        for p in peers:
+            n_pairs, n_slots = int(counts[p, rank].sum()), h_kv * int(counts[p, rank].max())
+            sends[p] = (n_pairs if lands(n_pairs, n_slots) else n_slots) * pair * itemsize
         return [
             *(Phase("blocks", {p: n}, True, False) for p, n in sends.items()),
             *(Phase("blocks again", {p: n}, True, True) for p, n in sends.items()),

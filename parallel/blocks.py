@@ -213,6 +213,19 @@ class WholeShards(_Peers):
         acc += posted[0]
 
 
+# A peer step's message is the receiver's compact buffer itself (padded, no copy) unless padding would
+# add more than this fraction to the pairs that must move; then the exact pairs travel and the receiver
+# lays them into the buffer (one device copy). Dense heads in one kv group, for example, pad every
+# other kv head to that group's count.
+PAD_LIMIT = 1.25
+
+
+def lands(n_pairs: int, n_slots: int) -> bool:
+    """Whether a step moving `n_pairs` (block, kv head) pairs into a buffer of `n_slots` slots sends
+    the exact pairs (True) rather than the padded buffer (`PAD_LIMIT`)."""
+    return n_slots > PAD_LIMIT * n_pairs
+
+
 def step_tables(need: torch.Tensor, rank: int, src: int, owner: torch.Tensor) -> torch.Tensor:
     """`[H_kv, n]` the global blocks `rank` needs from `src`, ascending per kv head, `-1` padded to the
     longest head's count `n` (`need [P, H_kv, n_blocks]`, every rank's needs)."""
@@ -229,12 +242,13 @@ class BlockPairs(_Peers):
     """Every step moves the (block, kv head) pairs the receiver needs from the sender, fixed by a
     static pattern (`need [P, H_kv, n_blocks]` bool, every rank's needs, known on every rank).
 
-    Step `s >= 1` sends one message `[B, H_kv, n_s, bs, C]`: each kv head's needed blocks from this
-    peer in ascending order, padded to the longest head's count `n_s` (the padding slots carry a
-    block of the sender's, never read: the table `tables[s]` marks them `-1`). The receiver hands the
-    message to the kernel as it arrived, a compact per-kv-head buffer: no union over kv heads, no copy.
-    Step 0 is this rank's own shard (`k_ids[0]`, its block ids). Gradients go back as the real pairs
-    only, `[n_pairs, B, bs, C]` in fp32.
+    Step `s >= 1` computes on a compact per-kv-head buffer `[B, H_kv, n_s, bs, C]`: each kv head's
+    needed blocks from this peer in ascending order, padded to the longest head's count `n_s` (table
+    `k_ids[s]`, `-1` on padding slots, which are never read): no union over kv heads. The message is
+    that buffer itself (padding slots carry a block of the sender's), handed to the kernel as it
+    arrived; where padding would add more than `PAD_LIMIT` to the bytes, the exact pairs travel
+    instead and the receiver lays them in (`lands`). Step 0 is this rank's own shard (`k_ids[0]`, its
+    block ids). Gradients go back as the real pairs only, `[n_pairs, B, bs, C]` in fp32.
     """
 
     def __init__(self, need: torch.Tensor, rank: int, geo: ZigzagBlocks, block_size: int, group, device):
@@ -247,12 +261,14 @@ class BlockPairs(_Peers):
             table = step_tables(need, rank, src, geo.owner)
             self.k_ids.append(table)
             heads, slots = torch.nonzero(table >= 0, as_tuple=True)  # real pairs: by head, then block
-            self.recv.append((slots.to(device), heads.to(device), table.shape[1]))
+            land = lands(len(slots), table.numel())
+            self.recv.append((slots.to(device), heads.to(device), table.shape[1], land))
             # What dst needs of mine, in its table's layout; padding slots repeat my block 0.
             theirs = step_tables(need, dst, rank, geo.owner)
             local = torch.where(theirs >= 0, geo.local[theirs.clamp(min=0)], 0)
             blocks, heads = _pairs(need[dst] & (geo.owner == rank)[None])
-            self.send.append((local.to(device), geo.local[blocks].to(device), heads.to(device)))
+            land = lands(len(blocks), theirs.numel())
+            self.send.append((local.to(device), geo.local[blocks].to(device), heads.to(device), land))
 
     def step_slots(self, step: int) -> int:
         """Slots `H_kv x n_s` of step `step`'s buffer (0: nothing fetched)."""
@@ -261,14 +277,17 @@ class BlockPairs(_Peers):
     def post(self, step: int, kv: torch.Tensor):
         b, t, n_kv, c = kv.shape
         bs = self.block_size
-        local, s_blocks, _ = self.send[step]
-        _, _, n_step = self.recv[step]
+        local, s_blocks, s_heads, send_pairs = self.send[step]
+        r_slots, _, n_step, recv_pairs = self.recv[step]
         msg = None
-        if local.numel():
+        if send_pairs and len(s_blocks):
+            msg = _blocked(kv, bs)[s_blocks, s_heads].contiguous()  # [n_pairs, B, bs, C]
+        elif local.numel():
             heads = torch.arange(n_kv, device=kv.device)[:, None]
             # [H_kv, n, B, bs, C] (the indexed dims lead) -> [B, H_kv, n, bs, C]
             msg = kv.view(b, t // bs, bs, n_kv, c)[:, local, :, heads].permute(2, 0, 1, 3, 4).contiguous()
-        buf = kv.new_empty(b, n_kv, n_step, bs, c)
+        shape = (len(r_slots), b, bs, c) if recv_pairs else (b, n_kv, n_step, bs, c)
+        buf = kv.new_empty(shape)
         sends = [(msg, self.ranks[self.dst(step)])] if msg is not None else []
         return buf, send_recv(sends, [(buf, self.ranks[self.src(step)])] if n_step else [], self.group)
 
@@ -277,13 +296,22 @@ class BlockPairs(_Peers):
         nothing is needed from this peer."""
         buf, reqs = posted
         _wait(reqs)
-        return buf if buf.shape[2] else None
+        r_slots, r_heads, n_step, recv_pairs = self.recv[step]
+        if n_step == 0:
+            return None
+        if not recv_pairs:
+            return buf
+        b, c = buf.shape[1], buf.shape[-1]
+        # Padding slots stay zero (finite; never read).
+        out = buf.new_zeros(b, self.n_kv, n_step, self.block_size, c)
+        out[:, r_heads, r_slots] = buf.transpose(0, 1)
+        return out
 
     def post_grad(self, step: int, dkv: torch.Tensor | None, acc: torch.Tensor):
         """Send the step's dK/dV (`[B, H_kv, n_s, bs, C]`; None: nothing was fetched) of the real pairs
         to their owner; receive those of this rank's blocks from the rank it served."""
-        r_slots, r_heads, _ = self.recv[step]
-        _, s_blocks, _ = self.send[step]
+        r_slots, r_heads, _, _ = self.recv[step]
+        _, s_blocks, _, _ = self.send[step]
         b, c = acc.shape[0], acc.shape[-1]
         msg = None if dkv is None else dkv[:, r_heads, r_slots].transpose(0, 1).contiguous()
         buf = acc.new_empty(len(s_blocks), b, self.block_size, c)
@@ -297,7 +325,7 @@ class BlockPairs(_Peers):
     def add_grad(self, step: int, posted, acc: torch.Tensor) -> None:
         buf, reqs = posted
         _wait(reqs)
-        _, s_blocks, s_heads = self.send[step]
+        _, s_blocks, s_heads, _ = self.send[step]
         if len(s_blocks):
             blocked = _blocked(acc, self.block_size)
             # Distinct (block, head) pairs: gather, add, put back; no atomic accumulation.
