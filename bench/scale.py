@@ -71,7 +71,7 @@ def _kv_repeat(heads: int, kv_heads: int, size: int) -> int | None:
 
 
 def s2_need_counts(s2, heads: int, kv_heads: int, seq_len: int, size: int, rank: int) -> torch.Tensor:
-    """`[P]` (block, kv head) pairs `rank` needs from each owner: `s2_needed_blocks` itself when its
+    """`[P, H_kv]` blocks `rank` needs from each owner per kv head: `s2_needed_blocks` itself when its
     mask is small, else the same set from the pattern's closed form (a test checks they agree)."""
     from longctx.parallel.blocks import ZigzagBlocks
     from longctx.parallel.s2 import s2_needed_blocks
@@ -83,8 +83,20 @@ def s2_need_counts(s2, heads: int, kv_heads: int, seq_len: int, size: int, rank:
         need = s2_needed_blocks(s2, heads, kv_heads, q_ids, n)
     else:
         need = s2_need_closed_form(s2, heads, kv_heads, q_ids, n)
-    per_owner = need.long().sum(dim=0)  # [n_blocks]
-    return torch.zeros(size, dtype=torch.long).index_add_(0, geo.owner, per_owner)
+    return torch.zeros(size, kv_heads, dtype=torch.long).index_add_(0, geo.owner, need.long().t())
+
+
+_counts_cache: dict = {}
+
+
+def s2_all_counts(s2, heads: int, kv_heads: int, seq_len: int, size: int) -> torch.Tensor:
+    """`[P, P, H_kv]` every rank's `s2_need_counts` (what `parallel.s2.need_counts` gives the layer)."""
+    key = (s2.block_size, s2.local_blocks, s2.vert_stride, s2.dense_heads, heads, kv_heads, seq_len, size)
+    if key not in _counts_cache:
+        _counts_cache[key] = torch.stack(
+            [s2_need_counts(s2, heads, kv_heads, seq_len, size, r) for r in range(size)]
+        )
+    return _counts_cache[key]
 
 
 def s2_need_closed_form(s2, heads: int, kv_heads: int, q_ids: torch.Tensor, n_blocks: int) -> torch.Tensor:
@@ -158,16 +170,31 @@ def plan_bytes(
         phases += [Phase("kv + fp32 dkv hop", {nxt_g: kv_ring * (itemsize + 4)}, True, True, 2)] * (ring - 1)
         return phases
     if scheme == "S pattern":
-        # Peer by peer (`parallel.blocks.BlockPairs`, plan fixed on the host: no mask exchange). Step s
-        # sends rank + s the (block, kv head) pairs it needs of mine, overlapped with the step's compute;
-        # the backward fetches them again and returns the fp32 dK, dV of the pairs I took from each peer.
+        # The exchange `parallel.s2_exchange=auto` picks from the same plan (`parallel.s2`). Peer by
+        # peer (`BlockPairs`): step s sends rank + s its needed blocks of mine, each kv head padded to
+        # the longest head's count (the kernel's compact buffer), or the exact pairs where padding
+        # would add more than `PAD_LIMIT` (`lands`), overlapped with the step's compute.
+        # One-shot (`AllRemote`): every peer's exact pairs at once. Either way the backward fetches
+        # them again and returns the fp32 dK, dV of the (real) pairs I took from each peer.
+        from longctx.parallel.blocks import lands
+        from longctx.parallel.s2 import choose_exchange
+
         s2 = model.s2
         pair = batch * s2.block_size * 2 * d  # one kv head's K and V of one block, in elements
-        theirs = {p: int(s2_need_counts(s2, h, h_kv, seq_len, size, p)[rank]) for p in range(size)}
-        sends = {p: n * pair * itemsize for p, n in theirs.items()}
-        mine = s2_need_counts(s2, h, h_kv, seq_len, size, rank)
-        back = {p: int(mine[p]) * pair * 4 for p in range(size)}
-        sends.pop(rank), back.pop(rank)
+        counts = s2_all_counts(s2, h, h_kv, seq_len, size)  # [rank, owner, kv head]
+        peers = [p for p in range(size) if p != rank]
+        back = {p: int(counts[rank, p].sum()) * pair * 4 for p in peers}
+        if choose_exchange("auto", counts) == "oneshot":
+            sends = {p: int(counts[p, rank].sum()) * pair * itemsize for p in peers}
+            return [
+                Phase("all remote blocks", sends, False, False),
+                Phase("all remote blocks again", sends, False, True),
+                Phase("fp32 dkv of blocks", back, False, True),
+            ]
+        sends = {}
+        for p in peers:
+            n_pairs, n_slots = int(counts[p, rank].sum()), h_kv * int(counts[p, rank].max())
+            sends[p] = (n_pairs if lands(n_pairs, n_slots) else n_slots) * pair * itemsize
         return [
             *(Phase("blocks", {p: n}, True, False) for p, n in sends.items()),
             *(Phase("blocks again", {p: n}, True, True) for p, n in sends.items()),

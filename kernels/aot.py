@@ -214,6 +214,13 @@ def record_s2(head_dim, dtype, quick):
             q, k, v = (x.requires_grad_() for x in _qkv(512, 4, 2, head_dim, dtype))
             o, lse = s2.s2_attn_triton(q, k, v, 64, 2, 4, 1, head_dim**-0.5)
             (o.float().sum() + lse.sum()).backward()
+            # Per-kv-head block tables (context parallelism's compact buffers): k, v as
+            # [B, n * bs, H_kv, D] views of [B, H_kv, n, bs, D], each kv head its own blocks.
+            table = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7], [0, 2, 4, 6, 7, -1, -1, -1]])
+            kb, vb = (x.detach().unflatten(1, (8, 64)).permute(0, 3, 1, 2, 4) for x in (k, v))
+            k4, v4 = (x.flatten(2, 3).transpose(1, 2).requires_grad_() for x in (kb, vb))
+            o, lse = s2.s2_attn_triton(q, k4, v4, 64, 2, 4, 1, head_dim**-0.5, None, table)
+            (o.float().sum() + lse.sum()).backward()
     finally:
         s2._run_tuned = original
     if quick:

@@ -505,6 +505,9 @@ class ParallelConfig:
     # atomics (the same gradients to the last bit on every run). S and N layers always reduce this way
     # (docs/parallelism.md).
     deterministic: bool = False
+    # S layers under CP: fetch peer by peer (memory ~1/P) or every needed block at once; auto picks the
+    # one holding fewer bytes, from the cached plan (docs/parallelism.md).
+    s2_exchange: Literal["auto", "peer", "oneshot"] = "auto"
 
     def __post_init__(self):
         _require(self.cp >= 1, "parallel.cp", f"must be >= 1, got {self.cp}")

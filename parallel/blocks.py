@@ -213,61 +213,107 @@ class WholeShards(_Peers):
         acc += posted[0]
 
 
-class BlockPairs(_Peers):
-    """Every step moves exactly the (block, kv head) pairs the receiver needs from the sender, fixed
-    by a static pattern (`need [P, H_kv, n_blocks]` bool, every rank's needs, known on every rank).
+# A peer step's message is the receiver's compact buffer itself (padded, no copy) unless padding would
+# add more than this fraction to the pairs that must move; then the exact pairs travel and the receiver
+# lays them into the buffer (one device copy). Dense heads in one kv group, for example, pad every
+# other kv head to that group's count.
+PAD_LIMIT = 1.25
 
-    The received pairs are laid into the union, over kv heads, of the blocks needed from that peer
-    (`k_ids[step]`, ascending global ids; a head's blocks it does not need stay zero and its pattern
-    never visits them): at most one peer's blocks, so memory stays ~1/P.
+
+def lands(n_pairs: int, n_slots: int) -> bool:
+    """Whether a step moving `n_pairs` (block, kv head) pairs into a buffer of `n_slots` slots sends
+    the exact pairs (True) rather than the padded buffer (`PAD_LIMIT`)."""
+    return n_slots > PAD_LIMIT * n_pairs
+
+
+def step_tables(need: torch.Tensor, rank: int, src: int, owner: torch.Tensor) -> torch.Tensor:
+    """`[H_kv, n]` the global blocks `rank` needs from `src`, ascending per kv head, `-1` padded to the
+    longest head's count `n` (`need [P, H_kv, n_blocks]`, every rank's needs)."""
+    mine = need[rank] & (owner == src)[None]  # [H_kv, n_blocks]
+    n = int(mine.sum(dim=1).max()) if mine.numel() else 0
+    table = torch.full((mine.shape[0], n), -1, dtype=torch.long)
+    for g in range(mine.shape[0]):
+        ids = torch.nonzero(mine[g]).flatten()
+        table[g, : len(ids)] = ids
+    return table
+
+
+class BlockPairs(_Peers):
+    """Every step moves the (block, kv head) pairs the receiver needs from the sender, fixed by a
+    static pattern (`need [P, H_kv, n_blocks]` bool, every rank's needs, known on every rank).
+
+    Step `s >= 1` computes on a compact per-kv-head buffer `[B, H_kv, n_s, bs, C]`: each kv head's
+    needed blocks from this peer in ascending order, padded to the longest head's count `n_s` (table
+    `k_ids[s]`, `-1` on padding slots, which are never read): no union over kv heads. The message is
+    that buffer itself (padding slots carry a block of the sender's), handed to the kernel as it
+    arrived; where padding would add more than `PAD_LIMIT` to the bytes, the exact pairs travel
+    instead and the receiver lays them in (`lands`). Step 0 is this rank's own shard (`k_ids[0]`, its
+    block ids). Gradients go back as the real pairs only, `[n_pairs, B, bs, C]` in fp32.
     """
 
     def __init__(self, need: torch.Tensor, rank: int, geo: ZigzagBlocks, block_size: int, group, device):
         size = need.shape[0]
         super().__init__(rank, size, group)
         self.block_size, self.n_kv = block_size, need.shape[1]
-        self.k_ids, self.recv, self.send = [], [], []
-        for step in range(size):
+        self.k_ids, self.recv, self.send = [geo.held_by(rank)], [None], [None]
+        for step in range(1, size):
             src, dst = self.src(step), self.dst(step)
-            mine = need[rank] & (geo.owner == src)[None]  # [H_kv, n_blocks]
-            union = torch.nonzero(mine.any(dim=0)).flatten()
-            slot = torch.full((geo.n_blocks,), -1, dtype=torch.long)
-            slot[union] = torch.arange(len(union))
-            blocks, heads = _pairs(mine)
-            self.k_ids.append(union if step else geo.held_by(rank))
-            self.recv.append((slot[blocks].to(device), heads.to(device), len(union)))
+            table = step_tables(need, rank, src, geo.owner)
+            self.k_ids.append(table)
+            heads, slots = torch.nonzero(table >= 0, as_tuple=True)  # real pairs: by head, then block
+            land = lands(len(slots), table.numel())
+            self.recv.append((slots.to(device), heads.to(device), table.shape[1], land))
+            # What dst needs of mine, in its table's layout; padding slots repeat my block 0.
+            theirs = step_tables(need, dst, rank, geo.owner)
+            local = torch.where(theirs >= 0, geo.local[theirs.clamp(min=0)], 0)
             blocks, heads = _pairs(need[dst] & (geo.owner == rank)[None])
-            self.send.append((geo.local[blocks].to(device), heads.to(device)))
+            land = lands(len(blocks), theirs.numel())
+            self.send.append((local.to(device), geo.local[blocks].to(device), heads.to(device), land))
+
+    def step_slots(self, step: int) -> int:
+        """Slots `H_kv x n_s` of step `step`'s buffer (0: nothing fetched)."""
+        return self.n_kv * self.k_ids[step].shape[1] if step else 0
 
     def post(self, step: int, kv: torch.Tensor):
-        b, _, n_kv, c = kv.shape
-        s_blocks, s_heads = self.send[step]
-        r_slots, r_heads, _ = self.recv[step]
-        sends = [(_blocked(kv, self.block_size)[s_blocks, s_heads].contiguous(), self.ranks[self.dst(step)])]
-        buf = kv.new_empty(len(r_slots), b, self.block_size, c)
-        recvs = [(buf, self.ranks[self.src(step)])]
-        return buf, send_recv(sends if len(s_blocks) else [], recvs if len(r_slots) else [], self.group)
+        b, t, n_kv, c = kv.shape
+        bs = self.block_size
+        local, s_blocks, s_heads, send_pairs = self.send[step]
+        r_slots, _, n_step, recv_pairs = self.recv[step]
+        msg = None
+        if send_pairs and len(s_blocks):
+            msg = _blocked(kv, bs)[s_blocks, s_heads].contiguous()  # [n_pairs, B, bs, C]
+        elif local.numel():
+            heads = torch.arange(n_kv, device=kv.device)[:, None]
+            # [H_kv, n, B, bs, C] (the indexed dims lead) -> [B, H_kv, n, bs, C]
+            msg = kv.view(b, t // bs, bs, n_kv, c)[:, local, :, heads].permute(2, 0, 1, 3, 4).contiguous()
+        shape = (len(r_slots), b, bs, c) if recv_pairs else (b, n_kv, n_step, bs, c)
+        buf = kv.new_empty(shape)
+        sends = [(msg, self.ranks[self.dst(step)])] if msg is not None else []
+        return buf, send_recv(sends, [(buf, self.ranks[self.src(step)])] if n_step else [], self.group)
 
     def arrived(self, step: int, posted) -> torch.Tensor | None:
-        """`[B, n_union * bs, H_kv, C]` the step's keys, or None when nothing is needed from this peer."""
+        """`[B, H_kv, n_s, bs, C]` the step's keys per kv head (table `k_ids[step]`), or None when
+        nothing is needed from this peer."""
         buf, reqs = posted
         _wait(reqs)
-        r_slots, r_heads, n_union = self.recv[step]
-        if n_union == 0:
+        r_slots, r_heads, n_step, recv_pairs = self.recv[step]
+        if n_step == 0:
             return None
-        b, bs, c = buf.shape[1], self.block_size, buf.shape[-1]
-        n_kv = self.n_kv
-        laid = buf.new_zeros(n_union, n_kv, b, bs, c)
-        laid.index_put_((r_slots, r_heads), buf)
-        return laid.permute(2, 0, 3, 1, 4).reshape(b, n_union * bs, n_kv, c)
+        if not recv_pairs:
+            return buf
+        b, c = buf.shape[1], buf.shape[-1]
+        # Padding slots stay zero (finite; never read).
+        out = buf.new_zeros(b, self.n_kv, n_step, self.block_size, c)
+        out[:, r_heads, r_slots] = buf.transpose(0, 1)
+        return out
 
     def post_grad(self, step: int, dkv: torch.Tensor | None, acc: torch.Tensor):
-        """Send the step's dK/dV (None: nothing was fetched) to their owner; receive those of this
-        rank's blocks from the rank it served."""
-        r_slots, r_heads, _ = self.recv[step]
-        s_blocks, _ = self.send[step]
+        """Send the step's dK/dV (`[B, H_kv, n_s, bs, C]`; None: nothing was fetched) of the real pairs
+        to their owner; receive those of this rank's blocks from the rank it served."""
+        r_slots, r_heads, _, _ = self.recv[step]
+        _, s_blocks, _, _ = self.send[step]
         b, c = acc.shape[0], acc.shape[-1]
-        msg = None if dkv is None else _blocked(dkv, self.block_size)[r_slots, r_heads].contiguous()
+        msg = None if dkv is None else dkv[:, r_heads, r_slots].transpose(0, 1).contiguous()
         buf = acc.new_empty(len(s_blocks), b, self.block_size, c)
         reqs = send_recv(
             [(msg, self.ranks[self.src(step)])] if len(r_slots) else [],
@@ -279,11 +325,85 @@ class BlockPairs(_Peers):
     def add_grad(self, step: int, posted, acc: torch.Tensor) -> None:
         buf, reqs = posted
         _wait(reqs)
-        s_blocks, s_heads = self.send[step]
+        _, s_blocks, s_heads, _ = self.send[step]
         if len(s_blocks):
             blocked = _blocked(acc, self.block_size)
             # Distinct (block, head) pairs: gather, add, put back; no atomic accumulation.
             blocked.index_put_((s_blocks, s_heads), blocked[s_blocks, s_heads] + buf)
+
+
+class AllRemote(_Peers):
+    """The one-shot schedule for `PeerRounds`: step 0 this rank's own shard, step 1 every block it
+    needs from all other ranks at once (one batch of point-to-point messages, the exact (block, kv
+    head) pairs, posted before step 0 computes), laid into one compact per-kv-head buffer
+    `[B, H_kv, n, bs, C]` whose table `k_ids[1]` lists each kv head's remote blocks ascending, `-1`
+    padded. The backward fetches again and returns each peer's pairs' gradients in fp32, added in peer
+    order. Fewer rounds than `BlockPairs`, but all remote blocks are held at once (`parallel.s2`
+    decides which is smaller)."""
+
+    def __init__(self, need: torch.Tensor, rank: int, geo: ZigzagBlocks, block_size: int, group, device):
+        n_ranks = need.shape[0]
+        super().__init__(rank, n_ranks, group)
+        self.size = 2  # steps: own shard, then everything remote
+        self.block_size, self.n_kv = block_size, need.shape[1]
+        remote = need[rank] & (geo.owner != rank)[None]  # [H_kv, n_blocks]
+        n = int(remote.sum(dim=1).max()) if remote.numel() else 0
+        table = torch.full((self.n_kv, n), -1, dtype=torch.long)
+        slot = torch.zeros(self.n_kv, geo.n_blocks, dtype=torch.long)
+        for g in range(self.n_kv):
+            ids = torch.nonzero(remote[g]).flatten()
+            table[g, : len(ids)] = ids
+            slot[g, ids] = torch.arange(len(ids))
+        self.k_ids = [geo.held_by(rank), table]
+        self.recv, self.send = {}, {}  # peer -> (slots, heads) / (local blocks, heads)
+        for p in range(n_ranks):
+            if p == rank:
+                continue
+            blocks, heads = _pairs(remote & (geo.owner == p)[None])
+            if len(blocks):
+                self.recv[p] = (slot[heads, blocks].to(device), heads.to(device))
+            blocks, heads = _pairs(need[p] & (geo.owner == rank)[None])
+            if len(blocks):
+                self.send[p] = (geo.local[blocks].to(device), heads.to(device))
+
+    def post(self, step: int, kv: torch.Tensor):
+        b, _, _, c = kv.shape
+        src = _blocked(kv, self.block_size)
+        sends = [(src[blk, hd].contiguous(), self.ranks[p]) for p, (blk, hd) in self.send.items()]
+        bufs = {p: kv.new_empty(len(sl), b, self.block_size, c) for p, (sl, _) in self.recv.items()}
+        return kv, bufs, send_recv(sends, [(buf, self.ranks[p]) for p, buf in bufs.items()], self.group)
+
+    def arrived(self, step: int, posted) -> torch.Tensor | None:
+        kv, bufs, reqs = posted
+        _wait(reqs)
+        n = self.k_ids[1].shape[1]
+        if n == 0:
+            return None
+        b, c = kv.shape[0], kv.shape[-1]
+        # Unused slots stay zero (finite; the kernel never reads them).
+        out = kv.new_zeros(b, self.n_kv, n, self.block_size, c)
+        for p, buf in bufs.items():
+            slots, heads = self.recv[p]
+            out[:, heads, slots] = buf.transpose(0, 1)
+        return out
+
+    def post_grad(self, step: int, dkv: torch.Tensor | None, acc: torch.Tensor):
+        b, c = acc.shape[0], acc.shape[-1]
+        sends = []
+        if dkv is not None:
+            for p, (slots, heads) in self.recv.items():
+                sends.append((dkv[:, heads, slots].transpose(0, 1).contiguous(), self.ranks[p]))
+        bufs = {p: acc.new_empty(len(blk), b, self.block_size, c) for p, (blk, _) in self.send.items()}
+        return bufs, send_recv(sends, [(buf, self.ranks[p]) for p, buf in bufs.items()], self.group)
+
+    def add_grad(self, step: int, posted, acc: torch.Tensor) -> None:
+        bufs, reqs = posted
+        _wait(reqs)
+        blocked = _blocked(acc, self.block_size)
+        # In peer order; each message holds distinct (block, head) pairs: no atomics.
+        for p in sorted(bufs):
+            blocks, heads = self.send[p]
+            blocked.index_put_((blocks, heads), blocked[blocks, heads] + bufs[p])
 
 
 def _peer_keys(schedule, kv: torch.Tensor):

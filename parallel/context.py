@@ -33,8 +33,10 @@ def _dense_core(core, group, cp_comm: str, usp=None, deterministic: bool = False
     return DENSE_SCHEMES[cp_comm](core.window, group)
 
 
-def _s2_core(core, group, cp_comm: str, usp=None, deterministic: bool = False):
-    return UspS2Core(core.cfg, usp) if cp_comm == "usp" else ContextParallelS2Core(core.cfg, group)
+def _s2_core(core, group, cp_comm: str, usp=None, deterministic: bool = False, s2_exchange: str = "auto"):
+    if cp_comm == "usp":
+        return UspS2Core(core.cfg, usp)
+    return ContextParallelS2Core(core.cfg, group, s2_exchange)
 
 
 CP_CORES = {
@@ -47,17 +49,20 @@ CP_CORES = {
 
 
 def parallelize_model(
-    model: nn.Module, group, cp_comm: str, ulysses_size: int = 1, deterministic: bool = False
-) -> nn.Module:
+    model: nn.Module, group, cp_comm: str, ulysses_size: int = 1, deterministic: bool = False,
+    s2_exchange: str = "auto",
+) -> nn.Module:  # fmt: skip
     """Replace every mixer core of `model` with its context-parallel version over `group` (in place).
 
     `cp_comm=usp` splits `group` into Ulysses groups of `ulysses_size` ranks and rings across them
     (`parallel.usp`; every rank of the world must call this together: it creates process groups).
     `deterministic` makes the reductions of L layers' state gradients run in a fixed order.
+    `s2_exchange` (`parallel.s2_exchange`): how S layers fetch key blocks (`parallel.s2`).
     """
     usp = UspGroups(group, ulysses_size) if cp_comm == "usp" else None
     for module in list(model.modules()):
         core = getattr(module, "core", None)
         if isinstance(core, nn.Module) and getattr(core, "letter", None) in CP_CORES:
-            module.core = CP_CORES[core.letter](core, group, cp_comm, usp, deterministic)
+            extra = {"s2_exchange": s2_exchange} if core.letter == "S" else {}
+            module.core = CP_CORES[core.letter](core, group, cp_comm, usp, deterministic, **extra)
     return model

@@ -51,7 +51,8 @@ def runs():
         cases[("exchange", world)] = (world, *_exchange_case(world))
         cases[("nsa", world)] = (world, *_nsa_case(world))
         for n_kv, dense in ((4, 0), (2, 1)):
-            cases[("s2", world, n_kv, dense)] = (world, *_s2_case(world, n_kv, dense))
+            for exchange in ("peer", "oneshot"):
+                cases[("s2", world, n_kv, dense, exchange)] = (world, *_s2_case(world, n_kv, dense, exchange))
     results = spawn(_cases_worker, 4, (cases,))
     return {key: (args, [r[key] for r in results[:p]]) for key, (p, _, args) in cases.items()}
 
@@ -369,13 +370,13 @@ def test_nsa_context_parallel_matches_one_process(runs, world):
         assert torch.allclose(sum(r[2][i] for r in results), p.grad, atol=1e-10)
 
 
-def _s2_worker(rank, world, group, cfg, q, k, v, do):
+def _s2_worker(rank, world, group, cfg, exchange, q, k, v, do):
     from longctx.parallel.s2 import ContextParallelS2Core
 
-    return _run_core(rank, world, group, lambda g: ContextParallelS2Core(cfg, g), (q, k, v), do)
+    return _run_core(rank, world, group, lambda g: ContextParallelS2Core(cfg, g, exchange), (q, k, v), do)
 
 
-def _s2_case(world, n_kv, dense):
+def _s2_case(world, n_kv, dense, exchange):
     from longctx.config import S2Config
 
     cfg = S2Config(block_size=4, local_blocks=2, vert_stride=4, dense_heads=dense)
@@ -383,15 +384,17 @@ def _s2_case(world, n_kv, dense):
     q = torch.randn(b, t, h, d, dtype=torch.float64)
     k, v = torch.randn(b, t, n_kv, d, dtype=torch.float64), torch.randn(b, t, n_kv, d, dtype=torch.float64)
     do = torch.randn(b, t, h, d, dtype=torch.float64)
-    return _s2_worker, (cfg, q, k, v, do)
+    return _s2_worker, (cfg, exchange, q, k, v, do)
 
 
+@pytest.mark.parametrize("exchange", ["peer", "oneshot"])
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("n_kv,dense", [(4, 0), (2, 1)], ids=["mha", "gqa-dense1"])
-def test_s2_context_parallel_matches_one_process(runs, world, n_kv, dense):
+def test_s2_context_parallel_matches_one_process(runs, world, n_kv, dense, exchange):
+    """Both exchanges (`parallel.s2_exchange=peer | oneshot`), forced, equal one process in fp64."""
     from longctx.kernels.s2_attn import s2_attn_ref
 
-    (cfg, q, k, v, do), results = runs[("s2", world, n_kv, dense)]
+    (cfg, _, q, k, v, do), results = runs[("s2", world, n_kv, dense, exchange)]
     ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
     ref = s2_attn_ref(*ref_in, cfg.block_size, cfg.local_blocks, cfg.vert_stride, cfg.dense_heads)
     ref.backward(do)
@@ -399,3 +402,36 @@ def test_s2_context_parallel_matches_one_process(runs, world, n_kv, dense):
     assert torch.allclose(o, ref.detach(), atol=1e-12)
     for grad, x in zip(grads, ref_in):
         assert torch.allclose(grad, x.grad, atol=1e-12)
+
+
+def _counts(t, size, heads, kv_heads, **pattern):
+    from longctx.config import S2Config
+    from longctx.parallel.blocks import ZigzagBlocks
+    from longctx.parallel.s2 import need_counts, s2_needed_blocks
+
+    cfg = S2Config(**pattern)
+    geo = ZigzagBlocks(t, size, cfg.block_size)
+    need = [s2_needed_blocks(cfg, heads, kv_heads, geo.held_by(p), geo.n_blocks) for p in range(size)]
+    return need_counts(torch.stack(need), geo.owner, size)
+
+
+def test_s2_exchange_choice_follows_the_held_bytes():
+    """auto takes one-shot where all remote blocks at once are no more than twice the largest peer
+    step's buffer (a stride past the sequence: only the halo), peer by peer where the strided blocks
+    spread over many peers; forcing works; a bad name is a ValueError."""
+    from longctx.parallel.s2 import choose_exchange, exchange_slots
+
+    halo_only = _counts(256, 4, 4, 1, block_size=16, local_blocks=2, vert_stride=64)
+    spread = _counts(1024, 4, 8, 2, block_size=16, local_blocks=2, vert_stride=4)
+    for counts, want in ((halo_only, "oneshot"), (spread, "peer")):
+        oneshot, peer = exchange_slots(counts)
+        size, _, n_kv = counts.shape
+        # Brute force: per rank, remote blocks (padded per kv head) vs twice the largest step's buffer.
+        remote = max(n_kv * max(sum(int(counts[r, o, g]) for o in range(size) if o != r) for g in range(n_kv))
+                     for r in range(size))  # fmt: skip
+        step = max(n_kv * int(counts[r, o].max()) for r in range(size) for o in range(size) if o != r)
+        assert (oneshot, peer) == (remote, 2 * step)
+        assert choose_exchange("auto", counts) == want
+        assert choose_exchange("peer", counts) == "peer" and choose_exchange("oneshot", counts) == "oneshot"
+    with pytest.raises(ValueError, match="auto, peer or oneshot"):
+        choose_exchange("ring", halo_only)

@@ -385,3 +385,120 @@ def test_s2_chunk_entry_points_merge_to_full_attention_and_its_gradients(where, 
     want = run_with_grads(whole, q, k, v, do[:, rows], torch.zeros(1, n_heads, len(rows)), torch.float64)
     want[2] = want[2][:, rows]
     assert_close([o, lse, dq, dk, dv], want)
+
+
+def random_tables(n_kv, n_blocks, generator):
+    """Two `[H_kv, n]` tables per kv head that split blocks `0..n_blocks-1` differently for each kv
+    head (so a block sits in table A for one head and in table B for another), `-1` padded."""
+    parts = ([], [])
+    for _ in range(n_kv):
+        side = torch.randint(0, 2, (n_blocks,), generator=generator)
+        for s in (0, 1):
+            parts[s].append(torch.nonzero(side == s).flatten().tolist())
+    tables = []
+    for rows in parts:
+        width = max(len(r) for r in rows) + 1  # at least one -1 slot in every row
+        tables.append(torch.tensor([r + [-1] * (width - len(r)) for r in rows]))
+    return tables
+
+
+def gather_table(x, table, bs):
+    """`[B, T, H_kv, D]` whole-sequence keys -> `[B, H_kv, n, bs, D]` per the table (differentiable;
+    unused slots hold a finite filler, never read)."""
+    blocks = x.unflatten(1, (-1, bs)).permute(0, 3, 1, 2, 4)  # [B, H_kv, n_blocks, bs, D]
+    filler = torch.full_like(blocks[:, :, :1], 7.0)
+    padded = torch.cat([blocks, filler], dim=2)  # slot -1 reads the filler
+    heads = torch.arange(x.shape[2])[:, None]
+    return padded[:, heads, table]
+
+
+@pytest.mark.parametrize("docs,tiles", [(False, (32, 16)), (True, None)], ids=["two-block-tiles", "docs"])
+def test_s2_attn_block_tables_merge_to_full_attention(docs, tiles, s2_triton):
+    """Per-kv-head block tables (2 kv heads, 2 query heads each, a dense head, -1 padding): each kv
+    head splits the key blocks into two tables differently, so a block one head holds in table A the
+    other holds in table B. The two kernel results merged by lse give the zigzag shard's rows of the
+    whole-sequence S2 attention (the plain fp64 reference, documents or not) and every gradient;
+    unused slots get zero gradient; dropping a needed block breaks the match."""
+    bs, local, stride, dense, n_heads, n_kv, d = 16, 2, 3, 1, 4, 2, 16
+    n_blocks = 6
+    t = n_blocks * bs
+    q_ids = torch.tensor([0, 5])  # zigzag chunks 0 and 5 of 6
+    rows = torch.cat([torch.arange(i * bs, (i + 1) * bs) for i in q_ids.tolist()])
+    cu = torch.tensor([[0, 40, 75, t]], dtype=torch.int32) if docs else None
+    tables = random_tables(n_kv, n_blocks, torch.Generator().manual_seed(3))
+    q, k, v, do, dlse = make_inputs(1, t, t, n_heads, n_kv, d)
+    pattern = dict(block_size=bs, local_blocks=local, vert_stride=stride, dense_heads=dense)
+
+    def kernel(qs, kb, vb, table):
+        if tiles is None:
+            return s2_attn(qs, kb, vb, **pattern, return_lse=True, q_block_ids=q_ids, k_block_ids=table,
+                           cu_seqlens=cu)  # fmt: skip
+        k4, v4 = (x.flatten(2, 3).transpose(1, 2) for x in (kb, vb))
+        return s2_triton.s2_attn_triton(qs, k4, v4, bs, local, stride, dense, d**-0.5, q_ids, table, tiles)
+
+    grads_of_buffers = []
+
+    def merged(qs, ks, vs):
+        parts = []
+        for tb in tables:
+            kb, vb = gather_table(ks, tb, bs), gather_table(vs, tb, bs)
+            for x in (kb, vb):
+                x.retain_grad()
+            grads_of_buffers.append((kb, vb))
+            parts.append(kernel(qs[:, rows], kb, vb, tb))
+        return merge_partials_ref([p[0] for p in parts], [p[1] for p in parts])
+
+    def whole(qs, ks, vs):
+        o_all, lse_all = s2_attn_ref(qs, ks, vs, **pattern, return_lse=True, cu_seqlens=cu)
+        return o_all[:, rows], lse_all[..., rows]
+
+    do_shard, dlse_shard = do[:, rows], dlse[..., : len(rows)]
+    got = run_with_grads(merged, q, k, v, do_shard, dlse_shard, torch.float32)
+    want = run_with_grads(whole, q, k, v, do_shard, dlse_shard, torch.float64)
+    assert_close(got, want)
+    for tb, (kb, vb) in zip(tables, grads_of_buffers):
+        assert (kb.grad[:, tb < 0] == 0).all() and (vb.grad[:, tb < 0] == 0).all()
+    # The check can fail: drop the last block kv head 1 holds in table A and the merge is off.
+    broken = tables[0].clone()
+    broken[1, int((broken[1] >= 0).sum()) - 1] = -1
+    with torch.no_grad():
+        qs, ks, vs = (x.float() for x in (q, k, v))
+        parts = [kernel(qs[:, rows], gather_table(ks, tb, bs), gather_table(vs, tb, bs), tb)
+                 for tb in (broken, tables[1])]  # fmt: skip
+        o_bad = merge_partials_ref([p[0] for p in parts], [p[1] for p in parts])[0]
+    assert rel_err(o_bad, want[0]) > 10 * TOL
+
+
+def test_s2_attn_block_table_chunk_entry_points(s2_triton):
+    """`s2_attn_chunk_fwd` / `_bwd` with tables, Triton and reference, agree (what CP calls)."""
+    from longctx.kernels.s2_attn import s2_attn_chunk_bwd, s2_attn_chunk_fwd
+
+    bs, n_heads, n_kv, d = 16, 4, 2, 16
+    q_ids = torch.tensor([2, 4])
+    table = torch.tensor([[0, 2, -1], [1, 3, 4]])
+    q, _, _, do, _ = make_inputs(1, 2 * bs, 1, n_heads, n_kv, d)
+    kb, vb = (torch.randn(1, n_kv, 3, bs, d, dtype=torch.float64) for _ in range(2))
+    args = (bs, 2, 2, 0, q_ids, table)
+    out = {}
+    for where, dtype in (("triton", torch.float32), ("naive", torch.float64)):
+        x = [t.to(dtype) for t in (q, kb, vb, do)]
+        with backend(where):
+            o, lse = s2_attn_chunk_fwd(*x[:3], *args)
+            out[where] = [o, lse, *s2_attn_chunk_bwd(x[3], *x[:3], o, lse, *args)]
+    assert_close(out["triton"], out["naive"])
+    assert out["triton"][3].shape == kb.shape and (out["triton"][3][:, 0, 2] == 0).all()
+
+
+def test_s2_attn_rejects_bad_block_tables():
+    q = torch.randn(1, 32, 4, 16)
+    kb = torch.randn(1, 2, 3, 16, 16)
+    with pytest.raises(ValueError, match="needs its block table"):
+        s2_attn(q, kb, kb, 16, 1, 2)
+    with pytest.raises(ValueError, match="followed only by -1"):
+        s2_attn(q, kb, kb, 16, 1, 2, k_block_ids=torch.tensor([[0, -1, 1], [0, 1, 2]]))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        s2_attn(q, kb, kb, 16, 1, 2, k_block_ids=torch.tensor([[1, 0, -1], [0, 1, 2]]))
+    with pytest.raises(ValueError, match=r"\[H_kv, 3\] table"):
+        s2_attn(q, kb, kb, 16, 1, 2, k_block_ids=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="block_size=32"):
+        s2_attn(q, kb, kb, 32, 1, 2, k_block_ids=torch.tensor([[0, 1, 2], [0, 1, 2]]))

@@ -12,12 +12,15 @@ from longctx.kernels.common import get_backend
 from longctx.kernels.common.backend import op_backend, use_triton
 from longctx.kernels.common.docs import check_cu_seqlens, doc_bounds
 from longctx.kernels.flash_attn.naive import attention_bwd_ref
-from longctx.kernels.s2_attn.blocks import check_block_ids
+from longctx.kernels.s2_attn.blocks import check_block_ids, check_block_table
 from longctx.kernels.s2_attn.naive import (
     s2_attn_ref,
+    s2_attn_table_ref,
     s2_block_mask,
     s2_ref_mask,
+    s2_table_mask,
     s2_token_mask,
+    table_keys,
     token_positions,
 )
 
@@ -43,6 +46,28 @@ def _check_args(q, k, v, block_size, local_blocks, vert_stride, dense_heads):
         raise ValueError(
             f"dense_heads must be in [0, {q.shape[2]}] (the number of query heads), got {dense_heads}"
         )
+
+
+def _table_form(q, k, v, k_block_ids, block_size):
+    """`(k, v, table)` of a per-kv-head block buffer: `k`, `v` `[B, H_kv, n, block_size, D]` as
+    `[B, n * block_size, H_kv, D]` views (what the kernels index) and the checked `[H_kv, n]` table."""
+    if k.shape != v.shape or k.shape[3] != block_size:
+        raise ValueError(
+            f"per-kv-head key buffers must be k, v of one shape [B, H_kv, n, block_size={block_size}, D]; "
+            f"got k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k_block_ids is None:
+        raise ValueError(
+            "a [B, H_kv, n, block_size, D] key buffer needs its block table: pass k_block_ids as "
+            "[H_kv, n] global block ids (-1 for unused slots)"
+        )
+    table = check_block_table(k_block_ids, k.shape[2])
+    if table.shape[0] != k.shape[1]:
+        raise ValueError(
+            f"k_block_ids has {table.shape[0]} rows for {k.shape[1]} kv heads; give one row per kv head"
+        )
+    # flatten() views whenever a block's rows are evenly spaced (any exchange layout); else it copies.
+    return k.flatten(2, 3).transpose(1, 2), v.flatten(2, 3).transpose(1, 2), table
 
 
 def _triton_limits(q, k, block_size) -> str | None:
@@ -79,7 +104,8 @@ def s2_attn(
     Args:
         q: `[B, Tq, H, D]` queries.
         k, v: `[B, Tk, H_kv, D]` keys and values, `H % H_kv == 0` (GQA: head `h` reads kv head
-            `h // (H // H_kv)`).
+            `h // (H // H_kv)`); or per-kv-head key blocks `[B, H_kv, n, block_size, D]` with a block
+            table in `k_block_ids` (below).
         block_size: tokens per block (the Triton kernels take powers of two >= 16; other sizes use
             the reference).
         local_blocks: blocks of the local window, the diagonal block included.
@@ -94,6 +120,11 @@ def s2_attn(
             shard and any gathered set of key blocks and gets exactly those rows of the full S2
             attention restricted to those keys. Only the global last block may be partial. Pass
             them as CPU tensors (or lists): they key the cached block lists, and CUDA ids cost a sync.
+            With 5-D `k`, `v`, `k_block_ids` is a `[H_kv, n]` table instead: kv head `g`'s slot `s`
+            holds global block `k_block_ids[g, s]`, ascending, `-1` (unused, never read) after the
+            used slots. Each kv head then reads only its own blocks (context parallelism fetches
+            different blocks for different kv heads). Blocks are whole; rows past the end of the
+            sequence must be finite (causality masks them).
         cu_seqlens: `[B, N + 1]` int32 global document start offsets per sequence
             (`kernels.common.docs`), or None: a query attends only keys of its own document. The
             pattern stays in global block positions; blocks outside the document are skipped.
@@ -101,6 +132,11 @@ def s2_attn(
         `o` `[B, Tq, H, D]` in q's dtype, or `(o, lse)`. Rows that see no key give `o = 0`,
         `lse = -inf`.
     """
+    if k.dim() == 5:
+        return _s2_attn_table(
+            q, k, v, block_size, local_blocks, vert_stride, dense_heads, scale, return_lse, q_block_ids,
+            k_block_ids, cu_seqlens,
+        )  # fmt: skip
     _check_args(q, k, v, block_size, local_blocks, vert_stride, dense_heads)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if q_block_ids is not None:
@@ -148,6 +184,30 @@ def s2_attn(
     )
 
 
+def _s2_attn_table(
+    q, k, v, block_size, local_blocks, vert_stride, dense_heads, scale, return_lse, q_block_ids, k_table,
+    cu_seqlens,
+):  # fmt: skip
+    """`s2_attn` over per-kv-head key blocks (5-D `k`, `v`): the Triton kernels where they run (the
+    flex backend has no per-head key sets, so it takes them too), else the reference."""
+    k4, v4, table = _table_form(q, k, v, k_table, block_size)
+    _check_args(q, k4, v4, block_size, local_blocks, vert_stride, dense_heads)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q_ids, _, doc_start = _chunk_args(q, k4, block_size, q_block_ids, None, cu_seqlens)
+    if _chunk_on_triton(q, k4, v4, block_size):
+        from longctx.kernels.s2_attn.triton import s2_attn_triton
+
+        o, lse = s2_attn_triton(
+            q, k4, v4, block_size, local_blocks, vert_stride, dense_heads, scale, q_ids, table,
+            doc_start=doc_start,
+        )  # fmt: skip
+        return (o, lse) if return_lse else o
+    return s2_attn_table_ref(
+        q, k, v, table, block_size, local_blocks, vert_stride, dense_heads, scale=scale,
+        return_lse=return_lse, q_block_ids=q_ids, cu_seqlens=cu_seqlens,
+    )  # fmt: skip
+
+
 def _chunk_on_triton(q, k, v, block_size) -> bool:
     """Whether the chunk entry points run the Triton kernels (the flex backend has no external-lse
     backward, so it takes them too where they can run: CUDA or the interpreter)."""
@@ -177,9 +237,16 @@ def s2_attn_chunk_fwd(
     """`(o, lse)` of `s2_attn` without autograd, for callers that drive their own backward (context
     parallelism merges several key sets by lse, then calls `s2_attn_chunk_bwd` per key set).
 
-    Arguments as `s2_attn` (block ids as CPU tensors). `o` is in q's dtype, `lse` `[B, H, Tq]` fp32
-    (fp64 for fp64 inputs on the reference); rows that see no key give `o = 0`, `lse = -inf`.
+    Arguments as `s2_attn` (block ids as CPU tensors; 5-D `k`, `v` with a `[H_kv, n]` block table in
+    `k_block_ids`). `o` is in q's dtype, `lse` `[B, H, Tq]` fp32 (fp64 for fp64 inputs on the
+    reference); rows that see no key give `o = 0`, `lse = -inf`.
     """
+    if k.dim() == 5:
+        with torch.no_grad():
+            return _s2_attn_table(
+                q, k, v, block_size, local_blocks, vert_stride, dense_heads, scale, True, q_block_ids,
+                k_block_ids, cu_seqlens,
+            )  # fmt: skip
     _check_args(q, k, v, block_size, local_blocks, vert_stride, dense_heads)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q_ids, k_ids, doc_start = _chunk_args(q, k, block_size, q_block_ids, k_block_ids, cu_seqlens)
@@ -214,8 +281,14 @@ def s2_attn_chunk_bwd(
 ):  # fmt: skip
     """`(dq, dk, dv)` of one key set given the output `o` and `lse` of the WHOLE row (all key sets
     merged): probabilities are `exp(S - lse)`, so the result is this key set's exact share of the full
-    gradient (sum dq over key sets). Arguments as `s2_attn_chunk_fwd`; results in q's / k's dtypes.
+    gradient (sum dq over key sets). Arguments as `s2_attn_chunk_fwd`; results in q's / k's dtypes,
+    dk and dv in k's shape (5-D with a block table: zero in unused slots).
     """
+    if k.dim() == 5:
+        return _chunk_bwd_table(
+            do, q, k, v, o, lse, block_size, local_blocks, vert_stride, dense_heads, q_block_ids,
+            k_block_ids, cu_seqlens, scale,
+        )  # fmt: skip
     _check_args(q, k, v, block_size, local_blocks, vert_stride, dense_heads)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q_ids, k_ids, doc_start = _chunk_args(q, k, block_size, q_block_ids, k_block_ids, cu_seqlens)
@@ -238,6 +311,45 @@ def s2_attn_chunk_bwd(
         q_block_ids=q_ids, k_block_ids=k_ids, cu_seqlens=cu_seqlens, device=q.device,
     )  # fmt: skip
     return attention_bwd_ref(do, q, k, v, o, lse, causal=False, scale=scale, mask=mask)
+
+
+def _chunk_bwd_table(
+    do, q, k, v, o, lse, block_size, local_blocks, vert_stride, dense_heads, q_block_ids, k_table,
+    cu_seqlens, scale,
+):  # fmt: skip
+    b, n_kv, n, bs, d = k.shape
+    k4, v4, table = _table_form(q, k, v, k_table, block_size)
+    _check_args(q, k4, v4, block_size, local_blocks, vert_stride, dense_heads)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q_ids, _, doc_start = _chunk_args(q, k4, block_size, q_block_ids, None, cu_seqlens)
+    if _chunk_on_triton(q, k4, v4, block_size):
+        from longctx.kernels.s2_attn.triton import _last_dim_contiguous, s2_attn_bwd, s2_block_lists
+
+        k_dtype = k.dtype
+        q, k4, v4, do = (_last_dim_contiguous(x.to(q.dtype)) for x in (q, k4, v4, do))
+        lists = s2_block_lists(
+            q.shape[2], q_ids, table, local_blocks, vert_stride, dense_heads, q.device, block_size,
+            q.shape[1], n * bs,
+        )  # fmt: skip
+        dq, dk, dv = s2_attn_bwd(
+            do, None, q, k4, v4, o.to(q.dtype).contiguous(), lse.float().contiguous(), lists, block_size,
+            scale, None, doc_start,
+        )  # fmt: skip
+        # [B, n * bs, H_kv, D] -> k's [B, H_kv, n, bs, D] (a view).
+        dk, dv = (x.to(k_dtype).unflatten(1, (n, bs)).permute(0, 3, 1, 2, 4) for x in (dk, dv))
+        return dq, dk, dv
+    mask = s2_table_mask(
+        q.shape[2], q.shape[1], table, block_size, local_blocks, vert_stride, dense_heads, q_ids, cu_seqlens,
+        q.device,
+    )  # fmt: skip
+    h = q.shape[2]
+    dq, dk, dv = attention_bwd_ref(
+        do, q, table_keys(k, h), table_keys(v, h), o, lse, causal=False, scale=scale, mask=mask
+    )
+    # Per query head [B, n * bs, H, D] -> summed over each GQA group, [B, H_kv, n, bs, D].
+    group = h // n_kv
+    dk, dv = (x.transpose(1, 2).unflatten(2, (n, bs)).unflatten(1, (n_kv, group)).sum(2) for x in (dk, dv))
+    return dq, dk, dv
 
 
 __all__ = [

@@ -134,3 +134,55 @@ def s2_ref_mask(
         same_doc = doc_bounds(cu_seqlens, q_pos)[0][:, :, None] == doc_bounds(cu_seqlens, k_pos)[0][:, None]
         mask = mask[None] & same_doc[:, None]  # [B, H, Tq, Tk]
     return mask
+
+
+def table_keys(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """A compact per-kv-head buffer `[B, H_kv, n, bs, D]` as per-query-head keys `[B, n * bs, H, D]`
+    (each query head gets its kv head's blocks; gradients sum back over the GQA group)."""
+    group = n_heads // x.shape[1]
+    return x.repeat_interleave(group, dim=1).flatten(2, 3).transpose(1, 2)
+
+
+def s2_table_mask(
+    n_heads, t_q, k_table, block_size, local_blocks, vert_stride, dense_heads, q_block_ids=None,
+    cu_seqlens=None, device=None,
+) -> torch.Tensor:  # fmt: skip
+    """The mask of `s2_attn_table_ref` over `table_keys` columns: `[H, Tq, n * bs]` (`[B, H, Tq, n * bs]`
+    with `cu_seqlens`). Query head `h` sees slot `s` of kv head `h // (H // H_kv)` at global block
+    `k_table[g, s]` (never an unused `-1` slot), under S2's pattern, causality and documents."""
+    k_table = torch.as_tensor(k_table, device=device).long()
+    n_kv, n = k_table.shape
+    group = n_heads // n_kv
+    q_pos = token_positions(t_q, block_size, 0, q_block_ids, device)  # [Tq]
+    r = torch.arange(block_size, device=device)
+    table = k_table.repeat_interleave(group, dim=0)  # [H, n]
+    k_pos = (table[:, :, None] * block_size + r).flatten(1)  # [H, n * bs]
+    used = (table >= 0).repeat_interleave(block_size, dim=1)  # [H, n * bs]
+    # DESIGN.md's rule with each head's own key blocks: i, j global blocks, [H, Tq, n * bs].
+    i, j = (q_pos // block_size)[None, :, None], k_pos[:, None, :] // block_size
+    h = torch.arange(n_heads, device=device)[:, None, None]
+    strided = (j + 1 + h * max(1, vert_stride // n_heads)) % vert_stride == 0
+    blocks = (j <= i) & ((i - j < local_blocks) | strided | (h >= n_heads - dense_heads))
+    mask = blocks & used[:, None, :] & (k_pos[:, None, :] <= q_pos[None, :, None])
+    if cu_seqlens is not None:
+        q_doc = doc_bounds(cu_seqlens, q_pos)[0]  # [B, Tq]
+        k_doc = doc_bounds(cu_seqlens, k_pos.clamp(min=0).flatten())[0].view(-1, n_heads, k_pos.shape[1])
+        mask = mask[None] & (q_doc[:, None, :, None] == k_doc[:, :, None, :])
+    return mask
+
+
+def s2_attn_table_ref(
+    q, k, v, k_table, block_size=64, local_blocks=8, vert_stride=16, dense_heads=0, scale=None,
+    return_lse=False, q_block_ids=None, cu_seqlens=None,
+):  # fmt: skip
+    """S2 attention over per-kv-head key blocks, as dense attention under an explicit mask.
+
+    `k`, `v` `[B, H_kv, n, block_size, D]`: kv head `g`'s slot `s` holds global block `k_table[g, s]`
+    (`k_table` `[H_kv, n]`, `-1` unused). Other arguments and returns as `s2_attn_ref`.
+    """
+    mask = s2_table_mask(
+        q.shape[2], q.shape[1], k_table, block_size, local_blocks, vert_stride, dense_heads, q_block_ids,
+        cu_seqlens, q.device,
+    )  # fmt: skip
+    k_all, v_all = table_keys(k, q.shape[2]), table_keys(v, q.shape[2])
+    return attention_ref(q, k_all, v_all, causal=False, scale=scale, return_lse=return_lse, mask=mask)

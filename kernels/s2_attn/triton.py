@@ -24,6 +24,11 @@ blocks), its inner tile `BI` rows of one listed block. The host splits each list
 need no mask (loaded and computed bare) and a few that do (diagonal blocks, blocks only part of the
 tile may see, partial last blocks), where the kernel applies S2's rule token by token.
 
+Per-kv-head key blocks: `k_ids` is one id list for every kv head (`stride_kid = 0`) or a `[H_kv, n]`
+table (`stride_kid = n`; `k`, `v` then `[B, n * bs, H_kv, D]` views of a compact `[B, H_kv, n, bs, D]`
+buffer); a program reads its kv head's row. Unused slots (`-1`) are never listed, and where a 2-block
+dK/dV tile holds one, the S2 rule masks it (`kb >= 0`), so its gradient is exactly zero.
+
 Documents (`doc_start`, each query's document start): the pattern is unchanged (blocks are counted in
 global block positions); a listed block that ends before every row of the tile's document is skipped
 before anything is loaded, and the others are masked to each row's document (`k_pos >= doc_start`).
@@ -49,7 +54,13 @@ from longctx.kernels.common.triton import (
     softmax_init,
     softmax_step,
 )
-from longctx.kernels.s2_attn.blocks import S2BlockLists, TileLists, check_block_ids, s2_block_lists
+from longctx.kernels.s2_attn.blocks import (
+    S2BlockLists,
+    TileLists,
+    check_block_ids,
+    check_block_table,
+    s2_block_lists,
+)
 
 
 @triton.jit
@@ -104,9 +115,10 @@ def _tile_rows(order, i_p, BS: tl.constexpr, BT: tl.constexpr):
 
 @triton.jit
 def _s2_allowed(qb, kb, i_h, local_blocks, vert_stride, head_step, dense_from):
-    """DESIGN.md's S2 rule for global query / key block ids (broadcasting)."""
+    """DESIGN.md's S2 rule for global query / key block ids (broadcasting); `kb = -1` (an unused slot
+    of a block table) is never allowed."""
     strided = (kb + 1 + i_h * head_step) % vert_stride == 0
-    return (kb <= qb) & ((qb - kb < local_blocks) | strided | (i_h >= dense_from))
+    return (kb >= 0) & (kb <= qb) & ((qb - kb < local_blocks) | strided | (i_h >= dense_from))
 
 
 @triton.jit
@@ -158,7 +170,7 @@ def _fwd_walk(
 
 @triton.jit
 def _s2_fwd_kernel(
-    q, k, v, o, lse, q_ids, k_ids, doc_start, order, offsets, split, indices,
+    q, k, v, o, lse, q_ids, k_ids, stride_kid, doc_start, order, offsets, split, indices,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
     T_q, T_k, n_tiles, n_heads, group, qk_scale, local_blocks, vert_stride, head_step, dense_from,
@@ -168,6 +180,8 @@ def _s2_fwd_kernel(
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // n_heads, i_bh % n_heads
     i_hk = i_h // group
+    # This kv head's key block ids (stride 0: one list shared by every kv head).
+    k_ids += i_hk.to(tl.int64) * stride_kid
     i_tile, start = _tile_rows(order, i_m, BS, BM)
     o_m = start + tl.arange(0, BM)
     m_m = o_m < T_q
@@ -264,7 +278,7 @@ def _dq_walk(
 
 @triton.jit
 def _s2_bwd_dq_kernel(
-    q, k, v, do, dq, lse, delta, q_ids, k_ids, doc_start, order, offsets, split, indices,
+    q, k, v, do, dq, lse, delta, q_ids, k_ids, stride_kid, doc_start, order, offsets, split, indices,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
     T_q, T_k, n_tiles, n_heads, group, qk_scale, scale, local_blocks, vert_stride, head_step, dense_from,
@@ -274,6 +288,8 @@ def _s2_bwd_dq_kernel(
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // n_heads, i_bh % n_heads
     i_hk = i_h // group
+    # This kv head's key block ids (stride 0: one list shared by every kv head).
+    k_ids += i_hk.to(tl.int64) * stride_kid
     i_tile, start = _tile_rows(order, i_m, BS, BM)
     o_m = start + tl.arange(0, BM)
     m_m = o_m < T_q
@@ -364,6 +380,9 @@ def _dkdv_tile(
         b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
     else:
         b_lse = tl.load(p_lse + o_m) * LOG2E_C
+        if HAS_DOCS:
+            # A row whose document starts after this key set saw no key (lse = -inf): p = 0.
+            b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
         b_delta = tl.load(p_delta + o_m)
     b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale  # [BN, BM]
     if MASK:
@@ -386,7 +405,7 @@ def _dkdv_tile(
 
 @triton.jit
 def _s2_bwd_dkdv_kernel(
-    q, k, v, do, dk, dv, lse, delta, q_ids, k_ids, doc_start, order, offsets, split, indices,
+    q, k, v, do, dk, dv, lse, delta, q_ids, k_ids, stride_kid, doc_start, order, offsets, split, indices,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh, T_q, T_k, n_tiles, n_heads, n_kv_heads, group, qk_scale, scale,
@@ -399,7 +418,7 @@ def _s2_bwd_dkdv_kernel(
     i_tile, start = _tile_rows(order, i_n, BS, BN)
     o_n = start + tl.arange(0, BN)
     m_n = o_n < T_k
-    kb_n = tl.load(k_ids + o_n // BS, mask=m_n, other=0)
+    kb_n = tl.load(k_ids + i_hk.to(tl.int64) * stride_kid + o_n // BS, mask=m_n, other=0)
     pos_n = kb_n * BS + o_n % BS
     k_end = tl.max(tl.where(m_n, pos_n, -1), 0) + 1
     p_ds = doc_start + i_b.to(tl.int64) * T_q
@@ -533,7 +552,7 @@ def s2_attn_fwd(q, k, v, lists: S2BlockLists, block_size: int, scale: float, til
         bm, bn, warps, stages = config
         tl_fwd = lists.forward(max(1, bm // block_size))
         _s2_fwd_kernel[_grid(tl_fwd, block_size, bm, b * n_heads)](
-            q, k, v, o, lse, lists.q_ids, lists.k_ids, doc_start, *_tile_args(tl_fwd),
+            q, k, v, o, lse, lists.q_ids, lists.k_ids, lists.kid_stride, doc_start, *_tile_args(tl_fwd),
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             t_q, t_k, tl_fwd.n_tiles, n_heads, n_heads // n_kv, scale * LOG2E, *_pattern_args(lists),
             HEAD_DIM=d, BD=bd, BS=block_size, BM=bm, BN=bn, HAS_DOCS=has_docs,
@@ -573,8 +592,9 @@ def s2_attn_bwd(
         bm, bn, warps, stages = config
         tl_fwd = lists.forward(max(1, bm // block_size))
         _s2_bwd_dq_kernel[_grid(tl_fwd, block_size, bm, b * n_heads)](
-            q, k, v, do, dq, lse, delta, lists.q_ids, lists.k_ids, doc_start, *_tile_args(tl_fwd),
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+            q, k, v, do, dq, lse, delta, lists.q_ids, lists.k_ids, lists.kid_stride, doc_start,
+            *_tile_args(tl_fwd), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+            *dq.stride()[:3],
             t_q, t_k, tl_fwd.n_tiles, n_heads, group, scale * LOG2E, scale, *_pattern_args(lists),
             HEAD_DIM=d, BD=bd, BS=block_size, BM=bm, BN=bn, HAS_DOCS=has_docs, PRECISION=precision,
             num_warps=warps, num_stages=stages,
@@ -584,7 +604,8 @@ def s2_attn_bwd(
         bn, bm, warps, stages = config
         tl_bwd = lists.backward(max(1, bn // block_size))
         _s2_bwd_dkdv_kernel[_grid(tl_bwd, block_size, bn, b * n_kv)](
-            q, k, v, do, dk, dv, lse, delta, lists.q_ids, lists.k_ids, doc_start, *_tile_args(tl_bwd),
+            q, k, v, do, dk, dv, lse, delta, lists.q_ids, lists.k_ids, lists.kid_stride, doc_start,
+            *_tile_args(tl_bwd),
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
             *dv.stride()[:3], t_q, t_k, tl_bwd.n_tiles, n_heads, n_kv, group, scale * LOG2E, scale,
             *_pattern_args(lists),
@@ -649,7 +670,11 @@ def s2_attn_triton(
     # One dtype for every tl.dot operand (a cast is a no-op when they already agree).
     k, v = k.to(q.dtype), v.to(q.dtype)
     q_ids = check_block_ids(q_block_ids, t_q, block_size, "q_block_ids")
-    k_ids = check_block_ids(k_block_ids, t_k, block_size, "k_block_ids")
+    if k_block_ids is not None and torch.as_tensor(k_block_ids).dim() == 2:
+        # A per-kv-head table: `k`, `v` are `[B, n * block_size, H_kv, D]` views of `[B, H_kv, n, bs, D]`.
+        k_ids = check_block_table(k_block_ids, t_k // block_size)
+    else:
+        k_ids = check_block_ids(k_block_ids, t_k, block_size, "k_block_ids")
     lists = s2_block_lists(
         q.shape[2], q_ids, k_ids, local_blocks, vert_stride, dense_heads, q.device, block_size, t_q, t_k
     )

@@ -165,7 +165,7 @@ class Trainer:
         if self.dist.cp_size > 1:
             parallelize_model(
                 model, self.dist.cp_group, cfg.parallel.cp_comm, cfg.parallel.ulysses_size,
-                cfg.parallel.deterministic,
+                cfg.parallel.deterministic, s2_exchange=cfg.parallel.s2_exchange,
             )  # fmt: skip
         self.model = model
         if start.universal:
