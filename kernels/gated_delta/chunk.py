@@ -54,16 +54,19 @@ import triton.language as tl
 from longctx.kernels.common.backend import interpreting
 from longctx.kernels.common.triton import dot_precision, head_dim_tile, strided_tile
 
-# Small Dv tiles under the interpreter make the CPU tests cover the loop over several tiles.
-_BV = 16 if interpreting() else 64
-# The forward holds Dk whole (a [Dk, BV] fp32 state next to [BT, Dk] tiles of q, k and W): a narrower
-# Dv tile there.
-_BV_FWD = 16 if interpreting() else 32
+# Tiles. Small ones under the interpreter make the CPU tests cover the loops over several Dk and Dv
+# tiles. On the GPU (Dk = Dv = 128, bf16, 8 warps, 1 stage; `python -m longctx.kernels.aot --families
+# delta`) the two sequential passes carry the state as [64, 32] fp32 blocks (Dv tiles of 32: the
+# reverse pass spills 32 B on sm_80 with 64), and the per-chunk backward, which keeps a dozen
+# [BT, BK] / [BT, BT] tiles and their dot operands live, takes Dv tiles of 16: with 32 it spills 56 B
+# on sm_90, with 64 16 B on sm_80 (and more at 4 warps). docs/kernels.md has the whole matrix.
+_BV = 16 if interpreting() else 32
+_BV_CHUNK = 16
 # The chunk (BT) the Triton path takes when none is asked for. Next to their [BT, Dk] tiles the kernels
 # hold several [BT, BT] fp32 tiles (A, T, the decay mask, Q K^T) and build T row by row. Spills per thread
 # measured by `python -m longctx.kernels.aot` (sm_90, bf16, Dk = Dv = 128, 8 warps, 1 stage; forward /
-# reverse state pass / per-chunk backward): BT 64: 1616 / 728 / 1280 B, BT 32: 712 / 0 / 416 B,
-# BT 16: 56 / 0 / 0 B (forward with 64-wide Dv tiles). docs/gated-deltanet.md has the table.
+# reverse state pass / per-chunk backward) before the forward tiled Dk: BT 64: 1616 / 728 / 1280 B,
+# BT 32: 712 / 0 / 416 B, BT 16: 56 / 0 / 0 B. docs/gated-deltanet.md has the table.
 DEFAULT_CHUNK = 16
 # Dk tile of all three kernels (the two sequential passes hold the state as up to four such blocks),
 # small under the interpreter for the same reason.
@@ -525,8 +528,8 @@ def chunk_gated_delta_bwd_kernel(
         tl.store(p_dk, b_dk, mask=m_k)
 
 
-def _tiles(K, V, bv=None):
-    return head_dim_tile(K), min(bv or _BV, head_dim_tile(V))
+def _tiles(K, V):
+    return head_dim_tile(K), min(_BV, head_dim_tile(V))
 
 
 def chunk_gated_delta_fwd(q, k, v, g, beta, scale: float, initial_state, chunk_size: int, save_states=False):
@@ -540,7 +543,7 @@ def chunk_gated_delta_fwd(q, k, v, g, beta, scale: float, initial_state, chunk_s
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, chunk_size)
-    BK, BV = _tiles(K, V, _BV_FWD)
+    BK, BV = _tiles(K, V)
     BK = max(min(BK, _BK), BK // 4)
     o = torch.empty(B, T, H, V, dtype=v.dtype, device=q.device)
     final_state = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
@@ -584,7 +587,7 @@ def chunk_gated_delta_bwd(q, k, v, g, beta, states, us, do, dht, scale: float, c
     dbeta = torch.empty(*beta.shape, dtype=torch.float32, device=q.device)
     chunk_gated_delta_bwd_kernel[(NT, B * H)](
         q, k, v, g, beta, do, states, dstates, us, dus, dq, dk, dv, dg, dbeta, scale, T, NT, H=H, K=K,
-        V=V, BT=chunk_size, BK=min(BK, _BK), BV=BV, PRECISION=precision, num_warps=_WARPS,
+        V=V, BT=chunk_size, BK=min(BK, _BK), BV=min(BV, _BV_CHUNK), PRECISION=precision, num_warps=_WARPS,
         num_stages=_STAGES,
     )  # fmt: skip
     return dq, dk.to(k.dtype), dv, dg, dbeta, dh0
