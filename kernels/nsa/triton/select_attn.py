@@ -17,7 +17,8 @@ each listed K/V block once for all of them (NSA's "group-centric" loading).
   chosen by nearly every query). Deterministic, without atomics: a block's first chunk stores its
   rows of the fp32 dK/dV, each later chunk stores its own partial-sum slot (slots numbered per
   block in chunk order, by a prefix sum on the device), and `_select_bwd_dkdv_sum_kernel` (one
-  program per block, its loop bounds read from device memory) adds them in chunk order. The slots
+  program per block, once for dK and once for dV, its loop bounds read from device memory) adds
+  them in chunk order. The slots
   take at most `B H_kv T n_sel / CHUNK` x `[block, D]` fp32 per buffer; with `CHUNK >= n_sel *
   block` (see `dkdv_chunk`) that is at most dK's and dV's own fp32 size, e.g. 2 x 128 MiB at
   T = 128k, H_kv = 2, D = 128.
@@ -306,10 +307,8 @@ def _select_bwd_dkdv_kernel(
 
 @triton.jit
 def _select_bwd_dkdv_sum_kernel(
-    dk,
-    dv,
-    dk_part,
-    dv_part,
+    dx,
+    dx_part,
     group_extra,
     TK,
     k_offset,
@@ -320,9 +319,10 @@ def _select_bwd_dkdv_sum_kernel(
     BSP: tl.constexpr,
     BD: tl.constexpr,
 ):
-    """Grid `[B * H_kv * N_KBLK]`: one program per key block adds the partial dK/dV of the block's
-    chunks after the first (slots `group_extra[g] .. group_extra[g + 1]`, consecutive in chunk order)
-    to the rows the first chunk wrote, in fp32. The loop bound comes from device memory."""
+    """Grid `[B * H_kv * N_KBLK]`, run once for dK and once for dV: one program per key block adds
+    the partial sums of the block's chunks after the first (slots `group_extra[g] ..
+    group_extra[g + 1]`, consecutive in chunk order) to the rows the first chunk wrote, in fp32. The
+    loop bounds come from device memory."""
     i_g = tl.program_id(0)
     i_lo = tl.load(group_extra + i_g)
     i_hi = tl.load(group_extra + i_g + 1)
@@ -337,16 +337,13 @@ def _select_bwd_dkdv_sum_kernel(
         m_k = (o_s < BS) & (o_k >= 0) & (o_k < TK)
         o_kv = ((i_b * TK).to(tl.int64) * HKV + i_h + o_k.to(tl.int64) * HKV) * HEAD_DIM
         m_kd = m_k[:, None] & m_d[None, :]
-        b_dk = tl.load(dk + o_kv[:, None] + o_d[None, :], mask=m_kd, other=0.0)
-        b_dv = tl.load(dv + o_kv[:, None] + o_d[None, :], mask=m_kd, other=0.0)
+        b_dx = tl.load(dx + o_kv[:, None] + o_d[None, :], mask=m_kd, other=0.0)
         o_p = i_lo.to(tl.int64) * (BS * HEAD_DIM) + o_s[:, None] * HEAD_DIM + o_d[None, :]
         m_p = (o_s < BS)[:, None] & m_d[None, :]
         for _ in range(i_lo, i_hi):
-            b_dk += tl.load(dk_part + o_p, mask=m_p, other=0.0)
-            b_dv += tl.load(dv_part + o_p, mask=m_p, other=0.0)
+            b_dx += tl.load(dx_part + o_p, mask=m_p, other=0.0)
             o_p += BS * HEAD_DIM
-        tl.store(dk + o_kv[:, None] + o_d[None, :], b_dk, mask=m_kd)
-        tl.store(dv + o_kv[:, None] + o_d[None, :], b_dv, mask=m_kd)
+        tl.store(dx + o_kv[:, None] + o_d[None, :], b_dx, mask=m_kd)
 
 
 # Rows (query tokens x heads of a kv group) per forward / dq program. 16 = one token when GROUP = 16: the
@@ -483,10 +480,12 @@ def select_attn_bwd(
         H=h, HKV=h_kv, GROUP=g, BG=bg, HEAD_DIM=d, BS=block_size, BSP=bsp, BD=bd, BT=bt, CHUNK=chunk,
         PRECISION=dot_precision(q.dtype), num_warps=warps_for(bd, bt * bg), num_stages=2,
     )  # fmt: skip
-    _select_bwd_dkdv_sum_kernel[(n_groups,)](
-        dk, dv, dk_part, dv_part, extra, t_k, k_offset, n_kblk,
-        HKV=h_kv, HEAD_DIM=d, BS=block_size, BSP=bsp, BD=bd, num_warps=4, num_stages=1,
-    )  # fmt: skip
+    # One [block, D] fp32 accumulator per program: dK and dV together spilled 120 B on sm_80 at hd 128.
+    for dx, dx_part in ((dk, dk_part), (dv, dv_part)):
+        _select_bwd_dkdv_sum_kernel[(n_groups,)](
+            dx, dx_part, extra, t_k, k_offset, n_kblk,
+            HKV=h_kv, HEAD_DIM=d, BS=block_size, BSP=bsp, BD=bd, num_warps=8, num_stages=1,
+        )  # fmt: skip
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
