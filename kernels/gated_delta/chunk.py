@@ -17,9 +17,10 @@ so everything but the triangular build is a matmul. `b` is summed in fp64 and ro
 differences form (after a strong decay it reaches the -1000s); every exponent is `<= 0`.
 
 Kernel: `chunk_gated_delta_fwd_kernel`, grid `[NV, B * H]` (NV = tiles of Dv). One program walks its
-head's chunks in order carrying the `[Dk, BV]` fp32 state: the one sequential pass. Dk is one tile
-(at most 256), because `W H` needs the whole key dimension. The quadratic intra-chunk work is
-repeated per Dv tile; with Dv <= BV (the usual head dims) there is one tile.
+head's chunks in order carrying the `[Dk, BV]` fp32 state, held as up to four `[BK, BV]` blocks: the
+one sequential pass. `K K^T`, `Q K^T`, `W H` and `Q H` are summed over Dk tiles, so q, k and W are
+never live as whole `[BT, Dk]` tiles next to the state (at Dk 128 that spilled). The quadratic
+intra-chunk work is repeated per Dv tile.
 
 Backward (two kernels, fp32 accumulation, no atomics). The forward also stores the state entering
 each chunk (`[B, H, NT, Dk, Dv]`) and `U` (`[B, T, H, Dv]`), fp32. With `M = (Q K^T) * D` and `dH'`
