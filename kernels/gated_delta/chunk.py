@@ -548,6 +548,11 @@ def chunk_gated_delta_fwd(q, k, v, g, beta, scale: float, initial_state, chunk_s
     BK = max(min(BK, _BK), BK // 4)
     o = torch.empty(B, T, H, V, dtype=v.dtype, device=q.device)
     final_state = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
+    if initial_state is None:
+        # The kernel compiled without an initial state spilled 16-48 B on sm_80 at Dk 96 and 128 (the
+        # one with it: none, `python -m longctx.kernels.aot --families delta`); a zero state costs
+        # one [Dk, BV] load per program.
+        initial_state = torch.zeros(B, H, K, V, dtype=torch.float32, device=q.device)
     states = us = None
     if save_states:
         states = torch.empty(B, H, NT, K, V, dtype=torch.float32, device=q.device)
