@@ -235,6 +235,7 @@ def record_nsa(head_dim, dtype, quick):
         (select_attn.__name__, "_select_fwd_kernel"),
         (select_attn.__name__, "_select_bwd_dq_kernel"),
         (select_attn.__name__, "_select_bwd_dkdv_kernel"),
+        (select_attn.__name__, "_select_bwd_dkdv_sum_kernel"),
         (cmp_attn.__name__, "_cmp_fwd_kernel"),
         (cmp_attn.__name__, "_cmp_bwd_dq_kernel"),
         (cmp_attn.__name__, "_cmp_bwd_dkdv_kernel"),

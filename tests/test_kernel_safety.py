@@ -37,6 +37,7 @@ KERNELS = {
     ],
     "longctx.kernels.nsa.triton.select_attn": [
         "_select_fwd_kernel", "_select_bwd_dq_kernel", "_select_bwd_dkdv_kernel",
+        "_select_bwd_dkdv_sum_kernel",
     ],
     "longctx.kernels.nsa.triton.cmp_attn": ["_cmp_fwd_kernel", "_cmp_bwd_dq_kernel", "_cmp_bwd_dkdv_kernel"],
     "longctx.kernels.nsa.triton.select_blocks": ["_select_blocks_kernel"],

@@ -142,6 +142,38 @@ def test_nsa_select_attn_check_can_fail():
         assert rel_err(o, select_attn_ref(q64, k64, v64, idx, bs, q_offset=1)) > 100 * TOL
 
 
+def test_nsa_select_attn_dkdv_is_deterministic(launches, nan_buffers, monkeypatch):
+    """dK/dV without atomics: with work items of 8 query tokens each block's list is cut into several
+    chunks; the first writes the block's rows and the others fp32 partial sums that a second kernel
+    adds in chunk order. The gradients match the fp64 reference (a lost or doubled partial costs
+    percents) and two runs agree to the last bit. On a GPU that is the check the atomics it replaced
+    failed; the interpreter runs programs one by one, so on CPU it shows the path is reproducible."""
+    from longctx.kernels.nsa.triton import select_attn
+
+    monkeypatch.setattr(select_attn, "dkdv_chunk", lambda bt, n_sel, block_size: 8)
+    # A context-parallel shard: queries at 24..63, keys at 8..63 (global positions).
+    case = (1, 40, 2, 1, 16, 16, 2, 24, 8, 56)
+    b, t, h, h_kv, d, bs, n, q_off, k_off, t_k = case
+    q, k, v, idx = select_inputs(*case)
+    norm = select_attn.normalize_block_idx(idx, bs, t_k, q_off, k_off)
+    extra = select_attn.transpose_block_idx(norm, math.ceil((k_off + t_k) / bs), t_k, 8)[3]
+    assert extra[-1] > b * h_kv, "the case must split blocks into several chunks"
+
+    def kernel(q, k, v):
+        return nsa_select_attn(q, k, v, idx, bs, return_lse=True, q_offset=q_off, k_offset=k_off)
+
+    def ref(q, k, v):
+        return select_attn_ref(q, k, v, idx, bs, return_lse=True, q_offset=q_off, k_offset=k_off)
+
+    _, _, grads = outputs_and_grads(kernel, (q, k, v))
+    _, _, again = outputs_and_grads(kernel, (q, k, v))
+    _, _, grads_ref = outputs_and_grads(ref, as_fp64(q, k, v))
+    assert launches["select_attn_bwd"] == 2
+    for name, g, g2, g_ref in zip("qkv", grads, again, grads_ref):
+        assert rel_err(g, g_ref) < TOL, f"d{name}"
+        assert torch.equal(g, g2), f"d{name} differs between two runs"
+
+
 def test_nsa_kernels_in_half_precision(launches):
     """fp16 inputs (the interpreter has no bf16): the kernels' error against fp64 stays within a small
     multiple of the error the fp32-computing reference makes on the same fp16 inputs."""

@@ -17,9 +17,10 @@ so everything but the triangular build is a matmul. `b` is summed in fp64 and ro
 differences form (after a strong decay it reaches the -1000s); every exponent is `<= 0`.
 
 Kernel: `chunk_gated_delta_fwd_kernel`, grid `[NV, B * H]` (NV = tiles of Dv). One program walks its
-head's chunks in order carrying the `[Dk, BV]` fp32 state: the one sequential pass. Dk is one tile
-(at most 256), because `W H` needs the whole key dimension. The quadratic intra-chunk work is
-repeated per Dv tile; with Dv <= BV (the usual head dims) there is one tile.
+head's chunks in order carrying the `[Dk, BV]` fp32 state, held as up to four `[BK, BV]` blocks: the
+one sequential pass. `K K^T`, `Q K^T`, `W H` and `Q H` are summed over Dk tiles, so q, k and W are
+never live as whole `[BT, Dk]` tiles next to the state (at Dk 128 that spilled). The quadratic
+intra-chunk work is repeated per Dv tile.
 
 Backward (two kernels, fp32 accumulation, no atomics). The forward also stores the state entering
 each chunk (`[B, H, NT, Dk, Dv]`) and `U` (`[B, T, H, Dv]`), fp32. With `M = (Q K^T) * D` and `dH'`
@@ -54,109 +55,27 @@ import triton.language as tl
 from longctx.kernels.common.backend import interpreting
 from longctx.kernels.common.triton import dot_precision, head_dim_tile, strided_tile
 
-# Small Dv tiles under the interpreter make the CPU tests cover the loop over several tiles.
-_BV = 16 if interpreting() else 64
-# The forward holds Dk whole (a [Dk, BV] fp32 state next to [BT, Dk] tiles of q, k and W): a narrower
-# Dv tile there.
-_BV_FWD = 16 if interpreting() else 32
+# Tiles. Small ones under the interpreter make the CPU tests cover the loops over several Dk and Dv
+# tiles. On the GPU (Dk = Dv = 128, bf16, 8 warps, 1 stage; `python -m longctx.kernels.aot --families
+# delta`) the two sequential passes carry the state as [64, 32] fp32 blocks (Dv tiles of 32: the
+# reverse pass spills 32 B on sm_80 with 64), and the per-chunk backward, which keeps a dozen
+# [BT, BK] / [BT, BT] tiles and their dot operands live, takes Dv tiles of 16: with 32 it spills 56 B
+# on sm_90, with 64 16 B on sm_80 (and more at 4 warps). docs/kernels.md has the whole matrix.
+_BV = 16 if interpreting() else 32
+_BV_CHUNK = 16
 # The chunk (BT) the Triton path takes when none is asked for. Next to their [BT, Dk] tiles the kernels
 # hold several [BT, BT] fp32 tiles (A, T, the decay mask, Q K^T) and build T row by row. Spills per thread
 # measured by `python -m longctx.kernels.aot` (sm_90, bf16, Dk = Dv = 128, 8 warps, 1 stage; forward /
-# reverse state pass / per-chunk backward): BT 64: 1616 / 728 / 1280 B, BT 32: 712 / 0 / 416 B,
-# BT 16: 56 / 0 / 0 B (forward with 64-wide Dv tiles). docs/gated-deltanet.md has the table.
+# reverse state pass / per-chunk backward) before the forward tiled Dk: BT 64: 1616 / 728 / 1280 B,
+# BT 32: 712 / 0 / 416 B, BT 16: 56 / 0 / 0 B. docs/gated-deltanet.md has the table.
 DEFAULT_CHUNK = 16
-# Dk tile of the backward's per-chunk kernel (the others hold Dk whole), small under the interpreter
-# for the same reason.
-_BK_BWD = 16 if interpreting() else 64
+# Dk tile of all three kernels (the two sequential passes hold the state as up to four such blocks),
+# small under the interpreter for the same reason.
+_BK = 16 if interpreting() else 64
 MAX_HEAD_DIM_K = 256
 # Warps and pipeline stages of the three kernels (no autotuning: one config each, checked by
 # `python -m longctx.kernels.aot --families delta`).
 _WARPS, _STAGES = 8, 1
-
-
-@triton.jit
-def chunk_gated_delta_fwd_kernel(
-    q,
-    k,
-    v,
-    g,
-    beta,
-    h0,
-    o,
-    ht,
-    hs,
-    us,
-    scale,
-    T,
-    NT,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    USE_H0: tl.constexpr,
-    STORE_STATES: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_k = (i_b.to(tl.int64) * T * H + i_h) * K
-    o_v = (i_b.to(tl.int64) * T * H + i_h) * V
-    o_g = i_b.to(tl.int64) * T * H + i_h
-    o_i = tl.arange(0, BT)
-    m_strict = o_i[:, None] > o_i[None, :]
-    m_incl = o_i[:, None] >= o_i[None, :]
-    b_eye = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_H0:
-        p_h0, m_h0 = strided_tile(h0 + i_bh.to(tl.int64) * K * V, 0, i_v * BV, K, V, V, 1, BK, BV)
-        b_h += tl.load(p_h0, mask=m_h0, other=0.0)
-    for i_t in range(NT):
-        if STORE_STATES:  # the state entering chunk i_t, for the backward
-            p_hs, m_hs = strided_tile(
-                hs + (i_bh.to(tl.int64) * NT + i_t) * K * V, 0, i_v * BV, K, V, V, 1, BK, BV
-            )
-            tl.store(p_hs, b_h, mask=m_hs)
-        o_t = i_t * BT + o_i
-        m_t = o_t < T
-        p_q, m_q = strided_tile(q + o_k, i_t * BT, 0, T, K, H * K, 1, BT, BK)
-        p_k, m_k = strided_tile(k + o_k, i_t * BT, 0, T, K, H * K, 1, BT, BK)
-        p_v, m_v = strided_tile(v + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
-        b_q = tl.load(p_q, mask=m_q, other=0.0).to(tl.float32)  # [BT, BK]
-        b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)  # [BT, BK]
-        b_v = tl.load(p_v, mask=m_v, other=0.0).to(tl.float32)  # [BT, BV]
-        # Padding tokens (past T) have g = 0 and beta = 0: they leave the state unchanged.
-        b_beta = tl.load(beta + o_g + o_t * H, mask=m_t, other=0.0)
-        b_b = tl.cumsum(tl.load(g + o_g + o_t * H, mask=m_t, other=0.0).to(tl.float64), axis=0)
-        b_last = tl.sum(tl.where(o_i == BT - 1, b_b, 0.0), axis=0)
-        b_dec = tl.exp(tl.where(m_incl, b_b[:, None] - b_b[None, :], float("-inf")).to(tl.float32))
-        b_eb = tl.exp(b_b.to(tl.float32))
-        b_to_end = tl.exp((b_last - b_b).to(tl.float32))
-        b_A = tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
-        b_A = tl.where(m_strict, b_beta[:, None] * b_A * b_dec, 0.0)
-        # T = (I + A)^-1 by forward substitution: row i = e_i - sum_{s < i} A[i, s] T[s, :]. Rows
-        # past T (padding) have A = 0 and stay identity rows.
-        b_T = b_eye
-        for i in range(1, tl.minimum(BT, T - i_t * BT)):
-            b_a = tl.sum(tl.where(o_i[:, None] == i, b_A, 0.0), axis=0)  # row i of A
-            b_row = tl.where(o_i == i, 1.0, 0.0) - tl.sum(b_a[:, None] * b_T, axis=0)
-            b_T = tl.where(o_i[:, None] == i, b_row[None, :], b_T)
-        b_u = tl.dot(b_T, b_beta[:, None] * b_v, input_precision=PRECISION)
-        b_w = tl.dot(b_T, (b_beta * b_eb)[:, None] * b_k, input_precision=PRECISION)
-        b_u -= tl.dot(b_w, b_h, input_precision=PRECISION)
-        b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * b_dec
-        b_o = b_eb[:, None] * tl.dot(b_q, b_h, input_precision=PRECISION)
-        b_o += tl.dot(b_qk, b_u, input_precision=PRECISION)
-        p_o, m_o = strided_tile(o + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
-        if STORE_STATES:
-            p_u, _ = strided_tile(us + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
-            tl.store(p_u, b_u, mask=m_o)
-        tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), mask=m_o)
-        b_kd = b_k * b_to_end[:, None]
-        b_h = b_h * tl.exp(b_last.to(tl.float32)) + tl.dot(tl.trans(b_kd), b_u, input_precision=PRECISION)
-    p_ht, m_ht = strided_tile(ht + i_bh.to(tl.int64) * K * V, 0, i_v * BV, K, V, V, 1, BK, BV)
-    tl.store(p_ht, b_h, mask=m_ht)
 
 
 @triton.jit
@@ -208,6 +127,145 @@ def _dh_block(b_dh, q, k, o_k, i_t, i_k, T, H, b_T, b_beta, b_eb, b_el, b_do, b_
     b_w = tl.dot(b_T, (b_beta * b_eb)[:, None] * b_k, input_precision=PRECISION)
     b_dh = b_dh * b_el + scale * tl.dot(tl.trans(b_q * b_eb[:, None]), b_do, input_precision=PRECISION)
     return b_dh - tl.dot(tl.trans(b_w), b_du, input_precision=PRECISION)
+
+
+@triton.jit
+def _fwd_block_terms(b_h, q, k, o_k, i_t, i_k, T, H, b_T, b_kw, K: tl.constexpr, BT: tl.constexpr,
+                     BK: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """Dk tile i_k's share of `W H` and `Q H` (`b_kw = beta exp(b)`, W = T diag(b_kw) K)."""
+    b_q = _load_bk(q, o_k, i_t, i_k, T, H, K, BT, BK)
+    b_k = _load_bk(k, o_k, i_t, i_k, T, H, K, BT, BK)
+    b_w = tl.dot(b_T, b_kw[:, None] * b_k, input_precision=PRECISION)
+    return tl.dot(b_w, b_h, input_precision=PRECISION), tl.dot(b_q, b_h, input_precision=PRECISION)
+
+
+@triton.jit
+def _fwd_block_next(b_h, k, o_k, i_t, i_k, T, H, b_el, b_to_end, b_u, K: tl.constexpr, BT: tl.constexpr,
+                    BK: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """Dk tile i_k of H_next = exp(b_last) H + (K exp(b_last - b))^T U."""
+    b_k = _load_bk(k, o_k, i_t, i_k, T, H, K, BT, BK) * b_to_end[:, None]
+    return b_h * b_el + tl.dot(tl.trans(b_k), b_u, input_precision=PRECISION)
+
+
+@triton.jit
+def chunk_gated_delta_fwd_kernel(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    h0,
+    o,
+    ht,
+    hs,
+    us,
+    scale,
+    T,
+    NT,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_H0: tl.constexpr,
+    STORE_STATES: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The forward's sequential pass: grid `[NV, B * H]`, each program walks its head's chunks in
+    order carrying the state (`[Dk, BV]` fp32, held as up to four `[BK, BV]` blocks, `Dk <= 4 BK`).
+    q and k are loaded one `[BT, BK]` tile at a time: first for `K K^T` and `Q K^T`, then for each
+    block's share of `W H` and `Q H`, then for the block's update, so no `[BT, Dk]` tile is live next
+    to the whole state."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = (i_b.to(tl.int64) * T * H + i_h) * K
+    o_v = (i_b.to(tl.int64) * T * H + i_h) * V
+    o_g = i_b.to(tl.int64) * T * H + i_h
+    o_i = tl.arange(0, BT)
+    m_strict = o_i[:, None] > o_i[None, :]
+    m_incl = o_i[:, None] >= o_i[None, :]
+    b_h1 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_h2 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_h3 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_h4 = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        p_h0 = h0 + i_bh.to(tl.int64) * K * V
+        b_h1 += _load_block(p_h0, 0, i_v, K, V, BK, BV)
+        if K > BK:
+            b_h2 += _load_block(p_h0, 1, i_v, K, V, BK, BV)
+        if K > 2 * BK:
+            b_h3 += _load_block(p_h0, 2, i_v, K, V, BK, BV)
+        if K > 3 * BK:
+            b_h4 += _load_block(p_h0, 3, i_v, K, V, BK, BV)
+    for i_t in range(NT):
+        if STORE_STATES:  # the state entering chunk i_t, for the backward
+            p_hs = hs + (i_bh.to(tl.int64) * NT + i_t) * K * V
+            _store_block(p_hs, b_h1, 0, i_v, K, V, BK, BV)
+            if K > BK:
+                _store_block(p_hs, b_h2, 1, i_v, K, V, BK, BV)
+            if K > 2 * BK:
+                _store_block(p_hs, b_h3, 2, i_v, K, V, BK, BV)
+            if K > 3 * BK:
+                _store_block(p_hs, b_h4, 3, i_v, K, V, BK, BV)
+        o_t = i_t * BT + o_i
+        m_t = o_t < T
+        p_v, m_v = strided_tile(v + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        b_v = tl.load(p_v, mask=m_v, other=0.0).to(tl.float32)  # [BT, BV]
+        # Padding tokens (past T) have g = 0 and beta = 0: they leave the state unchanged.
+        b_beta = tl.load(beta + o_g + o_t * H, mask=m_t, other=0.0)
+        b_b = tl.cumsum(tl.load(g + o_g + o_t * H, mask=m_t, other=0.0).to(tl.float64), axis=0)
+        b_last = tl.sum(tl.where(o_i == BT - 1, b_b, 0.0), axis=0)
+        b_dec = tl.exp(tl.where(m_incl, b_b[:, None] - b_b[None, :], float("-inf")).to(tl.float32))
+        b_eb = tl.exp(b_b.to(tl.float32))
+        b_to_end = tl.exp((b_last - b_b).to(tl.float32))
+        b_el = tl.exp(b_last.to(tl.float32))
+        b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+        b_qk = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            b_q = _load_bk(q, o_k, i_t, i_k, T, H, K, BT, BK)
+            b_k = _load_bk(k, o_k, i_t, i_k, T, H, K, BT, BK)
+            b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
+            b_qk += tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
+        b_T = _ut_transform(tl.where(m_strict, b_beta[:, None] * b_kk * b_dec, 0.0), T - i_t * BT, BT)
+        b_kw = b_beta * b_eb
+        # U = T diag(beta) V - W H, and Q H, summed over the state's Dk blocks.
+        b_u = tl.dot(b_T, b_beta[:, None] * b_v, input_precision=PRECISION)
+        b_wh, b_qh = _fwd_block_terms(b_h1, q, k, o_k, i_t, 0, T, H, b_T, b_kw, K, BT, BK, PRECISION)
+        b_u -= b_wh
+        if K > BK:
+            b_wh, b_qh2 = _fwd_block_terms(b_h2, q, k, o_k, i_t, 1, T, H, b_T, b_kw, K, BT, BK, PRECISION)
+            b_u -= b_wh
+            b_qh += b_qh2
+        if K > 2 * BK:
+            b_wh, b_qh2 = _fwd_block_terms(b_h3, q, k, o_k, i_t, 2, T, H, b_T, b_kw, K, BT, BK, PRECISION)
+            b_u -= b_wh
+            b_qh += b_qh2
+        if K > 3 * BK:
+            b_wh, b_qh2 = _fwd_block_terms(b_h4, q, k, o_k, i_t, 3, T, H, b_T, b_kw, K, BT, BK, PRECISION)
+            b_u -= b_wh
+            b_qh += b_qh2
+        b_o = b_eb[:, None] * b_qh + tl.dot(b_qk * b_dec, b_u, input_precision=PRECISION)
+        p_o, m_o = strided_tile(o + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+        if STORE_STATES:
+            p_u, _ = strided_tile(us + o_v, i_t * BT, i_v * BV, T, V, H * V, 1, BT, BV)
+            tl.store(p_u, b_u, mask=m_o)
+        tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), mask=m_o)
+        b_h1 = _fwd_block_next(b_h1, k, o_k, i_t, 0, T, H, b_el, b_to_end, b_u, K, BT, BK, PRECISION)
+        if K > BK:
+            b_h2 = _fwd_block_next(b_h2, k, o_k, i_t, 1, T, H, b_el, b_to_end, b_u, K, BT, BK, PRECISION)
+        if K > 2 * BK:
+            b_h3 = _fwd_block_next(b_h3, k, o_k, i_t, 2, T, H, b_el, b_to_end, b_u, K, BT, BK, PRECISION)
+        if K > 3 * BK:
+            b_h4 = _fwd_block_next(b_h4, k, o_k, i_t, 3, T, H, b_el, b_to_end, b_u, K, BT, BK, PRECISION)
+    p_ht = ht + i_bh.to(tl.int64) * K * V
+    _store_block(p_ht, b_h1, 0, i_v, K, V, BK, BV)
+    if K > BK:
+        _store_block(p_ht, b_h2, 1, i_v, K, V, BK, BV)
+    if K > 2 * BK:
+        _store_block(p_ht, b_h3, 2, i_v, K, V, BK, BV)
+    if K > 3 * BK:
+        _store_block(p_ht, b_h4, 3, i_v, K, V, BK, BV)
 
 
 @triton.jit
@@ -471,8 +529,8 @@ def chunk_gated_delta_bwd_kernel(
         tl.store(p_dk, b_dk, mask=m_k)
 
 
-def _tiles(K, V, bv=None):
-    return head_dim_tile(K), min(bv or _BV, head_dim_tile(V))
+def _tiles(K, V):
+    return head_dim_tile(K), min(_BV, head_dim_tile(V))
 
 
 def chunk_gated_delta_fwd(q, k, v, g, beta, scale: float, initial_state, chunk_size: int, save_states=False):
@@ -486,9 +544,15 @@ def chunk_gated_delta_fwd(q, k, v, g, beta, scale: float, initial_state, chunk_s
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, chunk_size)
-    BK, BV = _tiles(K, V, _BV_FWD)
+    BK, BV = _tiles(K, V)
+    BK = max(min(BK, _BK), BK // 4)
     o = torch.empty(B, T, H, V, dtype=v.dtype, device=q.device)
     final_state = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
+    if initial_state is None:
+        # The kernel compiled without an initial state spilled 16-48 B on sm_80 at Dk 96 and 128 (the
+        # one with it: none, `python -m longctx.kernels.aot --families delta`); a zero state costs
+        # one [Dk, BV] load per program.
+        initial_state = torch.zeros(B, H, K, V, dtype=torch.float32, device=q.device)
     states = us = None
     if save_states:
         states = torch.empty(B, H, NT, K, V, dtype=torch.float32, device=q.device)
@@ -519,7 +583,7 @@ def chunk_gated_delta_bwd(q, k, v, g, beta, states, us, do, dht, scale: float, c
     dh0 = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
     chunk_gated_delta_bwd_dh_kernel[(triton.cdiv(V, BV), B * H)](
         q, k, g, beta, do, dht, dstates, dus, dh0, scale, T, NT, H=H, K=K, V=V, BT=chunk_size,
-        BK=max(min(BK, _BK_BWD), BK // 4), BV=BV, USE_DHT=dht is not None, PRECISION=precision,
+        BK=max(min(BK, _BK), BK // 4), BV=BV, USE_DHT=dht is not None, PRECISION=precision,
         num_warps=_WARPS, num_stages=_STAGES,
     )  # fmt: skip
     dq = torch.empty(*q.shape, dtype=q.dtype, device=q.device)
@@ -529,7 +593,7 @@ def chunk_gated_delta_bwd(q, k, v, g, beta, states, us, do, dht, scale: float, c
     dbeta = torch.empty(*beta.shape, dtype=torch.float32, device=q.device)
     chunk_gated_delta_bwd_kernel[(NT, B * H)](
         q, k, v, g, beta, do, states, dstates, us, dus, dq, dk, dv, dg, dbeta, scale, T, NT, H=H, K=K,
-        V=V, BT=chunk_size, BK=min(BK, _BK_BWD), BV=BV, PRECISION=precision, num_warps=_WARPS,
+        V=V, BT=chunk_size, BK=min(BK, _BK), BV=min(BV, _BV_CHUNK), PRECISION=precision, num_warps=_WARPS,
         num_stages=_STAGES,
     )  # fmt: skip
     return dq, dk.to(k.dtype), dv, dg, dbeta, dh0

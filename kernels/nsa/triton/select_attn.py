@@ -10,12 +10,18 @@ each listed K/V block once for all of them (NSA's "group-centric" loading).
   `[rows, D] x [D, block]`). It walks the ascending union of its tokens' lists, loading each block
   once, masking the rows of tokens that did not list it and keys after each query (online softmax).
 - dk / dv: the index lists are transposed on the GPU into, per (kv head, key block), the sorted list
-  of query tokens that selected it (a stable sort by block, no host sync). A program takes one chunk
-  of at most `CHUNK` tokens of one block's list, streams `BT` tokens x `GROUP` heads of q / dO per step
-  against the block's K/V held in registers, and adds its `[block, D]` dK/dV partial to fp32 buffers
-  with `tl.atomic_add`. Chunking bounds a program's work (block 0 and the local blocks are chosen by
-  nearly every query); atomics are then one `[block, D]` add per chunk, not one per query, so they
-  cost little, at the price of a run-to-run nondeterministic summation order in dK/dV.
+  of query tokens that selected it (a stable sort by block, group bounds by binary search, no host
+  sync). A program takes one chunk of at most `CHUNK` tokens of one block's list, streams `BT`
+  tokens x `GROUP` heads of q / dO per step against the block's K/V held in registers, and sums its
+  `[block, D]` dK/dV in fp32. Chunking bounds a program's work (block 0 and the local blocks are
+  chosen by nearly every query). Deterministic, without atomics: a block's first chunk stores its
+  rows of the fp32 dK/dV, each later chunk stores its own partial-sum slot (slots numbered per
+  block in chunk order, by a prefix sum on the device), and `_select_bwd_dkdv_sum_kernel` (one
+  program per block, once for dK and once for dV, its loop bounds read from device memory) adds
+  them in chunk order. The slots
+  take at most `B H_kv T n_sel / CHUNK` x `[block, D]` fp32 per buffer; with `CHUNK >= n_sel *
+  block` (see `dkdv_chunk`) that is at most dK's and dV's own fp32 size, e.g. 2 x 128 MiB at
+  T = 128k, H_kv = 2, D = 128.
 
 Use it through `longctx.kernels.nsa_select_attn`.
 """
@@ -211,9 +217,12 @@ def _select_bwd_dkdv_kernel(
     delta,
     dk,
     dv,
+    dk_part,
+    dv_part,
     tokens,
     group_start,
     group_count,
+    group_extra,
     item_group,
     item_chunk,
     scale,
@@ -283,8 +292,58 @@ def _select_bwd_dkdv_kernel(
             b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
             b_dst = b_pt * (b_dpt - b_delta[None, :])
             b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION)
-        tl.atomic_add(dk + o_kv[:, None] + o_d[None, :], b_dk * scale, mask=m_kd)
-        tl.atomic_add(dv + o_kv[:, None] + o_d[None, :], b_dv, mask=m_kd)
+        # The block's first chunk owns its dK/dV rows; later chunks write their own partial slot,
+        # which `_select_bwd_dkdv_sum_kernel` adds in chunk order: no atomics, a fixed order.
+        if i_chunk == 0:
+            tl.store(dk + o_kv[:, None] + o_d[None, :], b_dk * scale, mask=m_kd)
+            tl.store(dv + o_kv[:, None] + o_d[None, :], b_dv, mask=m_kd)
+        else:
+            i_slot = tl.load(group_extra + i_g) + i_chunk - 1
+            o_p = i_slot.to(tl.int64) * (BS * HEAD_DIM) + o_s[:, None] * HEAD_DIM + o_d[None, :]
+            m_p = (o_s < BS)[:, None] & m_d[None, :]
+            tl.store(dk_part + o_p, b_dk * scale, mask=m_p)
+            tl.store(dv_part + o_p, b_dv, mask=m_p)
+
+
+@triton.jit
+def _select_bwd_dkdv_sum_kernel(
+    dx,
+    dx_part,
+    group_extra,
+    TK,
+    k_offset,
+    N_KBLK,
+    HKV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BS: tl.constexpr,
+    BSP: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """Grid `[B * H_kv * N_KBLK]`, run once for dK and once for dV: one program per key block adds
+    the partial sums of the block's chunks after the first (slots `group_extra[g] ..
+    group_extra[g + 1]`, consecutive in chunk order) to the rows the first chunk wrote, in fp32. The
+    loop bounds come from device memory."""
+    i_g = tl.program_id(0)
+    i_lo = tl.load(group_extra + i_g)
+    i_hi = tl.load(group_extra + i_g + 1)
+    if i_hi > i_lo:
+        i_blk = i_g % N_KBLK
+        i_bh = i_g // N_KBLK
+        i_b, i_h = i_bh // HKV, i_bh % HKV
+        o_s = tl.arange(0, BSP)
+        o_d = tl.arange(0, BD)
+        m_d = o_d < HEAD_DIM
+        o_k = i_blk * BS - k_offset + o_s
+        m_k = (o_s < BS) & (o_k >= 0) & (o_k < TK)
+        o_kv = ((i_b * TK).to(tl.int64) * HKV + i_h + o_k.to(tl.int64) * HKV) * HEAD_DIM
+        m_kd = m_k[:, None] & m_d[None, :]
+        b_dx = tl.load(dx + o_kv[:, None] + o_d[None, :], mask=m_kd, other=0.0)
+        o_p = i_lo.to(tl.int64) * (BS * HEAD_DIM) + o_s[:, None] * HEAD_DIM + o_d[None, :]
+        m_p = (o_s < BS)[:, None] & m_d[None, :]
+        for _ in range(i_lo, i_hi):
+            b_dx += tl.load(dx_part + o_p, mask=m_p, other=0.0)
+            o_p += BS * HEAD_DIM
+        tl.store(dx + o_kv[:, None] + o_d[None, :], b_dx, mask=m_kd)
 
 
 # Rows (query tokens x heads of a kv group) per forward / dq program. 16 = one token when GROUP = 16: the
@@ -294,6 +353,13 @@ def _select_bwd_dkdv_kernel(
 SELECT_ROWS = 16
 # Query tokens per dk/dv work item: bounds one program's work on popular blocks (block 0, local ones).
 DKDV_CHUNK = 256
+
+
+def dkdv_chunk(bt: int, n_sel: int, block_size: int) -> int:
+    """Query tokens per dk/dv work item. At least `n_sel * block_size`: a block's chunks after its first
+    write `[block_size, D]` fp32 partial sums, at most `B H_kv T n_sel / chunk` of them, so the partial
+    buffers stay within the size of dK and dV in fp32."""
+    return max(bt, DKDV_CHUNK, n_sel * block_size)
 
 
 def normalize_block_idx(block_idx: torch.Tensor, block_size: int, t_k: int, q_offset: int, k_offset: int):
@@ -334,8 +400,10 @@ def select_attn_fwd(q, k, v, block_idx, block_size, scale, q_offset, k_offset, d
 
 def transpose_block_idx(block_idx: torch.Tensor, n_kblk: int, t_k: int, chunk: int):
     """Per (batch, kv head, key block) group, the ascending query tokens that listed it, as CSR, and
-    the work items (group, chunk) of at most `chunk` tokens. All on the device, without a host sync:
-    the item list has a fixed upper-bound length and its unused tail names group `n_groups`."""
+    the work items (group, chunk) of at most `chunk` tokens, and each group's first partial-sum slot
+    (`[n_groups + 1]`, exclusive prefix of its chunk count less one). All on the device, without a
+    host sync: the item list has a fixed upper-bound length and its unused tail names group
+    `n_groups`."""
     b, t, h_kv, n = block_idx.shape
     n_groups = b * h_kv * n_kblk
     dev = block_idx.device
@@ -357,10 +425,15 @@ def transpose_block_idx(block_idx: torch.Tensor, n_kblk: int, t_k: int, chunk: i
     # Items past the last real one get group n_groups (the kernel skips them); clamp to index safely.
     last = item_group.clamp(max=n_groups - 1)
     item_chunk = item - (chunk_end[last] - n_chunks[last])
+    # Partial-sum slots of each group's chunks after the first, consecutive in chunk order:
+    # group g owns slots [extra[g], extra[g + 1]). At most (B H_kv T n) // chunk of them in all.
+    extra = torch.zeros(n_groups + 1, device=dev, dtype=torch.int64)
+    extra[1:] = torch.cumsum((n_chunks - 1).clamp(min=0), 0)
     return (
         tokens,
         starts.to(torch.int32),
         counts.to(torch.int32),
+        extra.to(torch.int32),
         item_group.to(torch.int32),
         item_chunk.to(torch.int32),
         n_groups,
@@ -390,19 +463,29 @@ def select_attn_bwd(
     n_kblk = (k_offset + t_k + block_size - 1) // block_size
     # Tokens per step so a step's rows (tokens x heads of the group) fill a 64-row matmul operand.
     bg, bt = group_tile(g, dkdv_rows(bd))
-    chunk = max(bt, DKDV_CHUNK)
-    tokens, starts, counts, item_group, item_chunk, n_groups = transpose_block_idx(
+    chunk = dkdv_chunk(bt, n_sel, block_size)
+    tokens, starts, counts, extra, item_group, item_chunk, n_groups = transpose_block_idx(
         block_idx, n_kblk, t_k, chunk
     )
+    # Blocks no query listed keep zero rows; every other row is stored by its block's first chunk.
     dk = torch.zeros(b, t_k, h_kv, d, device=q.device, dtype=torch.float32)
     dv = torch.zeros_like(dk)
+    n_slots = max(1, b * h_kv * t * n_sel // chunk)
+    dk_part = torch.empty(n_slots, block_size, d, device=q.device, dtype=torch.float32)
+    dv_part = torch.empty_like(dk_part)
     _select_bwd_dkdv_kernel[(item_group.numel(),)](
-        q, k, v, do, lse, delta, dk, dv, tokens, starts, counts, item_group, item_chunk,
-        scale, scale * LOG2E, t, t_k, q_offset, k_offset, doc_start_arg(q, doc_start)[0], n_groups, n_kblk,
-        HAS_DOCS=doc_start is not None,
+        q, k, v, do, lse, delta, dk, dv, dk_part, dv_part, tokens, starts, counts, extra, item_group,
+        item_chunk, scale, scale * LOG2E, t, t_k, q_offset, k_offset, doc_start_arg(q, doc_start)[0],
+        n_groups, n_kblk, HAS_DOCS=doc_start is not None,
         H=h, HKV=h_kv, GROUP=g, BG=bg, HEAD_DIM=d, BS=block_size, BSP=bsp, BD=bd, BT=bt, CHUNK=chunk,
         PRECISION=dot_precision(q.dtype), num_warps=warps_for(bd, bt * bg), num_stages=2,
     )  # fmt: skip
+    # One [block, D] fp32 accumulator per program: dK and dV together spilled 120 B on sm_80 at hd 128.
+    for dx, dx_part in ((dk, dk_part), (dv, dv_part)):
+        _select_bwd_dkdv_sum_kernel[(n_groups,)](
+            dx, dx_part, extra, t_k, k_offset, n_kblk,
+            HKV=h_kv, HEAD_DIM=d, BS=block_size, BSP=bsp, BD=bd, num_warps=8, num_stages=1,
+        )  # fmt: skip
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
