@@ -86,7 +86,7 @@ def test_check_fails_when_a_kernel_is_off():
 
 def test_flash_dkdv_tuner_offers_only_the_wide_tiles_above_head_dim_128(monkeypatch):
     """At head dim 256 the dK/dV tuner picks among the 32-key tiles the AOT report found spill-free;
-    at head dims <= 128 among the others (which spill at 256)."""
+    at head dims <= 128 among the others (which spill at 256), on sm_80 only the 64-key ones."""
     import triton
 
     # Imported as the interpreter tests import it (its module-level configs depend on the mode).
@@ -94,31 +94,32 @@ def test_flash_dkdv_tuner_offers_only_the_wide_tiles_above_head_dim_128(monkeypa
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     from longctx.kernels.flash_attn import triton as fa
 
-    configs = [
-        triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s)
-        for m, n, w, s in [(32, 128, 8, 2), (16, 64, 4, 3), *fa._DKDV_WIDE]
-    ]
+    tiles = [(32, 128, 8, 2), *fa._DKDV_AMPERE, *fa._DKDV_WIDE]
+    configs = [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+    prune = fa._prune(fa._DKDV_WIDE, fa._DKDV_AMPERE, wide_only_above_128=True)
 
-    def picked(head_dim):
-        kept = fa._dkdv_for_head_dim(configs, {"HEAD_DIM": head_dim})
-        return [(c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) for c in kept]
+    def picked(head_dim, arch):
+        return [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": head_dim}, arch)]
 
-    assert picked(256) == picked(192) == fa._DKDV_WIDE
-    assert picked(128) == picked(64) == [(32, 128, 8, 2), (16, 64, 4, 3)]
+    assert picked(256, 90) == picked(192, 80) == fa._DKDV_WIDE
+    assert picked(128, 90) == picked(64, None) == [(32, 128, 8, 2), *fa._DKDV_AMPERE]
+    assert picked(128, 80) == picked(96, 86) == fa._DKDV_AMPERE
 
 
-def test_flash_forward_and_dq_keep_only_launchable_tiles_above_head_dim_128(monkeypatch):
+def test_flash_forward_and_dq_keep_only_launchable_tiles_per_head_dim_and_arch(monkeypatch):
     """At head dim 256 the forward and dQ tuners offer only the tiles that fit the shared memory and
-    do not spill (AOT, docs/kernels.md); at head dims <= 128 every candidate."""
+    do not spill (AOT, docs/kernels.md); at head dims <= 128 every candidate on sm_90 (or without a
+    GPU), on sm_80 only those that do not spill there."""
     import triton
 
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     from longctx.kernels.flash_attn import triton as fa
 
-    tiles = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 4, 3)]
-    configs = [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
-    for wide in (fa._FWD_WIDE, fa._DQ_WIDE):
-        prune = fa._above_128(wide)
-        assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 256})] == wide
-        assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 128})] == tiles
+    for wide, ampere in ((fa._FWD_WIDE, fa._FWD_AMPERE), (fa._DQ_WIDE, fa._DQ_AMPERE)):
+        tiles = list(dict.fromkeys([(128, 64, 8, 3), *ampere, *wide]))
+        configs = [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+        prune = fa._prune(wide, ampere)
+        assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 256}, 90)] == wide
+        assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 128}, 90)] == tiles
+        assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 128}, 80)] == ampere

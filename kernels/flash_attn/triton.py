@@ -102,17 +102,19 @@ def _config_key(c) -> tuple:
     return c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages
 
 
-def _dkdv_for_head_dim(configs, values):
-    """The dK/dV candidates for a launch: the wide-head-dim tiles above head dim 128, the others below."""
-    wide = values["HEAD_DIM"] > 128
-    return [c for c in configs if (_config_key(c) in _DKDV_WIDE) == wide]
+def _prune(wide: list, ampere: list, wide_only_above_128: bool = False):
+    """The tuner's candidates for a launch on `sm_<arch>` (`Tuned.candidates`): only `wide` above head
+    dim 128; only `ampere` on sm_8x at head dims <= 128; else every candidate (but `wide` if
+    `wide_only_above_128`)."""
 
-
-def _above_128(wide: list):
-    """A prune keeping only `wide` above head dim 128 (every candidate at head dims <= 128)."""
-
-    def prune(configs, values):
-        return [c for c in configs if values["HEAD_DIM"] <= 128 or _config_key(c) in wide]
+    def prune(configs, values, arch):
+        if values["HEAD_DIM"] > 128:
+            keep = wide
+        elif arch is not None and arch < 90:
+            keep = ampere
+        else:
+            return [c for c in configs if not (wide_only_above_128 and _config_key(c) in wide)]
+        return [c for c in configs if _config_key(c) in keep]
 
     return prune
 
@@ -126,6 +128,15 @@ _DQ_CONFIGS = _configs(
     [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
     interp=(64, 32),
 )
+# sm_80 (and sm_86/89) at head dims <= 128: mma.sync takes its operands from registers (sm_90's wgmma
+# reads them from shared memory), so tiles that fit sm_90's registers spill there. Compiled for sm_80
+# at hd 128 (bf16; causal / windowed / full): the forward's 128-row tiles spill 8 B (causal) and
+# 128x128 w8 s3 needs 196,608 B of shared memory (sm_80 allows 166,912), 64x32 w4 s2 spills 8 B
+# (causal); dK/dV's 128-key tiles spill 8-3,368 B; dQ's 128-row tiles 16-7,608 B and 64x64 w4 s2 8 B
+# (windowed). These spill in none of the three and are the only candidates there (`_prune`).
+_FWD_AMPERE = [(64, 64, 4, 3)]
+_DKDV_AMPERE = [(32, 64, 4, 2), (16, 64, 4, 3)]
+_DQ_AMPERE = [(64, 32, 4, 3)]
 _PRE_BLOCK = 64
 
 
@@ -335,7 +346,7 @@ def _attn_fwd_inner(
     return b_acc, b_l, b_m
 
 
-@tuned(_FWD_CONFIGS, _TUNE_KEY, prune=_above_128(_FWD_WIDE))
+@tuned(_FWD_CONFIGS, _TUNE_KEY, prune=_prune(_FWD_WIDE, _FWD_AMPERE))
 @triton.jit
 def _attn_fwd_kernel(
     Q,
@@ -526,7 +537,7 @@ def _attn_bwd_dkdv_inner(
     return b_dk, b_dv
 
 
-@tuned(_DKDV_CONFIGS, _TUNE_KEY, prune=_dkdv_for_head_dim)
+@tuned(_DKDV_CONFIGS, _TUNE_KEY, prune=_prune(_DKDV_WIDE, _DKDV_AMPERE, wide_only_above_128=True))
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q,
@@ -696,7 +707,7 @@ def _attn_bwd_dq_inner(
     return b_dq
 
 
-@tuned(_DQ_CONFIGS, _TUNE_KEY, prune=_above_128(_DQ_WIDE))
+@tuned(_DQ_CONFIGS, _TUNE_KEY, prune=_prune(_DQ_WIDE, _DQ_AMPERE))
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q,

@@ -445,7 +445,9 @@ def _s2_bwd_dkdv_kernel(
 Config = tuple[int, int, int, int]
 
 
-def candidates(name: str, block_size: int, bd: int, elem_bytes: int = 2) -> list[Config]:
+def candidates(
+    name: str, block_size: int, bd: int, elem_bytes: int = 2, arch: int | None = None
+) -> list[Config]:
     """Tile configurations the tuner may pick for kernel `name` ("fwd", "dq" or "dkdv"), the default
     (`LONGCTX_TUNE=off`) first: among the three largest outer tiles (<= 128 rows; a divisor of the
     block or two blocks) and the two largest inner tiles (<= 64 rows, dividing the block), with 4 or 8
@@ -494,7 +496,8 @@ def _run_tuned(name: str, key: tuple, launch, block_size: int, bd: int, elem_byt
 
         return do_bench(lambda: launch(config), warmup=5, rep=20)
 
-    launch(tuning.choose(f"s2_{name}", key, candidates(name, block_size, bd, elem_bytes), bench))
+    arch = tuning.device_arch()
+    launch(tuning.choose(f"s2_{name}", key, candidates(name, block_size, bd, elem_bytes, arch), bench))
 
 
 def _pattern_args(lists: S2BlockLists) -> tuple:
