@@ -123,3 +123,21 @@ def test_flash_forward_and_dq_keep_only_launchable_tiles_per_head_dim_and_arch(m
         assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 256}, 90)] == wide
         assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 128}, 90)] == tiles
         assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 128}, 80)] == ampere
+
+
+def test_s2_tuner_leaves_out_the_tiles_that_spill_on_each_arch():
+    """S2's candidates at hd 128 in bf16: none of those the AOT report found spilling on sm_80 is
+    offered there (docs/kernels.md); sm_90 (and no GPU) keep their own list, sm_80's is a subset."""
+    from longctx.kernels.s2_attn import triton as s2
+
+    spilled_sm80 = {
+        "fwd": [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2), (64, 32, 4, 3)],
+        "dq": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2),
+               (128, 32, 8, 3), (64, 32, 4, 2), (64, 32, 4, 3), (64, 32, 8, 2), (64, 32, 8, 3)],
+    }  # fmt: skip
+    for name in ("fwd", "dq", "dkdv"):
+        sm80, sm90 = s2.candidates(name, 64, 128, 2, 80), s2.candidates(name, 64, 128, 2, 90)
+        assert sm90 == s2.candidates(name, 64, 128, 2, None)
+        assert sm80 and set(sm80) <= set(sm90) and not set(sm80) & set(spilled_sm80.get(name, []))
+        assert set(spilled_sm80.get(name, [])) <= set(sm90) - set(sm80)
+    assert s2.candidates("dq", 64, 128, 2, 80)[0] == (64, 64, 8, 2)
