@@ -1,7 +1,7 @@
 """Compile every Triton kernel of longctx for a GPU target on a machine without one, and report it.
 
     python -m longctx.kernels.aot           # all five families, sm_80 + sm_90, hd 64..256, bf16 + fp16
-    python -m longctx.kernels.aot --quick   # sm_90, hd 128, bf16, each kernel's first config (the test)
+    python -m longctx.kernels.aot --quick   # sm_90 (--arch 80 90: both), hd 128, bf16, first configs
     python -m longctx.kernels.aot --arch 90 --head-dims 128 256 --dtypes bf16 --families flash s2
 
 The CPU tests run the kernels under the Triton interpreter, which checks the numbers but not what only
