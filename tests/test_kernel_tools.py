@@ -98,10 +98,8 @@ def test_flash_dkdv_tuner_offers_only_the_wide_tiles_above_head_dim_128(monkeypa
 
     tiles = [(32, 128, 8, 2), *fa._DKDV_AMPERE, *fa._DKDV_WIDE]
     configs = [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
-    prune = fa._prune(fa._DKDV_WIDE, fa._DKDV_AMPERE, wide_only_above_128=True)
-
     def picked(head_dim, arch):
-        return [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": head_dim}, arch)]
+        return [fa._config_key(c) for c in fa._DKDV_PRUNE(configs, {"HEAD_DIM": head_dim}, arch)]
 
     assert picked(256, 90) == picked(192, 80) == fa._DKDV_WIDE
     assert picked(128, 90) == picked(64, None) == [(32, 128, 8, 2), *fa._DKDV_AMPERE]
@@ -118,12 +116,15 @@ def test_flash_forward_and_dq_keep_only_launchable_tiles_per_head_dim_and_arch(m
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     from longctx.kernels.flash_attn import triton as fa
 
-    for wide, ampere in ((fa._FWD_WIDE, fa._FWD_AMPERE), (fa._DQ_WIDE, fa._DQ_AMPERE)):
-        tiles = list(dict.fromkeys([(128, 64, 8, 3), *ampere, *wide]))
+    kernels = ((fa._FWD_PRUNE, fa._FWD_WIDE, fa._FWD_AMPERE, [(128, 64, 8, 3), (64, 64, 4, 3)]),
+               (fa._DQ_PRUNE, fa._DQ_WIDE, fa._DQ_AMPERE, [(128, 64, 8, 2), (64, 64, 4, 2)]))  # fmt: skip
+    for prune, wide, ampere, sm90_only in kernels:
+        tiles = list(dict.fromkeys([*sm90_only, *ampere, *wide]))
         configs = [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
-        prune = fa._prune(wide, ampere)
+        sm90 = list(dict.fromkeys([*sm90_only, *(ampere if prune is fa._DQ_PRUNE else []), *wide]))
         assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 256}, 90)] == wide
-        assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 128}, 90)] == tiles
+        assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 128}, 90)] == sm90
+        assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 128}, None)] == sm90
         assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 128}, 80)] == ampere
 
 

@@ -75,6 +75,16 @@ _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOCS"]
 # dims up to 256. Forward and dQ take BM queries
 # against BN keys per step (BM > BN: the causal diagonal spans a few key blocks); dK/dV the reverse.
 # The interpreter configs keep BM != BN for the same reason, and are large to keep the interpreter fast.
+# sm_80 (and sm_86/89) at head dims <= 128: mma.sync takes its operands from registers (sm_90's wgmma
+# reads them from shared memory), so tiles that fit sm_90's registers spill there. Compiled for sm_80
+# at hd 128 (bf16; causal / windowed / full; triton 3.9 and 3.6): the forward's 128-row tiles spill 8 B
+# (causal) and 128x128 w8 s3 needs 196,608 B of shared memory (sm_80 allows 166,912), 64x64 w4 s3 and
+# 64x32 w4 s2 8 B; dK/dV's 128-key tiles spill 8-3,368 B; dQ's 128-row tiles 16-7,608 B and 64x64 w4
+# s2 8 B (windowed). These spill in none of the three and are the only candidates there (`_prune`);
+# the forward's two 8-warp tiles are sm_8x's own (not compiled for sm_90, so not offered there).
+_FWD_AMPERE = [(64, 64, 8, 2), (64, 64, 8, 3)]
+_DKDV_AMPERE = [(32, 64, 4, 2), (16, 64, 4, 3)]
+_DQ_AMPERE = [(64, 32, 4, 3)]
 _FWD_CONFIGS = _configs(
     [
         (128, 64, 8, 3),
@@ -83,6 +93,7 @@ _FWD_CONFIGS = _configs(
         (128, 128, 8, 3),
         (64, 64, 4, 3),
         (64, 32, 4, 2),
+        *_FWD_AMPERE,
     ],
     interp=(64, 32),
 )
@@ -102,19 +113,17 @@ def _config_key(c) -> tuple:
     return c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages
 
 
-def _prune(wide: list, ampere: list, wide_only_above_128: bool = False):
-    """The tuner's candidates for a launch on `sm_<arch>` (`Tuned.candidates`): only `wide` above head
-    dim 128; only `ampere` on sm_8x at head dims <= 128; else every candidate (but `wide` if
-    `wide_only_above_128`)."""
+def _prune(wide: list, ampere: list, not_sm90: list):
+    """The tuner's candidates for a launch on `sm_<arch>` (`Tuned.candidates`; arch None: no GPU
+    known): only `wide` above head dim 128; on sm_8x at head dims <= 128 only `ampere`; else every
+    candidate but `not_sm90`."""
 
     def prune(configs, values, arch):
         if values["HEAD_DIM"] > 128:
-            keep = wide
-        elif arch is not None and arch < 90:
-            keep = ampere
-        else:
-            return [c for c in configs if not (wide_only_above_128 and _config_key(c) in wide)]
-        return [c for c in configs if _config_key(c) in keep]
+            return [c for c in configs if _config_key(c) in wide]
+        if arch is not None and arch < 90:
+            return [c for c in configs if _config_key(c) in ampere]
+        return [c for c in configs if _config_key(c) not in not_sm90]
 
     return prune
 
@@ -128,15 +137,9 @@ _DQ_CONFIGS = _configs(
     [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
     interp=(64, 32),
 )
-# sm_80 (and sm_86/89) at head dims <= 128: mma.sync takes its operands from registers (sm_90's wgmma
-# reads them from shared memory), so tiles that fit sm_90's registers spill there. Compiled for sm_80
-# at hd 128 (bf16; causal / windowed / full): the forward's 128-row tiles spill 8 B (causal) and
-# 128x128 w8 s3 needs 196,608 B of shared memory (sm_80 allows 166,912), 64x32 w4 s2 spills 8 B
-# (causal); dK/dV's 128-key tiles spill 8-3,368 B; dQ's 128-row tiles 16-7,608 B and 64x64 w4 s2 8 B
-# (windowed). These spill in none of the three and are the only candidates there (`_prune`).
-_FWD_AMPERE = [(64, 64, 4, 3)]
-_DKDV_AMPERE = [(32, 64, 4, 2), (16, 64, 4, 3)]
-_DQ_AMPERE = [(64, 32, 4, 3)]
+_FWD_PRUNE = _prune(_FWD_WIDE, _FWD_AMPERE, not_sm90=_FWD_AMPERE)
+_DKDV_PRUNE = _prune(_DKDV_WIDE, _DKDV_AMPERE, not_sm90=_DKDV_WIDE)
+_DQ_PRUNE = _prune(_DQ_WIDE, _DQ_AMPERE, not_sm90=[])
 _PRE_BLOCK = 64
 
 
@@ -346,7 +349,7 @@ def _attn_fwd_inner(
     return b_acc, b_l, b_m
 
 
-@tuned(_FWD_CONFIGS, _TUNE_KEY, prune=_prune(_FWD_WIDE, _FWD_AMPERE))
+@tuned(_FWD_CONFIGS, _TUNE_KEY, prune=_FWD_PRUNE)
 @triton.jit
 def _attn_fwd_kernel(
     Q,
@@ -537,7 +540,7 @@ def _attn_bwd_dkdv_inner(
     return b_dk, b_dv
 
 
-@tuned(_DKDV_CONFIGS, _TUNE_KEY, prune=_prune(_DKDV_WIDE, _DKDV_AMPERE, wide_only_above_128=True))
+@tuned(_DKDV_CONFIGS, _TUNE_KEY, prune=_DKDV_PRUNE)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q,
@@ -707,7 +710,7 @@ def _attn_bwd_dq_inner(
     return b_dq
 
 
-@tuned(_DQ_CONFIGS, _TUNE_KEY, prune=_prune(_DQ_WIDE, _DQ_AMPERE))
+@tuned(_DQ_CONFIGS, _TUNE_KEY, prune=_DQ_PRUNE)
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q,
