@@ -102,7 +102,7 @@ def test_flash_dkdv_tuner_offers_only_the_wide_tiles_above_head_dim_128(monkeypa
         return [fa._config_key(c) for c in fa._DKDV_PRUNE(configs, {"HEAD_DIM": head_dim}, arch)]
 
     assert picked(256, 90) == picked(192, 80) == fa._DKDV_WIDE
-    assert picked(128, 90) == picked(64, None) == [(32, 128, 8, 2), *fa._DKDV_AMPERE]
+    assert picked(128, 90) == picked(64, None) == [(32, 128, 8, 2), (16, 64, 4, 3)]
     assert picked(128, 80) == picked(96, 86) == fa._DKDV_AMPERE
 
 

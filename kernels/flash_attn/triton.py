@@ -137,9 +137,11 @@ _DQ_CONFIGS = _configs(
     [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
     interp=(64, 32),
 )
+# sm_90 at hd 128 (bf16; causal, windowed and full, all compiled this round): dK/dV 32x128 w8 s3 spills
+# 8 B and 32x64 w4 s2 24 B, dQ 128x128 w8 s2 40 B; not offered there.
 _FWD_PRUNE = _prune(_FWD_WIDE, _FWD_AMPERE, not_sm90=_FWD_AMPERE)
-_DKDV_PRUNE = _prune(_DKDV_WIDE, _DKDV_AMPERE, not_sm90=_DKDV_WIDE)
-_DQ_PRUNE = _prune(_DQ_WIDE, _DQ_AMPERE, not_sm90=[])
+_DKDV_PRUNE = _prune(_DKDV_WIDE, _DKDV_AMPERE, not_sm90=[*_DKDV_WIDE, (32, 128, 8, 3), (32, 64, 4, 2)])
+_DQ_PRUNE = _prune(_DQ_WIDE, _DQ_AMPERE, not_sm90=[(128, 128, 8, 2)])
 _PRE_BLOCK = 64
 
 
