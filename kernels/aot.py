@@ -1,7 +1,7 @@
 """Compile every Triton kernel of longctx for a GPU target on a machine without one, and report it.
 
     python -m longctx.kernels.aot           # all five families, sm_80 + sm_90, hd 64..256, bf16 + fp16
-    python -m longctx.kernels.aot --quick   # sm_90, hd 128, bf16, each kernel's first config (the test)
+    python -m longctx.kernels.aot --quick   # sm_90 (--arch 80 90: both), hd 128, bf16, first configs
     python -m longctx.kernels.aot --arch 90 --head-dims 128 256 --dtypes bf16 --families flash s2
 
 The CPU tests run the kernels under the Triton interpreter, which checks the numbers but not what only
@@ -64,7 +64,7 @@ class Launch:
     attrs: dict  # parameter index -> [["tt.divisibility", 16]]
     num_warps: int
     num_stages: int
-    tunable: bool  # one of several candidates a tuner picks from (else the launcher's fixed choice)
+    tunable: bool  # a candidate a tuner picks from (else the launcher's fixed choice)
 
     def label(self) -> str:
         tiles = ",".join(f"{k}={v}" for k, v in self.constexprs.items() if k.startswith("B") and k != "BD")
@@ -104,8 +104,9 @@ class _Recorder:
 
     tunable = False  # set while S2's tuner expands its candidates
 
-    def __init__(self, family, module, name, kernel, out):
+    def __init__(self, family, module, name, kernel, out, arch):
         self.family, self.module, self.name, self.kernel, self.out = family, module, name, kernel, out
+        self.arch = arch  # the target: a tuner's candidates may depend on it
 
     def __getitem__(self, grid):
         return self._record
@@ -118,8 +119,10 @@ class _Recorder:
         if isinstance(self.kernel, (Autotuner, Tuned)):
             configs = self.kernel.configs
             if isinstance(self.kernel, Tuned):
-                configs = self.kernel.candidates(dict(zip(self.kernel.fn.arg_names, args), **kwargs))
-            tunable = len(configs) > 1
+                values = dict(zip(self.kernel.fn.arg_names, args), **kwargs)
+                configs = self.kernel.candidates(values, self.arch)
+            # What a tuner picks, even from a list pruned to one config for this target.
+            tunable = True
             for c in configs:
                 merged = dict(kwargs, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
                 self.out.append(self._launch(self.kernel.fn, args, merged, tunable))
@@ -156,13 +159,14 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _recording(family, kernels, out):
-    """Swap each `(module, name)` kernel for a recorder while the block runs."""
+def _recording(family, kernels, out, arch):
+    """Swap each `(module, name)` kernel for a recorder of launches for `sm_<arch>` while the block
+    runs."""
     originals = {}
     for module_name, name in kernels:
         module = importlib.import_module(module_name)
         originals[(module, name)] = getattr(module, name)
-        setattr(module, name, _Recorder(family, module_name, name, originals[(module, name)], out))
+        setattr(module, name, _Recorder(family, module_name, name, originals[(module, name)], out, arch))
     try:
         yield
     finally:
@@ -176,13 +180,13 @@ def _qkv(t, heads, kv_heads, head_dim, dtype):
     return q, k, v
 
 
-def record_flash(head_dim, dtype, quick):
+def record_flash(head_dim, dtype, quick, arch):
     from longctx.kernels.flash_attn import triton as fa
 
     names = ["_attn_fwd_kernel", "_attn_bwd_pre_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"]
     out = []
     variants = [(True, None)] if quick else [(True, None), (True, 64), (False, None)]
-    with _recording("flash", [(fa.__name__, n) for n in names], out):
+    with _recording("flash", [(fa.__name__, n) for n in names], out, arch):
         q, k, v = _qkv(256, 4, 2, head_dim, dtype)
         for causal, window in variants:
             o, lse = fa.attn_fwd(q, k, v, 0, causal, head_dim**-0.5, window)
@@ -190,7 +194,7 @@ def record_flash(head_dim, dtype, quick):
     return out
 
 
-def record_s2(head_dim, dtype, quick):
+def record_s2(head_dim, dtype, quick, arch):
     from longctx.kernels.s2_attn import triton as s2
 
     names = ["_s2_fwd_kernel", "_s2_bwd_preprocess_kernel", "_s2_bwd_dq_kernel", "_s2_bwd_dkdv_kernel"]
@@ -200,8 +204,8 @@ def record_s2(head_dim, dtype, quick):
     def expand(name, key, launch, block_size, bd, elem_bytes, tiles):
         if tiles is not None:
             return original(name, key, launch, block_size, bd, elem_bytes, tiles)
-        configs = s2.candidates(name, block_size, bd, elem_bytes)
-        _Recorder.tunable = len(configs) > 1
+        configs = s2.candidates(name, block_size, bd, elem_bytes, arch)
+        _Recorder.tunable = True
         try:
             for config in configs:
                 launch(config)
@@ -210,7 +214,7 @@ def record_s2(head_dim, dtype, quick):
 
     s2._run_tuned = expand
     try:
-        with _recording("s2", [(s2.__name__, n) for n in names], out):
+        with _recording("s2", [(s2.__name__, n) for n in names], out, arch):
             q, k, v = (x.requires_grad_() for x in _qkv(512, 4, 2, head_dim, dtype))
             o, lse = s2.s2_attn_triton(q, k, v, 64, 2, 4, 1, head_dim**-0.5)
             (o.float().sum() + lse.sum()).backward()
@@ -228,7 +232,7 @@ def record_s2(head_dim, dtype, quick):
     return out
 
 
-def record_nsa(head_dim, dtype, quick):
+def record_nsa(head_dim, dtype, quick, arch):
     from longctx.kernels.nsa.triton import cmp_attn, common, select_attn, select_blocks
 
     kernels = [
@@ -246,7 +250,7 @@ def record_nsa(head_dim, dtype, quick):
     # H=16, H_kv=1 is training's layout (a GQA group of 16); the full run adds a group of 4.
     layouts = [(16, 1)] if quick else [(16, 1), (16, 4)]
     t = 256
-    with _recording("nsa", kernels, out):
+    with _recording("nsa", kernels, out, arch):
         for heads, kv_heads in layouts:
             q, k, v = _qkv(t, heads, kv_heads, head_dim, dtype)
             idx = select_attn.normalize_block_idx(
@@ -261,13 +265,13 @@ def record_nsa(head_dim, dtype, quick):
     return out
 
 
-def record_gla(head_dim, dtype, quick):
+def record_gla(head_dim, dtype, quick, arch):
     from longctx.kernels.gla import chunk
 
     names = ["chunk_local_cumsum_kernel", "chunk_fwd_h_kernel", "chunk_fwd_o_kernel", "chunk_bwd_dh_kernel",
              "chunk_bwd_dv_kernel", "chunk_bwd_dqk_kernel"]  # fmt: skip
     out = []
-    with _recording("gla", [(chunk.__name__, n) for n in names], out):
+    with _recording("gla", [(chunk.__name__, n) for n in names], out, arch):
         t, h = 256, 2
         q, k, v = _qkv(t, h, h, head_dim, dtype)
         g = torch.zeros(1, t, h)
@@ -279,12 +283,12 @@ def record_gla(head_dim, dtype, quick):
     return out
 
 
-def record_gated_delta(head_dim, dtype, quick):
+def record_gated_delta(head_dim, dtype, quick, arch):
     from longctx.kernels.gated_delta import chunk
 
     names = [f"chunk_gated_delta_{n}_kernel" for n in ("fwd", "bwd_dh", "bwd")]
     out = []
-    with _recording("delta", [(chunk.__name__, n) for n in names], out):
+    with _recording("delta", [(chunk.__name__, n) for n in names], out, arch):
         t, h = 256, 2
         q, k, v = _qkv(t, h, h, head_dim, dtype)
         g, beta = torch.zeros(1, t, h), torch.zeros(1, t, h)
@@ -317,10 +321,11 @@ def _first_per_kernel(launches):
     return out
 
 
-def record(family, head_dim, dtype, quick=False) -> list[Launch]:
-    """The distinct launches of one family at one head dim and dtype."""
+def record(family, head_dim, dtype, arch, quick=False) -> list[Launch]:
+    """The distinct launches of one family at one head dim and dtype, with the candidates its tuners
+    offer on `sm_<arch>`."""
     launches, seen = [], set()
-    for launch in RECORDERS[family](head_dim, dtype, quick):
+    for launch in RECORDERS[family](head_dim, dtype, quick, arch):
         if quick and family == "flash" and launch.tunable and launch.name in {x.name for x in launches}:
             continue
         if launch.key() not in seen:
@@ -490,8 +495,12 @@ def _load_cache(path: str) -> dict:
         return {}
 
 
-def _save_cache(path: str, cache: dict) -> None:
+def _save_cache(path: str, entries: dict) -> None:
+    """Add `entries` to the cache file, keeping what other runs added since this one read it (runs
+    for different families or arches may share the file)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    cache = _load_cache(path)
+    cache.update(entries)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(cache, f)
@@ -509,10 +518,11 @@ def run(
     for family in families:
         for dtype in dtypes:
             for head_dim in head_dims:
-                for launch in record(family, head_dim, DTYPES[dtype], quick):
-                    if kernels and not any(k in launch.name for k in kernels):
-                        continue
-                    jobs_list += [(launch, arch, head_dim, dtype) for arch in archs]
+                for arch in archs:
+                    for launch in record(family, head_dim, DTYPES[dtype], arch, quick):
+                        if kernels and not any(k in launch.name for k in kernels):
+                            continue
+                        jobs_list.append((launch, arch, head_dim, dtype))
     keys = [cache_key(launch, arch) for launch, arch, _, _ in jobs_list]
     cache = _load_cache(cache_path()) if use_cache else {}
     todo = {}
@@ -538,7 +548,7 @@ def run(
                 continue
             cache[key] = {"regs": result.regs, "stack": result.stack, "shared": result.shared}
             if use_cache:
-                _save_cache(cache_path(), cache)
+                _save_cache(cache_path(), {key: cache[key]})
     print(_HEADER, file=out)
     print("-" * len(_HEADER), file=out, flush=True)
     results = []

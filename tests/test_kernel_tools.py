@@ -41,21 +41,24 @@ def _env():
 
 
 @pytest.mark.slow
-def test_aot_quick_compiles_every_family_for_sm90():
-    """Each family's heaviest backward kernel (as the launcher calls it) compiles for sm_90 without a
-    GPU, within the shared memory, and no tunable config spills; the gated delta kernels (one fixed
-    config each, no tuner) spill nowhere either, forward included. The whole quick subset is
-    `python -m longctx.kernels.aot --quick`."""
+def test_aot_quick_compiles_every_family_for_sm80_and_sm90():
+    """Each family's heaviest backward kernel (as the launcher calls it, with the candidates its tuner
+    offers on each target) compiles for sm_80 and sm_90 without a GPU, within the shared memory, and
+    no tunable config spills; the gated delta kernels (one fixed config each, no tuner) spill nowhere
+    either, forward included. The whole quick subset is `python -m longctx.kernels.aot --quick --arch 80 90`."""
     kernels = ["_attn_bwd_dkdv", "_s2_bwd_dkdv", "_cmp_bwd_dq", "chunk_bwd_dqk", "gated_delta_bwd_kernel",
                "gated_delta_fwd_kernel"]  # fmt: skip
-    cmd = [sys.executable, "-m", "longctx.kernels.aot", "--quick", "--jobs", "2", "--kernels", *kernels]
+    cmd = [sys.executable, "-m", "longctx.kernels.aot", "--quick", "--arch", "80", "90", "--jobs", "2",
+           "--kernels", *kernels]  # fmt: skip
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=ROOT)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
     for family in ("flash", "s2", "nsa", "gla", "delta"):
-        assert f"\n{family} " in out, family
+        rows = [line.split() for line in out.splitlines() if line.startswith(f"{family} ")]
+        assert sorted({row[2] for row in rows}) == ["80", "90"], (family, out[-2000:])
     assert " 0 cannot launch, 0 of " in out and "aot: passed" in out, out[-2000:]
-    assert re.search(r"aot: delta +2 compiles, 0 cannot launch, 0 of 0 tunable and 0 of 2 fixed", out), out
+    delta = r"aot: delta +(\d+) compiles, 0 cannot launch, 0 of 0 tunable and 0 of \1 fixed"
+    assert re.search(delta, out), out[-2000:]
 
 
 @pytest.mark.slow
@@ -89,7 +92,7 @@ def test_check_fails_when_a_kernel_is_off():
 
 def test_flash_dkdv_tuner_offers_only_the_wide_tiles_above_head_dim_128(monkeypatch):
     """At head dim 256 the dK/dV tuner picks among the 32-key tiles the AOT report found spill-free;
-    at head dims <= 128 among the others (which spill at 256)."""
+    at head dims <= 128 among the others (which spill at 256), on sm_80 only the 64-key ones."""
     import triton
 
     # Imported as the interpreter tests import it (its module-level configs depend on the mode).
@@ -97,31 +100,51 @@ def test_flash_dkdv_tuner_offers_only_the_wide_tiles_above_head_dim_128(monkeypa
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     from longctx.kernels.flash_attn import triton as fa
 
-    configs = [
-        triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s)
-        for m, n, w, s in [(32, 128, 8, 2), (16, 64, 4, 3), *fa._DKDV_WIDE]
-    ]
+    tiles = [(32, 128, 8, 2), *fa._DKDV_AMPERE, *fa._DKDV_WIDE]
+    configs = [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+    def picked(head_dim, arch):
+        return [fa._config_key(c) for c in fa._DKDV_PRUNE(configs, {"HEAD_DIM": head_dim}, arch)]
 
-    def picked(head_dim):
-        kept = fa._dkdv_for_head_dim(configs, {"HEAD_DIM": head_dim})
-        return [(c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) for c in kept]
-
-    assert picked(256) == picked(192) == fa._DKDV_WIDE
-    assert picked(128) == picked(64) == [(32, 128, 8, 2), (16, 64, 4, 3)]
+    assert picked(256, 90) == picked(192, 80) == fa._DKDV_WIDE
+    assert picked(128, 90) == picked(64, None) == [(32, 128, 8, 2), (16, 64, 4, 3)]
+    assert picked(128, 80) == picked(96, 86) == fa._DKDV_AMPERE
 
 
-def test_flash_forward_and_dq_keep_only_launchable_tiles_above_head_dim_128(monkeypatch):
+def test_flash_forward_and_dq_keep_only_launchable_tiles_per_head_dim_and_arch(monkeypatch):
     """At head dim 256 the forward and dQ tuners offer only the tiles that fit the shared memory and
-    do not spill (AOT, docs/kernels.md); at head dims <= 128 every candidate."""
+    do not spill (AOT, docs/kernels.md); at head dims <= 128 every candidate on sm_90 (or without a
+    GPU), on sm_80 only those that do not spill there."""
     import triton
 
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     from longctx.kernels.flash_attn import triton as fa
 
-    tiles = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 4, 3)]
-    configs = [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
-    for wide in (fa._FWD_WIDE, fa._DQ_WIDE):
-        prune = fa._above_128(wide)
-        assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 256})] == wide
-        assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 128})] == tiles
+    kernels = ((fa._FWD_PRUNE, fa._FWD_WIDE, fa._FWD_AMPERE, [(128, 64, 8, 3), (64, 64, 4, 3)]),
+               (fa._DQ_PRUNE, fa._DQ_WIDE, fa._DQ_AMPERE, [(128, 64, 8, 2), (64, 64, 4, 2)]))  # fmt: skip
+    for prune, wide, ampere, sm90_only in kernels:
+        tiles = list(dict.fromkeys([*sm90_only, *ampere, *wide]))
+        configs = [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+        sm90 = list(dict.fromkeys([*sm90_only, *(ampere if prune is fa._DQ_PRUNE else []), *wide]))
+        assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 256}, 90)] == wide
+        assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 128}, 90)] == sm90
+        assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 128}, None)] == sm90
+        assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 128}, 80)] == ampere
+
+
+def test_s2_tuner_leaves_out_the_tiles_that_spill_on_each_arch():
+    """S2's candidates at hd 128 in bf16: none of those the AOT report found spilling on sm_80 is
+    offered there (docs/kernels.md); sm_90 (and no GPU) keep their own list, sm_80's is a subset."""
+    from longctx.kernels.s2_attn import triton as s2
+
+    spilled_sm80 = {
+        "fwd": [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2), (64, 32, 4, 3)],
+        "dq": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2),
+               (128, 32, 8, 3), (64, 32, 4, 2), (64, 32, 4, 3), (64, 32, 8, 2), (64, 32, 8, 3)],
+    }  # fmt: skip
+    for name in ("fwd", "dq", "dkdv"):
+        sm80, sm90 = s2.candidates(name, 64, 128, 2, 80), s2.candidates(name, 64, 128, 2, 90)
+        assert sm90 == s2.candidates(name, 64, 128, 2, None)
+        assert sm80 and set(sm80) <= set(sm90) and not set(sm80) & set(spilled_sm80.get(name, []))
+        assert set(spilled_sm80.get(name, [])) <= set(sm90) - set(sm80)
+    assert s2.candidates("dq", 64, 128, 2, 80)[0] == (64, 64, 8, 2)

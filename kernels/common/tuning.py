@@ -46,6 +46,16 @@ def device_name(device=None) -> str:
     return "cpu"
 
 
+def device_arch(device=None) -> int | None:
+    """The compute capability of a CUDA device as one number (80 for sm_80, 90 for sm_90), or None
+    without CUDA. Candidate lists depend on it: a tile that fits sm_90's registers (operands read by
+    wgmma from shared memory) can spill on sm_80, where mma.sync takes them from registers."""
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def cache_file(device=None) -> str:
     default = os.path.join(os.path.expanduser("~"), ".cache", "longctx", f"tune-{device_name(device)}.json")
     return os.environ.get("LONGCTX_TUNE_FILE", default)
@@ -199,12 +209,14 @@ class Tuned:
         self.fn, self.configs, self.key, self.prune = fn, list(configs), list(key), prune
         self.__name__ = getattr(fn, "__name__", None) or fn.fn.__name__
 
-    def candidates(self, values: dict) -> list:
-        """The configs the tuner may pick for a launch with these argument values: `prune(configs,
-        values)` drops those known not to suit (e.g. spilling at this head dim); never all of them."""
+    def candidates(self, values: dict, arch: int | None) -> list:
+        """The configs the tuner may pick for a launch with these argument values on `sm_<arch>`
+        (None: no GPU known): `prune(configs, values, arch)` drops those known not to suit (e.g.
+        spilling at this head dim on this architecture); never all of them. The AOT report
+        (`longctx.kernels.aot`) calls this with each target it compiles for."""
         if self.prune is None or len(self.configs) == 1:
             return self.configs
-        kept = self.prune(self.configs, values)
+        kept = self.prune(self.configs, values, arch)
         return kept or self.configs[:1]
 
     def __getitem__(self, grid):
@@ -224,7 +236,9 @@ class Tuned:
 
                 return do_bench(lambda: run(config), warmup=5, rep=20)
 
-            config = choose(self.__name__, shape_class, self.candidates(values), bench)
+            device = next(v.device for v in args if isinstance(v, torch.Tensor))
+            candidates = self.candidates(values, device_arch(device) if device.type == "cuda" else None)
+            config = choose(self.__name__, shape_class, candidates, bench)
             return run(config)
 
         return launch

@@ -75,6 +75,16 @@ _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOCS"]
 # dims up to 256. Forward and dQ take BM queries
 # against BN keys per step (BM > BN: the causal diagonal spans a few key blocks); dK/dV the reverse.
 # The interpreter configs keep BM != BN for the same reason, and are large to keep the interpreter fast.
+# sm_80 (and sm_86/89) at head dims <= 128: mma.sync takes its operands from registers (sm_90's wgmma
+# reads them from shared memory), so tiles that fit sm_90's registers spill there. Compiled for sm_80
+# at hd 128 (bf16; causal / windowed / full; triton 3.9 and 3.6): the forward's 128-row tiles spill 8 B
+# (causal) and 128x128 w8 s3 needs 196,608 B of shared memory (sm_80 allows 166,912), 64x64 w4 s3 and
+# 64x32 w4 s2 8 B; dK/dV's 128-key tiles spill 8-3,368 B; dQ's 128-row tiles 16-7,608 B and 64x64 w4
+# s2 8 B (windowed). These spill in none of the three and are the only candidates there (`_prune`);
+# the forward's two 8-warp tiles are sm_8x's own (not compiled for sm_90, so not offered there).
+_FWD_AMPERE = [(64, 64, 8, 2), (64, 64, 8, 3)]
+_DKDV_AMPERE = [(32, 64, 4, 2), (16, 64, 4, 3)]
+_DQ_AMPERE = [(64, 32, 4, 3)]
 _FWD_CONFIGS = _configs(
     [
         (128, 64, 8, 3),
@@ -83,6 +93,7 @@ _FWD_CONFIGS = _configs(
         (128, 128, 8, 3),
         (64, 64, 4, 3),
         (64, 32, 4, 2),
+        *_FWD_AMPERE,
     ],
     interp=(64, 32),
 )
@@ -102,17 +113,17 @@ def _config_key(c) -> tuple:
     return c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages
 
 
-def _dkdv_for_head_dim(configs, values):
-    """The dK/dV candidates for a launch: the wide-head-dim tiles above head dim 128, the others below."""
-    wide = values["HEAD_DIM"] > 128
-    return [c for c in configs if (_config_key(c) in _DKDV_WIDE) == wide]
+def _prune(wide: list, ampere: list, not_sm90: list):
+    """The tuner's candidates for a launch on `sm_<arch>` (`Tuned.candidates`; arch None: no GPU
+    known): only `wide` above head dim 128; on sm_8x at head dims <= 128 only `ampere`; else every
+    candidate but `not_sm90`."""
 
-
-def _above_128(wide: list):
-    """A prune keeping only `wide` above head dim 128 (every candidate at head dims <= 128)."""
-
-    def prune(configs, values):
-        return [c for c in configs if values["HEAD_DIM"] <= 128 or _config_key(c) in wide]
+    def prune(configs, values, arch):
+        if values["HEAD_DIM"] > 128:
+            return [c for c in configs if _config_key(c) in wide]
+        if arch is not None and arch < 90:
+            return [c for c in configs if _config_key(c) in ampere]
+        return [c for c in configs if _config_key(c) not in not_sm90]
 
     return prune
 
@@ -126,6 +137,11 @@ _DQ_CONFIGS = _configs(
     [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
     interp=(64, 32),
 )
+# sm_90 at hd 128 (bf16; causal, windowed and full, all compiled this round): dK/dV 32x128 w8 s3 spills
+# 8 B and 32x64 w4 s2 24 B, dQ 128x128 w8 s2 40 B; not offered there.
+_FWD_PRUNE = _prune(_FWD_WIDE, _FWD_AMPERE, not_sm90=_FWD_AMPERE)
+_DKDV_PRUNE = _prune(_DKDV_WIDE, _DKDV_AMPERE, not_sm90=[*_DKDV_WIDE, (32, 128, 8, 3), (32, 64, 4, 2)])
+_DQ_PRUNE = _prune(_DQ_WIDE, _DQ_AMPERE, not_sm90=[(128, 128, 8, 2)])
 _PRE_BLOCK = 64
 
 
@@ -335,7 +351,7 @@ def _attn_fwd_inner(
     return b_acc, b_l, b_m
 
 
-@tuned(_FWD_CONFIGS, _TUNE_KEY, prune=_above_128(_FWD_WIDE))
+@tuned(_FWD_CONFIGS, _TUNE_KEY, prune=_FWD_PRUNE)
 @triton.jit
 def _attn_fwd_kernel(
     Q,
@@ -526,7 +542,7 @@ def _attn_bwd_dkdv_inner(
     return b_dk, b_dv
 
 
-@tuned(_DKDV_CONFIGS, _TUNE_KEY, prune=_dkdv_for_head_dim)
+@tuned(_DKDV_CONFIGS, _TUNE_KEY, prune=_DKDV_PRUNE)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q,
@@ -696,7 +712,7 @@ def _attn_bwd_dq_inner(
     return b_dq
 
 
-@tuned(_DQ_CONFIGS, _TUNE_KEY, prune=_above_128(_DQ_WIDE))
+@tuned(_DQ_CONFIGS, _TUNE_KEY, prune=_DQ_PRUNE)
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q,

@@ -464,7 +464,9 @@ def _s2_bwd_dkdv_kernel(
 Config = tuple[int, int, int, int]
 
 
-def candidates(name: str, block_size: int, bd: int, elem_bytes: int = 2) -> list[Config]:
+def candidates(
+    name: str, block_size: int, bd: int, elem_bytes: int = 2, arch: int | None = None
+) -> list[Config]:
     """Tile configurations the tuner may pick for kernel `name` ("fwd", "dq" or "dkdv"), the default
     (`LONGCTX_TUNE=off`) first: among the three largest outer tiles (<= 128 rows; a divisor of the
     block or two blocks) and the two largest inner tiles (<= 64 rows, dividing the block), with 4 or 8
@@ -472,7 +474,10 @@ def candidates(name: str, block_size: int, bd: int, elem_bytes: int = 2) -> list
     memory). At head dims <= 128 in 16-bit those that spill registers on sm_90 are left out (measured
     with `python -m longctx.kernels.aot`): 128-row forward / dQ tiles on 4 warps, 32x64 on 8 warps and
     3 stages, and every dK/dV tile but the 32-row ones on 8 warps (dK/dV keeps two fp32 accumulators
-    and recomputes P and dP)."""
+    and recomputes P and dP). On sm_8x (`arch` < 90; None: no GPU known) mma.sync holds its operands in
+    registers and more of them spill (sm_80, hd 128, bf16, causal): forward 128x32 on 8 warps (8-16 B)
+    and 64x32 on 4 warps (136-144 B); dQ every 128-row tile (24-64 B), 64x64 on 4 warps (8 B) and
+    64x32 (4,520-5,384 B). Those are left out there too; dK/dV's 32-row tiles do not spill."""
     small = elem_bytes > 2 or bd > 128
     top_outer, top_inner = (64, 32) if small else (128, 64)
     outer = [t for t in (128, 64, 32, 16) if t <= top_outer and (t == 2 * block_size or block_size % t == 0)]
@@ -483,8 +488,18 @@ def candidates(name: str, block_size: int, bd: int, elem_bytes: int = 2) -> list
             kept = [c for c in configs if c[0] <= 32 and c[2] == 8]
         else:
             kept = [c for c in configs if not (c[0] == 128 and c[2] == 4) and c != (32, 64, 8, 3)]
+        ampere = arch is not None and arch < 90
+        if ampere and name == "fwd":
+            kept = [c for c in kept if c[0] <= 32 or c[1] == 64 or c[:3] == (64, 32, 8)]
+        elif ampere and name == "dq":
+            kept = [c for c in kept if c[0] <= 32 or c[:3] == (64, 64, 8)]
         configs = kept or configs[-1:]
-    preferred = (32, 64, 8, 2) if name == "dkdv" and not small else (64, 64, 4, 2)
+    if name == "dkdv" and not small:
+        preferred = (32, 64, 8, 2)
+    elif name == "dq" and not small and arch is not None and arch < 90:
+        preferred = (64, 64, 8, 2)
+    else:
+        preferred = (64, 64, 4, 2)
     return sorted(configs, key=lambda c: c != preferred)
 
 
@@ -513,7 +528,8 @@ def _run_tuned(name: str, key: tuple, launch, block_size: int, bd: int, elem_byt
 
         return do_bench(lambda: launch(config), warmup=5, rep=20)
 
-    launch(tuning.choose(f"s2_{name}", key, candidates(name, block_size, bd, elem_bytes), bench))
+    arch = tuning.device_arch()
+    launch(tuning.choose(f"s2_{name}", key, candidates(name, block_size, bd, elem_bytes, arch), bench))
 
 
 def _pattern_args(lists: S2BlockLists) -> tuple:
