@@ -45,7 +45,7 @@ def test_aot_quick_compiles_every_family_for_sm80_and_sm90():
     """Each family's heaviest backward kernel (as the launcher calls it, with the candidates its tuner
     offers on each target) compiles for sm_80 and sm_90 without a GPU, within the shared memory, and
     no tunable config spills; the gated delta kernels (one fixed config each, no tuner) spill nowhere
-    either, forward included. The whole quick subset is `python -m longctx.kernels.aot --quick --arch 80 90`."""
+    either, forward included. The whole quick subset: `python -m longctx.kernels.aot --quick --arch 80 90`."""
     kernels = ["_attn_bwd_dkdv", "_s2_bwd_dkdv", "_cmp_bwd_dq", "chunk_bwd_dqk", "gated_delta_bwd_kernel",
                "gated_delta_fwd_kernel"]  # fmt: skip
     cmd = [sys.executable, "-m", "longctx.kernels.aot", "--quick", "--arch", "80", "90", "--jobs", "2",
