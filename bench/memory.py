@@ -34,6 +34,7 @@ chunks, which the scan keeps for its backward).
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import tempfile
@@ -42,7 +43,8 @@ import weakref
 from pathlib import Path
 
 BENCH = "memory"
-MIXERS = [("D", "ring"), ("D", "ulysses"), ("S", "pattern"), ("N", "select"), ("L", "state")]
+# D usp: Ulysses inside groups of U = gcd(P, kv heads) ranks (no kv head replicated), the ring across.
+MIXERS = [("D", "ring"), ("D", "ulysses"), ("D", "usp"), ("S", "pattern"), ("N", "select"), ("L", "state")]
 # The default layer shape (config overrides on the command line change it).
 SHAPE = [
     "model.dim=128", "model.n_heads=8", "model.n_kv_heads=2", "model.s2.block_size=16",
@@ -109,6 +111,10 @@ def _core(letter, scheme, cfg, size):
         return {"D": lambda: DenseCore(), "S": lambda: S2Core(cfg.s2), "N": lambda: NSACore(cfg.nsa)}.get(
             letter, LinearCore
         )()
+    if letter == "D" and scheme == "usp":
+        from longctx.parallel.usp import UspDenseCore, UspGroups
+
+        return UspDenseCore(None, UspGroups(None, math.gcd(size, cfg.kv_heads)))
     return {
         "D": lambda: DENSE_SCHEMES[scheme](None, None),
         "S": lambda: ContextParallelS2Core(cfg.s2, None),
