@@ -134,10 +134,11 @@ def parallel_runs(tmp_path_factory, cache, single_batch_4_dir):
         # The same 4 sequences a step as micro-batches of 1 per rank (train.grad_accum).
         accum = ["train.batch_size=1", "train.grad_accum=2"]
         by_nproc[2].append((root / f"{name}-accum", [*base, "train.steps=5", *extra, *accum], CONFIG))
+    # (before the runs that init_from it: a launch runs its list in order)
+    by_nproc[2].append((root / "zero3", [*base, "train.steps=5", *ZERO3], CONFIG))
     for name, source in INIT_FROM.items():
         load = ["train.steps=1", "train.lr=1e-30", "parallel.fsdp=true", f"train.init_from={root / source}"]
         by_nproc[2].append((root / name, [*base, *load], CONFIG))
-    by_nproc[2].append((root / "zero3", [*base, "train.steps=5", *ZERO3], CONFIG))
     by_nproc[2].append((root / "z3-fresh", [*base, "train.steps=1", "train.lr=1e-30", *ZERO3], CONFIG))
     for name, source in ZERO3_INIT_FROM.items():
         prefix = "hf:" if source == "export-hf" else ""

@@ -19,8 +19,12 @@ whole tensor.
 - A run or a checkpoint written by the torch engine: DCP reads into the sharded state dict (each
   rank the stored chunks that overlap its rows, one at a time); into ZeRO-3 partitions, one full
   tensor at a time, of which the rank keeps its elements.
-- A checkpoint written by DeepSpeed: its ZeRO files hold flat partitions of another layout, so every
-  rank reads the whole fp32 weights (`full_weights`) and keeps its part; the peak is N + N/W.
+- A checkpoint written by DeepSpeed (ZeRO 1-3): its fp32 master weights, not the module copy in the
+  engine dtype, read from the writer's flat partitions (`DeepSpeedPartitions`). Every
+  `*_optim_states.pt` is opened with `torch.load(mmap=True)`; each parameter's element range that
+  this rank keeps is copied out of the partitions that hold it, so only those pages are read and
+  count in its resident memory (the optimizer moments next to them are never touched). The
+  consolidated weights (`deepspeed_full_weights`, DeepSpeed's zero_to_fp32) are never made.
 """
 
 import json
@@ -176,6 +180,24 @@ def read_safetensors(model, files: list[Path], names: dict[str, str], what: str)
     return loaded, unexpected
 
 
+def _drop_pages(piece: torch.Tensor) -> None:
+    """Let the kernel drop the file pages behind `piece` (part of a `torch.load(mmap=True)` tensor)
+    from this process's resident memory (`madvise(MADV_DONTNEED)`): touched pages of a file mapping
+    count in the RSS for as long as they stay mapped, which over a whole load would add the N / W
+    bytes read next to the shard they were copied into. The pages are clean (never written), so the
+    mapping reads them from the file again if touched again. Linux only; elsewhere a no-op."""
+    if not hasattr(os, "sched_getaffinity") or piece.numel() == 0:
+        return
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    begin = piece.data_ptr() // page * page
+    end = -(-(piece.data_ptr() + piece.numel() * piece.element_size()) // page) * page
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), 4)  # 4: MADV_DONTNEED
+
+
 class DeepSpeedPartitions:
     """The fp32 master weights of a DeepSpeed ZeRO 1-3 checkpoint (`.../deepspeed`), read one parameter's
     element range at a time: every file is opened with `torch.load(mmap=True)`, so only the pages of
@@ -266,7 +288,9 @@ class DeepSpeedPartitions:
             r, within = divmod(lo, size)
             n = min(offset + stop - lo, size - within)
             at = lo - offset - start
-            flat[at : at + n].copy_(self.parts[r][group][within : within + n])
+            piece = self.parts[r][group][within : within + n]
+            flat[at : at + n].copy_(piece)
+            _drop_pages(piece)
             lo += n
 
     def _copy_rank3(self, rank: int, at: int, n: int, out: torch.Tensor) -> None:
@@ -276,7 +300,9 @@ class DeepSpeedPartitions:
             begin, end = self.group_starts[g], self.group_starts[g + 1]
             lo, hi = max(at + done, begin), min(at + n, end)
             if lo < hi:
-                out[done : done + hi - lo].copy_(tensor[lo - begin : hi - begin])
+                piece = tensor[lo - begin : hi - begin]
+                out[done : done + hi - lo].copy_(piece)
+                _drop_pages(piece)
                 done += hi - lo
 
 
