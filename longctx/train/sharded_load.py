@@ -25,8 +25,8 @@ whole tensor.
   this rank keeps is copied out of the partitions that hold it, so only those pages are read and
   count in its resident memory (the optimizer moments next to them are never touched), and released
   once copied (`_drop_pages`). The consolidated weights (`deepspeed_full_weights`, DeepSpeed's
-  zero_to_fp32) are never made: measured at W=2 for a 305M model, 1087 MiB per rank, N/W + 22 MiB
-  above the process baseline (docs/scale.md).
+  zero_to_fp32) are never made: measured at W=2 for a 305M model, 1087 MiB per rank, 22 MiB
+  over N/W + the largest tensor + the process baseline (docs/scale.md).
 """
 
 import json
