@@ -217,10 +217,11 @@ class DeepSpeedPartitions:
     def __init__(self, path: Path):
         from deepspeed.utils.zero_to_fp32 import get_model_state_files, get_optim_files
 
-        from longctx.train.checkpoint_io import _deepspeed_safe_globals
+        from longctx.train.checkpoint_io import weights_only_torch_load
 
         self.path = path
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        # weights_only with DeepSpeed's plain classes; a file that pickles anything else is refused.
+        with weights_only_torch_load():
             try:
                 states = torch.load(get_model_state_files(str(path))[0], map_location="cpu", mmap=True,
                                     weights_only=True)  # fmt: skip
@@ -228,7 +229,7 @@ class DeepSpeedPartitions:
                     torch.load(f, map_location="cpu", mmap=True, weights_only=True)["optimizer_state_dict"]
                     for f in get_optim_files(str(path))
                 ]
-            except (FileNotFoundError, KeyError, OSError, RuntimeError) as e:
+            except (FileNotFoundError, KeyError) as e:
                 raise ValueError(f"DeepSpeed checkpoint {str(path)!r} cannot be read: {e}") from None
         if states.get("frozen_param_shapes"):
             raise ValueError(
