@@ -104,15 +104,16 @@ SHORT = ["data.seq_len=128", "train.steps=3"]
 
 
 # train.init_from read per shard into FSDP2 (2 ranks): weights of a DDP run (DCP, whole tensors), a
-# DeepSpeed ZeRO-2 run and a one-process run's export; a learning rate of 1e-30 leaves them unchanged
-# through the one step, so the run's checkpoint holds exactly what was loaded.
-INIT_FROM = {"from-ddp": "ddp", "from-zero2": "deepspeed", "from-export": "export"}
+# DeepSpeed ZeRO-2 and a ZeRO-3 run (their fp32 partitions, read per rank) and a one-process run's
+# export; a learning rate of 1e-30 leaves them unchanged through the one step, so the run's
+# checkpoint holds exactly what was loaded.
+INIT_FROM = {"from-ddp": "ddp", "from-zero2": "deepspeed", "from-zero3": "zero3", "from-export": "export"}
 # DeepSpeed ZeRO-3 at 2 ranks: built on meta, each parameter made and partitioned on its own
 # (longctx/train/zero3.py); 5 steps against one process, a fresh 1-step run at learning rate 1e-30
 # (its checkpoint holds the initial weights) and init_from read into the partitions (an export folder
 # goes through the same safetensors reader as hf:).
 ZERO3 = ["parallel.engine=deepspeed", "parallel.zero_stage=3"]
-ZERO3_INIT_FROM = {"z3-from-ddp": "ddp", "z3-from-hf": "export-hf"}
+ZERO3_INIT_FROM = {"z3-from-ddp": "ddp", "z3-from-hf": "export-hf", "z3-from-zero2": "deepspeed"}
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +134,11 @@ def parallel_runs(tmp_path_factory, cache, single_batch_4_dir):
         # The same 4 sequences a step as micro-batches of 1 per rank (train.grad_accum).
         accum = ["train.batch_size=1", "train.grad_accum=2"]
         by_nproc[2].append((root / f"{name}-accum", [*base, "train.steps=5", *extra, *accum], CONFIG))
+    # (before the runs that init_from it: a launch runs its list in order)
+    by_nproc[2].append((root / "zero3", [*base, "train.steps=5", *ZERO3], CONFIG))
     for name, source in INIT_FROM.items():
         load = ["train.steps=1", "train.lr=1e-30", "parallel.fsdp=true", f"train.init_from={root / source}"]
         by_nproc[2].append((root / name, [*base, *load], CONFIG))
-    by_nproc[2].append((root / "zero3", [*base, "train.steps=5", *ZERO3], CONFIG))
     by_nproc[2].append((root / "z3-fresh", [*base, "train.steps=1", "train.lr=1e-30", *ZERO3], CONFIG))
     for name, source in ZERO3_INIT_FROM.items():
         prefix = "hf:" if source == "export-hf" else ""
@@ -264,7 +266,7 @@ def test_zero3_meta_init_equals_one_process(parallel_runs, single_batch_4):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(ZERO3_INIT_FROM))
 def test_zero3_init_from_reads_each_rank_its_partition(parallel_runs, single_batch_4_dir, name):
-    source = parallel_runs / "ddp" if name == "z3-from-ddp" else single_batch_4_dir
+    source = single_batch_4_dir if name == "z3-from-hf" else parallel_runs / ZERO3_INIT_FROM[name]
     assert_same_weights(parallel_runs / name, source)
     # The loaded weights are not the seed's initial ones (which z3-fresh holds).
     from longctx.train.checkpoint import full_weights, latest_checkpoint
@@ -272,6 +274,25 @@ def test_zero3_init_from_reads_each_rank_its_partition(parallel_runs, single_bat
     loaded = full_weights(latest_checkpoint(parallel_runs / name))
     fresh = full_weights(latest_checkpoint(parallel_runs / "z3-fresh"))
     assert max((loaded[k] - fresh[k]).abs().max().item() for k in fresh) > 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["deepspeed", "zero3"])
+def test_init_from_deepspeed_in_one_process_equals_its_consolidated_weights(parallel_runs, run):
+    # One process keeps every parameter whole: read from the 2 ranks' fp32 partitions, element ranges
+    # of each parameter, against DeepSpeed's own zero_to_fp32 consolidation.
+    from longctx.model import build_model
+    from longctx.train.checkpoint import latest_checkpoint
+    from longctx.train.checkpoint_io import deepspeed_full_weights
+    from longctx.train.sharded_load import init_source, load_init_weights
+
+    checkpoint = latest_checkpoint(parallel_runs / run)
+    model = build_model(load_config(CONFIG, OVERRIDES).model, "cpu", seed=1)
+    shapes = {n: list(p.shape) for n, p in model.named_parameters()}
+    load_init_weights(model, init_source(str(checkpoint)), shapes)
+    reference = deepspeed_full_weights(checkpoint / "deepspeed")
+    for name, param in model.named_parameters():
+        assert torch.equal(param, reference[name]), name
 
 
 @pytest.mark.slow

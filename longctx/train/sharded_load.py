@@ -19,8 +19,14 @@ whole tensor.
 - A run or a checkpoint written by the torch engine: DCP reads into the sharded state dict (each
   rank the stored chunks that overlap its rows, one at a time); into ZeRO-3 partitions, one full
   tensor at a time, of which the rank keeps its elements.
-- A checkpoint written by DeepSpeed: its ZeRO files hold flat partitions of another layout, so every
-  rank reads the whole fp32 weights (`full_weights`) and keeps its part; the peak is N + N/W.
+- A checkpoint written by DeepSpeed (ZeRO 1-3): its fp32 master weights, not the module copy in the
+  engine dtype, read from the writer's flat partitions (`DeepSpeedPartitions`). Every
+  `*_optim_states.pt` is opened with `torch.load(mmap=True)`; each parameter's element range that
+  this rank keeps is copied out of the partitions that hold it, so only those pages are read and
+  count in its resident memory (the optimizer moments next to them are never touched), and released
+  once copied (`_drop_pages`). The consolidated weights (`deepspeed_full_weights`, DeepSpeed's
+  zero_to_fp32) are never made: measured at W=2 for a 305M model, 1087 MiB per rank, 22 MiB
+  over N/W + the largest tensor + the process baseline (docs/scale.md).
 """
 
 import json
@@ -30,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from longctx.train.checkpoint import META, full_weights, read_meta, resolve_checkpoint
+from longctx.train.checkpoint import META, read_meta, resolve_checkpoint
 from longctx.train.checkpoint_io import dcp_load
 from longctx.train.zero3 import flat_range, is_zero3
 from longctx.weights import check_weights
@@ -176,6 +182,157 @@ def read_safetensors(model, files: list[Path], names: dict[str, str], what: str)
     return loaded, unexpected
 
 
+def _drop_pages(piece: torch.Tensor) -> None:
+    """Let the kernel drop the file pages behind `piece` (part of a `torch.load(mmap=True)` tensor)
+    from this process's resident memory (`madvise(MADV_DONTNEED)`): touched pages of a file mapping
+    count in the RSS for as long as they stay mapped, which over a whole load would add the N / W
+    bytes read next to the shard they were copied into. The pages are clean (never written), so the
+    mapping reads them from the file again if touched again. Linux only; elsewhere a no-op."""
+    if not hasattr(os, "sched_getaffinity") or piece.numel() == 0:
+        return
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    begin = piece.data_ptr() // page * page
+    end = -(-(piece.data_ptr() + piece.numel() * piece.element_size()) // page) * page
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), 4)  # 4: MADV_DONTNEED
+
+
+class DeepSpeedPartitions:
+    """The fp32 master weights of a DeepSpeed ZeRO 1-3 checkpoint (`.../deepspeed`), read one parameter's
+    element range at a time: every file is opened with `torch.load(mmap=True)`, so only the pages of
+    the elements asked for are read (and counted in the resident memory).
+
+    The layout (the facts `deepspeed.utils.zero_to_fp32` reconstructs from): the model states file
+    lists `param_shapes`, one ordered `{name: shape}` per parameter group, and `shared_params`
+    (`{name: the name it shares}`); each rank's `*_optim_states.pt` holds one flat fp32 tensor per
+    group. ZeRO 1-2 (`single_partition_of_fp32_groups`): a group's parameters flattened one after
+    another (plus `param_alignment_paddings`), that vector cut into W equal consecutive partitions.
+    ZeRO-3 (`fp32_flat_groups`): each parameter cut on its own into W partitions of
+    `ceil(numel / W)` elements; rank r's file holds its partition of every parameter, one after
+    another across its groups."""
+
+    def __init__(self, path: Path):
+        from deepspeed.utils.zero_to_fp32 import get_model_state_files, get_optim_files
+
+        from longctx.train.checkpoint_io import weights_only_torch_load
+
+        self.path = path
+        # weights_only with DeepSpeed's plain classes; a file that pickles anything else is refused.
+        with weights_only_torch_load():
+            try:
+                states = torch.load(get_model_state_files(str(path))[0], map_location="cpu", mmap=True,
+                                    weights_only=True)  # fmt: skip
+                optims = [
+                    torch.load(f, map_location="cpu", mmap=True, weights_only=True)["optimizer_state_dict"]
+                    for f in get_optim_files(str(path))
+                ]
+            except (FileNotFoundError, KeyError) as e:
+                raise ValueError(f"DeepSpeed checkpoint {str(path)!r} cannot be read: {e}") from None
+        if states.get("frozen_param_shapes"):
+            raise ValueError(
+                f"DeepSpeed checkpoint {str(path)!r} has frozen parameters, which longctx never writes; "
+                "initialise from a longctx run"
+            )
+        self.stage = int(optims[0]["zero_stage"])
+        count = optims[0]["partition_count"]
+        self.world = max(count) if isinstance(count, list) else int(count)
+        if self.world != len(optims):
+            raise ValueError(
+                f"DeepSpeed checkpoint {str(path)!r} was written by {self.world} ranks but holds "
+                f"{len(optims)} optimizer files; it is incomplete, save it again"
+            )
+        key = "fp32_flat_groups" if self.stage == 3 else "single_partition_of_fp32_groups"
+        # parts[r][g]: rank r's flat fp32 tensor of group g (mmap-backed, nothing read yet).
+        self.parts = [o[key] for o in optims]
+        self.shared = dict(states.get("shared_params", {}))
+        self.where = {}  # name -> (group, offset, numel): offset in the group's flat vector (ZeRO 1-2)
+        rank_offset = 0  # ZeRO-3: offset in each rank's concatenated groups
+        paddings = optims[0].get("param_alignment_paddings") if self.stage < 3 else None
+        for g, shapes in enumerate(states["param_shapes"]):
+            offset = 0
+            for i, (name, shape) in enumerate(shapes.items()):
+                numel = int(torch.Size(shape).numel())
+                if self.stage == 3:
+                    self.where[name] = (None, rank_offset, numel)
+                    rank_offset += -(-numel // self.world)
+                else:
+                    self.where[name] = (g, offset, numel)
+                    offset += numel + (paddings[g][i] if paddings is not None else 0)
+        if self.stage == 3:
+            self.group_starts = [0]
+            for t in self.parts[0]:
+                self.group_starts.append(self.group_starts[-1] + t.numel())
+
+    def numel(self, name: str) -> int:
+        return self.where[self.shared.get(name, name)][2]
+
+    def read(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """Copy elements `[start, stop)` of the flattened fp32 parameter `name` into `out` (`stop -
+        start` elements, any shape), touching only their pages in the partition files."""
+        name = self.shared.get(name, name)
+        if name not in self.where:
+            raise ValueError(f"DeepSpeed checkpoint {str(self.path)!r} does not hold {name}; {INIT_FIX}")
+        group, offset, numel = self.where[name]
+        assert 0 <= start <= stop <= numel and out.numel() == stop - start, (name, start, stop)
+        flat = out.view(-1)
+        if self.stage == 3:
+            size = -(-numel // self.world)
+            for r in range(self.world):
+                lo, hi = max(start, r * size), min(stop, (r + 1) * size)
+                if lo < hi:
+                    self._copy_rank3(r, offset + lo - r * size, hi - lo, flat[lo - start : hi - start])
+            return
+        size = self.parts[0][group].numel()  # every rank's partition of a group has the same length
+        lo = offset + start
+        while lo < offset + stop:
+            r, within = divmod(lo, size)
+            n = min(offset + stop - lo, size - within)
+            at = lo - offset - start
+            piece = self.parts[r][group][within : within + n]
+            flat[at : at + n].copy_(piece)
+            _drop_pages(piece)
+            lo += n
+
+    def _copy_rank3(self, rank: int, at: int, n: int, out: torch.Tensor) -> None:
+        # Elements [at, at + n) of rank's groups concatenated (a parameter may straddle two groups).
+        done = 0
+        for g, tensor in enumerate(self.parts[rank]):
+            begin, end = self.group_starts[g], self.group_starts[g + 1]
+            lo, hi = max(at + done, begin), min(at + n, end)
+            if lo < hi:
+                piece = tensor[lo - begin : hi - begin]
+                out[done : done + hi - lo].copy_(piece)
+                _drop_pages(piece)
+                done += hi - lo
+
+
+@torch.no_grad()
+def read_deepspeed(model, path: Path) -> None:
+    """Read a DeepSpeed checkpoint's fp32 master weights into `model`, each rank only its elements (its
+    FSDP2 rows, its ZeRO-3 partition, or the whole tensor of a plain parameter)."""
+    ds = DeepSpeedPartitions(path)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        full = _full_shape(param)
+        if ds.numel(name) != int(torch.Size(full).numel()):
+            raise ValueError(f"DeepSpeed checkpoint {str(path)!r}: {name} is not of shape {full}; {INIT_FIX}")
+        if is_zero3(param):
+            start, stop = flat_range(param)
+            dest = param.ds_tensor.narrow(0, 0, stop - start)
+        else:
+            rows, stop_row = _rows(param)
+            row = int(torch.Size(full[1:]).numel()) if len(full) > 1 else 1
+            start, stop, dest = rows * row, stop_row * row, _local(param)
+        if dest.dtype == torch.float32 and dest.device.type == "cpu" and dest.is_contiguous():
+            ds.read(name, start, stop, dest)
+        else:
+            buf = torch.empty(stop - start, dtype=torch.float32)
+            ds.read(name, start, stop, buf)
+            dest.copy_(buf.view(dest.shape))
+
+
 @torch.no_grad()
 def load_hf_rows(model, source: str | Path) -> list[str]:
     """`longctx.hf.load_hf_weights`, reading only this rank's rows with positioned reads; returns the
@@ -268,10 +425,7 @@ def load_init_weights(model, source: tuple[str, str], shapes: dict[str, list[int
     meta = read_meta(path)
     check_weights(meta["params"], shapes, f"checkpoint {path!r}", INIT_FIX)
     if meta["engine"] == "deepspeed":
-        weights = full_weights(Path(path))
-        for name, param in model.named_parameters(remove_duplicate=False):
-            _keep(param, weights[name])
-        del weights
+        read_deepspeed(model, Path(path) / "deepspeed")
     elif any(is_zero3(p) for p in model.parameters()):
         # One full tensor at a time (DCP reads it whole), of which this rank keeps its elements.
         for name, param in model.named_parameters():
