@@ -24,7 +24,7 @@ whole tensor.
   `*_optim_states.pt` is opened with `torch.load(mmap=True)`; each parameter's element range that
   this rank keeps is copied out of the partitions that hold it, so only those pages are read and
   count in its resident memory (the optimizer moments next to them are never touched), and released
-  once copied (`_drop_pages`). The consolidated weights (`deepspeed_full_weights`, DeepSpeed's
+  once copied (`host_memory.drop_pages`). The consolidated weights (`deepspeed_full_weights`, DeepSpeed's
   zero_to_fp32) are never made: measured at W=2 for a 305M model, 1087 MiB per rank, 22 MiB
   over N/W + the largest tensor + the process baseline (docs/scale.md).
 """
@@ -38,6 +38,7 @@ import torch
 
 from longctx.train.checkpoint import META, read_meta, resolve_checkpoint
 from longctx.train.checkpoint_io import dcp_load
+from longctx.train.host_memory import drop_pages
 from longctx.train.zero3 import flat_range, is_zero3
 from longctx.weights import check_weights
 
@@ -182,24 +183,6 @@ def read_safetensors(model, files: list[Path], names: dict[str, str], what: str)
     return loaded, unexpected
 
 
-def _drop_pages(piece: torch.Tensor) -> None:
-    """Let the kernel drop the file pages behind `piece` (part of a `torch.load(mmap=True)` tensor)
-    from this process's resident memory (`madvise(MADV_DONTNEED)`): touched pages of a file mapping
-    count in the RSS for as long as they stay mapped, which over a whole load would add the N / W
-    bytes read next to the shard they were copied into. The pages are clean (never written), so the
-    mapping reads them from the file again if touched again. Linux only; elsewhere a no-op."""
-    if not hasattr(os, "sched_getaffinity") or piece.numel() == 0:
-        return
-    import ctypes
-    import mmap
-
-    page = mmap.PAGESIZE
-    begin = piece.data_ptr() // page * page
-    end = -(-(piece.data_ptr() + piece.numel() * piece.element_size()) // page) * page
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), 4)  # 4: MADV_DONTNEED
-
-
 class DeepSpeedPartitions:
     """The fp32 master weights of a DeepSpeed ZeRO 1-3 checkpoint (`.../deepspeed`), read one parameter's
     element range at a time: every file is opened with `torch.load(mmap=True)`, so only the pages of
@@ -293,7 +276,7 @@ class DeepSpeedPartitions:
             at = lo - offset - start
             piece = self.parts[r][group][within : within + n]
             flat[at : at + n].copy_(piece)
-            _drop_pages(piece)
+            drop_pages(piece)
             lo += n
 
     def _copy_rank3(self, rank: int, at: int, n: int, out: torch.Tensor) -> None:
@@ -305,7 +288,7 @@ class DeepSpeedPartitions:
             if lo < hi:
                 piece = tensor[lo - begin : hi - begin]
                 out[done : done + hi - lo].copy_(piece)
-                _drop_pages(piece)
+                drop_pages(piece)
                 done += hi - lo
 
 
