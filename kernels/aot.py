@@ -201,10 +201,10 @@ def record_s2(head_dim, dtype, quick, arch):
     out = []
     original = s2._run_tuned
 
-    def expand(name, key, launch, block_size, bd, elem_bytes, tiles):
+    def expand(name, key, launch, block_size, head_dim, elem_bytes, tiles):
         if tiles is not None:
-            return original(name, key, launch, block_size, bd, elem_bytes, tiles)
-        configs = s2.candidates(name, block_size, bd, elem_bytes, arch)
+            return original(name, key, launch, block_size, head_dim, elem_bytes, tiles)
+        configs = s2.candidates(name, block_size, head_dim, elem_bytes, arch)
         _Recorder.tunable = True
         try:
             for config in configs:
@@ -324,8 +324,12 @@ def _first_per_kernel(launches):
 def record(family, head_dim, dtype, arch, quick=False) -> list[Launch]:
     """The distinct launches of one family at one head dim and dtype, with the candidates its tuners
     offer on `sm_<arch>`."""
+    from longctx.kernels.common.tuning import target_arch
+
     launches, seen = [], set()
-    for launch in RECORDERS[family](head_dim, dtype, quick, arch):
+    with target_arch(arch):  # fixed tiles that depend on the GPU (NSA's on sm_8x) are this target's
+        recorded = RECORDERS[family](head_dim, dtype, quick, arch)
+    for launch in recorded:
         if quick and family == "flash" and launch.tunable and launch.name in {x.name for x in launches}:
             continue
         if launch.key() not in seen:

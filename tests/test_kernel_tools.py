@@ -107,7 +107,9 @@ def test_flash_dkdv_tuner_offers_only_the_wide_tiles_above_head_dim_128(monkeypa
 
     assert picked(256, 90) == picked(192, 80) == fa._DKDV_WIDE
     assert picked(128, 90) == picked(64, None) == [(32, 128, 8, 2), (16, 64, 4, 3)]
-    assert picked(128, 80) == picked(96, 86) == fa._DKDV_AMPERE
+    assert picked(128, 80) == picked(64, 86) == fa._DKDV_AMPERE
+    # hd 96 (padded to 128) on sm_8x: 32x64 w4 s2 spills there (the full AOT matrix), 16x64 does not.
+    assert picked(96, 80) == picked(96, 86) == [(16, 64, 4, 3)]
 
 
 def test_flash_forward_and_dq_keep_only_launchable_tiles_per_head_dim_and_arch(monkeypatch):
@@ -130,6 +132,9 @@ def test_flash_forward_and_dq_keep_only_launchable_tiles_per_head_dim_and_arch(m
         assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 128}, 90)] == sm90
         assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 128}, None)] == sm90
         assert [fa._config_key(c) for c in prune(configs, {"HEAD_DIM": 128}, 80)] == ampere
+    fwd = [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s) for m, n, w, s in fa._FWD_AMPERE]
+    # hd 96 on sm_80: the forward's 64x64 w8 s2 spills (the full AOT matrix); w8 s3 is kept.
+    assert [fa._config_key(c) for c in fa._FWD_PRUNE(fwd, {"HEAD_DIM": 96}, 80)] == [(64, 64, 8, 3)]
 
 
 def test_s2_tuner_leaves_out_the_tiles_that_spill_on_each_arch():
@@ -148,3 +153,31 @@ def test_s2_tuner_leaves_out_the_tiles_that_spill_on_each_arch():
         assert sm80 and set(sm80) <= set(sm90) and not set(sm80) & set(spilled_sm80.get(name, []))
         assert set(spilled_sm80.get(name, [])) <= set(sm90) - set(sm80)
     assert s2.candidates("dq", 64, 128, 2, 80)[0] == (64, 64, 8, 2)
+    # hd 96 (padded to 128): a few more spill there (the full AOT matrix), and only there.
+    padded = {("fwd", 80): [(64, 32, 8, 2), (64, 32, 8, 3), (32, 64, 8, 2)], ("dq", 90): [(32, 64, 8, 2)]}
+    for (name, arch), spilled in padded.items():
+        at_96, at_128 = s2.candidates(name, 64, 96, 2, arch), s2.candidates(name, 64, 128, 2, arch)
+        assert set(spilled) <= set(at_128) and set(at_128) - set(at_96) == set(spilled), (name, arch)
+
+
+def test_aot_records_nsa_fixed_tiles_for_each_target():
+    """NSA's fixed tiles depend on the GPU: the AOT report records them for the target it compiles for
+    (`tuning.target_arch`), not for the CPU it runs on. On sm_8x the compressed forward / dQ take 64
+    rows and block selection 8 warps (128 rows and 4 warps spill there, GQA group 4, hd 128); sm_90
+    keeps 128 rows and 4 warps; outside the recording nothing is overridden."""
+    from longctx.kernels import aot
+    from longctx.kernels.common import tuning
+
+    def tiles(arch):
+        out = {}
+        for launch in aot.record("nsa", 128, torch.bfloat16, arch):
+            if launch.name in ("_cmp_fwd_kernel", "_cmp_bwd_dq_kernel", "_select_blocks_kernel"):
+                c = launch.constexprs
+                out.setdefault(launch.name, set()).add((c["BG"] * c["BT"], launch.num_warps))
+        return out
+
+    sm80, sm90 = tiles(80), tiles(90)
+    assert sm80["_cmp_fwd_kernel"] == sm80["_cmp_bwd_dq_kernel"] == {(64, 8)}
+    assert sm90["_cmp_fwd_kernel"] == sm90["_cmp_bwd_dq_kernel"] == {(128, 8)}
+    assert sm80["_select_blocks_kernel"] == {(64, 8)} and sm90["_select_blocks_kernel"] == {(64, 4)}
+    assert tuning.device_arch(torch.device("cpu")) is None

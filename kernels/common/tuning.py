@@ -46,11 +46,30 @@ def device_name(device=None) -> str:
     return "cpu"
 
 
+_target_arch: int | None = None
+
+
+@contextlib.contextmanager
+def target_arch(arch: int | None):
+    """Make `device_arch` answer `arch` while the block runs, for tensors on any device: the AOT report
+    (`longctx.kernels.aot`) records on CPU tensors the launches a wrapper makes for the GPU it
+    compiles for."""
+    global _target_arch
+    previous, _target_arch = _target_arch, arch
+    try:
+        yield
+    finally:
+        _target_arch = previous
+
+
 def device_arch(device=None) -> int | None:
     """The compute capability of a CUDA device as one number (80 for sm_80, 90 for sm_90), or None
-    without CUDA. Candidate lists depend on it: a tile that fits sm_90's registers (operands read by
-    wgmma from shared memory) can spill on sm_80, where mma.sync takes them from registers."""
-    if not torch.cuda.is_available():
+    without CUDA or for a CPU device (inside `target_arch`: its target). Candidate lists and some fixed
+    tiles depend on it: a tile that fits sm_90's registers (operands read by wgmma from shared memory)
+    can spill on sm_80, where mma.sync takes them from registers."""
+    if _target_arch is not None:
+        return _target_arch
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
         return None
     major, minor = torch.cuda.get_device_capability(device)
     return 10 * major + minor
@@ -237,7 +256,7 @@ class Tuned:
                 return do_bench(lambda: run(config), warmup=5, rep=20)
 
             device = next(v.device for v in args if isinstance(v, torch.Tensor))
-            candidates = self.candidates(values, device_arch(device) if device.type == "cuda" else None)
+            candidates = self.candidates(values, device_arch(device))
             config = choose(self.__name__, shape_class, candidates, bench)
             return run(config)
 

@@ -113,16 +113,20 @@ def _config_key(c) -> tuple:
     return c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages
 
 
-def _prune(wide: list, ampere: list, not_sm90: list):
+def _prune(wide: list, ampere: list, not_sm90: list, not_ampere_padded: tuple = ()):
     """The tuner's candidates for a launch on `sm_<arch>` (`Tuned.candidates`; arch None: no GPU
-    known): only `wide` above head dim 128; on sm_8x at head dims <= 128 only `ampere`; else every
-    candidate but `not_sm90`."""
+    known): only `wide` above head dim 128; on sm_8x at head dims <= 128 only `ampere`, less
+    `not_ampere_padded` where the head dim is not a power of two (its tile is padded and masked); else
+    every candidate but `not_sm90`."""
 
     def prune(configs, values, arch):
-        if values["HEAD_DIM"] > 128:
+        head_dim = values["HEAD_DIM"]
+        if head_dim > 128:
             return [c for c in configs if _config_key(c) in wide]
         if arch is not None and arch < 90:
-            return [c for c in configs if _config_key(c) in ampere]
+            padded = head_dim & (head_dim - 1) != 0
+            keep = [c for c in ampere if not (padded and c in not_ampere_padded)]
+            return [c for c in configs if _config_key(c) in keep]
         return [c for c in configs if _config_key(c) not in not_sm90]
 
     return prune
@@ -138,9 +142,17 @@ _DQ_CONFIGS = _configs(
     interp=(64, 32),
 )
 # sm_90 at hd 128 (bf16; causal, windowed and full, all compiled this round): dK/dV 32x128 w8 s3 spills
-# 8 B and 32x64 w4 s2 24 B, dQ 128x128 w8 s2 40 B; not offered there.
-_FWD_PRUNE = _prune(_FWD_WIDE, _FWD_AMPERE, not_sm90=_FWD_AMPERE)
-_DKDV_PRUNE = _prune(_DKDV_WIDE, _DKDV_AMPERE, not_sm90=[*_DKDV_WIDE, (32, 128, 8, 3), (32, 64, 4, 2)])
+# 8 B and 32x64 w4 s2 24 B, dQ 128x128 w8 s2 40 B; not offered there. sm_80 at hd 96 (bf16 and fp16,
+# the full AOT matrix): the forward's 64x64 w8 s2 spills 8 B (causal) and dK/dV's 32x64 w4 s2 8-16 B,
+# where they do not at hd 64 or 128 (the masked tail of the padded head dim costs registers); the
+# other sm_8x candidate of each is kept.
+_FWD_PRUNE = _prune(_FWD_WIDE, _FWD_AMPERE, not_sm90=_FWD_AMPERE, not_ampere_padded=((64, 64, 8, 2),))
+_DKDV_PRUNE = _prune(
+    _DKDV_WIDE,
+    _DKDV_AMPERE,
+    not_sm90=[*_DKDV_WIDE, (32, 128, 8, 3), (32, 64, 4, 2)],
+    not_ampere_padded=((32, 64, 4, 2),),
+)
 _DQ_PRUNE = _prune(_DQ_WIDE, _DQ_AMPERE, not_sm90=[(128, 128, 8, 2)])
 _PRE_BLOCK = 64
 

@@ -462,10 +462,15 @@ def _s2_bwd_dkdv_kernel(
 
 # A launch configuration: outer tile rows, inner tile rows, warps, pipeline stages.
 Config = tuple[int, int, int, int]
+# 16-bit candidates that spill only where the head dim is padded (96), per arch family (`candidates`).
+_PADDED_SPILLS = {
+    "ampere": {"fwd": ((64, 32, 8, 2), (64, 32, 8, 3), (32, 64, 8, 2))},
+    "hopper": {"dq": ((32, 64, 8, 2),)},
+}
 
 
 def candidates(
-    name: str, block_size: int, bd: int, elem_bytes: int = 2, arch: int | None = None
+    name: str, block_size: int, head_dim: int, elem_bytes: int = 2, arch: int | None = None
 ) -> list[Config]:
     """Tile configurations the tuner may pick for kernel `name` ("fwd", "dq" or "dkdv"), the default
     (`LONGCTX_TUNE=off`) first: among the three largest outer tiles (<= 128 rows; a divisor of the
@@ -477,7 +482,12 @@ def candidates(
     and recomputes P and dP). On sm_8x (`arch` < 90; None: no GPU known) mma.sync holds its operands in
     registers and more of them spill (sm_80, hd 128, bf16, causal): forward 128x32 on 8 warps (8-16 B)
     and 64x32 on 4 warps (136-144 B); dQ every 128-row tile (24-64 B), 64x64 on 4 warps (8 B) and
-    64x32 (4,520-5,384 B). Those are left out there too; dK/dV's 32-row tiles do not spill."""
+    64x32 (4,520-5,384 B). Those are left out there too; dK/dV's 32-row tiles do not spill. A head dim
+    that is not a power of two (96: its tile padded to 128 and masked) costs a few more registers, and
+    the full AOT matrix (bf16 and fp16) found more spilling there: on sm_8x the forward's 64x32 on 8
+    warps and 32x64 on 8 warps and 2 stages (8 B), on sm_90 dQ's 32x64 on 8 warps and 2 stages (16 B);
+    those are left out at such head dims."""
+    bd = head_dim_tile(head_dim)
     small = elem_bytes > 2 or bd > 128
     top_outer, top_inner = (64, 32) if small else (128, 64)
     outer = [t for t in (128, 64, 32, 16) if t <= top_outer and (t == 2 * block_size or block_size % t == 0)]
@@ -493,6 +503,9 @@ def candidates(
             kept = [c for c in kept if c[0] <= 32 or c[1] == 64 or c[:3] == (64, 32, 8)]
         elif ampere and name == "dq":
             kept = [c for c in kept if c[0] <= 32 or c[:3] == (64, 64, 8)]
+        if head_dim != bd:
+            padded = _PADDED_SPILLS["ampere" if ampere else "hopper"].get(name, ())
+            kept = [c for c in kept if c not in padded]
         configs = kept or configs[-1:]
     if name == "dkdv" and not small:
         preferred = (32, 64, 8, 2)
@@ -513,7 +526,7 @@ def _check_tiles(block_size: int, tiles: tuple[int, int]) -> None:
         )
 
 
-def _run_tuned(name: str, key: tuple, launch, block_size: int, bd: int, elem_bytes: int, tiles) -> None:
+def _run_tuned(name: str, key: tuple, launch, block_size: int, head_dim: int, elem_bytes: int, tiles) -> None:
     """Launch with `tiles` if given (or one fixed config under the interpreter), else the fastest
     candidate for `key`, timed on first use."""
     if tiles is not None or interpreting():
@@ -529,7 +542,7 @@ def _run_tuned(name: str, key: tuple, launch, block_size: int, bd: int, elem_byt
         return do_bench(lambda: launch(config), warmup=5, rep=20)
 
     arch = tuning.device_arch()
-    launch(tuning.choose(f"s2_{name}", key, candidates(name, block_size, bd, elem_bytes, arch), bench))
+    launch(tuning.choose(f"s2_{name}", key, candidates(name, block_size, head_dim, elem_bytes, arch), bench))
 
 
 def _pattern_args(lists: S2BlockLists) -> tuple:
@@ -575,7 +588,7 @@ def s2_attn_fwd(q, k, v, lists: S2BlockLists, block_size: int, scale: float, til
             PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
-    _run_tuned("fwd", _tune_key(q, k, lists, block_size), launch, block_size, bd, q.element_size(), tiles)
+    _run_tuned("fwd", _tune_key(q, k, lists, block_size), launch, block_size, d, q.element_size(), tiles)
     return o, lse
 
 
@@ -629,8 +642,8 @@ def s2_attn_bwd(
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
-    _run_tuned("dq", key, launch_dq, block_size, bd, q.element_size(), tiles)
-    _run_tuned("dkdv", key, launch_dkdv, block_size, bd, q.element_size(), tiles)
+    _run_tuned("dq", key, launch_dq, block_size, d, q.element_size(), tiles)
+    _run_tuned("dkdv", key, launch_dkdv, block_size, d, q.element_size(), tiles)
     return dq, dk, dv
 
 

@@ -27,7 +27,8 @@ from longctx.kernels.common.triton import (
     softmax_init,
     softmax_step,
 )
-from longctx.kernels.nsa.triton.common import dkdv_rows, load_row_terms, softmax_delta, warps_for
+from longctx.kernels.common.tuning import device_arch
+from longctx.kernels.nsa.triton.common import cmp_rows, dkdv_rows, load_row_terms, softmax_delta, warps_for
 
 
 @triton.jit
@@ -250,7 +251,7 @@ def _cmp_bwd_dkdv_kernel(
 def cmp_attn_fwd(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, q_offset, doc_start=None):
     b, t, h, d = q.shape
     t_c, h_kv = k_cmp.shape[1], k_cmp.shape[2]
-    bg, bt = group_tile(h // h_kv, 128)
+    bg, bt = group_tile(h // h_kv, cmp_rows(device_arch(q.device)))
     o = torch.empty_like(q)
     lse = torch.empty(b, h, t, device=q.device, dtype=torch.float32)
     if t_c == 0:
@@ -280,7 +281,7 @@ def cmp_attn_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, cmp_block, cmp_stride, scale
         PRECISION=dot_precision(q.dtype), HAS_DOCS=has_docs,
     )  # fmt: skip
     dq = torch.empty_like(q)
-    bg, bt = group_tile(g, 128)
+    bg, bt = group_tile(g, cmp_rows(device_arch(q.device)))
     # fp32 tiles and 256-wide heads are twice the bytes: a narrower compressed tile keeps the stages in
     # shared memory (hd 256 bf16 with 64 needs 256 KiB, over sm_90's 227 KiB).
     bc = 64 if q.element_size() <= 2 and bd <= 128 else 32

@@ -17,6 +17,20 @@ def warps_for(head_dim_tile: int, rows: int = 128) -> int:
     return 8 if (head_dim_tile > 64 and rows > 32) or head_dim_tile > 128 else 4
 
 
+def cmp_rows(arch: int | None) -> int:
+    """Rows (tokens x heads) per tile of the compressed forward and dQ: 128, and 64 on sm_8x (`arch` <
+    90), where mma.sync holds its operands in registers: with a GQA group of 4 and 128-wide heads, 128
+    rows spill there (bf16: forward 48 B, dQ 88 B at 255 registers; 64 rows: 172, none)."""
+    return 64 if arch is not None and arch < 90 else 128
+
+
+def select_blocks_warps(head_dim_tile: int, arch: int | None) -> int:
+    """Warps of the block-selection kernel (64 rows): 4, 8 for 256-wide heads, and 8 on sm_8x for
+    heads over 64 (GQA group 4, hd 128, bf16: 4 warps spill 40 B at 255 registers, 8 none)."""
+    ampere = arch is not None and arch < 90
+    return 8 if head_dim_tile > 128 or (ampere and head_dim_tile > 64) else 4
+
+
 def dkdv_rows(head_dim_tile: int) -> int:
     """Rows (tokens x heads) per step of the dK/dV kernels: 64, and 16 for head dims over 128, where
     the two fp32 [key block, 256] accumulators fill most of the register file (sm_90, bf16: the

@@ -41,7 +41,8 @@ from longctx.kernels.common.triton import (
     head_dim_tile,
     lse_offset,
 )
-from longctx.kernels.nsa.triton.common import warps_for
+from longctx.kernels.common.tuning import device_arch
+from longctx.kernels.nsa.triton.common import select_blocks_warps
 
 
 @triton.jit
@@ -182,6 +183,6 @@ def select_blocks(
         HAS_DOCS=doc_start is not None,
         H=h, HKV=h_kv, GROUP=g, BG=bg, HEAD_DIM=d, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
         SLC_BLOCK=slc_block, TOP=slc_top, NJ=nj, BT=bt, BD=bd, PRECISION=dot_precision(q.dtype),
-        num_warps=warps_for(bd, 32), num_stages=2,
+        num_warps=select_blocks_warps(bd, device_arch(q.device)), num_stages=2,
     )  # fmt: skip
     return out
