@@ -181,3 +181,39 @@ def test_aot_records_nsa_fixed_tiles_for_each_target():
     assert sm90["_cmp_fwd_kernel"] == sm90["_cmp_bwd_dq_kernel"] == {(128, 8)}
     assert sm80["_select_blocks_kernel"] == {(64, 8)} and sm90["_select_blocks_kernel"] == {(64, 4)}
     assert tuning.device_arch(torch.device("cpu")) is None
+
+
+def test_gla_tuners_leave_out_the_configs_that_spill_on_each_arch():
+    """GLA's tuners offer none of the configs the full AOT matrix found spilling (hd <= 128, bf16 and
+    fp16): dQ/dK with 64-wide value tiles on 4 warps anywhere and at all on sm_8x, and one config each
+    of fwd_o, bwd_dh and bwd_dv on sm_8x; everything else stays, and the first candidate stays first."""
+    import triton
+
+    from longctx.kernels.gla import chunk
+
+    def grid(tiles):
+        out = [{}]
+        for name, sizes in tiles.items():
+            out = [{**c, name: s} for c in out for s in sizes]
+        return [triton.Config(c, num_warps=w, num_stages=s) for c in out for w in (4, 8) for s in (2, 3)]
+
+    def key(c):
+        return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
+
+    def dropped(prune, configs, arch):
+        kept = prune(configs, {}, arch)
+        assert kept[0] is configs[0]
+        return {key(c) for c in configs} - {key(c) for c in kept}
+
+    dqk = grid({"BV": [32, 64]})
+    bv64 = {key(c) for c in dqk if c.kwargs["BV"] == 64}
+    assert dropped(chunk._BWD_DQK_PRUNE, dqk, 90) == {k for k in bv64 if k[1] == 4}
+    assert dropped(chunk._BWD_DQK_PRUNE, dqk, 80) == bv64
+    wide = grid({"BK": [32, 64], "BV": [32, 64, 128]})
+    assert dropped(chunk._FWD_O_PRUNE, wide, 80) == {((("BK", 64), ("BV", 128)), 4, 3)}
+    assert dropped(chunk._BWD_DV_PRUNE, wide, 86) == {((("BK", 32), ("BV", 64)), 8, 3)}
+    assert dropped(chunk._BWD_DH_PRUNE, grid({"BK": [32, 64], "BV": [32, 64]}), 80) == {
+        ((("BK", 64), ("BV", 64)), 4, 3)
+    }
+    for prune in (chunk._FWD_O_PRUNE, chunk._BWD_DV_PRUNE, chunk._BWD_DH_PRUNE):
+        assert dropped(prune, wide, 90) == dropped(prune, wide, None) == set()

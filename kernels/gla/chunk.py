@@ -81,6 +81,37 @@ def _configs(tiles: dict[str, list[int]]) -> list[triton.Config]:
     return [triton.Config(c.kwargs, num_warps=w, num_stages=s) for c in out for w in (4, 8) for s in (2, 3)]
 
 
+def _leave_out(everywhere=(), sm8x=()):
+    """A tuner prune (`Tuned.candidates`) that drops the configs found spilling registers by the full
+    AOT matrix (`python -m longctx.kernels.aot --families gla`: hd 64/96/128, bf16 and fp16): each
+    entry `(tiles, warps, stages)` matches configs with those tiles, and those warps and stages (None:
+    any); `sm8x` entries only where mma.sync holds the operands in registers (`arch` < 90)."""
+
+    def matches(config, entry):
+        tiles, warps, stages = entry
+        return (
+            all(config.kwargs.get(k) == v for k, v in tiles.items())
+            and warps in (None, config.num_warps)
+            and stages in (None, config.num_stages)
+        )
+
+    def prune(configs, values, arch):
+        drop = [*everywhere, *(sm8x if arch is not None and arch < 90 else ())]
+        return [c for c in configs if not any(matches(c, e) for e in drop)]
+
+    return prune
+
+
+# Found spilling (the AOT matrix at hd <= 128; bytes per thread): fwd_o BK 64 x BV 128 w4 s3 on sm_80
+# at hd 96 (8 B); bwd_dh 64 x 64 w4 s3 on sm_80 at hd 128 (16 B); bwd_dv BK 32 x BV 64 w8 s3 on sm_80
+# at hd 64 (16 B); bwd_dqk with BV 64 on 4 warps on both arches (32-104 B), on 8 warps too on sm_80 at
+# hd 64 (96 B). The first candidate of each (32 x 32, the `LONGCTX_TUNE=off` default) spills nowhere.
+_FWD_O_PRUNE = _leave_out(sm8x=[({"BK": 64, "BV": 128}, 4, 3)])
+_BWD_DH_PRUNE = _leave_out(sm8x=[({"BK": 64, "BV": 64}, 4, 3)])
+_BWD_DV_PRUNE = _leave_out(sm8x=[({"BK": 32, "BV": 64}, 8, 3)])
+_BWD_DQK_PRUNE = _leave_out(everywhere=[({"BV": 64}, 4, None)], sm8x=[({"BV": 64}, None, None)])
+
+
 @triton.jit
 def _exp(x):
     # b is fp64 (module docstring, "Precision"); an exponent is rounded to fp32 only once formed.
@@ -154,7 +185,7 @@ def chunk_fwd_h_kernel(
     tl.store(p_ht, b_h, mask=m_ht)
 
 
-@tuned(_configs({"BK": [32, 64], "BV": [32, 64, 128]}), ["BT", "K", "V"])
+@tuned(_configs({"BK": [32, 64], "BV": [32, 64, 128]}), ["BT", "K", "V"], prune=_FWD_O_PRUNE)
 @triton.jit
 def chunk_fwd_o_kernel(
     q,
@@ -201,7 +232,7 @@ def chunk_fwd_o_kernel(
     tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), mask=m_o)
 
 
-@tuned(_configs({"BK": [32, 64], "BV": [32, 64]}), ["BT", "K", "V"])
+@tuned(_configs({"BK": [32, 64], "BV": [32, 64]}), ["BT", "K", "V"], prune=_BWD_DH_PRUNE)
 @triton.jit
 def chunk_bwd_dh_kernel(
     q,
@@ -249,7 +280,7 @@ def chunk_bwd_dh_kernel(
         tl.store(p_dh0, b_dh, mask=m_dh0)
 
 
-@tuned(_configs({"BK": [32, 64], "BV": [32, 64, 128]}), ["BT", "K", "V"])
+@tuned(_configs({"BK": [32, 64], "BV": [32, 64, 128]}), ["BT", "K", "V"], prune=_BWD_DV_PRUNE)
 @triton.jit
 def chunk_bwd_dv_kernel(
     q,
@@ -296,7 +327,7 @@ def chunk_bwd_dv_kernel(
     tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), mask=m_dv)
 
 
-@tuned(_configs({"BV": [32, 64]}), ["BT", "K", "V", "BK"])
+@tuned(_configs({"BV": [32, 64]}), ["BT", "K", "V", "BK"], prune=_BWD_DQK_PRUNE)
 @triton.jit
 def chunk_bwd_dqk_kernel(
     q,

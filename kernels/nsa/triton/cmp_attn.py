@@ -28,7 +28,7 @@ from longctx.kernels.common.triton import (
     softmax_step,
 )
 from longctx.kernels.common.tuning import device_arch
-from longctx.kernels.nsa.triton.common import cmp_rows, dkdv_rows, load_row_terms, softmax_delta, warps_for
+from longctx.kernels.nsa.triton.common import CMP_WARPS, cmp_rows, dkdv_rows, load_row_terms, softmax_delta
 
 
 @triton.jit
@@ -262,7 +262,7 @@ def cmp_attn_fwd(q, k_cmp, v_cmp, cmp_block, cmp_stride, scale, q_offset, doc_st
         q, k_cmp, v_cmp, o, lse, scale * LOG2E, t, t_c, q_offset, doc_start,
         H=h, HKV=h_kv, GROUP=h // h_kv, BG=bg, HEAD_DIM=d, CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
         BT=bt, BC=64, BD=bd, PRECISION=dot_precision(q.dtype), HAS_DOCS=has_docs,
-        num_warps=warps_for(bd), num_stages=2,
+        num_warps=CMP_WARPS, num_stages=2,
     )  # fmt: skip
     return o, lse
 
@@ -281,19 +281,20 @@ def cmp_attn_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, cmp_block, cmp_stride, scale
         PRECISION=dot_precision(q.dtype), HAS_DOCS=has_docs,
     )  # fmt: skip
     dq = torch.empty_like(q)
-    bg, bt = group_tile(g, cmp_rows(device_arch(q.device)))
+    arch = device_arch(q.device)
+    bg, bt = group_tile(g, cmp_rows(arch))
     # fp32 tiles and 256-wide heads are twice the bytes: a narrower compressed tile keeps the stages in
     # shared memory (hd 256 bf16 with 64 needs 256 KiB, over sm_90's 227 KiB).
     bc = 64 if q.element_size() <= 2 and bd <= 128 else 32
     _cmp_bwd_dq_kernel[(triton.cdiv(t, bt), b * h_kv)](
         q, k_cmp, v_cmp, do, lse, delta, dq, scale, scale * LOG2E, t, t_c, q_offset, doc_start,
-        BG=bg, BT=bt, BC=bc, num_warps=warps_for(bd), num_stages=2, **common,
+        BG=bg, BT=bt, BC=bc, num_warps=CMP_WARPS, num_stages=2, **common,
     )  # fmt: skip
     dk, dv = torch.empty_like(k_cmp), torch.empty_like(v_cmp)
-    bg, bt = group_tile(g, dkdv_rows(bd))
+    bg, bt = group_tile(g, dkdv_rows(bd, arch))
     _cmp_bwd_dkdv_kernel[(triton.cdiv(t_c, 64), b * h_kv)](
         q, k_cmp, v_cmp, do, lse, delta, dk, dv, scale, scale * LOG2E, t, t_c, q_offset, doc_start,
-        BG=bg, BT=bt, BC=64, num_warps=warps_for(bd), num_stages=2, **common,
+        BG=bg, BT=bt, BC=64, num_warps=CMP_WARPS, num_stages=2, **common,
     )  # fmt: skip
     return dq, dk, dv
 

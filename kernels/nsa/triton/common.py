@@ -17,26 +17,40 @@ def warps_for(head_dim_tile: int, rows: int = 128) -> int:
     return 8 if (head_dim_tile > 64 and rows > 32) or head_dim_tile > 128 else 4
 
 
+def sm8x(arch: int | None) -> bool:
+    """An Ampere / Ada target (`tuning.device_arch`): mma.sync holds its operands in registers, so a
+    tile that fits sm_90's registers can spill there."""
+    return arch is not None and arch < 90
+
+
 def cmp_rows(arch: int | None) -> int:
-    """Rows (tokens x heads) per tile of the compressed forward and dQ: 128, and 64 on sm_8x (`arch` <
-    90), where mma.sync holds its operands in registers: with a GQA group of 4 and 128-wide heads, 128
-    rows spill there (bf16: forward 48 B, dQ 88 B at 255 registers; 64 rows: 172, none)."""
-    return 64 if arch is not None and arch < 90 else 128
+    """Rows (tokens x heads) per tile of the compressed forward and dQ: 128, and 64 on sm_8x (GQA
+    group 4, hd 128, bf16: 128 rows spill 48 B in the forward and 88 B in dQ there; 64 rows: 172
+    registers, none)."""
+    return 64 if sm8x(arch) else 128
+
+
+# Warps of the compressed kernels, at every head dim: with 64-wide heads 4 warps spill too (dQ 16 B on
+# sm_90 and 48 B on sm_80, dK/dV 16 B on sm_80), 8 do not.
+CMP_WARPS = 8
 
 
 def select_blocks_warps(head_dim_tile: int, arch: int | None) -> int:
-    """Warps of the block-selection kernel (64 rows): 4, 8 for 256-wide heads, and 8 on sm_8x for
-    heads over 64 (GQA group 4, hd 128, bf16: 4 warps spill 40 B at 255 registers, 8 none)."""
-    ampere = arch is not None and arch < 90
-    return 8 if head_dim_tile > 128 or (ampere and head_dim_tile > 64) else 4
+    """Warps of the block-selection kernel (64 rows): 4, and 8 for 256-wide heads and on sm_8x (GQA
+    group 4, bf16: 4 warps spill 32 B at hd 64 and 40-48 B at hd 96/128 there, 8 none)."""
+    return 8 if head_dim_tile > 128 or sm8x(arch) else 4
 
 
-def dkdv_rows(head_dim_tile: int) -> int:
+def dkdv_rows(head_dim_tile: int, arch: int | None = None) -> int:
     """Rows (tokens x heads) per step of the dK/dV kernels: 64, and 16 for head dims over 128, where
     the two fp32 [key block, 256] accumulators fill most of the register file (sm_90, bf16: the
     compressed dK/dV then spills 0-24 B instead of 96-136, the selected one 104-168 instead of
-    176-216; its 64-key accumulators alone are 128 registers a thread)."""
-    return 64 if head_dim_tile <= 128 else 16
+    176-216; its 64-key accumulators alone are 128 registers a thread). The compressed dK/dV passes
+    its target `arch`: on sm_8x 32 rows (GQA group 4, hd 96, bf16: 64 rows spill 16 B at 255
+    registers there, 32 rows use 177)."""
+    if head_dim_tile > 128:
+        return 16
+    return 32 if sm8x(arch) else 64
 
 
 
