@@ -137,9 +137,12 @@ def test_flash_forward_and_dq_keep_only_launchable_tiles_per_head_dim_and_arch(m
     assert [fa._config_key(c) for c in fa._FWD_PRUNE(fwd, {"HEAD_DIM": 96}, 80)] == [(64, 64, 8, 3)]
 
 
-def test_s2_tuner_leaves_out_the_tiles_that_spill_on_each_arch():
+def test_s2_tuner_leaves_out_the_tiles_that_spill_on_each_arch(monkeypatch):
     """S2's candidates at hd 128 in bf16: none of those the AOT report found spilling on sm_80 is
     offered there (docs/kernels.md); sm_90 (and no GPU) keep their own list, sm_80's is a subset."""
+    # Imported as the interpreter tests import it (the kernels are built for the mode of first import).
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     from longctx.kernels.s2_attn import triton as s2
 
     spilled_sm80 = {
@@ -164,31 +167,42 @@ def test_aot_records_nsa_fixed_tiles_for_each_target():
     """NSA's fixed tiles depend on the GPU: the AOT report records them for the target it compiles for
     (`tuning.target_arch`), not for the CPU it runs on. On sm_8x the compressed forward / dQ take 64
     rows and block selection 8 warps (128 rows and 4 warps spill there, GQA group 4, hd 128); sm_90
-    keeps 128 rows and 4 warps; outside the recording nothing is overridden."""
-    from longctx.kernels import aot
-    from longctx.kernels.common import tuning
+    keeps 128 rows and 4 warps; outside the recording nothing is overridden. In a process of its own:
+    the kernels are recorded compiled, as the report does, not as this session's interpreter builds
+    them."""
+    script = """
+import json, torch
+from longctx.kernels import aot
+from longctx.kernels.common import tuning
+out = {}
+for arch in (80, 90):
+    for launch in aot.record("nsa", 128, torch.bfloat16, arch):
+        if launch.name in ("_cmp_fwd_kernel", "_cmp_bwd_dq_kernel", "_select_blocks_kernel"):
+            c = launch.constexprs
+            out.setdefault(f"{arch} {launch.name}", []).append([c["BG"] * c["BT"], launch.num_warps])
+out["cpu"] = tuning.device_arch(torch.device("cpu"))
+print(json.dumps(out))
+"""
+    cmd = [sys.executable, "-c", script]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    tiles = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {tuple(x) for x in tiles["80 _cmp_fwd_kernel"] + tiles["80 _cmp_bwd_dq_kernel"]} == {(64, 8)}
+    assert {tuple(x) for x in tiles["90 _cmp_fwd_kernel"] + tiles["90 _cmp_bwd_dq_kernel"]} == {(128, 8)}
+    assert {tuple(x) for x in tiles["80 _select_blocks_kernel"]} == {(64, 8)}
+    assert {tuple(x) for x in tiles["90 _select_blocks_kernel"]} == {(64, 4)}
+    assert tiles["cpu"] is None
 
-    def tiles(arch):
-        out = {}
-        for launch in aot.record("nsa", 128, torch.bfloat16, arch):
-            if launch.name in ("_cmp_fwd_kernel", "_cmp_bwd_dq_kernel", "_select_blocks_kernel"):
-                c = launch.constexprs
-                out.setdefault(launch.name, set()).add((c["BG"] * c["BT"], launch.num_warps))
-        return out
 
-    sm80, sm90 = tiles(80), tiles(90)
-    assert sm80["_cmp_fwd_kernel"] == sm80["_cmp_bwd_dq_kernel"] == {(64, 8)}
-    assert sm90["_cmp_fwd_kernel"] == sm90["_cmp_bwd_dq_kernel"] == {(128, 8)}
-    assert sm80["_select_blocks_kernel"] == {(64, 8)} and sm90["_select_blocks_kernel"] == {(64, 4)}
-    assert tuning.device_arch(torch.device("cpu")) is None
-
-
-def test_gla_tuners_leave_out_the_configs_that_spill_on_each_arch():
+def test_gla_tuners_leave_out_the_configs_that_spill_on_each_arch(monkeypatch):
     """GLA's tuners offer none of the configs the full AOT matrix found spilling (hd <= 128, bf16 and
     fp16): dQ/dK with 64-wide value tiles on 4 warps anywhere and at all on sm_8x, and one config each
     of fwd_o, bwd_dh and bwd_dv on sm_8x; everything else stays, and the first candidate stays first."""
     import triton
 
+    # Imported as the interpreter tests import it (the kernels are built for the mode of first import).
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     from longctx.kernels.gla import chunk
 
     def grid(tiles):
