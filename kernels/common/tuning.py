@@ -75,6 +75,12 @@ def device_arch(device=None) -> int | None:
     return 10 * major + minor
 
 
+def sm8x(arch: int | None) -> bool:
+    """An Ampere / Ada target (`device_arch` below 90): mma.sync holds its operands in registers, so a
+    tile that fits sm_90's registers can spill there. None (no GPU known) is not."""
+    return arch is not None and arch < 90
+
+
 def cache_file(device=None) -> str:
     default = os.path.join(os.path.expanduser("~"), ".cache", "longctx", f"tune-{device_name(device)}.json")
     return os.environ.get("LONGCTX_TUNE_FILE", default)

@@ -55,7 +55,7 @@ from longctx.kernels.common.triton import (
     softmax_init,
     softmax_step,
 )
-from longctx.kernels.common.tuning import tuned
+from longctx.kernels.common.tuning import sm8x, tuned
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -123,7 +123,7 @@ def _prune(wide: list, ampere: list, not_sm90: list, not_ampere_padded: tuple = 
         head_dim = values["HEAD_DIM"]
         if head_dim > 128:
             return [c for c in configs if _config_key(c) in wide]
-        if arch is not None and arch < 90:
+        if sm8x(arch):
             padded = head_dim & (head_dim - 1) != 0
             keep = [c for c in ampere if not (padded and c in not_ampere_padded)]
             return [c for c in configs if _config_key(c) in keep]

@@ -65,7 +65,7 @@ import triton.language as tl
 
 from longctx.kernels.common.backend import interpreting
 from longctx.kernels.common.triton import dot_precision, head_dim_tile, strided_tile
-from longctx.kernels.common.tuning import tuned
+from longctx.kernels.common.tuning import sm8x, tuned
 
 # Under the interpreter every configuration would be benchmarked in Python, and small tiles make the
 # CPU tests cover multi-tile loops with small head dims; on a GPU the autotuner picks.
@@ -81,11 +81,11 @@ def _configs(tiles: dict[str, list[int]]) -> list[triton.Config]:
     return [triton.Config(c.kwargs, num_warps=w, num_stages=s) for c in out for w in (4, 8) for s in (2, 3)]
 
 
-def _leave_out(everywhere=(), sm8x=()):
+def _leave_out(everywhere=(), on_sm8x=()):
     """A tuner prune (`Tuned.candidates`) that drops the configs found spilling registers by the full
     AOT matrix (`python -m longctx.kernels.aot --families gla`: hd 64/96/128, bf16 and fp16): each
     entry `(tiles, warps, stages)` matches configs with those tiles, and those warps and stages (None:
-    any); `sm8x` entries only where mma.sync holds the operands in registers (`arch` < 90)."""
+    any); `on_sm8x` entries only where mma.sync holds the operands in registers (`arch` < 90)."""
 
     def matches(config, entry):
         tiles, warps, stages = entry
@@ -96,7 +96,7 @@ def _leave_out(everywhere=(), sm8x=()):
         )
 
     def prune(configs, values, arch):
-        drop = [*everywhere, *(sm8x if arch is not None and arch < 90 else ())]
+        drop = [*everywhere, *(on_sm8x if sm8x(arch) else ())]
         return [c for c in configs if not any(matches(c, e) for e in drop)]
 
     return prune
@@ -106,10 +106,10 @@ def _leave_out(everywhere=(), sm8x=()):
 # at hd 96 (8 B); bwd_dh 64 x 64 w4 s3 on sm_80 at hd 128 (16 B); bwd_dv BK 32 x BV 64 w8 s3 on sm_80
 # at hd 64 (16 B); bwd_dqk with BV 64 on 4 warps on both arches (32-104 B), on 8 warps too on sm_80 at
 # hd 64 (96 B). The first candidate of each (32 x 32, the `LONGCTX_TUNE=off` default) spills nowhere.
-_FWD_O_PRUNE = _leave_out(sm8x=[({"BK": 64, "BV": 128}, 4, 3)])
-_BWD_DH_PRUNE = _leave_out(sm8x=[({"BK": 64, "BV": 64}, 4, 3)])
-_BWD_DV_PRUNE = _leave_out(sm8x=[({"BK": 32, "BV": 64}, 8, 3)])
-_BWD_DQK_PRUNE = _leave_out(everywhere=[({"BV": 64}, 4, None)], sm8x=[({"BV": 64}, None, None)])
+_FWD_O_PRUNE = _leave_out(on_sm8x=[({"BK": 64, "BV": 128}, 4, 3)])
+_BWD_DH_PRUNE = _leave_out(on_sm8x=[({"BK": 64, "BV": 64}, 4, 3)])
+_BWD_DV_PRUNE = _leave_out(on_sm8x=[({"BK": 32, "BV": 64}, 8, 3)])
+_BWD_DQK_PRUNE = _leave_out(everywhere=[({"BV": 64}, 4, None)], on_sm8x=[({"BV": 64}, None, None)])
 
 
 @triton.jit

@@ -498,7 +498,7 @@ def candidates(
             kept = [c for c in configs if c[0] <= 32 and c[2] == 8]
         else:
             kept = [c for c in configs if not (c[0] == 128 and c[2] == 4) and c != (32, 64, 8, 3)]
-        ampere = arch is not None and arch < 90
+        ampere = tuning.sm8x(arch)
         if ampere and name == "fwd":
             kept = [c for c in kept if c[0] <= 32 or c[1] == 64 or c[:3] == (64, 32, 8)]
         elif ampere and name == "dq":
@@ -509,7 +509,7 @@ def candidates(
         configs = kept or configs[-1:]
     if name == "dkdv" and not small:
         preferred = (32, 64, 8, 2)
-    elif name == "dq" and not small and arch is not None and arch < 90:
+    elif name == "dq" and not small and tuning.sm8x(arch):
         preferred = (64, 64, 8, 2)
     else:
         preferred = (64, 64, 4, 2)

@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from longctx.kernels.common.triton import LOG2E_C, head_dim_tile
+from longctx.kernels.common.tuning import sm8x
 
 
 def warps_for(head_dim_tile: int, rows: int = 128) -> int:
@@ -15,12 +16,6 @@ def warps_for(head_dim_tile: int, rows: int = 128) -> int:
     registers without spills on sm_90 (checked with ptxas -v, 2 pipeline stages, bf16); smaller
     tiles fit in 4. 256-wide heads take 8 whatever the rows."""
     return 8 if (head_dim_tile > 64 and rows > 32) or head_dim_tile > 128 else 4
-
-
-def sm8x(arch: int | None) -> bool:
-    """An Ampere / Ada target (`tuning.device_arch`): mma.sync holds its operands in registers, so a
-    tile that fits sm_90's registers can spill there."""
-    return arch is not None and arch < 90
 
 
 def cmp_rows(arch: int | None) -> int:
